@@ -1,0 +1,1 @@
+"""kvserve: an LLM inference and serving engine on PyTorch."""

@@ -1,0 +1,49 @@
+"""Plain dataclasses passed between stages; no behaviour beyond defaults and checks."""
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """What the decoder needs to know about a checkpoint, whatever file it came from."""
+    architecture: str  # "llama" | "mistral" | "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class CacheConfig:
+    page_size: int = 16
+    num_pages: int | None = None  # None: derived from kv_cache_gb
+    kv_cache_gb: float | None = None  # None: a share of free memory
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    enable_chunked_prefill: bool = True
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # path; None = the packaged SmolLM2
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
