@@ -55,3 +55,85 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+class SequenceStatus(str, enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Logprob:
+    token_id: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]]
+
+
+class Sequence:
+    """One generated continuation. Its `num_computed_tokens` catches up with `len(token_ids)`:
+    one rule for prefill, chunked prefill, prefix hits, decode and recompute after preemption."""
+
+    def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
+                 params: SamplingParams, arrival: float, priority: int = 0):
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.index = index  # which of the request's n choices
+        self.params = params
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served by the prefix cache
+        self.pages: list[int] = []
+        self.page_hashes: list[int] = []  # hash chain of this sequence's full pages
+        self.status = SequenceStatus.WAITING
+        self.arrival = arrival
+        self.priority = priority
+        self.finish_reason: FinishReason | None = None
+        self.stop_reason: str | int | None = None
+        self.text = ""
+        self.logprobs: list[Logprob] = []
+        self.generator = None
+        self.detokenizer = None
+        self.num_preemptions = 0
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[Logprob] | None = None
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        return sum(lp.logprob for lp in self.logprobs) if self.logprobs else None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+def now() -> float:
+    return time.monotonic()

@@ -1,0 +1,235 @@
+"""Engine: one step = schedule -> run the model -> sample -> append, detokenize, stop, free."""
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvserve.attention.torch_ref import TorchRefAttention
+from kvserve.config import EngineConfig
+from kvserve.engine.request import (CompletionOutput, FinishReason, Logprob, RequestOutput,
+                                    SamplingParams, Sequence, SequenceStatus, now)
+from kvserve.engine.runner import ModelRunner
+from kvserve.engine.sampler import Sampler, SamplingRow
+from kvserve.engine.scheduler import Scheduler
+from kvserve.kv.manager import KVCacheManager
+from kvserve.kv.pool import PagePool
+from kvserve.model.llama import LlamaForCausalLM
+from kvserve.model.loader import load_checkpoint, resolve_model_path
+from kvserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+    arrival: float = 0.0
+    first_token_time: float | None = None
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, model=None, tokenizer=None):
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        if model is None:
+            model_cfg, weights = load_checkpoint(config.model)
+            model = LlamaForCausalLM.from_weights(model_cfg, weights, DTYPES[config.dtype], config.device)
+            del weights
+        if tokenizer is None:
+            tokenizer = load_tokenizer(config.model)
+        self.model, self.tokenizer = model, tokenizer
+        mc = model.config
+        self.max_model_len = mc.max_position_embeddings
+        self.eos_token_ids = list(tokenizer.eos_token_ids or mc.eos_token_ids)
+        cache = config.cache
+        kv_dtype = DTYPES[config.dtype]
+        page_bytes = PagePool.bytes_per_page(mc.num_layers, cache.page_size, mc.num_kv_heads, mc.head_dim, kv_dtype)
+        num_pages = cache.num_pages or default_num_pages(cache.kv_cache_gb, page_bytes, config.device,
+                                                         config.scheduler.max_num_seqs * self.max_model_len // cache.page_size)
+        self.pool = PagePool(mc.num_layers, num_pages, cache.page_size, mc.num_kv_heads, mc.head_dim,
+                             kv_dtype, config.device)
+        self.kv = KVCacheManager(self.pool, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        attention = TorchRefAttention(self.pool, mc.num_heads, mc.head_dim)
+        self.runner = ModelRunner(model, attention, cache.page_size, config.device)
+        self.sampler = Sampler()
+        self.requests: dict[str, _RequestState] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+
+    # ---- requests ----------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0) -> str:
+        """Validates and queues a request; raises ValueError for bad input, changing nothing."""
+        params = params or SamplingParams()
+        request_id = request_id or f"req-{next(self._request_ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(ids, params)
+        state = _RequestState(request_id, text, ids, params, arrival=now())
+        seq = Sequence(next(self._seq_ids), request_id, 0, ids, params, state.arrival, priority)
+        self._init_seq(seq)
+        state.seqs.append(seq)
+        self.requests[request_id] = state
+        self.scheduler.add(seq)
+        return request_id
+
+    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) + (params.max_tokens or 1) > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                             f"the context length {self.max_model_len}")
+        if -(-(len(ids) + 1) // self.pool.page_size) > self.pool.num_pages:
+            raise ValueError(f"prompt ({len(ids)} tokens) does not fit in the KV cache")
+
+    def _init_seq(self, seq: Sequence) -> None:
+        if seq.params.seed is not None:
+            # child i of a seeded request draws from its own stream; child 0 uses the seed itself
+            seq.generator = torch.Generator().manual_seed(seq.params.seed + 1_000_003 * seq.index)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.params.skip_special_tokens)
+
+    def abort(self, request_id: str) -> None:
+        state = self.requests.pop(request_id, None)
+        for seq in state.seqs if state else []:
+            if not seq.finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = FinishReason.ABORT
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        logits, sampled = self.runner.execute(out.scheduled)
+        for seq, n in out.scheduled:
+            seq.num_computed_tokens += n
+            self.kv.cache_computed_pages(seq)
+        rows, seqs = [], []
+        for row, seq in enumerate(sampled):
+            for s in [seq] + self._fork_children(seq):
+                rows.append(row)
+                seqs.append(s)
+        tokens = self.sampler(logits[rows], [SamplingRow(s.params, s.token_ids[:s.num_prompt_tokens],
+                                                         s.output_token_ids, s.generator, self.eos_token_ids)
+                                             for s in seqs])
+        touched = {}
+        for seq, tok in zip(seqs, tokens):
+            self._append(seq, tok)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        return [self._output(state) for state in touched.values()]
+
+    def _fork_children(self, parent: Sequence) -> list[Sequence]:
+        """At the end of a prompt of a request with n > 1, its other n-1 sequences share its pages."""
+        state = self.requests[parent.request_id]
+        if parent.index != 0 or len(state.seqs) == state.params.n or parent.output_token_ids:
+            return []
+        children = []
+        for i in range(1, state.params.n):
+            child = Sequence(next(self._seq_ids), parent.request_id, i, state.prompt_token_ids,
+                             parent.params, parent.arrival, parent.priority)
+            self._init_seq(child)
+            state.seqs.append(child)
+            if self.kv.fork(parent, child):
+                self.scheduler.add_running(child)
+                children.append(child)
+            else:  # no page for the copy: it queues and recomputes (mostly prefix hits)
+                self.scheduler.add(child)
+        return children
+
+    def _append(self, seq: Sequence, tok) -> None:
+        state = self.requests[seq.request_id]
+        if state.first_token_time is None:
+            state.first_token_time = now()
+        seq.token_ids.append(tok.token_id)
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(Logprob(tok.token_id, tok.logprob, tok.top_logprobs or []))
+        delta = seq.detokenizer.add([tok.token_id])
+        seq.text += delta
+        reason = self._stop_reason(seq, tok.token_id, len(delta))
+        if reason is not None:
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
+
+    def _stop_reason(self, seq: Sequence, token: int, new_chars: int) -> FinishReason | None:
+        p = seq.params
+        num_out = len(seq.token_ids) - seq.num_prompt_tokens
+        if num_out >= p.min_tokens:
+            if token in self.eos_token_ids and not p.ignore_eos:
+                return FinishReason.STOP
+            if token in p.stop_token_ids:
+                seq.stop_reason = token
+                return FinishReason.STOP
+            for stop in p.stop:
+                # only a match ending in the new text is new
+                at = seq.text.find(stop, max(0, len(seq.text) - len(stop) - new_chars + 1))
+                if at >= 0:
+                    seq.text = seq.text[:at]
+                    seq.stop_reason = stop
+                    return FinishReason.STOP
+        if p.max_tokens is not None and num_out >= p.max_tokens:
+            return FinishReason.LENGTH
+        if len(seq.token_ids) >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _output(self, state: _RequestState) -> RequestOutput:
+        outs = []
+        for seq in sorted(state.seqs, key=lambda s: s.index):
+            text = seq.text
+            if not seq.finished and seq.params.stop:  # hold back what may become a stop string
+                text = text[:max(0, len(text) - max(len(s) for s in seq.params.stop) + 1)]
+            outs.append(CompletionOutput(seq.index, text, seq.output_token_ids,
+                                         seq.finish_reason.value if seq.finish_reason else None,
+                                         seq.stop_reason, seq.logprobs if seq.params.logprobs is not None else None))
+        finished = len(state.seqs) == state.params.n and all(s.finished for s in state.seqs)
+        if finished:
+            self.requests.pop(state.request_id, None)
+        metrics = {"arrival": state.arrival, "first_token": state.first_token_time,
+                   "finished": now() if finished else None}
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outs, finished,
+                             state.seqs[0].num_cached_tokens, metrics)
+
+
+def load_tokenizer(model: str | None) -> Tokenizer:
+    path = resolve_model_path(model)
+    return Tokenizer.from_dir(path) if path.is_dir() else Tokenizer.from_gguf(str(path))
+
+
+def default_num_pages(kv_cache_gb: float | None, page_bytes: int, device: str, most_useful: int) -> int:
+    """KV pages from --kv-cache-gb, else a quarter of free memory (capped at 4 GB and at what
+    max_num_seqs full-length sequences could use)."""
+    if kv_cache_gb is not None:
+        return max(1, int(kv_cache_gb * 2**30 // page_bytes))
+    if str(device).startswith("cuda"):
+        free = torch.cuda.mem_get_info()[0] * 0.8
+    else:
+        free = min(_available_ram() / 4, 4 * 2**30)
+    return max(16, min(int(free // page_bytes), most_useful))
+
+
+def _available_ram() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

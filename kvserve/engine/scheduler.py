@@ -1,0 +1,118 @@
+"""Continuous batching with chunked prefill (Sarathi-Serve style) over the paged KV cache.
+
+Each step takes every running sequence first (decodes cost one token each, unfinished prefills
+continue in chunks), then admits waiting sequences while the token budget and the sequence cap
+allow. There are no prefill/decode phases: a sequence just needs `num_uncomputed` more tokens.
+When pages run out, the newest running sequence is preempted: its pages are freed and it is
+recomputed later (often cheaply, from its own pages still in the prefix cache).
+"""
+import bisect
+from dataclasses import dataclass, field
+
+from kvserve.config import SchedulerConfig
+from kvserve.engine.request import Sequence, SequenceStatus
+from kvserve.kv.manager import KVCacheManager
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens to run)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: list[Sequence] = []  # sorted by (priority, arrival, id)
+        self.running: list[Sequence] = []  # admission order: the last is the first to preempt
+
+    @staticmethod
+    def _order(seq: Sequence):
+        return (seq.priority, seq.arrival, seq.seq_id)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=self._order)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A forked sequence that already holds its pages."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.add(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_uncomputed, budget)
+            while not self.kv.allocate(seq, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self.preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status == SequenceStatus.RUNNING:
+                out.scheduled.append((seq, n))
+                budget -= n
+        if not out.preempted:
+            self._admit(out, budget)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        # first pages of prompts whose new full pages are being computed now
+        page = self.kv.page_size
+        prefilling = {self._first_page(s) for s in self.running if s.num_prompt_tokens - s.num_computed_tokens >= page}
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            key = self._first_page(seq)
+            if key is not None and key in prefilling:
+                continue  # its prefix is being computed now: next step it is a cache hit
+            if not seq.pages:
+                seq.num_computed_tokens = self.kv.match_prefix(seq)
+                seq.num_cached_tokens = max(seq.num_cached_tokens, seq.num_computed_tokens)
+            n = min(seq.num_uncomputed, budget)
+            if n < seq.num_uncomputed and not self.config.enable_chunked_prefill:
+                break
+            if not self.kv.allocate(seq, seq.num_computed_tokens + n):
+                self.kv.free(seq)  # gives its prefix hits back until pages free up
+                seq.num_computed_tokens = 0
+                break
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append((seq, n))
+            budget -= n
+            if key is not None and n >= page:
+                prefilling.add(key)
+
+    def _first_page(self, seq: Sequence):
+        if self.kv.prefix is None or seq.num_prompt_tokens <= self.kv.page_size:
+            return None
+        return tuple(seq.token_ids[:self.kv.page_size])

@@ -1,0 +1,90 @@
+"""KVCacheManager: which pages each sequence holds; allocation, prefix reuse, fork, free."""
+from kvserve.kv.pool import PagePool
+from kvserve.kv.prefix import PrefixCache, page_hashes
+
+
+class KVCacheManager:
+    def __init__(self, pool: PagePool, enable_prefix_caching: bool = True):
+        self.pool = pool
+        self.page_size = pool.page_size
+        self.prefix = PrefixCache(pool) if enable_prefix_caching else None
+
+    @property
+    def num_free_pages(self) -> int:
+        """Pages a new allocation can get: free ones plus cached ones nobody uses."""
+        return self.pool.num_free + (self.prefix.num_evictable() if self.prefix else 0)
+
+    def pages_needed(self, seq, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.page_size) - len(seq.pages))
+
+    def match_prefix(self, seq) -> int:
+        """Gives a new sequence the cached pages of its longest cached prefix; returns the tokens
+        they cover. At least one token is left to compute, since its logits are needed."""
+        if self.prefix is None or seq.pages:
+            return 0
+        hashes = page_hashes(seq.token_ids[:len(seq.token_ids) - 1], self.page_size)
+        hits = self.prefix.lookup(hashes)
+        self.prefix.record_query(len(seq.token_ids), len(hits) * self.page_size)
+        self.pool.incref(hits)
+        seq.pages = hits
+        seq.page_hashes = hashes[:len(hits)]
+        return len(hits) * self.page_size
+
+    def allocate(self, seq, num_tokens: int) -> bool:
+        """Grows seq's pages to hold num_tokens tokens; False (and nothing changed) if the pool
+        cannot, even after evicting unused cached pages."""
+        need = self.pages_needed(seq, num_tokens)
+        if need > self.pool.num_free and self.prefix is not None:
+            self.prefix.evict(need - self.pool.num_free)
+        if need > self.pool.num_free:
+            return False
+        seq.pages.extend(self.pool.allocate(need))
+        return True
+
+    def cache_computed_pages(self, seq) -> None:
+        """Publishes seq's newly completed pages to the prefix cache."""
+        if self.prefix is None:
+            return
+        done = len(seq.page_hashes)  # pages before this are cached already
+        full = seq.num_computed_tokens // self.page_size
+        if full <= done:
+            return
+        parent = seq.page_hashes[-1] if seq.page_hashes else None
+        seq.page_hashes += page_hashes(seq.token_ids[:full * self.page_size], self.page_size,
+                                       parent, start_page=done)
+        for i in range(done, full):
+            self.prefix.insert(seq.page_hashes[i], seq.pages[i])
+
+    def fork(self, parent, child) -> bool:
+        """Child shares parent's full pages; the partial last page is copied (copy-on-write)."""
+        full = parent.num_computed_tokens // self.page_size
+        shared = parent.pages[:full]
+        partial = parent.num_computed_tokens % self.page_size
+        if partial and self.pool.num_free == 0 and not (self.prefix and self.prefix.evict(1)):
+            return False
+        self.pool.incref(shared)
+        child.pages = list(shared)
+        if partial:
+            page = self.pool.allocate(1)[0]
+            self.pool.copy_page(parent.pages[full], page)
+            child.pages.append(page)
+        child.page_hashes = list(parent.page_hashes[:full])
+        child.num_computed_tokens = parent.num_computed_tokens
+        return True
+
+    def free(self, seq) -> None:
+        self.pool.decref(seq.pages)
+        seq.pages = []
+        seq.page_hashes = []
+
+    def check_integrity(self, live_seqs) -> None:
+        """Every page's ref count equals its holders: live sequences plus the prefix cache."""
+        expected = [0] * self.pool.num_pages
+        for seq in live_seqs:
+            for p in seq.pages:
+                expected[p] += 1
+        if self.prefix:
+            for p in self.prefix.pages.values():
+                expected[p] += 1
+        assert expected == self.pool.ref_counts, "page ref counts do not match their holders"
+        assert sorted(self.pool.free_pages) == [p for p, c in enumerate(expected) if c == 0]

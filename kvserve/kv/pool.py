@@ -1,0 +1,65 @@
+"""PagePool: the KV memory of every layer, cut into fixed pages, with ref counts and a free list."""
+from collections import deque
+
+import torch
+
+
+class OutOfPagesError(RuntimeError):
+    pass
+
+
+class PagePool:
+    """Owns K/V storage; knows nothing about requests.
+
+    Layout per layer is `[num_pages * page_size, num_kv_heads, head_dim]`, so token slot
+    `page * page_size + offset` is one row: writing new K/V is a single index_copy_.
+    A page is free when its ref count is 0; the prefix cache and every request using a
+    page each hold one reference.
+    """
+
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
+                 head_dim: int, dtype=torch.float32, device="cpu"):
+        self.num_pages = num_pages
+        self.page_size = page_size
+        shape = (num_layers, num_pages * page_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.ref_counts = [0] * num_pages
+        self.free_pages = deque(range(num_pages))
+
+    @staticmethod
+    def bytes_per_page(num_layers, page_size, num_kv_heads, head_dim, dtype=torch.float32) -> int:
+        return 2 * num_layers * page_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_pages)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self.free_pages):
+            raise OutOfPagesError(f"need {n} pages, {len(self.free_pages)} free")
+        pages = [self.free_pages.popleft() for _ in range(n)]
+        for p in pages:
+            self.ref_counts[p] = 1
+        return pages
+
+    def incref(self, pages) -> None:
+        for p in pages:
+            assert self.ref_counts[p] > 0, f"incref of free page {p}"
+            self.ref_counts[p] += 1
+
+    def decref(self, pages) -> list[int]:
+        """Drop one reference per page; returns the pages that became free."""
+        freed = []
+        for p in pages:
+            assert self.ref_counts[p] > 0, f"decref of free page {p}"
+            self.ref_counts[p] -= 1
+            if self.ref_counts[p] == 0:
+                self.free_pages.append(p)
+                freed.append(p)
+        return freed
+
+    def copy_page(self, src: int, dst: int) -> None:
+        s, d, n = src * self.page_size, dst * self.page_size, self.page_size
+        self.k[:, d:d + n].copy_(self.k[:, s:s + n])
+        self.v[:, d:d + n].copy_(self.v[:, s:s + n])

@@ -1,0 +1,56 @@
+"""LLM: the offline API, shaped like vLLM's (`LLM(model).generate(prompts, SamplingParams(...))`)."""
+from tqdm import tqdm
+
+from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from kvserve.engine.engine import Engine
+from kvserve.engine.request import RequestOutput, SamplingParams
+
+Messages = list[dict]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, *, dtype: str = "float32", device: str = "cpu",
+                 threads: int | None = None, page_size: int = 16, num_pages: int | None = None,
+                 kv_cache_gb: float | None = None, enable_prefix_caching: bool = True,
+                 max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
+                 enable_chunked_prefill: bool = True, engine: Engine | None = None):
+        self.engine = engine or Engine(EngineConfig(
+            model=model, dtype=dtype, device=device, threads=threads,
+            cache=CacheConfig(page_size, num_pages, kv_cache_gb, enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, enable_chunked_prefill)))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Runs every prompt through the engine as one batch; outputs in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm or None) as bar:
+            try:
+                while len(done) < len(ids):
+                    for out in self.engine.step():
+                        if out.finished:
+                            done[out.request_id] = out
+                            bar.update(1)
+            except BaseException:
+                for rid in ids:
+                    self.engine.abort(rid)
+                raise
+        return [done[rid] for rid in ids]
+
+    def chat(self, messages: Messages | list[Messages],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.encode(self.apply_chat_template(c, add_generation_prompt),
+                                         add_special_tokens=False) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)

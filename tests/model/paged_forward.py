@@ -1,0 +1,30 @@
+"""Runs a model over a paged cache in chunks, the way the engine does, without the engine."""
+import random
+
+import torch
+
+from kvserve.attention.metadata import AttentionMetadata
+from kvserve.attention.torch_ref import TorchRefAttention
+from kvserve.kv.pool import PagePool
+
+
+def paged_logits(model, ids: list[int], page_size: int = 16, chunk: int | None = None,
+                 shuffle_pages: bool = True) -> torch.Tensor:
+    """Logits at every position of ids, computed chunk by chunk over non-contiguous pages."""
+    cfg = model.config
+    num_pages = -(-len(ids) // page_size)
+    pool = PagePool(cfg.num_layers, 2 * num_pages + 3, page_size, cfg.num_kv_heads, cfg.head_dim)
+    pages = pool.allocate(pool.num_pages)
+    if shuffle_pages:
+        random.Random(0).shuffle(pages)
+    pages = pages[:num_pages]
+    attn = TorchRefAttention(pool, cfg.num_heads, cfg.head_dim)
+    chunk = chunk or len(ids)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(ids), chunk):
+            end = min(start + chunk, len(ids))
+            attn.plan(AttentionMetadata.build([end - start], [pages], [end], page_size))
+            hidden = model(torch.tensor(ids[start:end]), torch.arange(start, end), attn)
+            out.append(model.compute_logits(hidden))
+    return torch.cat(out)
