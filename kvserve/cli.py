@@ -1,0 +1,122 @@
+"""The one entry point: kvserve generate | chat | serve | bench."""
+import argparse
+import sys
+
+from kvserve.model.loader import ModelLoadError
+
+
+def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -> None:
+    model_help = "GGUF file or Hugging Face directory (default: the packaged SmolLM2-135M-Instruct)"
+    if positional_model:
+        p.add_argument("model", nargs="?", default=None, help=model_help)
+    else:
+        p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size (default: from free memory)")
+    p.add_argument("--num-pages", type=int, default=None, help="KV cache size in pages (overrides --kv-cache-gb)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--no-prefix-caching", action="store_true")
+
+
+def engine_config(args):
+    from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, threads=args.threads,
+        cache=CacheConfig(args.page_size, args.num_pages, args.kv_cache_gb, not args.no_prefix_caching),
+        scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs))
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def sampling_params(args):
+    from kvserve.engine.request import SamplingParams
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          seed=args.seed, max_tokens=args.max_tokens)
+
+
+def cmd_generate(args) -> int:
+    from kvserve.engine.engine import Engine
+    from kvserve.llm import LLM
+    llm = LLM(engine=Engine(engine_config(args)))
+    params = sampling_params(args)
+    if args.raw or not llm.tokenizer.chat_template:
+        out = llm.generate(args.prompt, params, use_tqdm=False)
+    else:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
+    print(out[0].outputs[0].text)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from kvserve.engine.engine import Engine
+    engine = Engine(engine_config(args))
+    tok = engine.tokenizer
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("kvserve chat: type a message, Ctrl-D or /exit to quit, /reset to start over.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+        rid = engine.add_request(prompt, sampling_params(args))
+        shown = ""
+        try:
+            while engine.has_unfinished():
+                for out in engine.step():
+                    text = out.outputs[0].text
+                    print(text[len(shown):], end="", flush=True)
+                    shown = text
+        except KeyboardInterrupt:
+            engine.abort(rid)
+        print()
+        messages.append({"role": "assistant", "content": shown})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvserve", description="LLM inference and serving engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("generate", help="complete one prompt and print the answer")
+    p.add_argument("prompt")
+    p.add_argument("--raw", action="store_true", help="plain completion, no chat template")
+    add_engine_args(p, positional_model=False)
+    add_sampling_args(p, max_tokens=128)
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("chat", help="interactive chat that streams tokens")
+    add_engine_args(p)
+    add_sampling_args(p, max_tokens=512)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ModelLoadError as e:
+        print(f"kvserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
