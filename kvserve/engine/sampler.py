@@ -1,0 +1,151 @@
+"""Batched sampling: per-request logit processing, then greedy or random choice for each row of a step.
+
+Order (vLLM / OpenAI semantics): logit_bias -> min_tokens mask -> repetition penalty ->
+presence/frequency penalties -> logprobs -> temperature -> top-k -> top-p -> min-p -> sample.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvserve.engine.request import SamplingParams
+
+# Below this temperature l/T can overflow float32, and the draw is the argmax anyway (vLLM's threshold).
+_MIN_TEMPERATURE = 1e-5
+
+
+@dataclass
+class SamplingRow:
+    """One sequence in this step's batch."""
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # generated so far: penalties and min_tokens look at them
+    generator: torch.Generator | None  # the request's seeded stream, or None for the global RNG
+    eos_token_ids: list[int]  # masked while the output is shorter than min_tokens, unless ignore_eos
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprob: float | None  # of the chosen token, when params.logprobs is not None
+    top_logprobs: list[tuple[int, float]] | None  # the params.logprobs best (token, logprob), best first
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
+        logits = logits.to(torch.float32, copy=True)  # processed in place; the caller's tensor stays intact
+        _put(logits, [(i, t, b) for i, r in enumerate(rows) for t, b in (r.params.logit_bias or {}).items()],
+             accumulate=True)
+        _put(logits, [(i, t, -math.inf) for i, r in enumerate(rows) for t in _min_tokens_masked(r)])
+        _apply_penalties(logits, rows)
+
+        # Logprobs: from these processed logits, before temperature and truncation, so they describe the
+        # request-adjusted model distribution, not the sampling knobs (vLLM's default takes them pre-penalty).
+        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        logprobs = logits[want].log_softmax(-1) if want else None
+
+        tokens = _sample(logits, rows)
+        out = [SampledToken(t, None, None) for t in tokens.tolist()]
+        if want:
+            n = min(max(rows[i].params.logprobs for i in want), logits.shape[1])
+            chosen = logprobs.gather(1, tokens[want].unsqueeze(1)).squeeze(1).tolist()
+            top_vals, top_ids = logprobs.topk(n, dim=-1)
+            for i, lp, ids, vals in zip(want, chosen, top_ids.tolist(), top_vals.tolist()):
+                k = rows[i].params.logprobs
+                out[i] = SampledToken(out[i].token_id, lp, list(zip(ids[:k], vals[:k])))
+        return out
+
+
+def _put(logits: torch.Tensor, entries: list[tuple[int, int, float]], accumulate: bool = False) -> None:
+    """logits[row, token] = value (or += value) for each entry, in one indexed write."""
+    if not entries:
+        return
+    r, t, v = zip(*entries)
+    if not all(0 <= tok < logits.shape[1] for tok in t):
+        # advanced indexing would wrap negative ids, and out-of-range ones are a device assert on GPU
+        raise ValueError(f"token ids {sorted(set(t))} are not all in the vocabulary of {logits.shape[1]}")
+    index = (torch.tensor(r, device=logits.device), torch.tensor(t, device=logits.device))
+    logits.index_put_(index, torch.tensor(v, dtype=logits.dtype, device=logits.device), accumulate=accumulate)
+
+
+def _min_tokens_masked(row: SamplingRow) -> list[int]:
+    if len(row.output_token_ids) >= row.params.min_tokens:
+        return []
+    # with ignore_eos the EOS does not end the sequence, so it need not be held back (vLLM's rule)
+    return row.params.stop_token_ids + ([] if row.params.ignore_eos else row.eos_token_ids)
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1]
+    if rep:  # HF / vLLM: over prompt and output, positive logits shrink by division, negative by multiplication
+        seen = _counts([rows[i].prompt_token_ids + rows[i].output_token_ids for i in rep], logits) > 0
+        penalty = _column([rows[i].params.repetition_penalty for i in rep], logits)
+        sub = logits[rep]
+        logits[rep] = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+    pf = [i for i, r in enumerate(rows) if r.params.presence_penalty or r.params.frequency_penalty]
+    if pf:  # OpenAI: over output tokens only
+        counts = _counts([rows[i].output_token_ids for i in pf], logits)
+        presence = _column([rows[i].params.presence_penalty for i in pf], logits)
+        frequency = _column([rows[i].params.frequency_penalty for i in pf], logits)
+        logits[pf] -= presence * (counts > 0) + frequency * counts
+
+
+def _counts(token_lists: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
+    """[len(token_lists), V] occurrence counts, from one scatter over lists padded with the id V."""
+    vocab = logits.shape[1]
+    width = max(map(len, token_lists))
+    ids = torch.tensor([t + [vocab] * (width - len(t)) for t in token_lists], dtype=torch.long,
+                       device=logits.device)
+    counts = torch.zeros(len(token_lists), vocab + 1, device=logits.device)
+    return counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))[:, :vocab]
+
+
+def _column(values: list[float], logits: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=logits.dtype, device=logits.device).unsqueeze(1)
+
+
+def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    tokens = logits.argmax(-1)  # greedy rows keep theirs
+    rand = [i for i, r in enumerate(rows) if not r.params.greedy and r.params.temperature >= _MIN_TEMPERATURE]
+    if not rand:
+        return tokens
+    params = [rows[i].params for i in rand]
+    sub = logits[rand] / _column([p.temperature for p in params], logits)
+    vocab = sub.shape[1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if any(p.top_p < 1 for p in params):
+        # top_p 1 -> inf, so float rounding in the cumsum never trims a row that asked for no top-p
+        top_p = _column([p.top_p if p.top_p < 1 else math.inf for p in params], sub)
+        sub = _top_k_top_p(sub, torch.tensor(top_k, device=sub.device).unsqueeze(1), top_p)
+    elif any(k < vocab for k in top_k):  # top-k alone needs no full sort
+        kth = sub.topk(max(top_k), dim=-1).values.gather(1, torch.tensor(top_k, device=sub.device).unsqueeze(1) - 1)
+        sub.masked_fill_(sub < kth, -math.inf)
+    if any(p.min_p > 0 for p in params):  # p < min_p * p_max  <=>  l < l_max + log(min_p)
+        floor = sub.amax(-1, keepdim=True) + _column([p.min_p for p in params], sub).log()
+        sub.masked_fill_(sub < floor, -math.inf)
+
+    # Exponential race: argmax(p / q) with q ~ Exp(1) is a draw from p. Each seeded row draws its own V
+    # noises from its own generator, so its token does not depend on the rest of the batch.
+    probs = sub.softmax(-1)
+    noise = torch.empty_like(probs)
+    unseeded = [j for j, i in enumerate(rand) if rows[i].generator is None]
+    if unseeded:
+        noise[unseeded] = torch.empty(len(unseeded), vocab, device=probs.device).exponential_()
+    for j, i in enumerate(rand):
+        if (g := rows[i].generator) is not None:
+            noise[j] = torch.empty(vocab, device=g.device).exponential_(generator=g)
+    # a zero noise would make a masked token's 0/0 a NaN, which argmax picks
+    tokens[rand] = probs.div_(noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(-1)
+    return tokens
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """top_k: [R, 1] (V where off); top_p: [R, 1] (inf where off). Ties at the k-th value are kept."""
+    ordered, order = logits.sort(-1, descending=True)
+    ordered.masked_fill_(ordered < ordered.gather(1, top_k - 1), -math.inf)
+    probs = ordered.softmax(-1)
+    # drop a token once the mass before it reaches top_p: the smallest prefix with mass >= top_p stays
+    ordered.masked_fill_(probs.cumsum(-1) - probs >= top_p, -math.inf)
+    return torch.empty_like(logits).scatter_(1, order, ordered)
