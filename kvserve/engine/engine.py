@@ -16,7 +16,7 @@ from kvserve.engine.scheduler import Scheduler
 from kvserve.kv.manager import KVCacheManager
 from kvserve.kv.pool import PagePool
 from kvserve.model.llama import LlamaForCausalLM
-from kvserve.model.loader import load_checkpoint, resolve_model_path
+from kvserve.model.loader import ModelLoadError, load_checkpoint, resolve_model_path
 from kvserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -90,6 +90,8 @@ class Engine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in [*(params.logit_bias or {}), *params.stop_token_ids]):
+            raise ValueError(f"logit_bias and stop_token_ids keys must be token ids in [0, {vocab})")
         if len(ids) + (params.max_tokens or 1) > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                              f"the context length {self.max_model_len}")
@@ -100,7 +102,8 @@ class Engine:
         if seq.params.seed is not None:
             # child i of a seeded request draws from its own stream; child 0 uses the seed itself
             seq.generator = torch.Generator().manual_seed(seq.params.seed + 1_000_003 * seq.index)
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.params.skip_special_tokens)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.params.skip_special_tokens,
+                                                 prompt_ids=seq.token_ids[:seq.num_prompt_tokens])
 
     def abort(self, request_id: str) -> None:
         state = self.requests.pop(request_id, None)
@@ -165,6 +168,8 @@ class Engine:
         seq.text += delta
         reason = self._stop_reason(seq, tok.token_id, len(delta))
         if reason is not None:
+            if seq.stop_reason is None or isinstance(seq.stop_reason, int):
+                seq.text += seq.detokenizer.flush()  # a last incomplete character, as is
             seq.finish_reason = reason
             self.scheduler.finish(seq)
 
@@ -210,7 +215,10 @@ class Engine:
 
 def load_tokenizer(model: str | None) -> Tokenizer:
     path = resolve_model_path(model)
-    return Tokenizer.from_dir(path) if path.is_dir() else Tokenizer.from_gguf(str(path))
+    try:
+        return Tokenizer.from_dir(path) if path.is_dir() else Tokenizer.from_gguf(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {path.name}: {e}") from None
 
 
 def default_num_pages(kv_cache_gb: float | None, page_bytes: int, device: str, most_useful: int) -> int:

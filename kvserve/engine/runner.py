@@ -31,5 +31,5 @@ class ModelRunner:
         hidden = self.model(torch.tensor(ids, device=self.device),
                             torch.tensor(positions, device=self.device), self.attention)
         self.num_tokens_run += len(ids)
-        logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+        logits = self.model.compute_logits(hidden[torch.tensor(last_rows, dtype=torch.long, device=self.device)])
         return logits, to_sample

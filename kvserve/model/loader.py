@@ -85,12 +85,13 @@ def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(GGUF_ARCHITECTURES)})")
-    names = {t.name for t in reader.tensors}
-    cfg = _gguf_config(meta, arch, names)
+    for t in reader.tensors:
+        if t.tensor_type.name not in SUPPORTED_GGUF_TYPES:
+            raise ModelLoadError(f"unsupported GGUF tensor type {t.tensor_type.name} in {t.name} "
+                                 f"(supported: {', '.join(SUPPORTED_GGUF_TYPES)})")
+    cfg = _gguf_config(meta, arch, {t.name for t in reader.tensors})
     weights = {}
     for t in _progress(reader.tensors, f"loading {path.name}"):
-        if t.tensor_type.name not in SUPPORTED_GGUF_TYPES:
-            raise ModelLoadError(f"unsupported GGUF tensor type {t.tensor_type.name} in {t.name}")
         array = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         array = array.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
         if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
@@ -115,16 +116,19 @@ def gguf_metadata(reader) -> dict:
 
 def _gguf_config(meta: dict, arch: str, names: set[str]) -> ModelConfig:
     def get(key, default=None):
-        return meta.get(f"{arch}.{key}", default)
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelLoadError(f"GGUF metadata lacks the required key {arch}.{key}")
+        return value
     try:
         heads = int(get("attention.head_count"))
         hidden = int(get("embedding_length"))
         head_dim = int(get("attention.key_length", hidden // heads))
         scaling = None
-        if get("rope.scaling.type") in ("linear",):
+        if meta.get(f"{arch}.rope.scaling.type") == "linear":
             scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
         eos = meta.get("tokenizer.ggml.eos_token_id")
-        vocab = get("vocab_size") or len(meta["tokenizer.ggml.tokens"])
+        vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or []) or get("vocab_size")
         return ModelConfig(
             architecture=arch, vocab_size=int(vocab), hidden_size=hidden,
             intermediate_size=int(get("feed_forward_length")), num_layers=int(get("block_count")),
@@ -137,8 +141,8 @@ def _gguf_config(meta: dict, arch: str, names: set[str]) -> ModelConfig:
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=[int(eos)] if eos is not None else [],
         )
-    except (KeyError, TypeError) as e:
-        raise ModelLoadError(f"GGUF metadata lacks a required {arch} key: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"GGUF metadata of {arch} has a value of the wrong type: {e}") from None
 
 
 def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -163,7 +167,12 @@ def _load_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"no *.safetensors files in {path}")
-    cfg = hf_config(json.loads((path / "config.json").read_text()))
+    try:
+        cfg = hf_config(json.loads((path / "config.json").read_text()))
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"config.json is not valid JSON: {e}") from None
+    except KeyError as e:
+        raise ModelLoadError(f"config.json lacks the required key {e}") from None
     weights = {}
     for file in _progress(files, f"loading {path.name}"):
         try:

