@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p, max_tokens=512)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
+    bench = sub.add_parser("bench", help="benchmarks that run a peer engine beside kvserve")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    p = bench_sub.add_parser("throughput", help="offline batch throughput vs transformers or vLLM")
+    add_engine_args(p)
+    from kvserve.bench import throughput
+    throughput.add_args(p)
+    p.set_defaults(func=throughput.main)
     return parser
 
 

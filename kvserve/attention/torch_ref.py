@@ -1,9 +1,9 @@
 """Portable paged attention in plain PyTorch; the reference every other backend is tested against.
 
 `plan()` turns the step's page table into gather indices once; `run()` is called per layer.
-Decodes (one query row) are batched into one SDPA call over their KV padded to the longest
-decode; prefill chunks run one SDPA each with a causal mask offset by their cached prefix,
-so a chunk is never padded to another request's length.
+Decodes (one query row) are batched into one SDPA call over their pages, gathered whole and
+padded to the longest decode; prefill chunks run one SDPA each with a causal mask offset by
+their cached prefix, so a chunk is never padded to another request's length.
 """
 from dataclasses import dataclass
 
@@ -29,31 +29,36 @@ class TorchRefAttention:
         self.scale = scale if scale is not None else head_dim ** -0.5
 
     def plan(self, meta: AttentionMetadata) -> None:
-        device = self.pool.k.device
-        q_lens, kv_lens = meta.q_lens().tolist(), meta.kv_lens().tolist()
+        device, page = self.pool.k.device, meta.page_size
+        q_lens, kv_lens = meta.q_lens(), meta.kv_lens()
+        kv_indptr, kv_indices = meta.kv_indptr.long(), meta.kv_indices.long()
+        # pool slot of every new token: its request's page at its position
+        req = torch.repeat_interleave(torch.arange(meta.batch_size), q_lens)
+        pos = kv_lens[req] - q_lens[req] + torch.arange(len(req)) - meta.qo_indptr[:-1].long()[req]
+        self.slot_mapping = (kv_indices[kv_indptr[req] + pos // page] * page + pos % page).to(device)
+
+        decodes = torch.nonzero(q_lens == 1).flatten()
+        self.decode_rows = meta.qo_indptr[:-1].long()[decodes].to(device)
+        if len(decodes):
+            num_pages = kv_indptr[decodes + 1] - kv_indptr[decodes]
+            width = int(num_pages.max())
+            col = torch.arange(width)
+            idx = (kv_indptr[decodes][:, None] + col).clamp(max=len(kv_indices) - 1)
+            pages = torch.where(col < num_pages[:, None], kv_indices[idx], 0)
+            self.decode_pages = pages.flatten().to(device)
+            self.decode_shape = (len(decodes), width * page)
+            valid = torch.arange(width * page) < kv_lens[decodes][:, None]
+            bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
+            self.decode_bias = bias[:, None, None, :].to(device)
+
+        self.chunks = []
         qo = meta.qo_indptr.tolist()
-        slots, decode_rows, decode_slots, self.chunks = [], [], [], []
-        for i, (q_len, kv_len) in enumerate(zip(q_lens, kv_lens)):
-            slots.append(meta.token_slots(i, kv_len - q_len, kv_len))
-            if q_len == 1:
-                decode_rows.append(qo[i])
-                decode_slots.append(meta.token_slots(i, 0, kv_len))
-            elif q_len > 1:
-                mask = None
-                if q_len != kv_len:  # query row r sees KV positions <= kv_len - q_len + r
-                    mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
-                    mask = mask.to(device)
-                self.chunks.append(_Chunk(qo[i], qo[i + 1], meta.token_slots(i, 0, kv_len).to(device), mask))
-        self.slot_mapping = torch.cat(slots).to(device) if slots else torch.empty(0, dtype=torch.long)
-        self.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
-        if decode_slots:
-            width = max(len(s) for s in decode_slots)
-            self.decode_slots = torch.zeros(len(decode_slots), width, dtype=torch.long)
-            self.decode_mask = torch.zeros(len(decode_slots), 1, 1, width, dtype=torch.bool)
-            for r, s in enumerate(decode_slots):
-                self.decode_slots[r, :len(s)] = s
-                self.decode_mask[r, ..., :len(s)] = True
-            self.decode_slots, self.decode_mask = self.decode_slots.to(device), self.decode_mask.to(device)
+        for i in torch.nonzero(q_lens > 1).flatten().tolist():
+            q_len, kv_len = int(q_lens[i]), int(kv_lens[i])
+            mask = None
+            if q_len != kv_len:  # query row r sees KV positions <= kv_len - q_len + r
+                mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len).to(device)
+            self.chunks.append(_Chunk(qo[i], qo[i + 1], meta.token_slots(i, 0, kv_len).to(device), mask))
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] of this step's tokens -> attention output [T, H, D]."""
@@ -62,12 +67,7 @@ class TorchRefAttention:
         v_cache.index_copy_(0, self.slot_mapping, v.to(v_cache.dtype))
         out = torch.empty_like(q)
         if len(self.decode_rows):
-            qd = q[self.decode_rows].unsqueeze(2)  # [B, H, 1, D]
-            kd = k_cache[self.decode_slots].transpose(1, 2).to(q.dtype)  # [B, Hkv, W, D]
-            vd = v_cache[self.decode_slots].transpose(1, 2).to(q.dtype)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask,
-                                                scale=self.scale, enable_gqa=True)
-            out[self.decode_rows] = od.squeeze(2)
+            out[self.decode_rows] = self._decode(q[self.decode_rows], k_cache, v_cache)
         for c in self.chunks:
             qc = q[c.q_start:c.q_end].transpose(0, 1)  # [H, L, D]
             kc = k_cache[c.kv_slots].transpose(0, 1).to(q.dtype)
@@ -76,3 +76,16 @@ class TorchRefAttention:
                                                 scale=self.scale, enable_gqa=True)
             out[c.q_start:c.q_end] = oc.transpose(0, 1)
         return out
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """Whole pages are gathered (page_size times fewer indices than tokens). Plain matmuls with
+        the query heads of one KV head stacked as rows: CPU SDPA is several times slower in bf16
+        for a single query row, and this needs no K/V repeat for GQA."""
+        page, hkv, d = self.pool.page_size, k_cache.shape[1], k_cache.shape[2]
+        batch, width = self.decode_shape
+        kd = k_cache.view(-1, page, hkv, d).index_select(0, self.decode_pages).view(batch, width, hkv, d)
+        vd = v_cache.view(-1, page, hkv, d).index_select(0, self.decode_pages).view(batch, width, hkv, d)
+        qg = q.view(batch, hkv, -1, d)  # [B, Hkv, group, D]
+        scores = torch.matmul(qg, kd.permute(0, 2, 3, 1).to(q.dtype)).float() * self.scale
+        probs = (scores + self.decode_bias).softmax(-1).to(q.dtype)
+        return torch.matmul(probs, vd.transpose(1, 2).to(q.dtype)).view(batch, -1, d)

@@ -1,7 +1,6 @@
 """kvserve bench throughput: offline batch throughput, with a peer engine on the same workload."""
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
@@ -72,7 +71,6 @@ def run_vllm(args, prompts) -> ThroughputResult:
 
 
 def main(args) -> int:
-    from kvserve.model.loader import load_checkpoint
     if args.threads:
         torch.set_num_threads(args.threads)
     vocab = _vocab_size(args.model)
