@@ -11,7 +11,8 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
         p.add_argument("model", nargs="?", default=None, help=model_help)
     else:
         p.add_argument("--model", default=None, help=model_help)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="activations and KV cache; auto = bfloat16 where the hardware has it, else float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--page-size", type=int, default=16)

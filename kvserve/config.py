@@ -41,7 +41,7 @@ class SchedulerConfig:
 @dataclass
 class EngineConfig:
     model: str | None = None  # path; None = the packaged SmolLM2
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "cpu"
     threads: int | None = None
     seed: int = 0

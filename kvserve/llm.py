@@ -9,7 +9,7 @@ Messages = list[dict]
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, dtype: str = "float32", device: str = "cpu",
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "cpu",
                  threads: int | None = None, page_size: int = 16, num_pages: int | None = None,
                  kv_cache_gb: float | None = None, enable_prefix_caching: bool = True,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64,

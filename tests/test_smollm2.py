@@ -30,7 +30,7 @@ CHATS = ["What is the capital of France?", "Write a haiku about the sea.",
 
 @pytest.fixture(scope="module")
 def llm(smollm2_path):
-    return LLM(smollm2_path)
+    return LLM(smollm2_path, dtype="float32")
 
 
 @pytest.fixture(scope="module")

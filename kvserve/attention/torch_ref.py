@@ -45,11 +45,14 @@ class TorchRefAttention:
             col = torch.arange(width)
             idx = (kv_indptr[decodes][:, None] + col).clamp(max=len(kv_indices) - 1)
             pages = torch.where(col < num_pages[:, None], kv_indices[idx], 0)
-            self.decode_pages = pages.flatten().to(device)
+            # rows of the cache viewed as [Hkv * num_pages, page * D], head-major
+            heads = torch.arange(self.pool.k.shape[1])[:, None] * self.pool.num_pages
+            self.decode_rows_kv = (heads + pages.flatten()[None, :]).flatten().to(device)
             self.decode_shape = (len(decodes), width * page)
             valid = torch.arange(width * page) < kv_lens[decodes][:, None]
             bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
-            self.decode_bias = bias[:, None, None, :].to(device)
+            self.decode_bias = bias[None, :, None, :].to(device)  # [1, B, 1, W]
+        self.all_decodes = len(decodes) == meta.batch_size
 
         self.chunks = []
         qo = meta.qo_indptr.tolist()
@@ -62,16 +65,18 @@ class TorchRefAttention:
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] of this step's tokens -> attention output [T, H, D]."""
-        k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
-        k_cache.index_copy_(0, self.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, self.slot_mapping, v.to(v_cache.dtype))
+        k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]  # [Hkv, slots, D]
+        k_cache.index_copy_(1, self.slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
+        v_cache.index_copy_(1, self.slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
+        if self.all_decodes:
+            return self._decode(q, k_cache, v_cache)
         out = torch.empty_like(q)
         if len(self.decode_rows):
             out[self.decode_rows] = self._decode(q[self.decode_rows], k_cache, v_cache)
         for c in self.chunks:
             qc = q[c.q_start:c.q_end].transpose(0, 1)  # [H, L, D]
-            kc = k_cache[c.kv_slots].transpose(0, 1).to(q.dtype)
-            vc = v_cache[c.kv_slots].transpose(0, 1).to(q.dtype)
+            kc = k_cache.index_select(1, c.kv_slots).to(q.dtype)
+            vc = v_cache.index_select(1, c.kv_slots).to(q.dtype)
             oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, is_causal=c.mask is None,
                                                 scale=self.scale, enable_gqa=True)
             out[c.q_start:c.q_end] = oc.transpose(0, 1)
@@ -81,11 +86,11 @@ class TorchRefAttention:
         """Whole pages are gathered (page_size times fewer indices than tokens). Plain matmuls with
         the query heads of one KV head stacked as rows: CPU SDPA is several times slower in bf16
         for a single query row, and this needs no K/V repeat for GQA."""
-        page, hkv, d = self.pool.page_size, k_cache.shape[1], k_cache.shape[2]
+        hkv, page, d = k_cache.shape[0], self.pool.page_size, k_cache.shape[2]
         batch, width = self.decode_shape
-        kd = k_cache.view(-1, page, hkv, d).index_select(0, self.decode_pages).view(batch, width, hkv, d)
-        vd = v_cache.view(-1, page, hkv, d).index_select(0, self.decode_pages).view(batch, width, hkv, d)
-        qg = q.view(batch, hkv, -1, d)  # [B, Hkv, group, D]
-        scores = torch.matmul(qg, kd.permute(0, 2, 3, 1).to(q.dtype)).float() * self.scale
+        kd = k_cache.view(-1, page * d).index_select(0, self.decode_rows_kv).view(hkv, batch, width, d)
+        vd = v_cache.view(-1, page * d).index_select(0, self.decode_rows_kv).view(hkv, batch, width, d)
+        qg = q.view(batch, hkv, -1, d).transpose(0, 1)  # [Hkv, B, group, D]
+        scores = torch.matmul(qg, kd.transpose(2, 3).to(q.dtype)).float() * self.scale
         probs = (scores + self.decode_bias).softmax(-1).to(q.dtype)
-        return torch.matmul(probs, vd.transpose(1, 2).to(q.dtype)).view(batch, -1, d)
+        return torch.matmul(probs, vd.to(q.dtype)).transpose(0, 1).reshape(batch, -1, d)

@@ -44,7 +44,8 @@ def run_transformers(args, prompts) -> ThroughputResult:
     from tqdm import tqdm
     from kvserve.model.loader import resolve_model_path
     path = resolve_model_path(args.model)
-    dtype = getattr(torch, args.dtype)
+    from kvserve.engine.engine import resolve_dtype
+    dtype = resolve_dtype(args.dtype, "cpu")
     if path.is_dir():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:
@@ -71,13 +72,14 @@ def run_vllm(args, prompts) -> ThroughputResult:
 
 
 def main(args) -> int:
+    from kvserve.engine.engine import resolve_dtype
     if args.threads:
         torch.set_num_threads(args.threads)
     vocab = _vocab_size(args.model)
     prompts = random_prompts(args.num_prompts, args.input_len, vocab, shared_prefix=args.shared_prefix)
     print(f"workload: {args.num_prompts} prompts x {args.shared_prefix + args.input_len} input tokens "
           f"({args.shared_prefix} shared) x {args.output_len} output tokens, ignore_eos; "
-          f"dtype {args.dtype}, {torch.get_num_threads()} threads")
+          f"dtype {resolve_dtype(args.dtype, args.device)}, {torch.get_num_threads()} threads")
     results = []
     ours, hit_rate = run_kvserve(args, prompts)
     results.append(ours)

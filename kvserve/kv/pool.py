@@ -11,8 +11,9 @@ class OutOfPagesError(RuntimeError):
 class PagePool:
     """Owns K/V storage; knows nothing about requests.
 
-    Layout per layer is `[num_pages * page_size, num_kv_heads, head_dim]`, so token slot
-    `page * page_size + offset` is one row: writing new K/V is a single index_copy_.
+    Layout per layer is `[num_kv_heads, num_pages * page_size, head_dim]`: token slot
+    `page * page_size + offset` is one row per head, so writing new K/V is one index_copy_, and
+    gathered pages come out head-major, as attention matmuls want them.
     A page is free when its ref count is 0; the prefix cache and every request using a
     page each hold one reference.
     """
@@ -21,7 +22,7 @@ class PagePool:
                  head_dim: int, dtype=torch.float32, device="cpu"):
         self.num_pages = num_pages
         self.page_size = page_size
-        shape = (num_layers, num_pages * page_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_kv_heads, num_pages * page_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.ref_counts = [0] * num_pages
@@ -61,5 +62,5 @@ class PagePool:
 
     def copy_page(self, src: int, dst: int) -> None:
         s, d, n = src * self.page_size, dst * self.page_size, self.page_size
-        self.k[:, d:d + n].copy_(self.k[:, s:s + n])
-        self.v[:, d:d + n].copy_(self.v[:, s:s + n])
+        self.k[:, :, d:d + n].copy_(self.k[:, :, s:s + n])
+        self.v[:, :, d:d + n].copy_(self.v[:, :, s:s + n])

@@ -20,9 +20,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size,
                                 bias=cfg.attention_bias and cfg.architecture != "qwen2")
 
-    def forward(self, x, positions, rope: RotaryEmbedding, attn):
+    def forward(self, x, rope_table, attn):
         q, k, v = self.qkv_proj(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], -1)
-        q, k = rope(positions, q.view(-1, self.h, self.d), k.view(-1, self.hkv, self.d))
+        q = RotaryEmbedding.apply(q.view(-1, self.h, self.d), *rope_table)
+        k = RotaryEmbedding.apply(k.view(-1, self.hkv, self.d), *rope_table)
         out = attn.run(self.layer, q, k, v.view(-1, self.hkv, self.d))
         return self.o_proj(out.reshape(-1, self.h * self.d))
 
@@ -35,8 +36,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, positions, rope, attn):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, attn)
+    def forward(self, x, rope_table, attn):
+        x = x + self.self_attn(self.input_layernorm(x), rope_table, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -73,8 +74,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]; K/V go to the cache via attn."""
         x = self.embed_tokens(input_ids)
+        rope_table = self.rope.table(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, positions, self.rope, attn)
+            x = layer(x, rope_table, attn)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

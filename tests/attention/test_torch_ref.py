@@ -41,7 +41,7 @@ def test_ragged_step_over_scattered_pages(page_size, seed):
     meta = AttentionMetadata.build([q for _, q in cases], tables, [c + q for c, q in cases], page_size)
     for i, (cached, _) in enumerate(cases):  # the cached prefix is already in the pages
         slots = meta.token_slots(i, 0, cached)
-        pool.k[0, slots], pool.v[0, slots] = keys[i][:cached], values[i][:cached]
+        pool.k[0][:, slots], pool.v[0][:, slots] = keys[i][:cached].transpose(0, 1), values[i][:cached].transpose(0, 1)
     queries = [torch.randn(q, H, D) for _, q in cases]
     attn = TorchRefAttention(pool, H, D)
     attn.plan(meta)

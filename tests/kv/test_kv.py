@@ -65,9 +65,9 @@ def test_fork_shares_full_pages_and_copies_the_partial_one():
     kv.allocate(parent, 10)
     parent.num_computed_tokens = 10
     kv.cache_computed_pages(parent)
-    kv.pool.k[0, parent.pages[2] * 4:parent.pages[2] * 4 + 2] = 7.0
+    kv.pool.k[0, :, parent.pages[2] * 4:parent.pages[2] * 4 + 2] = 7.0
     child = seq(range(10))
     assert kv.fork(parent, child)
     assert child.pages[:2] == parent.pages[:2] and child.pages[2] != parent.pages[2]
-    assert (kv.pool.k[0, child.pages[2] * 4:child.pages[2] * 4 + 2] == 7.0).all()
+    assert (kv.pool.k[0, :, child.pages[2] * 4:child.pages[2] * 4 + 2] == 7.0).all()
     kv.check_integrity([parent, child])
