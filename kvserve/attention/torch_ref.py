@@ -74,12 +74,13 @@ class TorchRefAttention:
         if len(self.decode_rows):
             out[self.decode_rows] = self._decode(q[self.decode_rows], k_cache, v_cache)
         for c in self.chunks:
-            qc = q[c.q_start:c.q_end].transpose(0, 1)  # [H, L, D]
-            kc = k_cache.index_select(1, c.kv_slots).to(q.dtype)
-            vc = v_cache.index_select(1, c.kv_slots).to(q.dtype)
+            # 4-D inputs: CPU SDPA takes its fast flash path only with a batch dimension
+            qc = q[c.q_start:c.q_end].transpose(0, 1)[None]  # [1, H, L, D]
+            kc = k_cache.index_select(1, c.kv_slots).to(q.dtype)[None]
+            vc = v_cache.index_select(1, c.kv_slots).to(q.dtype)[None]
             oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, is_causal=c.mask is None,
                                                 scale=self.scale, enable_gqa=True)
-            out[c.q_start:c.q_end] = oc.transpose(0, 1)
+            out[c.q_start:c.q_end] = oc[0].transpose(0, 1)
         return out
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:

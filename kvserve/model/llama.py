@@ -21,9 +21,8 @@ class Attention(nn.Module):
                                 bias=cfg.attention_bias and cfg.architecture != "qwen2")
 
     def forward(self, x, rope_table, attn):
-        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], -1)
-        q = RotaryEmbedding.apply(q.view(-1, self.h, self.d), *rope_table)
-        k = RotaryEmbedding.apply(k.view(-1, self.hkv, self.d), *rope_table)
+        qk, v = self.qkv_proj(x).split([(self.h + self.hkv) * self.d, self.hkv * self.d], -1)
+        q, k = RotaryEmbedding.apply(qk.view(-1, self.h + self.hkv, self.d), *rope_table).split([self.h, self.hkv], 1)
         out = attn.run(self.layer, q, k, v.view(-1, self.hkv, self.d))
         return self.o_proj(out.reshape(-1, self.h * self.d))
 
