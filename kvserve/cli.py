@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p, max_tokens=512)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_engine_args(p)
+    from kvserve.server import launch
+    launch.add_args(p)
+    p.set_defaults(func=launch.main)
     bench = sub.add_parser("bench", help="benchmarks that run a peer engine beside kvserve")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     p = bench_sub.add_parser("throughput", help="offline batch throughput vs transformers or vLLM")
@@ -114,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     from kvserve.bench import throughput
     throughput.add_args(p)
     p.set_defaults(func=throughput.main)
+    p = bench_sub.add_parser("serve", help="load generator for any OpenAI-compatible server")
+    from kvserve.bench import serve as bench_serve
+    bench_serve.add_args(p)
+    p.set_defaults(func=bench_serve.main)
     return parser
 
 

@@ -16,7 +16,7 @@ from kvserve.engine.scheduler import Scheduler
 from kvserve.kv.manager import KVCacheManager
 from kvserve.kv.pool import PagePool
 from kvserve.model.llama import LlamaForCausalLM
-from kvserve.model.loader import ModelLoadError, load_checkpoint, resolve_model_path
+from kvserve.model.loader import ModelLoadError, load_checkpoint, read_gguf, resolve_model_path
 from kvserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,6 +45,7 @@ class Engine:
             del weights
         if tokenizer is None:
             tokenizer = load_tokenizer(config.model)
+        read_gguf.cache_clear()
         self.model, self.tokenizer = model, tokenizer
         mc = model.config
         self.max_model_len = mc.max_position_embeddings
@@ -227,7 +228,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 def load_tokenizer(model: str | None) -> Tokenizer:
     path = resolve_model_path(model)
     try:
-        return Tokenizer.from_dir(path) if path.is_dir() else Tokenizer.from_gguf(str(path))
+        return Tokenizer.from_dir(path) if path.is_dir() else Tokenizer.from_gguf(read_gguf(path))
     except Exception as e:
         raise ModelLoadError(f"cannot load the tokenizer of {path.name}: {e}") from None
 

@@ -23,10 +23,13 @@ class PagePool:
         self.num_pages = num_pages
         self.page_size = page_size
         shape = (num_layers, num_kv_heads, num_pages * page_size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # empty, not zeros: untouched memory costs neither startup time nor RSS. A page is zeroed
+        # when first handed out, since masked-out slots are still read and must not hold NaNs.
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.ref_counts = [0] * num_pages
         self.free_pages = deque(range(num_pages))
+        self.zeroed = [False] * num_pages
 
     @staticmethod
     def bytes_per_page(num_layers, page_size, num_kv_heads, head_dim, dtype=torch.float32) -> int:
@@ -42,7 +45,15 @@ class PagePool:
         pages = [self.free_pages.popleft() for _ in range(n)]
         for p in pages:
             self.ref_counts[p] = 1
+            if not self.zeroed[p]:
+                self._zero(p)
         return pages
+
+    def _zero(self, page: int) -> None:
+        s, n = page * self.page_size, self.page_size
+        self.k[:, :, s:s + n].zero_()
+        self.v[:, :, s:s + n].zero_()
+        self.zeroed[page] = True
 
     def incref(self, pages) -> None:
         for p in pages:

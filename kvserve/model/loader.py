@@ -3,6 +3,7 @@
 Two sources: a GGUF file (dequantized at load with the `gguf` package's own kernels) and a
 Hugging Face directory (config.json + safetensors, sharded or not).
 """
+import functools
 import importlib.util
 import json
 import time
@@ -75,12 +76,8 @@ def _progress(items, desc):
 # ---- GGUF -------------------------------------------------------------------------------
 
 def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    from gguf import GGUFReader
     from gguf.quants import dequantize
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:
-        raise ModelLoadError(f"cannot read GGUF {path}: {e}") from None
+    reader = read_gguf(path)
     meta = gguf_metadata(reader)
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
@@ -99,6 +96,17 @@ def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
             array = _unpermute_rope_rows(array, heads)
         weights[_hf_name(t.name)] = torch.from_numpy(np.require(array, requirements=["C", "W"]))
     return cfg, weights
+
+
+@functools.lru_cache(maxsize=1)
+def read_gguf(path: Path):
+    """Parsing a GGUF's metadata takes seconds (gguf-py walks every vocabulary entry), so the
+    loader and the tokenizer share one reader; `read_gguf.cache_clear()` releases it."""
+    from gguf import GGUFReader
+    try:
+        return GGUFReader(path)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read GGUF {path}: {e}") from None
 
 
 def gguf_metadata(reader) -> dict:

@@ -7,7 +7,7 @@ that they get a precise "not supported" error instead of "unrecognized".
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer
 
 SEED_MAX = 2**63 - 1  # torch generators take 64 bits; the engine adds an offset per choice
 MAX_TOP_LOGPROBS = 20
@@ -163,6 +163,10 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer
+    def _only_set(self) -> dict:  # OpenAI's deltas leave out what does not change
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
 
 
 class ChatChunkChoice(BaseModel):

@@ -1,0 +1,60 @@
+"""kvserve serve: flags -> engine -> app -> uvicorn, with a clean exit on SIGINT/SIGTERM.
+
+On a signal uvicorn stops accepting connections, lets running requests finish for up to
+--shutdown-timeout seconds, then cancels them (which aborts them in the engine) and stops the
+engine. It then re-raises the signal to itself; the no-op handlers installed here turn that into
+exit code 0, which is what service managers expect of a requested stop.
+"""
+import argparse
+import logging
+import os
+import signal
+import sys
+from contextlib import contextmanager
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $KVSERVE_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: the file name)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit below the model's own")
+    p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-n", type=int, default=16, help="largest n (choices per request)")
+    p.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="larger bodies get 413")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds running requests may finish after SIGINT/SIGTERM before they are aborted")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def main(args) -> int:
+    from kvserve.cli import engine_config
+    from kvserve.engine.async_engine import AsyncEngine
+    from kvserve.engine.engine import Engine
+    from kvserve.model.loader import resolve_model_path
+    from kvserve.server.app import build_app, run
+    from kvserve.server.serving import ServerConfig
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = Engine(engine_config(args))
+    path = resolve_model_path(args.model)
+    name = args.served_model_name or (path.name if path.is_dir() else path.stem)
+    config = ServerConfig(model_name=name, api_key=args.api_key, max_model_len=args.max_model_len,
+                          max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
+                          max_body_bytes=args.max_request_bytes)
+    app = build_app(AsyncEngine(engine), config)
+    with _signals_end_cleanly():
+        run(app, args.host, args.port, name, args.shutdown_timeout, args.log_level)
+    return 0
+
+
+@contextmanager
+def _signals_end_cleanly():
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        sys.stdout.flush()

@@ -1,0 +1,80 @@
+"""Prometheus metrics of one server: its own registry, so several apps in one process (tests)
+never share counters. Engine gauges are read when scraped, not pushed every step."""
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from kvserve.engine.engine import Engine
+from kvserve.engine.request import RequestOutput
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class ServerMetrics:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("kvserve_http_requests", "HTTP requests by endpoint and status",
+                                ["method", "endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("kvserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("kvserve_generation_tokens", "Generated tokens", registry=r)
+        self.ttft = Histogram("kvserve_time_to_first_token_seconds", "Time to first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("kvserve_time_per_output_token_seconds", "Time per output token after the first",
+                              buckets=_TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram("kvserve_e2e_request_latency_seconds", "Arrival to last token",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        gauges = {
+            "kvserve_requests_running": ("Requests with a sequence in the running batch", self._running),
+            "kvserve_requests_waiting": ("Requests waiting to be scheduled", self._waiting),
+            "kvserve_kv_pages_total": ("KV cache pages", lambda: engine.pool.num_pages),
+            "kvserve_kv_pages_used": ("KV pages not free (requests and prefix cache)",
+                                      lambda: engine.pool.num_pages - engine.pool.num_free),
+            "kvserve_kv_pages_active": ("KV pages held by requests; 0 when idle", self._active_pages),
+            "kvserve_kv_pages_cached": ("KV pages held by the prefix cache",
+                                        lambda: len(engine.kv.prefix) if engine.kv.prefix else 0),
+            "kvserve_prefix_cache_hit_rate": ("Prompt tokens served from the prefix cache / prompt tokens",
+                                              lambda: engine.kv.prefix.hit_rate if engine.kv.prefix else 0.0),
+        }
+        for name, (doc, read) in gauges.items():
+            Gauge(name, doc, registry=r).set_function(_retrying(read))
+
+    def observe_finished(self, out: RequestOutput) -> None:
+        """One finished engine request: its tokens and latencies (engine clock)."""
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        generated = [len(o.token_ids) for o in out.outputs]
+        self.generation_tokens.inc(sum(generated))
+        m = out.metrics
+        arrival, first, done = m.get("arrival"), m.get("first_token"), m.get("finished")
+        if arrival is None or first is None:
+            return
+        self.ttft.observe(first - arrival)
+        if done is not None:
+            self.e2e.observe(done - arrival)
+            if max(generated, default=0) > 1:
+                self.tpot.observe((done - first) / (max(generated) - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # The engine thread mutates these while a scrape reads them; a torn read only skews one sample.
+    def _running(self) -> int:
+        return len({s.request_id for s in list(self.engine.scheduler.running)})
+
+    def _waiting(self) -> int:
+        return len({s.request_id for s in list(self.engine.scheduler.waiting)})
+
+    def _active_pages(self) -> int:
+        used = self.engine.pool.num_pages - self.engine.pool.num_free
+        prefix = self.engine.kv.prefix
+        return used - (prefix.num_evictable() if prefix else 0)
+
+
+def _retrying(read):
+    def value() -> float:
+        for _ in range(3):
+            try:
+                return float(read())
+            except RuntimeError:  # a dict changed size mid-read on the engine thread
+                continue
+        return float("nan")
+    return value

@@ -1,0 +1,413 @@
+"""Chat and text completions: an OpenAI request -> token prompts and SamplingParams -> the engine
+-> an OpenAI response, whole or streamed as server-sent events.
+
+Everything a request can get wrong is checked here, before the engine sees it, so each mistake
+gets its own status, parameter name and code; the engine's own checks remain the last line.
+"""
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import jinja2
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from kvserve.engine.async_engine import AsyncEngine
+from kvserve.engine.request import RequestOutput, SamplingParams
+from kvserve.server.errors import OpenAIError
+from kvserve.server.logprobs import TokenStrings, chat_logprobs, completion_logprobs
+from kvserve.server.metrics import ServerMetrics
+from kvserve.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
+                                     ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
+                                     CompletionChoice, CompletionRequest, CompletionResponse, DeltaMessage,
+                                     DetokenizeRequest, DetokenizeResponse, ErrorResponse, PromptTokensDetails,
+                                     TokenizeRequest, TokenizeResponse, Usage, _now)
+
+log = logging.getLogger("kvserve.server")
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    api_key: str | None = None
+    max_model_len: int | None = None  # a context limit below the model's own
+    max_tokens_limit: int | None = None  # per request; None: whatever the context leaves
+    max_n: int = 16
+    max_prompts: int = 256  # prompts in one /v1/completions request
+    max_body_bytes: int = 8 * 2**20
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+class Job:
+    """The engine requests behind one HTTP request (one per prompt), merged into one stream of
+    (prompt index, cumulative output). Closing it aborts whatever is unfinished."""
+
+    def __init__(self, engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams, request_id: str,
+                 metrics: ServerMetrics):
+        self.metrics = metrics
+        self.prompts = prompts
+        self.last: dict[int, RequestOutput] = {}
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._left = len(prompts)
+        self._tasks = [asyncio.create_task(self._pump(engine, i, ids, params, f"{request_id}-{i}"))
+                       for i, ids in enumerate(prompts)]
+
+    async def _pump(self, engine, i, ids, params, request_id):
+        try:
+            async for out in engine.generate(ids, params, request_id):
+                self._queue.put_nowait((i, out))
+        except Exception as e:  # noqa: BLE001 - handed to the reader, which owns the response
+            self._queue.put_nowait((i, e))
+
+    async def next(self) -> tuple[int, RequestOutput] | None:
+        """The next output of any prompt; None once all are finished."""
+        if self._left == 0:
+            return None
+        i, item = await self._queue.get()
+        if isinstance(item, ValueError):
+            raise OpenAIError(str(item), 400)
+        if isinstance(item, Exception):
+            log.error("request failed in the engine: %s", item)
+            raise OpenAIError(f"the engine failed on this request: {item}", 500, code="engine_error")
+        self.last[i] = item
+        if item.finished:
+            self._left -= 1
+            self.metrics.observe_finished(item)
+        return i, item
+
+    def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(o.token_ids) for out in self.last.values() for o in out.outputs)
+
+
+async def until_disconnect(request: Request, awaitable):
+    """Awaits `awaitable` unless the client goes away first (then it is cancelled)."""
+    task = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task in done:
+        return task.result()
+    raise ClientDisconnected()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _json(model) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+def _sse_headers() -> dict:
+    return {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class Serving:
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics):
+        self.engine, self.config, self.metrics = engine, config, metrics
+        self.tokenizer = engine.engine.tokenizer
+        self.vocab_size = engine.engine.model.config.vocab_size
+        self.max_model_len = min(config.max_model_len or engine.engine.max_model_len, engine.engine.max_model_len)
+        self.strings = TokenStrings(self.tokenizer)
+
+    # ---- checks -----------------------------------------------------------------------------
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.config.model_name:
+            raise OpenAIError(f"The model `{name}` does not exist.", 404, param="model", code="model_not_found")
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise OpenAIError(f"{param} must hold token ids in [0, {self.vocab_size})", param=param,
+                              code="invalid_value")
+
+    def _max_tokens(self, requested: int | None, prompt_len: int, param: str) -> int:
+        limit, room = self.config.max_tokens_limit, self.max_model_len - prompt_len
+        if requested is not None and limit is not None and requested > limit:
+            raise OpenAIError(f"max_tokens ({requested}) is above this server's limit of {limit}",
+                              param="max_tokens", code="invalid_value")
+        if room < 1 or requested is not None and requested > room:
+            asked = prompt_len + (requested or 1)
+            raise OpenAIError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                              f"requested {asked} tokens ({prompt_len} in the {param}, {asked - prompt_len} in the "
+                              f"completion). Please reduce the length of the {param} or completion.",
+                              param=param, code="context_length_exceeded")
+        return requested if requested is not None else min(room, limit or room)
+
+    def _params(self, req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        if req.n > self.config.max_n:
+            raise OpenAIError(f"n ({req.n}) is above this server's limit of {self.config.max_n}", param="n",
+                              code="invalid_value")
+        if req.stream_options is not None and not req.stream:
+            raise OpenAIError("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                              param="stream_options", code="invalid_value")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if any(not s for s in stop):
+            raise OpenAIError("stop sequences must not be empty", param="stop", code="invalid_value")
+        self._check_ids(req.stop_token_ids or [], "stop_token_ids")
+        bias = {}
+        for key, value in (req.logit_bias or {}).items():
+            token = int(key) if key.strip().lstrip("-").isdigit() else None
+            if token is None or not 0 <= token < self.vocab_size:
+                raise OpenAIError(f"logit_bias keys must be token ids in [0, {self.vocab_size}), got {key!r}",
+                                  param="logit_bias", code="invalid_value")
+            bias[token] = value
+        try:
+            return SamplingParams(
+                n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p, top_k=-1 if req.top_k is None else req.top_k,
+                min_p=req.min_p or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
+                presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                logit_bias=bias or None, seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
+                stop=stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
+                skip_special_tokens=req.skip_special_tokens)
+        except ValueError as e:
+            raise OpenAIError(str(e), code="invalid_value") from None
+
+    def _usage(self, outs: list[RequestOutput]) -> Usage:
+        prompt = sum(len(o.prompt_token_ids) for o in outs)
+        completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(o.num_cached_tokens for o in outs)))
+
+    # ---- chat ------------------------------------------------------------------------------
+
+    def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        plain = []
+        for m in messages:
+            content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content)
+            plain.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        try:
+            text = self.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+        except (ValueError, jinja2.TemplateError) as e:
+            raise OpenAIError(f"cannot apply the chat template: {e}", param="messages") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        self.check_model(req.model)
+        if req.response_format is not None and req.response_format.get("type") != "text":
+            raise OpenAIError("response_format other than 'text' is not supported", param="response_format")
+        if req.tools:
+            raise OpenAIError("tools are not supported by this server", param="tools")
+        if req.tool_choice not in (None, "none", "auto"):
+            raise OpenAIError("tool_choice is not supported by this server", param="tool_choice")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise OpenAIError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        prompt = await asyncio.to_thread(self._chat_prompt, req.messages)
+        request.state.prompt_tokens = len(prompt)
+        max_tokens = self._max_tokens(req.max_completion_tokens or req.max_tokens, len(prompt), "messages")
+        params = self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        job = Job(self.engine, [prompt], params, rid, self.metrics)
+        if req.stream:
+            return await self._stream(request, job, lambda first: self._chat_chunks(req, rid, job, first))
+        try:
+            outs = await until_disconnect(request, self._collect(job))
+        except ClientDisconnected:
+            return Response(status_code=499)
+        finally:
+            request.state.completion_tokens = job.completion_tokens
+        out = outs[0]
+        choices = [ChatChoice(index=o.index, message=AssistantMessage(content=o.text),
+                              logprobs=ChatLogprobs(content=chat_logprobs(self.strings, o.logprobs or []))
+                              if req.logprobs else None, finish_reason=o.finish_reason)
+                   for o in out.outputs]
+        return _json(ChatCompletionResponse(id=rid, model=self.config.model_name, choices=choices,
+                                            usage=self._usage(outs)))
+
+    async def _chat_chunks(self, req: ChatCompletionRequest, rid: str, job: Job,
+                           first: tuple[int, RequestOutput]) -> AsyncIterator[str]:
+        created, n = _now(), req.n
+
+        def chunk(choices, usage=None) -> str:
+            return ChatCompletionChunk(id=rid, created=created, model=self.config.model_name, choices=choices,
+                                       usage=usage).model_dump_json()
+
+        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(n)])
+        chars, tokens, done = [0] * n, [0] * n, [False] * n
+        item = first
+        while item is not None:
+            choices = []
+            for o in item[1].outputs:
+                if done[o.index]:
+                    continue
+                delta, new = o.text[chars[o.index]:], (o.logprobs or [])[tokens[o.index]:]
+                if not (delta or new or o.finish_reason):
+                    continue
+                chars[o.index], tokens[o.index] = len(o.text), len(o.logprobs or [])
+                done[o.index] = o.finish_reason is not None
+                choices.append(ChatChunkChoice(
+                    index=o.index, delta=DeltaMessage(content=delta if delta or not done[o.index] else None),
+                    logprobs=ChatLogprobs(content=chat_logprobs(self.strings, new)) if req.logprobs else None,
+                    finish_reason=o.finish_reason))
+            if choices:
+                yield chunk(choices)
+            item = await job.next()
+        if req.stream_options and req.stream_options.include_usage:
+            yield chunk([], self._usage(list(job.last.values())))
+
+    # ---- completions -------------------------------------------------------------------------
+
+    def _completion_prompts(self, prompt) -> tuple[list[list[int]], list[str | None]]:
+        """Token ids of each prompt, and its text when it came as text."""
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise OpenAIError("prompt must not be empty", param="prompt", code="invalid_value")
+        if len(prompt) > self.config.max_prompts:
+            raise OpenAIError(f"at most {self.config.max_prompts} prompts per request", param="prompt",
+                              code="invalid_value")
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+        for p in ids:
+            if not p:
+                raise OpenAIError("prompt must not be empty", param="prompt", code="invalid_value")
+            self._check_ids(p, "prompt")
+        return ids, [p if isinstance(p, str) else None for p in prompt]
+
+    async def completions(self, req: CompletionRequest, request: Request) -> Response:
+        self.check_model(req.model)
+        if req.suffix is not None:
+            raise OpenAIError("suffix is not supported by this server", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise OpenAIError("best_of other than n is not supported by this server", param="best_of")
+        if req.echo and req.logprobs is not None:
+            raise OpenAIError("echo with logprobs needs prompt logprobs, which this server does not compute",
+                              param="echo")
+        prompts, texts = await asyncio.to_thread(self._completion_prompts, req.prompt)
+        request.state.prompt_tokens = sum(map(len, prompts))
+        max_tokens = self._max_tokens(req.max_tokens, max(map(len, prompts)), "prompt")
+        params = self._params(req, max_tokens, req.logprobs)
+        echoes = [(t if t is not None else self.tokenizer.decode(p, req.skip_special_tokens)) if req.echo else ""
+                  for p, t in zip(prompts, texts)]
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        job = Job(self.engine, prompts, params, rid, self.metrics)
+        if req.stream:
+            return await self._stream(request, job, lambda first: self._completion_chunks(req, rid, job, first,
+                                                                                          echoes))
+        try:
+            outs = await until_disconnect(request, self._collect(job))
+        except ClientDisconnected:
+            return Response(status_code=499)
+        finally:
+            request.state.completion_tokens = job.completion_tokens
+        choices = []
+        for i, out in enumerate(outs):
+            for o in out.outputs:
+                lps = completion_logprobs(self.strings, o.logprobs or [], len(echoes[i])) if req.logprobs is not None else None
+                choices.append(CompletionChoice(index=i * req.n + o.index, text=echoes[i] + o.text, logprobs=lps,
+                                                finish_reason=o.finish_reason))
+        return _json(CompletionResponse(id=rid, model=self.config.model_name, choices=choices,
+                                        usage=self._usage(outs)))
+
+    async def _completion_chunks(self, req: CompletionRequest, rid: str, job: Job, first: tuple[int, RequestOutput],
+                                 echoes: list[str]) -> AsyncIterator[str]:
+        created, n = _now(), req.n
+        total = n * len(job.prompts)
+        chars, tokens, done = [0] * total, [0] * total, [False] * total
+        started = [False] * total
+        offsets = [len(echoes[k // n]) for k in range(total)]
+
+        def chunk(choices, usage=None) -> str:
+            return CompletionResponse(id=rid, created=created, model=self.config.model_name, choices=choices,
+                                      usage=usage).model_dump_json()
+
+        item = first
+        while item is not None:
+            i, out = item
+            choices = []
+            for o in out.outputs:
+                k = i * n + o.index
+                if done[k]:
+                    continue
+                delta, new = o.text[chars[k]:], (o.logprobs or [])[tokens[k]:]
+                if not (delta or new or o.finish_reason):
+                    continue
+                if not started[k]:
+                    delta, started[k] = echoes[i] + delta, True
+                lps = completion_logprobs(self.strings, new, offsets[k]) if req.logprobs is not None else None
+                offsets[k] += sum(len(t) for t in lps.tokens) if lps else 0
+                chars[k], tokens[k] = len(o.text), len(o.logprobs or [])
+                done[k] = o.finish_reason is not None
+                choices.append(CompletionChoice(index=k, text=delta, logprobs=lps, finish_reason=o.finish_reason))
+            if choices:
+                yield chunk(choices)
+            item = await job.next()
+        if req.stream_options and req.stream_options.include_usage:
+            yield chunk([], self._usage([job.last[i] for i in sorted(job.last)]))
+
+    # ---- shared ------------------------------------------------------------------------------
+
+    async def _collect(self, job: Job) -> list[RequestOutput]:
+        try:
+            finals = {}
+            while (item := await job.next()) is not None:
+                if item[1].finished:
+                    finals[item[0]] = item[1]
+            return [finals[i] for i in range(len(job.prompts))]
+        finally:
+            job.close()
+
+    async def _stream(self, request: Request, job: Job, chunks) -> Response:
+        """Waits for the first output, so that a request the engine refuses still gets its 4xx
+        status; then streams. Leaving the stream early (client gone) closes the job: abort."""
+        try:
+            first = await until_disconnect(request, job.next())
+        except ClientDisconnected:
+            job.close()
+            return Response(status_code=499)
+        except BaseException:
+            job.close()
+            raise
+
+        async def events():
+            try:
+                async for payload in chunks(first):
+                    yield f"data: {payload}\n\n"
+            except OpenAIError as e:
+                yield f"data: {ErrorResponse(error=e.info()).model_dump_json()}\n\n"
+            except Exception as e:  # noqa: BLE001 - the status is sent; report it in the stream
+                log.exception("stream failed")
+                err = OpenAIError(f"internal server error: {type(e).__name__}", 500)
+                yield f"data: {ErrorResponse(error=err.info()).model_dump_json()}\n\n"
+            finally:
+                job.close()
+                request.state.completion_tokens = job.completion_tokens
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=_sse_headers())
+
+    # ---- tokenizer endpoints -------------------------------------------------------------------
+
+    def tokenize(self, req: TokenizeRequest) -> Response:
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise OpenAIError("give exactly one of prompt and messages", param="prompt")
+        if req.prompt is not None:
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+        else:
+            ids = self._chat_prompt(req.messages, req.add_generation_prompt)
+            if req.add_special_tokens and self.tokenizer.add_bos and ids[:1] != [self.tokenizer.bos_token_id]:
+                ids.insert(0, self.tokenizer.bos_token_id)
+        strs = [self.tokenizer.id_to_token(t) or "" for t in ids] if req.return_token_strs else None
+        return _json(TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids,
+                                      token_strs=strs))
+
+    def detokenize(self, req: DetokenizeRequest) -> Response:
+        self.check_model(req.model)
+        self._check_ids(req.tokens, "tokens")
+        return _json(DetokenizeResponse(prompt=self.tokenizer.decode(req.tokens)))

@@ -1,0 +1,87 @@
+"""One live server for the whole server suite: the tiny random Llama (SmolLM2's tokenizer) behind
+uvicorn on 127.0.0.1, in a background thread, with small limits the tests run into on purpose."""
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import uvicorn
+
+API_KEY = "test-key"
+MODEL = "tiny"
+MAX_TOKENS_LIMIT = 256
+MAX_N = 8
+MAX_BODY_BYTES = 64 * 1024
+
+
+@dataclass
+class LiveServer:
+    url: str  # http://127.0.0.1:PORT
+    engine: object  # the Engine, to read its state
+    async_engine: object
+    app: object
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def start_uvicorn(app) -> tuple[uvicorn.Server, threading.Thread, str]:
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (server.started and server.servers):
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def server_engine(tiny_model, smollm2_tokenizer):
+    from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
+    from kvserve.engine.async_engine import AsyncEngine
+    from kvserve.engine.engine import Engine
+    engine = Engine(EngineConfig(cache=CacheConfig(16, 512, None, True), scheduler=SchedulerConfig(512, 64)),
+                    model=tiny_model, tokenizer=smollm2_tokenizer)
+    async_engine = AsyncEngine(engine)
+    yield engine, async_engine
+    async_engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def live_server(server_engine):
+    from kvserve.server.app import build_app
+    from kvserve.server.serving import ServerConfig
+    engine, async_engine = server_engine
+    config = ServerConfig(model_name=MODEL, api_key=API_KEY, max_tokens_limit=MAX_TOKENS_LIMIT, max_n=MAX_N,
+                          max_body_bytes=MAX_BODY_BYTES)
+    app = build_app(async_engine, config, shutdown_engine=False)
+    server, thread, url = start_uvicorn(app)
+    yield LiveServer(url, engine, async_engine, app)
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def http(live_server):
+    with httpx.Client(base_url=live_server.url, headers=live_server.headers(), timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+def client(live_server):
+    import openai
+    return openai.OpenAI(base_url=live_server.base_url, api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def aclient(live_server):
+    import openai
+    return openai.AsyncOpenAI(base_url=live_server.base_url, api_key=API_KEY, max_retries=0, timeout=60)
