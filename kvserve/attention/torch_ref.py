@@ -1,8 +1,8 @@
 """Portable paged attention in plain PyTorch; the reference every other backend is tested against.
 
 `plan()` turns the step's page table into gather indices once; `run()` is called per layer.
-Decodes (one query row) are batched into one SDPA call over their pages, gathered whole and
-padded to the longest decode; prefill chunks run one SDPA each with a causal mask offset by
+Decodes (one query row) are batched into matmuls over their pages, gathered whole and padded
+to the longest decode, with a prefix of pages common to all decodes attended once (cascade); prefill chunks run one SDPA each with a causal mask offset by
 their cached prefix, so a chunk is never padded to another request's length.
 """
 from dataclasses import dataclass
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvserve.attention.merge import attention_with_lse, merge_state
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.kv.pool import PagePool
 
@@ -40,18 +41,7 @@ class TorchRefAttention:
         decodes = torch.nonzero(q_lens == 1).flatten()
         self.decode_rows = meta.qo_indptr[:-1].long()[decodes].to(device)
         if len(decodes):
-            num_pages = kv_indptr[decodes + 1] - kv_indptr[decodes]
-            width = int(num_pages.max())
-            col = torch.arange(width)
-            idx = (kv_indptr[decodes][:, None] + col).clamp(max=len(kv_indices) - 1)
-            pages = torch.where(col < num_pages[:, None], kv_indices[idx], 0)
-            # rows of the cache viewed as [Hkv * num_pages, page * D], head-major
-            heads = torch.arange(self.pool.k.shape[1])[:, None] * self.pool.num_pages
-            self.decode_rows_kv = (heads + pages.flatten()[None, :]).flatten().to(device)
-            self.decode_shape = (len(decodes), width * page)
-            valid = torch.arange(width * page) < kv_lens[decodes][:, None]
-            bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
-            self.decode_bias = bias[None, :, None, :].to(device)  # [1, B, 1, W]
+            self._plan_decodes(decodes, kv_indptr, kv_indices, kv_lens[decodes], page, device)
         self.all_decodes = len(decodes) == meta.batch_size
 
         self.chunks = []
@@ -62,6 +52,29 @@ class TorchRefAttention:
             if q_len != kv_len:  # query row r sees KV positions <= kv_len - q_len + r
                 mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len).to(device)
             self.chunks.append(_Chunk(qo[i], qo[i + 1], meta.token_slots(i, 0, kv_len).to(device), mask))
+
+    def _plan_decodes(self, decodes, kv_indptr, kv_indices, kv_lens, page, device) -> None:
+        """Page rows to gather per decode; pages that every decode shares from the start (a common
+        system prompt) are split off and attended once for all of them (cascade attention)."""
+        num_pages = kv_indptr[decodes + 1] - kv_indptr[decodes]
+        width = int(num_pages.max())
+        col = torch.arange(width)
+        idx = (kv_indptr[decodes][:, None] + col).clamp(max=len(kv_indices) - 1)
+        pages = torch.where(col < num_pages[:, None], kv_indices[idx], -1)
+        shared = 0
+        if len(decodes) > 1:  # each keeps at least its own last page
+            same = (pages == pages[:1]).all(0)[:int(num_pages.min()) - 1]
+            shared = int(same.long().cumprod(0).sum())
+        # rows of the cache viewed as [Hkv * num_pages, page * D], head-major
+        heads = torch.arange(self.pool.k.shape[1])[:, None] * self.pool.num_pages
+        self.shared_rows_kv = (heads + pages[0, :shared]).flatten().to(device) if shared else None
+        self.shared_len = shared * page
+        own = pages[:, shared:].clamp(min=0)
+        self.decode_rows_kv = (heads + own.flatten()[None, :]).flatten().to(device)
+        self.decode_shape = (len(decodes), (width - shared) * page)
+        valid = torch.arange((width - shared) * page) < (kv_lens - shared * page)[:, None]
+        bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
+        self.decode_bias = bias[None, :, None, :].to(device)  # [1, B, 1, W]
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] of this step's tokens -> attention output [T, H, D]."""
@@ -92,6 +105,13 @@ class TorchRefAttention:
         kd = k_cache.view(-1, page * d).index_select(0, self.decode_rows_kv).view(hkv, batch, width, d)
         vd = v_cache.view(-1, page * d).index_select(0, self.decode_rows_kv).view(hkv, batch, width, d)
         qg = q.view(batch, hkv, -1, d).transpose(0, 1)  # [Hkv, B, group, D]
-        scores = torch.matmul(qg, kd.transpose(2, 3).to(q.dtype)).float() * self.scale
-        probs = (scores + self.decode_bias).softmax(-1).to(q.dtype)
-        return torch.matmul(probs, vd.to(q.dtype)).transpose(0, 1).reshape(batch, -1, d)
+        if self.shared_rows_kv is None:
+            scores = torch.matmul(qg, kd.transpose(2, 3).to(q.dtype)).float() * self.scale
+            probs = (scores + self.decode_bias).softmax(-1).to(q.dtype)
+            return torch.matmul(probs, vd.to(q.dtype)).transpose(0, 1).reshape(batch, -1, d)
+        out, lse = attention_with_lse(qg, kd.to(q.dtype), vd.to(q.dtype), self.scale, self.decode_bias)
+        ks = k_cache.view(-1, page * d).index_select(0, self.shared_rows_kv).view(hkv, self.shared_len, d)
+        vs = v_cache.view(-1, page * d).index_select(0, self.shared_rows_kv).view(hkv, self.shared_len, d)
+        out_s, lse_s = attention_with_lse(qg.reshape(hkv, -1, d), ks.to(q.dtype), vs.to(q.dtype), self.scale)
+        out, _ = merge_state(out, lse, out_s.view(out.shape), lse_s.view(lse.shape))
+        return out.transpose(0, 1).reshape(batch, -1, d)

@@ -59,3 +59,47 @@ def test_metadata_is_csr():
     assert meta.kv_last_page_len.tolist() == [4, 9]
     assert meta.kv_lens().tolist() == [20, 9]
     assert meta.token_slots(0, 15, 17).tolist() == [7 * 16 + 15, 2 * 16]
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_decodes_sharing_prefix_pages_use_cascade(page_size):
+    """Decodes whose page lists start with the same pages (a cached system prompt) equal plain attention."""
+    torch.manual_seed(0)
+    shared_len, own_lens = 3 * page_size, [5, 17, 30, 1]
+    shared_pages = -(-shared_len // page_size)
+    total = shared_pages + sum(-(-n // page_size) for n in own_lens) + 2
+    pool = PagePool(1, total, page_size, HKV, D)
+    free = pool.allocate(total)
+    random.Random(1).shuffle(free)
+    shared = [free.pop() for _ in range(shared_pages)]
+    prefix_k, prefix_v = torch.randn(shared_len, HKV, D), torch.randn(shared_len, HKV, D)
+    tables, keys, values = [], [], []
+    for n in own_lens:
+        tables.append(shared + [free.pop() for _ in range(-(-n // page_size))])
+        keys.append(torch.cat([prefix_k, torch.randn(n, HKV, D)]))
+        values.append(torch.cat([prefix_v, torch.randn(n, HKV, D)]))
+    kv_lens = [shared_len + n for n in own_lens]
+    meta = AttentionMetadata.build([1] * len(own_lens), tables, kv_lens, page_size)
+    for i, n in enumerate(kv_lens):
+        slots = meta.token_slots(i, 0, n - 1)
+        pool.k[0][:, slots], pool.v[0][:, slots] = keys[i][:-1].transpose(0, 1), values[i][:-1].transpose(0, 1)
+    attn = TorchRefAttention(pool, H, D)
+    attn.plan(meta)
+    assert attn.shared_len == shared_pages * page_size
+    queries = [torch.randn(1, H, D) for _ in own_lens]
+    out = attn.run(0, torch.cat(queries), torch.cat([k[-1:] for k in keys]), torch.cat([v[-1:] for v in values]))
+    expected = torch.cat([naive(q, k, v, n - 1) for q, k, v, n in zip(queries, keys, values, kv_lens)])
+    assert (out - expected).abs().max().item() < 1e-5
+
+
+def test_merge_state_of_two_halves_equals_the_whole():
+    from kvserve.attention.merge import attention_with_lse, merge_state
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, D), torch.randn(2, 3, 40, D), torch.randn(2, 3, 40, D)
+    whole, lse = attention_with_lse(q, k, v, D ** -0.5)
+    a, lse_a = attention_with_lse(q, k[..., :13, :], v[..., :13, :], D ** -0.5)
+    b, lse_b = attention_with_lse(q, k[..., 13:, :], v[..., 13:, :], D ** -0.5)
+    merged, merged_lse = merge_state(a, lse_a, b, lse_b)
+    assert (merged - whole).abs().max() < 1e-5 and (merged_lse - lse).abs().max() < 1e-5
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert (whole - reference).abs().max() < 1e-5
