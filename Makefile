@@ -21,7 +21,7 @@ test: setup
 	$(BIN)/python -m pytest tests
 
 serve: setup
-	$(BIN)/kvserve chat
+	$(BIN)/kvserve serve
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -37,11 +37,11 @@ class ThroughputResult:
 
 def print_table(results: list[ThroughputResult], baseline: str) -> None:
     base = next(r for r in results if r.engine == baseline)
-    print(f"{'engine':<28}{'req/s':>9}{'in tok/s':>11}{'out tok/s':>11}{'seconds':>9}{'vs ' + baseline:>16}")
+    print(f"{'engine':<28}{'req/s':>9}{'in tok/s':>11}{'out tok/s':>11}{'seconds':>9}  vs {baseline}")
     for r in results:
         ratio = r.output_tok_per_s / base.output_tok_per_s
         print(f"{r.engine:<28}{r.requests_per_s:>9.2f}{r.input_tok_per_s:>11.1f}{r.output_tok_per_s:>11.1f}"
-              f"{r.seconds:>9.1f}{ratio:>15.2f}x")
+              f"{r.seconds:>9.1f}  {ratio:.2f}x")
 
 
 def to_json(results: list[ThroughputResult], **extra) -> str:

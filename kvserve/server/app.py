@@ -35,8 +35,6 @@ def build_app(engine: AsyncEngine, config: ServerConfig, shutdown_engine: bool =
     app = FastAPI(title="kvserve", version=version("kvserve"), lifespan=lifespan,
                   description="OpenAI-compatible API of the kvserve engine")
     install_error_handlers(app)
-    app.state.serving = serving
-    app.state.metrics = metrics
 
     @app.get("/health")
     async def health() -> dict:

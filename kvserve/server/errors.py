@@ -36,7 +36,7 @@ def validation_error(errors: list[dict]) -> OpenAIError:
     if kind == "json_invalid":
         return OpenAIError(f"the body is not valid JSON: {err.get('ctx', {}).get('error', 'decode error')}")
     if not loc:
-        return OpenAIError("the body must be a JSON object")
+        return OpenAIError("the body must be a JSON object, sent with 'Content-Type: application/json'")
     param = str(loc[0])
     path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     if kind == "extra_forbidden":

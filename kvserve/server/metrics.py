@@ -53,6 +53,11 @@ class ServerMetrics:
             if max(generated, default=0) > 1:
                 self.tpot.observe((done - first) / (max(generated) - 1))
 
+    def observe_aborted(self, out: RequestOutput) -> None:
+        """The tokens of a request stopped early (client gone, shutdown) were worked on too."""
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        self.generation_tokens.inc(sum(len(o.token_ids) for o in out.outputs))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

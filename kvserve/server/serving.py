@@ -6,6 +6,7 @@ gets its own status, parameter name and code; the engine's own checks remain the
 """
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from kvserve.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoi
                                      ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
                                      CompletionChoice, CompletionRequest, CompletionResponse, DeltaMessage,
                                      DetokenizeRequest, DetokenizeResponse, ErrorResponse, PromptTokensDetails,
-                                     TokenizeRequest, TokenizeResponse, Usage, _now)
+                                     TokenizeRequest, TokenizeResponse, Usage)
 
 log = logging.getLogger("kvserve.server")
 
@@ -54,6 +55,7 @@ class Job:
         self.last: dict[int, RequestOutput] = {}
         self._queue: asyncio.Queue = asyncio.Queue()
         self._left = len(prompts)
+        self._closed = False
         self._tasks = [asyncio.create_task(self._pump(engine, i, ids, params, f"{request_id}-{i}"))
                        for i, ids in enumerate(prompts)]
 
@@ -81,8 +83,14 @@ class Job:
         return i, item
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         for t in self._tasks:
             t.cancel()
+        for out in self.last.values():
+            if not out.finished:
+                self.metrics.observe_aborted(out)
 
     @property
     def completion_tokens(self) -> int:
@@ -136,7 +144,9 @@ class Serving:
             raise OpenAIError(f"{param} must hold token ids in [0, {self.vocab_size})", param=param,
                               code="invalid_value")
 
-    def _max_tokens(self, requested: int | None, prompt_len: int, param: str) -> int:
+    def _max_tokens(self, requested: int | None, prompt_len: int, param: str, default: int | None = None) -> int:
+        """The request's max_tokens, checked; when it gives none, `default` (else all the room
+        the context leaves), within the server's limit."""
         limit, room = self.config.max_tokens_limit, self.max_model_len - prompt_len
         if requested is not None and limit is not None and requested > limit:
             raise OpenAIError(f"max_tokens ({requested}) is above this server's limit of {limit}",
@@ -147,7 +157,7 @@ class Serving:
                               f"requested {asked} tokens ({prompt_len} in the {param}, {asked - prompt_len} in the "
                               f"completion). Please reduce the length of the {param} or completion.",
                               param=param, code="context_length_exceeded")
-        return requested if requested is not None else min(room, limit or room)
+        return requested if requested is not None else min(default or room, room, limit or room)
 
     def _params(self, req, max_tokens: int, logprobs: int | None) -> SamplingParams:
         if req.n > self.config.max_n:
@@ -214,25 +224,19 @@ class Serving:
         params = self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         job = Job(self.engine, [prompt], params, rid, self.metrics)
-        if req.stream:
-            return await self._stream(request, job, lambda first: self._chat_chunks(req, rid, job, first))
-        try:
-            outs = await until_disconnect(request, self._collect(job))
-        except ClientDisconnected:
-            return Response(status_code=499)
-        finally:
-            request.state.completion_tokens = job.completion_tokens
-        out = outs[0]
+        return await self._respond(request, job, req.stream, lambda first: self._chat_chunks(req, rid, job, first),
+                                   lambda outs: self._chat_response(req, rid, outs))
+
+    def _chat_response(self, req: ChatCompletionRequest, rid: str, outs: list[RequestOutput]):
         choices = [ChatChoice(index=o.index, message=AssistantMessage(content=o.text),
                               logprobs=ChatLogprobs(content=chat_logprobs(self.strings, o.logprobs or []))
                               if req.logprobs else None, finish_reason=o.finish_reason)
-                   for o in out.outputs]
-        return _json(ChatCompletionResponse(id=rid, model=self.config.model_name, choices=choices,
-                                            usage=self._usage(outs)))
+                   for o in outs[0].outputs]
+        return ChatCompletionResponse(id=rid, model=self.config.model_name, choices=choices, usage=self._usage(outs))
 
     async def _chat_chunks(self, req: ChatCompletionRequest, rid: str, job: Job,
                            first: tuple[int, RequestOutput]) -> AsyncIterator[str]:
-        created, n = _now(), req.n
+        created, n = int(time.time()), req.n
 
         def chunk(choices, usage=None) -> str:
             return ChatCompletionChunk(id=rid, created=created, model=self.config.model_name, choices=choices,
@@ -290,33 +294,31 @@ class Serving:
                               param="echo")
         prompts, texts = await asyncio.to_thread(self._completion_prompts, req.prompt)
         request.state.prompt_tokens = sum(map(len, prompts))
-        max_tokens = self._max_tokens(req.max_tokens, max(map(len, prompts)), "prompt")
+        given = "max_tokens" in req.model_fields_set  # unset: OpenAI's 16; an explicit null: up to the context
+        max_tokens = self._max_tokens(req.max_tokens if given else None, max(map(len, prompts)), "prompt",
+                                      default=None if given else req.max_tokens)
         params = self._params(req, max_tokens, req.logprobs)
         echoes = [(t if t is not None else self.tokenizer.decode(p, req.skip_special_tokens)) if req.echo else ""
                   for p, t in zip(prompts, texts)]
         rid = f"cmpl-{uuid.uuid4().hex}"
         job = Job(self.engine, prompts, params, rid, self.metrics)
-        if req.stream:
-            return await self._stream(request, job, lambda first: self._completion_chunks(req, rid, job, first,
-                                                                                          echoes))
-        try:
-            outs = await until_disconnect(request, self._collect(job))
-        except ClientDisconnected:
-            return Response(status_code=499)
-        finally:
-            request.state.completion_tokens = job.completion_tokens
+        return await self._respond(request, job, req.stream,
+                                   lambda first: self._completion_chunks(req, rid, job, first, echoes),
+                                   lambda outs: self._completion_response(req, rid, outs, echoes))
+
+    def _completion_response(self, req: CompletionRequest, rid: str, outs: list[RequestOutput], echoes: list[str]):
         choices = []
         for i, out in enumerate(outs):
             for o in out.outputs:
-                lps = completion_logprobs(self.strings, o.logprobs or [], len(echoes[i])) if req.logprobs is not None else None
+                lps = None if req.logprobs is None else \
+                    completion_logprobs(self.strings, o.logprobs or [], len(echoes[i]))
                 choices.append(CompletionChoice(index=i * req.n + o.index, text=echoes[i] + o.text, logprobs=lps,
                                                 finish_reason=o.finish_reason))
-        return _json(CompletionResponse(id=rid, model=self.config.model_name, choices=choices,
-                                        usage=self._usage(outs)))
+        return CompletionResponse(id=rid, model=self.config.model_name, choices=choices, usage=self._usage(outs))
 
     async def _completion_chunks(self, req: CompletionRequest, rid: str, job: Job, first: tuple[int, RequestOutput],
                                  echoes: list[str]) -> AsyncIterator[str]:
-        created, n = _now(), req.n
+        created, n = int(time.time()), req.n
         total = n * len(job.prompts)
         chars, tokens, done = [0] * total, [0] * total, [False] * total
         started = [False] * total
@@ -351,6 +353,18 @@ class Serving:
             yield chunk([], self._usage([job.last[i] for i in sorted(job.last)]))
 
     # ---- shared ------------------------------------------------------------------------------
+
+    async def _respond(self, request: Request, job: Job, stream: bool | None, chunks, whole) -> Response:
+        """Streams `chunks(first output)` as events, or answers `whole(final outputs)` once done."""
+        if stream:
+            return await self._stream(request, job, chunks)
+        try:
+            outs = await until_disconnect(request, self._collect(job))
+        except ClientDisconnected:
+            return Response(status_code=499)
+        finally:
+            request.state.completion_tokens = job.completion_tokens
+        return _json(whole(outs))
 
     async def _collect(self, job: Job) -> list[RequestOutput]:
         try:

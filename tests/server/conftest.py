@@ -8,11 +8,7 @@ import httpx
 import pytest
 import uvicorn
 
-API_KEY = "test-key"
-MODEL = "tiny"
-MAX_TOKENS_LIMIT = 256
-MAX_N = 8
-MAX_BODY_BYTES = 64 * 1024
+from server_util import API_KEY, MAX_BODY_BYTES, MAX_N, MAX_TOKENS_LIMIT, MODEL
 
 
 @dataclass

@@ -1,6 +1,11 @@
 """Helpers of the server tests that read the live server's state."""
 import time
 
+API_KEY = "test-key"
+MODEL = "tiny"
+MAX_TOKENS_LIMIT = 256
+MAX_N = 8
+MAX_BODY_BYTES = 64 * 1024
 
 def metrics(http_client) -> dict[str, float]:
     """Unlabelled samples of /metrics, by name."""

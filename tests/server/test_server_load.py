@@ -9,8 +9,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import API_KEY, MODEL
-from server_util import metrics, wait_idle
+from server_util import API_KEY, MODEL, metrics, wait_idle
 
 MESSAGES = [{"role": "user", "content": "Count to ten."}]
 

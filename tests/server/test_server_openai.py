@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from conftest import MODEL
+from server_util import MODEL
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colors."}]
 
@@ -152,6 +152,9 @@ def test_completions_prompt_forms(client, http):
     lists = client.completions.create(model=MODEL, prompt=[ids, ids[:2]], max_tokens=3, temperature=0,
                                       extra_body={"ignore_eos": True})
     assert len(lists.choices) == 2 and lists.usage.prompt_tokens == len(ids) + 2
+
+    default = client.completions.create(model=MODEL, prompt=ids, extra_body={"ignore_eos": True})
+    assert default.usage.completion_tokens == 16  # OpenAI's default max_tokens
 
 
 def test_completions_echo_and_logprobs(client, http):
