@@ -35,6 +35,8 @@ class LLM:
             try:
                 while len(done) < len(ids):
                     for out in self.engine.step():
+                        if out.error:
+                            raise RuntimeError(f"request {out.request_id} failed: {out.error}")
                         if out.finished:
                             done[out.request_id] = out
                             bar.update(1)

@@ -74,14 +74,16 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # a failed step fails the requests in it, not the server
+            except Exception as e:  # the engine isolates request failures; this is a bug in it
                 log.exception("engine step failed")
                 for rid in list(self._streams):
                     self.engine.abort(rid)
                     self._deliver(rid, RuntimeError(f"engine error: {e}"))
                 continue
             for out in outputs:
-                self._deliver(out.request_id, out)
+                if out.error:
+                    log.error("request %s failed in the engine: %s", out.request_id, out.error)
+                self._deliver(out.request_id, RuntimeError(f"engine error: {out.error}") if out.error else out)
         for rid in list(self._streams):
             self.engine.abort(rid)
             self._deliver(rid, RuntimeError("server shutting down"))

@@ -123,23 +123,71 @@ class Engine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        logits, sampled = self.runner.execute(out.scheduled)
+        failed: dict[str, Exception] = {}
+        logits, sampled = self._execute(out.scheduled, failed)
         for seq, n in out.scheduled:
-            seq.num_computed_tokens += n
-            self.kv.cache_computed_pages(seq)
+            if seq.request_id not in failed:
+                seq.num_computed_tokens += n
+                self.kv.cache_computed_pages(seq)
         rows, seqs = [], []
         for row, seq in enumerate(sampled):
             for s in [seq] + self._fork_children(seq):
                 rows.append(row)
                 seqs.append(s)
-        tokens = self.sampler(logits[rows], [SamplingRow(s.params, s.token_ids[:s.num_prompt_tokens],
-                                                         s.output_token_ids, s.generator, self.eos_token_ids)
-                                             for s in seqs])
-        touched = {}
+        tokens = self._sample(logits[rows], seqs, failed)
+        touched = {rid: self._fail(rid, e) for rid, e in failed.items()}
         for seq, tok in zip(seqs, tokens):
-            self._append(seq, tok)
+            if seq.request_id in failed or seq.request_id not in self.requests:
+                continue
+            try:
+                self._append(seq, tok)
+            except Exception as e:  # e.g. a detokenizer error: this request only
+                touched[seq.request_id] = self._fail(seq.request_id, e)
+                continue
             touched[seq.request_id] = self.requests[seq.request_id]
-        return [self._output(state) for state in touched.values()]
+        return [t if isinstance(t, RequestOutput) else self._output(t) for t in touched.values()]
+
+    def _execute(self, scheduled, failed: dict) -> tuple[torch.Tensor, list[Sequence]]:
+        """Runs the step; if it raises, runs each sequence alone (rewriting the same K/V slots is
+        harmless) so that only the requests that fail by themselves fail."""
+        try:
+            return self.runner.execute(scheduled)
+        except Exception as e:
+            if len(scheduled) == 1:
+                failed[scheduled[0][0].request_id] = e
+                return torch.empty(0, self.model.config.vocab_size), []
+        logits, sampled = [], []
+        for item in scheduled:
+            try:
+                part, seqs = self.runner.execute([item])
+            except Exception as e:
+                failed[item[0].request_id] = e
+                continue
+            logits.append(part)
+            sampled += seqs
+        return (torch.cat(logits) if logits else torch.empty(0, self.model.config.vocab_size)), sampled
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], failed: dict) -> list:
+        rows = [SamplingRow(s.params, s.token_ids[:s.num_prompt_tokens], s.output_token_ids, s.generator,
+                            self.eos_token_ids) for s in seqs]
+        try:
+            return self.sampler(logits, rows)
+        except Exception:
+            tokens = []
+            for i, row in enumerate(rows):  # isolate the row that fails
+                try:
+                    tokens += self.sampler(logits[i:i + 1], [row])
+                except Exception as e:
+                    failed[seqs[i].request_id] = e
+                    tokens.append(None)
+            return tokens
+
+    def _fail(self, request_id: str, error: Exception) -> RequestOutput:
+        state = self.requests.get(request_id)
+        self.abort(request_id)
+        prompt_ids = state.prompt_token_ids if state else []
+        return RequestOutput(request_id, state.prompt if state else None, prompt_ids, [], True,
+                             error=f"{type(error).__name__}: {error}")
 
     def _fork_children(self, parent: Sequence) -> list[Sequence]:
         """At the end of a prompt of a request with n > 1, its other n-1 sequences share its pages."""

@@ -133,6 +133,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+    error: str | None = None  # set when this request failed inside the engine; it is finished
 
 
 def now() -> float:

@@ -172,3 +172,26 @@ def test_random_workloads_balance_pages_and_survive_preemption(make_engine, data
         else:
             assert [o.token_ids for o in out.outputs] == [o.token_ids for o in expected[i].outputs]
     assert_pages_balanced(small)
+
+
+def test_a_request_that_breaks_the_model_fails_alone(make_engine, monkeypatch):
+    engine = make_engine()
+    execute = engine.runner.execute
+    poison = 31337
+
+    def fragile(scheduled):
+        if any(poison in seq.token_ids for seq, _ in scheduled):
+            raise RuntimeError("kernel failure")
+        return execute(scheduled)
+
+    monkeypatch.setattr(engine.runner, "execute", fragile)
+    good = prompts(3)
+    expected = run(make_engine(), good, GREEDY)
+    ids = [engine.add_request(p, GREEDY) for p in good[:2] + [[5, poison, 7]] + good[2:]]
+    outs = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs[out.request_id] = out
+    assert outs[ids[2]].error and "kernel failure" in outs[ids[2]].error
+    assert [outs[i].outputs[0].token_ids for i in ids[:2] + ids[3:]] == [e.outputs[0].token_ids for e in expected]
+    assert_pages_balanced(engine)

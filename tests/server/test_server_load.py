@@ -102,8 +102,8 @@ def test_non_streaming_disconnect_aborts(live_server, slow_engine):
 
 
 def test_engine_failure_fails_that_request(live_server, client, monkeypatch):
-    """A step that raises fails the requests in it with a 500 error object (AsyncEngine fails every
-    request of that step); the server and engine go on serving."""
+    """A request that makes the engine raise fails alone with a 500 error object, while a request
+    running beside it in the same steps finishes; the server and engine go on serving."""
     engine = live_server.engine
     sampler = engine.sampler
 
@@ -113,9 +113,14 @@ def test_engine_failure_fails_that_request(live_server, client, monkeypatch):
         return sampler(logits, rows)
 
     monkeypatch.setattr(engine, "sampler", failing)
+    neighbour = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=256, seed=2, stream=True,
+                                               extra_body={"ignore_eos": True})
+    next(iter(neighbour))  # running before the failing request arrives
     with pytest.raises(openai.InternalServerError) as e:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, seed=424242)
     assert e.value.status_code == 500 and e.value.body["code"] == "engine_error"
+    text = "".join(c.choices[0].delta.content or "" for c in neighbour if c.choices)
+    assert text  # the neighbour went on generating after the failure
     with pytest.raises(openai.APIError, match="engine"):
         list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, seed=424242,
                                             stream=True))
