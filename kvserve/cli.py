@@ -18,7 +18,7 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size (default: from free memory)")
     p.add_argument("--num-pages", type=int, default=None, help="KV cache size in pages (overrides --kv-cache-gb)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--no-prefix-caching", action="store_true")
 

@@ -33,7 +33,7 @@ class CacheConfig:
 
 @dataclass
 class SchedulerConfig:
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 2048  # per step: all decodes plus prefill chunks up to this
     max_num_seqs: int = 64
     enable_chunked_prefill: bool = True
 

@@ -12,7 +12,7 @@ class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "cpu",
                  threads: int | None = None, page_size: int = 16, num_pages: int | None = None,
                  kv_cache_gb: float | None = None, enable_prefix_caching: bool = True,
-                 max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
                  enable_chunked_prefill: bool = True, engine: Engine | None = None):
         self.engine = engine or Engine(EngineConfig(
             model=model, dtype=dtype, device=device, threads=threads,

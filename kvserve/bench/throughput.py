@@ -39,33 +39,6 @@ def run_kvserve(args, prompts, enable_prefix_caching=True, label="kvserve") -> t
                             sum(len(o.outputs[0].token_ids) for o in outs), seconds), hit_rate
 
 
-def run_transformers(args, prompts) -> ThroughputResult:
-    from transformers import AutoModelForCausalLM
-    from tqdm import tqdm
-    from kvserve.model.loader import resolve_model_path
-    path = resolve_model_path(args.model)
-    from kvserve.engine.engine import resolve_dtype
-    dtype = resolve_dtype(args.dtype, "cpu")
-    if path.is_dir():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    model.eval()
-    out_tokens = 0
-    start = time.perf_counter()
-    for i in tqdm(range(0, len(prompts), args.peer_batch_size), desc="transformers generate", unit="batch"):
-        batch = prompts[i:i + args.peer_batch_size]
-        width = max(map(len, batch))  # left padding, as generate() expects
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.output_len,
-                                 min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
-        out_tokens += (out.shape[1] - width) * len(batch)
-    return ThroughputResult(f"transformers generate (bs {args.peer_batch_size})", len(prompts),
-                            sum(map(len, prompts)), out_tokens, time.perf_counter() - start)
-
-
 def run_vllm(args, prompts) -> ThroughputResult:
     from kvserve.bench.vllm_peer import run_vllm_throughput
     return run_vllm_throughput(args, prompts)
@@ -89,7 +62,8 @@ def main(args) -> int:
         results.append(off)
         extra = {"prefix_hit_rate": hit_rate, "prefix_cache_speedup": off.seconds / ours.seconds}
     if args.peer == "transformers":
-        results.append(run_transformers(args, prompts))
+        from kvserve.bench.transformers_peer import run_transformers
+        results.append(run_transformers(args, prompts, resolve_dtype(args.dtype, "cpu")))
     elif args.peer == "vllm":
         results.append(run_vllm(args, prompts))
     print()
