@@ -33,6 +33,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    "(default: the packaged SmolLM2)")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="ask for exactly --output-len tokens (vLLM's extension; off for servers that reject it)")
+    p.add_argument("--ban-eos", action="store_true",
+                   help="send logit_bias -100 on the EOS ids: exact lengths where ignore_eos is unknown")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
@@ -48,9 +50,9 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
 
 
-def make_prompts(num: int, input_len: int, tokenizer_path: str | None, seed: int) -> list[str]:
+def make_prompts(num: int, input_len: int, tokenizer_path: str | None, seed: int) -> tuple[list[str], list[int]]:
     """Random-token texts that re-tokenize to about input_len tokens (the same workload for every
-    server, whatever it tokenizes with)."""
+    server, whatever it tokenizes with), and the tokenizer's EOS ids."""
     from kvserve.engine.engine import load_tokenizer
     tok = load_tokenizer(tokenizer_path)
     rng = random.Random(seed)
@@ -58,7 +60,7 @@ def make_prompts(num: int, input_len: int, tokenizer_path: str | None, seed: int
     for _ in range(num):
         text = tok.decode([rng.randrange(100, tok.vocab_size - 100) for _ in range(input_len)])
         prompts.append(tok.decode(tok.encode(text, add_special_tokens=False)[:input_len]))
-    return prompts
+    return prompts, tok.eos_token_ids
 
 
 def request_body(args, model: str, prompt: str, max_tokens: int) -> dict:
@@ -66,6 +68,8 @@ def request_body(args, model: str, prompt: str, max_tokens: int) -> dict:
             "stream_options": {"include_usage": True}}
     if args.ignore_eos:
         body["ignore_eos"] = True
+    if args.ban_eos:  # exact output lengths on servers without ignore_eos (llama-cpp-python)
+        body["logit_bias"] = {str(i): -100 for i in args.eos_ids}
     if args.endpoint == "chat":
         return body | {"messages": [{"role": "user", "content": prompt}]}
     return body | {"prompt": prompt}
@@ -194,7 +198,7 @@ async def bench(args) -> int:
             print(f"kvserve bench serve: cannot list the models of {base}: {e}")
             return 1
         url = f"{base}/{'chat/completions' if args.endpoint == 'chat' else 'completions'}"
-        prompts = make_prompts(args.num_prompts, args.input_len, args.tokenizer, args.seed)
+        prompts, args.eos_ids = make_prompts(args.num_prompts, args.input_len, args.tokenizer, args.seed)
         warm = await send(client, url, request_body(args, model, prompts[0], 4))
         if not warm.ok:
             print(f"kvserve bench serve: the warm-up request failed: {warm.error}")
