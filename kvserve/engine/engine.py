@@ -9,7 +9,7 @@ import torch
 from kvserve.attention.torch_ref import TorchRefAttention
 from kvserve.config import EngineConfig
 from kvserve.engine.request import (CompletionOutput, FinishReason, Logprob, RequestOutput,
-                                    SamplingParams, Sequence, SequenceStatus, now)
+                                    SamplingParams, Sequence, now)
 from kvserve.engine.runner import ModelRunner
 from kvserve.engine.sampler import Sampler, SamplingRow
 from kvserve.engine.scheduler import Scheduler

