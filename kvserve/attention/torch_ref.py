@@ -2,8 +2,10 @@
 
 `plan()` turns the step's page table into gather indices once; `run()` is called per layer.
 Decodes (one query row) are batched into matmuls over their pages, gathered whole and padded
-to the longest decode, with a prefix of pages common to all decodes attended once (cascade); prefill chunks run one SDPA each with a causal mask offset by
-their cached prefix, so a chunk is never padded to another request's length.
+to the longest decode, with a prefix of pages common to all decodes attended once (cascade);
+whole prompts of equal length run as one batched causal SDPA; other
+prefill chunks run one SDPA each with a causal mask offset by their cached prefix, so a chunk is
+never padded to another request's length.
 """
 from dataclasses import dataclass
 
@@ -20,7 +22,7 @@ class _Chunk:
     q_start: int
     q_end: int
     kv_slots: torch.Tensor
-    mask: torch.Tensor | None  # None: the chunk is the whole sequence, plain causal
+    mask: torch.Tensor
 
 
 class TorchRefAttention:
@@ -44,14 +46,19 @@ class TorchRefAttention:
             self._plan_decodes(decodes, kv_indptr, kv_indices, kv_lens[decodes], page, device)
         self.all_decodes = len(decodes) == meta.batch_size
 
-        self.chunks = []
+        self.chunks, whole = [], {}
         qo = meta.qo_indptr.tolist()
         for i in torch.nonzero(q_lens > 1).flatten().tolist():
             q_len, kv_len = int(q_lens[i]), int(kv_lens[i])
-            mask = None
-            if q_len != kv_len:  # query row r sees KV positions <= kv_len - q_len + r
-                mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len).to(device)
+            if q_len == kv_len:  # whole prompts of one length run as one batched SDPA call
+                whole.setdefault(q_len, []).append(i)
+                continue
+            # query row r sees KV positions <= kv_len - q_len + r
+            mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len).to(device)
             self.chunks.append(_Chunk(qo[i], qo[i + 1], meta.token_slots(i, 0, kv_len).to(device), mask))
+        self.prompts = [(torch.cat([torch.arange(qo[i], qo[i + 1]) for i in reqs]).to(device),
+                         torch.cat([meta.token_slots(i, 0, length) for i in reqs]).to(device), len(reqs), length)
+                        for length, reqs in whole.items()]
 
     def _plan_decodes(self, decodes, kv_indptr, kv_indices, kv_lens, page, device) -> None:
         """Page rows to gather per decode; pages that every decode shares from the start (a common
@@ -86,13 +93,19 @@ class TorchRefAttention:
         out = torch.empty_like(q)
         if len(self.decode_rows):
             out[self.decode_rows] = self._decode(q[self.decode_rows], k_cache, v_cache)
+        hkv, d = k_cache.shape[0], k_cache.shape[2]
+        for rows, slots, n, length in self.prompts:
+            qp = q[rows].view(n, length, -1, d).transpose(1, 2)  # [n, H, L, D]
+            kp = k_cache.index_select(1, slots).view(hkv, n, length, d).transpose(0, 1).to(q.dtype)
+            vp = v_cache.index_select(1, slots).view(hkv, n, length, d).transpose(0, 1).to(q.dtype)
+            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=True)
+            out[rows] = op.transpose(1, 2).reshape(n * length, -1, d)
         for c in self.chunks:
             # 4-D inputs: CPU SDPA takes its fast flash path only with a batch dimension
             qc = q[c.q_start:c.q_end].transpose(0, 1)[None]  # [1, H, L, D]
             kc = k_cache.index_select(1, c.kv_slots).to(q.dtype)[None]
             vc = v_cache.index_select(1, c.kv_slots).to(q.dtype)[None]
-            oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, is_causal=c.mask is None,
-                                                scale=self.scale, enable_gqa=True)
+            oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, scale=self.scale, enable_gqa=True)
             out[c.q_start:c.q_end] = oc[0].transpose(0, 1)
         return out
 

@@ -48,15 +48,17 @@ class RotaryEmbedding:
         self.cos, self.sin = freqs.cos(), freqs.sin()
 
     def table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [T, 1, D/2] for a step's positions, looked up once and shared by all layers;
-        in the activation dtype, as transformers applies them."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        """cos and sign-folded sin [T, 1, D] for a step's positions, looked up once and shared by
+        all layers; in the activation dtype, as transformers applies them."""
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, D]."""
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    def apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, D]: x * cos + rotate_half(x) * sin, with full-width contiguous operands
+        (elementwise ops on strided half-width views are several times slower on CPU)."""
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((x[..., half:], x[..., :half]), -1) * signed_sin
 
 
 class GatedMLP(nn.Module):
@@ -69,4 +71,5 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        # a contiguous gate: SiLU over a strided view is ~3x slower on CPU than copy + SiLU
+        return self.down_proj(nn.functional.silu(gate.contiguous()) * up)

