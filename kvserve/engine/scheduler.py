@@ -65,7 +65,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        for seq in list(self.running):
+        # decodes first, so that an unfinished long prefill never starves them of the budget
+        for seq in sorted(self.running, key=lambda s: s.num_uncomputed > 1):
             if budget == 0:
                 break
             if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
