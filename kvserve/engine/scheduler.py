@@ -78,6 +78,11 @@ class Scheduler:
                 out.preempted.append(victim)
                 if victim is seq:
                     break
+                for i, (s, k) in enumerate(out.scheduled):  # a decode taken earlier in this loop
+                    if s is victim:
+                        del out.scheduled[i]
+                        budget += k
+                        break
             if seq.status == SequenceStatus.RUNNING:
                 out.scheduled.append((seq, n))
                 budget -= n

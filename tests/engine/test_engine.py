@@ -157,6 +157,7 @@ def test_random_workloads_balance_pages_and_survive_preemption(make_engine, data
                 if abort and rng.random() < 0.5:
                     small.abort(ids[i])
         for out in small.step():
+            assert out.error is None, out.error
             if out.finished:
                 results[out.request_id] = out
         if step == 8:
