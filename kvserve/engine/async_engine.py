@@ -62,6 +62,10 @@ class AsyncEngine:
         self._thread.join(timeout)
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    @property
     def num_active(self) -> int:
         return len(self._streams)
 

@@ -38,6 +38,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, shutdown_engine: bool =
 
     @app.get("/health")
     async def health() -> dict:
+        if not engine.alive:
+            raise OpenAIError("the engine thread has stopped", 503, code="engine_dead")
         return {"status": "ok"}
 
     @app.get("/metrics")

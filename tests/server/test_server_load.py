@@ -178,3 +178,23 @@ def test_concurrent_threads_with_sync_client(client):
     for t in threads:
         t.join()
     assert results == [5] * 4
+
+
+def test_health_reports_a_stopped_engine(tiny_model, smollm2_tokenizer):
+    from kvserve.config import CacheConfig, EngineConfig
+    from kvserve.engine.async_engine import AsyncEngine
+    from kvserve.engine.engine import Engine
+    from kvserve.server.app import build_app
+    from kvserve.server.serving import ServerConfig
+    engine = AsyncEngine(Engine(EngineConfig(cache=CacheConfig(16, 64)), model=tiny_model, tokenizer=smollm2_tokenizer))
+    app = build_app(engine, ServerConfig(model_name="m"), shutdown_engine=False)
+
+    async def get_health():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await c.get("/health")
+
+    assert asyncio.run(get_health()).status_code == 200
+    engine.shutdown()
+    r = asyncio.run(get_health())
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
