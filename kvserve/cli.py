@@ -78,7 +78,7 @@ def cmd_chat(args) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        prompt = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         rid = engine.add_request(prompt, sampling_params(args))
         shown = ""
         try:

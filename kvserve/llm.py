@@ -50,8 +50,7 @@ class LLM:
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.encode(self.apply_chat_template(c, add_generation_prompt),
-                                         add_special_tokens=False) for c in conversations]
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt, tokenize=True) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> str:

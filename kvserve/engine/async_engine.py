@@ -65,10 +65,6 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
-    @property
-    def num_active(self) -> int:
-        return len(self._streams)
-
     def _run(self) -> None:
         while not self._stopping:
             self._drain_commands()

@@ -95,7 +95,6 @@ class Sequence:
         self.logprobs: list[Logprob] = []
         self.generator = None
         self.detokenizer = None
-        self.num_preemptions = 0
 
     @property
     def output_token_ids(self) -> list[int]:

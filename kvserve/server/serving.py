@@ -198,15 +198,13 @@ class Serving:
     # ---- chat ------------------------------------------------------------------------------
 
     def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        plain = []
-        for m in messages:
-            content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content)
-            plain.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        plain = [{"role": "system" if m.role == "developer" else m.role,
+                  "content": m.content if isinstance(m.content, str) else [p.model_dump() for p in m.content]}
+                 for m in messages]  # the tokenizer joins text parts
         try:
-            text = self.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tokenize=True)
         except (ValueError, jinja2.TemplateError) as e:
             raise OpenAIError(f"cannot apply the chat template: {e}", param="messages") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(req.model)
