@@ -196,3 +196,19 @@ def test_a_request_that_breaks_the_model_fails_alone(make_engine, monkeypatch):
     assert outs[ids[2]].error and "kernel failure" in outs[ids[2]].error
     assert [outs[i].outputs[0].token_ids for i in ids[:2] + ids[3:]] == [e.outputs[0].token_ids for e in expected]
     assert_pages_balanced(engine)
+
+
+@pytest.mark.parametrize("bad", [dict(n=0), dict(temperature=-0.1), dict(top_p=0), dict(min_p=1.5),
+                                 dict(repetition_penalty=0), dict(max_tokens=0), dict(min_tokens=5, max_tokens=2),
+                                 dict(logprobs=-1)])
+def test_bad_sampling_params_are_refused(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_llm_refuses_mismatched_sampling_params(make_engine):
+    from kvserve.llm import LLM
+    llm = LLM(engine=make_engine())
+    with pytest.raises(ValueError, match="2 sampling params for 3 prompts"):
+        llm.generate(prompts(3), [GREEDY, GREEDY], use_tqdm=False)
+    assert not llm.engine.has_unfinished()
