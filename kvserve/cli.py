@@ -13,6 +13,9 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
         p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="activations and KV cache; auto = bfloat16 where the hardware has it, else float32")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weights held quantized in memory (CPU); auto = the GGUF's own (4-bit -> int4, "
+                        "other quantized types -> int8), none for float checkpoints and other devices")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--page-size", type=int, default=16)
@@ -26,7 +29,8 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
 def engine_config(args):
     from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
     return EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, threads=args.threads,
+        model=args.model, dtype=args.dtype, quantization=args.quantization, device=args.device,
+        threads=args.threads,
         cache=CacheConfig(args.page_size, args.num_pages, args.kv_cache_gb, not args.no_prefix_caching),
         scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs))
 

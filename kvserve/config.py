@@ -42,6 +42,7 @@ class SchedulerConfig:
 class EngineConfig:
     model: str | None = None  # path; None = the packaged SmolLM2
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    quantization: str = "auto"  # auto (a GGUF's own) | none | int8 | int4; weight-only, CPU
     device: str = "cpu"
     threads: int | None = None
     seed: int = 0

@@ -22,7 +22,24 @@ TEXT = (
     "the rotary press later fed continuous rolls of paper through cylinders. Cheap newspapers "
     "created a mass reading public, while publishers learned to sell advertising to pay for them. "
     "Today most text is read on screens, yet the habits formed by print remain: we still expect "
-    "pages, titles, authors, editions and the quiet authority of a finished, fixed document."
+    "pages, titles, authors, editions and the quiet authority of a finished, fixed document. "
+    "Libraries followed a similar path. Early collections were chained to desks in monasteries and "
+    "universities, because each volume represented months of labour. As printed books became "
+    "cheaper, private libraries grew in the houses of merchants and lawyers, and subscription "
+    "libraries let members share the cost of new titles. In the nineteenth century many towns opened "
+    "free public libraries, often paid for by wealthy donors who believed that reading would improve "
+    "workers and strengthen democracy. Librarians developed catalogues, classification schemes and "
+    "reading rooms, and they argued about whether novels were worth buying at all. The card catalogue, "
+    "with its long wooden drawers, became a symbol of orderly knowledge. Later, computers replaced the "
+    "cards with databases, and search engines taught readers to expect an answer in seconds rather "
+    "than an afternoon. Yet libraries did not disappear. They became places to study, to borrow "
+    "laptops, to attend classes and to meet neighbours, and many of them now lend tools, seeds and "
+    "musical instruments as well as books. Their history shows that a technology for storing text "
+    "also shapes the buildings, jobs and customs that grow around it, and that those customs can "
+    "outlast the machines that first made them possible. The same pattern can be seen in maps, "
+    "music and money: each moved from scarce handmade objects to cheap copies, and then to signals "
+    "that live inside networks. At every stage people worried that something valuable would be lost, "
+    "and at every stage they found new uses that nobody had predicted."
 )
 CHATS = ["What is the capital of France?", "Write a haiku about the sea.",
          "Explain in one sentence what a prime number is."]
@@ -30,7 +47,7 @@ CHATS = ["What is the capital of France?", "Write a haiku about the sea.",
 
 @pytest.fixture(scope="module")
 def llm(smollm2_path):
-    return LLM(smollm2_path, dtype="float32")
+    return LLM(smollm2_path, dtype="float32", quantization="none")
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +55,28 @@ def reference(smollm2_path):
     from transformers import AutoModelForCausalLM
     path = Path(smollm2_path)
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def reference_logits(llm, reference):
+    ids = llm.tokenizer.encode(TEXT)[:500]
+    assert len(ids) == 500
+    with torch.no_grad():
+        return ids, reference(torch.tensor([ids])).logits[0]
+
+
+def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
+    return torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:])).exp().item()
+
+
+def test_quantized_weights_keep_accuracy(smollm2_path, reference_logits):
+    """Weights held as int4 (the GGUF's Q4_1 blocks) and int8 (embeddings), bf16 activations."""
+    model = LLM(smollm2_path, dtype="bfloat16", quantization="auto").engine.model
+    assert type(model.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
+    ids, ref = reference_logits
+    ours = paged_logits(model, ids, chunk=128)
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.98
+    assert abs(perplexity(ours, ids) / perplexity(ref, ids) - 1) <= 0.01
 
 
 def test_logits_match_transformers(llm, reference):

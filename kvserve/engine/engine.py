@@ -39,7 +39,9 @@ class Engine:
         if config.threads:
             torch.set_num_threads(config.threads)
         if model is None:
-            model_cfg, weights = load_checkpoint(config.model)
+            # the packed kernels are CPU-only: elsewhere "auto" keeps float weights
+            quantization = "none" if config.quantization == "auto" and config.device != "cpu" else config.quantization
+            model_cfg, weights = load_checkpoint(config.model, quantization)
             model = LlamaForCausalLM.from_weights(model_cfg, weights, resolve_dtype(config.dtype, config.device),
                                                   config.device)
             del weights
@@ -51,7 +53,7 @@ class Engine:
         self.max_model_len = mc.max_position_embeddings
         self.eos_token_ids = list(tokenizer.eos_token_ids or mc.eos_token_ids)
         cache = config.cache
-        kv_dtype = model.embed_tokens.weight.dtype
+        kv_dtype = model.dtype
         page_bytes = PagePool.bytes_per_page(mc.num_layers, cache.page_size, mc.num_kv_heads, mc.head_dim, kv_dtype)
         num_pages = cache.num_pages or default_num_pages(cache.kv_cache_gb, page_bytes, config.device,
                                                          config.scheduler.max_num_seqs * self.max_model_len // cache.page_size)

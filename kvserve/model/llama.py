@@ -8,6 +8,13 @@ from torch import nn
 
 from kvserve.config import ModelConfig
 from kvserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, rope_inv_freq
+from kvserve.model.quant import GROUP, QuantizedEmbedding, QuantizedLinear, QuantizedTensor, quantize
+
+# bf16 logits are rounded to ~0.1 at typical magnitudes and an int8 lm_head errs by as much,
+# enough to swap near-tied tokens: logits within this margin of the best are recomputed in fp32
+RESCORE_MARGIN = 1.0
+FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
 class Attention(nn.Module):
@@ -54,15 +61,19 @@ class LlamaForCausalLM(nn.Module):
         self.rope = None  # set by init_rope once the model is on its device
 
     @classmethod
-    def from_weights(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype=torch.float32,
-                     device="cpu") -> "LlamaForCausalLM":
-        """Builds on the meta device first so no memory is spent on random initialization."""
+    def from_weights(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor | QuantizedTensor],
+                     dtype=torch.float32, device="cpu") -> "LlamaForCausalLM":
+        """Builds on the meta device first so no memory is spent on random initialization.
+        QuantizedTensor weights become quantized modules (CPU kernels only)."""
+        if device != "cpu" and any(isinstance(w, QuantizedTensor) for w in weights.values()):
+            raise ValueError("quantized weights run on the CPU only; use --quantization none on "
+                             f"device {device}")
         with torch.device("meta"):
             model = cls(cfg)
-        model.to_empty(device=device)
+        model.to_empty(device=device).to(dtype)  # before loading: quantized modules keep their own dtypes
         model.tie_weights()
         model.load_weights(weights)
-        model.to(dtype).eval().requires_grad_(False)
+        model.eval().requires_grad_(False)
         freq_factors = weights.get("rope_freqs.weight")
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, freq_factors)
         model.rope = RotaryEmbedding(cfg.max_position_embeddings, inv_freq, device)
@@ -71,6 +82,11 @@ class LlamaForCausalLM(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (quantized modules hold int weights)."""
+        return self.norm.weight.dtype
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]; K/V go to the cache via attn."""
@@ -81,40 +97,62 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        if isinstance(self.lm_head, QuantizedLinear) or self.dtype != torch.float32:
+            best = logits.amax(-1, keepdim=True)
+            rows, tokens = torch.nonzero(logits >= best - RESCORE_MARGIN, as_tuple=True)
+            exact = (hidden[rows].float() * self._vocab_rows(tokens)).sum(-1)
+            logits[rows, tokens] = exact
+        return logits
+
+    def _vocab_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """fp32 rows of the output projection (exact GGUF values for quantized tables)."""
+        if isinstance(self.lm_head, QuantizedLinear):
+            return self.lm_head_rows.rows(tokens)
+        return self.lm_head.weight[tokens].float()
 
     @torch.no_grad()
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Takes Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...) and fuses
-        q/k/v and gate/up as it goes."""
-        fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    def load_weights(self, weights: dict[str, torch.Tensor | QuantizedTensor]) -> None:
+        """Takes Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...), fuses q/k/v
+        and gate/up, and swaps in quantized modules where weights are QuantizedTensors."""
         params = dict(self.named_parameters(remove_duplicate=False))
-        loaded = set()
+        shards: dict[str, dict[int, torch.Tensor | QuantizedTensor]] = {}
         for name, tensor in weights.items():
-            name = name.removeprefix("model.")
-            parts = name.split(".")
-            if len(parts) >= 2 and parts[-2] in fused:
-                target, shard = fused[parts[-2]]
-                name = ".".join(parts[:-2] + [target, parts[-1]])
-                param = params[name]
-                sizes = self._shard_sizes(target)
-                start = sum(sizes[:shard])
-                param.data[start:start + sizes[shard]].copy_(tensor)
-                loaded.add(f"{name}#{shard}")
-            elif name == "rope_freqs.weight":
-                continue
-            elif name in params:
-                params[name].data.copy_(tensor)
-                loaded.add(name)
+            parts = name.removeprefix("model.").split(".")
+            target, shard = FUSED.get(parts[-2], (parts[-2], 0)) if len(parts) >= 2 else (None, 0)
+            name = ".".join(parts[:-2] + [target, parts[-1]]) if target else ".".join(parts)
+            if name in params:
+                shards.setdefault(name, {})[shard] = tensor
         expected = {n for n in params if not (self.config.tie_word_embeddings and n == "lm_head.weight")}
-        missing = [n for n in expected if n not in loaded and not any(
-            k.startswith(n + "#") for k in loaded)]
+        missing = [n for n in expected if len(shards.get(n, ())) != self._num_shards(n)]
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+        quantized = {}
+        for name, parts in shards.items():
+            values = [parts[i] for i in sorted(parts)]
+            if any(isinstance(v, QuantizedTensor) for v in values):
+                kind = next(v.kind for v in values if isinstance(v, QuantizedTensor))
+                quantized[name] = QuantizedTensor.cat(
+                    [v if isinstance(v, QuantizedTensor) else quantize(v, kind) for v in values])
+            else:
+                params[name].data.copy_(torch.cat(values) if len(values) > 1 else values[0])
+        for name, qt in quantized.items():  # after the float copies, so biases are in place
+            self._install_quantized(name.removesuffix(".weight"), qt)
 
-    def _shard_sizes(self, target: str) -> list[int]:
-        c = self.config
-        if target == "qkv_proj":
-            return [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
-        return [c.intermediate_size, c.intermediate_size]
+    @staticmethod
+    def _num_shards(name: str) -> int:
+        return {"qkv_proj": 3, "gate_up_proj": 2}.get(name.split(".")[-2], 1)
+
+    def _install_quantized(self, module_name: str, qt: QuantizedTensor) -> None:
+        parent_name, _, attr = module_name.rpartition(".")
+        parent = self.get_submodule(parent_name)
+        if attr in ("embed_tokens", "lm_head"):
+            if qt.kind != "int8":
+                qt = quantize(qt.dequantize(), "int8", GROUP)
+            table = QuantizedEmbedding(qt, self.dtype)
+            if attr == "embed_tokens":
+                self.embed_tokens = table
+            if attr == "lm_head" or self.config.tie_word_embeddings:
+                self.lm_head, self.lm_head_rows = QuantizedLinear(qt), table
+        else:
+            setattr(parent, attr, QuantizedLinear(qt, getattr(parent, attr).bias))

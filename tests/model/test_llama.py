@@ -62,3 +62,38 @@ def test_paged_decode_equals_one_full_forward(tmp_path, page_size, chunk):
     full = paged_logits(model, IDS, page_size=16, shuffle_pages=False)
     paged = paged_logits(model, IDS, page_size=page_size, chunk=chunk)
     assert (paged - full).abs().max().item() < 1e-4
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("arch,qtype", [("llama", "Q4_0"), ("llama", "Q4_1"), ("qwen2", "Q4_1"), ("llama", "Q8_0")])
+def test_weights_kept_quantized_match_transformers_on_same_file(tmp_path, arch, qtype):
+    """int4 / int8 kernels with bf16 activations against transformers dequantizing the same file
+    in fp32: only bf16 rounding separates them."""
+    from transformers import AutoModelForCausalLM
+    hf = make_hf_model(arch, hidden_size=128, intermediate_size=256, tie_word_embeddings=arch == "llama")
+    path = write_gguf(hf, tmp_path / f"tiny-{qtype}.gguf", qtype)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    cfg, weights = load_checkpoint(str(path), "auto")
+    model = LlamaForCausalLM.from_weights(cfg, weights, torch.bfloat16)
+    kind = "int4" if qtype.startswith("Q4") else "int8"
+    assert model.layers[0].self_attn.qkv_proj.kind == kind
+    assert model.layers[1].mlp.gate_up_proj.kind == kind
+    ours, expected = paged_logits(model, IDS), reference_logits(ref, IDS)
+    assert relative_error(ours, expected) < 2e-2
+    assert (ours.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_float_checkpoint_quantized_at_load(tmp_path, mode):
+    """The reference is transformers running the very weights our quantizer produced."""
+    hf = make_hf_model("qwen2", hidden_size=128, intermediate_size=256)
+    cfg, weights = load_checkpoint(str(save_hf_dir(hf, tmp_path / "hf")), mode)
+    model = LlamaForCausalLM.from_weights(cfg, weights, torch.bfloat16)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            w = weights[name]
+            p.copy_(w if isinstance(w, torch.Tensor) else w.dequantize())
+    assert relative_error(paged_logits(model, IDS), reference_logits(hf, IDS)) < 2e-2

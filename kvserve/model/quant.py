@@ -1,0 +1,179 @@
+"""Weight-only quantization: weights stay int8 or int4 in memory, activations stay bf16.
+
+Two formats, each matching one of PyTorch's packed CPU kernels:
+- int8: symmetric, one scale per output row (`aten._weight_int8pack_mm`); vocabulary tables
+  keep groups of 32 (GGUF's Q8_0) for lookups and for rescoring the top logits;
+- int4: asymmetric groups (32 by default) along the input dim, w = q * scale + min, q in 0..15
+  (`aten._weight_int4pack_mm_for_cpu`, whose own rule is w = (q - 8) * scale + zero).
+GGUF Q4_0, Q4_1 and Q8_0 blocks are exactly such groups of 32, so they are taken over bit for
+bit; any other weight is quantized here from its float values.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+GROUP = 32
+MODES = ("auto", "none", "int8", "int4")
+EXACT_GGUF_TYPES = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}
+# Above this many rows, unpacking an int4 weight to bf16 once and calling the bf16 matmul beats
+# the int4 kernel, which re-unpacks the weight for every block of rows (1.1 ms to unpack
+# a 3072 x 576 weight; the kernel costs ~11 us a row more than bf16, so it pays from ~200 rows).
+INT4_DENSE_MIN_ROWS = 256
+
+
+@dataclass
+class QuantizedTensor:
+    """A quantized [N, K] weight in unpacked form: what the loader makes and fusing concatenates."""
+    kind: str  # "int8" | "int4"
+    q: torch.Tensor  # int8 [N, K] (-127..127) or uint8 [N, K] (0..15)
+    scale: torch.Tensor  # fp32 [N, K / group]
+    min: torch.Tensor | None = None  # fp32 [N, K / group] (int4)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def group(self) -> int:
+        return self.q.shape[1] // self.scale.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.q.shape
+        w = self.q.view(n, k // self.group, self.group).float() * self.scale[..., None]
+        return (w if self.min is None else w + self.min[..., None]).view(n, k)
+
+    def rows(self, index) -> "QuantizedTensor":
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return QuantizedTensor(self.kind, self.q[index], self.scale[index], pick(self.min))
+
+    @staticmethod
+    def cat(parts: list["QuantizedTensor"]) -> "QuantizedTensor":
+        if len({(p.kind, p.group) for p in parts}) > 1:  # e.g. Q4_K_M's Q6_K v beside Q4_K q/k
+            parts = [quantize(p.dequantize(), "int8") for p in parts]
+        mins = None if parts[0].min is None else torch.cat([p.min for p in parts])
+        return QuantizedTensor(parts[0].kind, torch.cat([p.q for p in parts]),
+                               torch.cat([p.scale for p in parts]), mins)
+
+
+def quantize(w: torch.Tensor, kind: str, group: int | None = None) -> QuantizedTensor:
+    """Round-to-nearest quantization of a float [N, K] weight; int8 defaults to one scale per
+    row, int4 to groups of 32."""
+    w = w.float()
+    n, k = w.shape
+    group = group or (k if kind == "int8" else GROUP)
+    if k % group:
+        raise ValueError(f"the input dim {k} is not a multiple of the quantization group {group}")
+    g = w.view(n, k // group, group)
+    if kind == "int8":
+        scale = g.abs().amax(-1).clamp_min(1e-12) / 127
+        q = (g / scale[..., None]).round().clamp(-127, 127).to(torch.int8)
+        return QuantizedTensor("int8", q.view(n, k), scale)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+    return QuantizedTensor("int4", q.view(n, k), scale, lo)
+
+
+def from_gguf_blocks(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> QuantizedTensor:
+    """Q4_0 / Q4_1 / Q8_0 rows of blocks of 32 -> groups of 32, no rounding. A block holds an fp16
+    scale d (and an fp16 min m for Q4_1), then the values: Q8_0 32 int8, w = d * q; Q4_* 16 bytes
+    whose low nibbles are elements 0..15 and high nibbles 16..31, Q4_0 meaning w = d * (q - 8)
+    and Q4_1 w = d * q + m."""
+    n, k = shape
+    header = 4 if type_name == "Q4_1" else 2
+    blocks = np.ascontiguousarray(data).view(np.uint8).reshape(n, k // GROUP, -1)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if type_name == "Q8_0":
+        q = blocks[..., header:].copy().view(np.int8).reshape(n, k)
+        return QuantizedTensor("int8", torch.from_numpy(q), torch.from_numpy(d))
+    nibbles = blocks[..., header:]
+    q = np.concatenate([nibbles & 15, nibbles >> 4], -1).reshape(n, k)
+    m = -8 * d if type_name == "Q4_0" else blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    return QuantizedTensor("int4", torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m))
+
+
+def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of `_convert_weight_to_int4pack_for_cpu`: in each block of 64 output rows, byte
+    (k, j) holds row j of column k in its low nibble and row 32 + j in its high nibble."""
+    b = packed.view(n // 64, k, 32)
+    return torch.cat([b & 15, b >> 4], -1).transpose(1, 2).reshape(n, k)
+
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T (+ b) with W held by a PyTorch packed kernel; any activation dtype in and out."""
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if qt.kind == "int4" and qt.shape[0] % 16:  # the int4 packer wants rows in multiples of 16
+            qt = quantize(qt.dequantize(), "int8")
+        if qt.kind == "int8" and qt.group != qt.shape[1]:  # the int8 kernel has one scale a row
+            qt = quantize(qt.dequantize(), "int8")
+        self.kind, self.group = qt.kind, qt.group
+        self.out_features, self.in_features = qt.shape
+        bf16 = torch.bfloat16
+        if self.in_features % 16:  # the int8 kernel crashes on such widths: keep the values in bf16
+            self.kind = "bf16"
+            self.register_buffer("weight_q", qt.dequantize().to(bf16))
+        elif qt.kind == "int8":
+            self.register_buffer("weight_q", qt.q.contiguous())
+            self.register_buffer("scales", qt.scale[:, 0].to(bf16))
+        else:
+            self.register_buffer("weight_q", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                qt.q.to(torch.int32).contiguous(), 1))
+            # the kernel's zero is the value of q = 8
+            zeros = qt.min + 8 * qt.scale
+            self.register_buffer("scales", torch.stack([qt.scale.t(), zeros.t()], -1).to(bf16).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k).to(torch.bfloat16).contiguous()  # the packed kernels ignore strides
+        if self.kind == "bf16":
+            y = nn.functional.linear(x2, self.weight_q)
+        elif self.kind == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_q, self.scales)
+        elif x2.shape[0] >= INT4_DENSE_MIN_ROWS and self.out_features % 64 == 0:
+            y = nn.functional.linear(x2, self.dense_weight())
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_q, self.group, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*lead, self.out_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The bf16 weight [N, K], rebuilt from the packed form (int4) or the int8 rows."""
+        if self.kind == "bf16":
+            return self.weight_q
+        if self.kind == "int8":
+            return self.weight_q.to(torch.bfloat16) * self.scales[:, None]
+        n, k = self.out_features, self.in_features
+        q = _unpack_int4(self.weight_q, n, k).view(n, k // self.group, self.group).to(torch.bfloat16)
+        scale, zero = self.scales[..., 0].t()[..., None], self.scales[..., 1].t()[..., None]
+        return ((q - 8) * scale + zero).view(n, k)
+
+    def extra_repr(self) -> str:
+        group = f", group {self.group}" if self.kind == "int4" else ""
+        return f"{self.in_features}, {self.out_features}, {self.kind}{group}, bias={self.bias is not None}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """An int8 table in groups of 32 (Q8_0's exact values when the GGUF has them): embedding
+    lookups, and the fp32 rows with which the model rescores its top logits."""
+
+    def __init__(self, qt: QuantizedTensor, dtype: torch.dtype):
+        super().__init__()
+        assert qt.kind == "int8", "vocabulary tables are held as int8"
+        self.register_buffer("weight_q", qt.q.contiguous())
+        self.register_buffer("group_scales", qt.scale.float().contiguous())
+        self.dtype = dtype
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 rows [*ids.shape, K]."""
+        q = self.weight_q[ids].float()
+        scales = self.group_scales[ids]
+        return (q.view(*scales.shape, -1) * scales[..., None]).view(q.shape)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows(ids).to(self.dtype)
