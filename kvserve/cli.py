@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     from kvserve.bench import throughput
     throughput.add_args(p)
     p.set_defaults(func=throughput.main)
+    p = bench_sub.add_parser("latency", help="single-stream decode, prompt processing, TTFT and RSS vs llama.cpp")
+    add_engine_args(p)
+    from kvserve.bench import latency
+    latency.add_args(p)
+    p.set_defaults(func=latency.main)
     p = bench_sub.add_parser("serve", help="load generator for any OpenAI-compatible server")
     from kvserve.bench import serve as bench_serve
     bench_serve.add_args(p)

@@ -16,7 +16,7 @@ from kvserve.engine.scheduler import Scheduler
 from kvserve.kv.manager import KVCacheManager
 from kvserve.kv.pool import PagePool
 from kvserve.model.llama import LlamaForCausalLM
-from kvserve.model.loader import ModelLoadError, load_checkpoint, read_gguf, resolve_model_path
+from kvserve.model.loader import ModelLoadError, load_checkpoint, read_gguf, release_free_memory, resolve_model_path
 from kvserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,6 +48,7 @@ class Engine:
         if tokenizer is None:
             tokenizer = load_tokenizer(config.model)
         read_gguf.cache_clear()
+        release_free_memory()
         self.model, self.tokenizer = model, tokenizer
         mc = model.config
         self.max_model_len = mc.max_position_embeddings

@@ -63,16 +63,14 @@ class LlamaForCausalLM(nn.Module):
     @classmethod
     def from_weights(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor | QuantizedTensor],
                      dtype=torch.float32, device="cpu") -> "LlamaForCausalLM":
-        """Builds on the meta device first so no memory is spent on random initialization.
-        QuantizedTensor weights become quantized modules (CPU kernels only)."""
+        """Builds on the meta device, so no memory goes to random initialization or to float
+        copies of weights that stay quantized. QuantizedTensors use CPU kernels."""
         if device != "cpu" and any(isinstance(w, QuantizedTensor) for w in weights.values()):
             raise ValueError("quantized weights run on the CPU only; use --quantization none on "
                              f"device {device}")
         with torch.device("meta"):
             model = cls(cfg)
-        model.to_empty(device=device).to(dtype)  # before loading: quantized modules keep their own dtypes
-        model.tie_weights()
-        model.load_weights(weights)
+        model.load_weights(weights, dtype, device)
         model.eval().requires_grad_(False)
         freq_factors = weights.get("rope_freqs.weight")
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, freq_factors)
@@ -80,7 +78,7 @@ class LlamaForCausalLM(nn.Module):
         return model
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and not isinstance(self.lm_head, QuantizedLinear):
             self.lm_head.weight = self.embed_tokens.weight
 
     @property
@@ -112,9 +110,11 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head.weight[tokens].float()
 
     @torch.no_grad()
-    def load_weights(self, weights: dict[str, torch.Tensor | QuantizedTensor]) -> None:
+    def load_weights(self, weights: dict[str, torch.Tensor | QuantizedTensor], dtype: torch.dtype,
+                     device="cpu") -> None:
         """Takes Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...), fuses q/k/v
-        and gate/up, and swaps in quantized modules where weights are QuantizedTensors."""
+        and gate/up, and swaps in quantized modules where weights are QuantizedTensors. Float
+        parameters still on the meta device are allocated here, in dtype."""
         params = dict(self.named_parameters(remove_duplicate=False))
         shards: dict[str, dict[int, torch.Tensor | QuantizedTensor]] = {}
         for name, tensor in weights.items():
@@ -127,32 +127,38 @@ class LlamaForCausalLM(nn.Module):
         missing = [n for n in expected if len(shards.get(n, ())) != self._num_shards(n)]
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
-        quantized = {}
-        for name, parts in shards.items():
-            values = [parts[i] for i in sorted(parts)]
-            if any(isinstance(v, QuantizedTensor) for v in values):
-                kind = next(v.kind for v in values if isinstance(v, QuantizedTensor))
-                quantized[name] = QuantizedTensor.cat(
-                    [v if isinstance(v, QuantizedTensor) else quantize(v, kind) for v in values])
-            else:
-                params[name].data.copy_(torch.cat(values) if len(values) > 1 else values[0])
-        for name, qt in quantized.items():  # after the float copies, so biases are in place
-            self._install_quantized(name.removesuffix(".weight"), qt)
+        values = {name: [parts[i] for i in sorted(parts)] for name, parts in shards.items()}
+        for name, parts in values.items():
+            if any(isinstance(v, QuantizedTensor) for v in parts):
+                kind = next(v.kind for v in parts if isinstance(v, QuantizedTensor))
+                qt = QuantizedTensor.cat([v if isinstance(v, QuantizedTensor) else quantize(v, kind) for v in parts])
+                self._install_quantized(name.removesuffix(".weight"), qt, dtype)
+        for module in self.modules():
+            for pname, p in list(module.named_parameters(recurse=False)):
+                if p.is_meta:
+                    setattr(module, pname, nn.Parameter(torch.empty_like(p, dtype=dtype, device=device),
+                                                        requires_grad=False))
+        self.tie_weights()
+        params = dict(self.named_parameters(remove_duplicate=False))
+        for name, parts in values.items():
+            if not any(isinstance(v, QuantizedTensor) for v in parts):
+                params[name].copy_(torch.cat(parts) if len(parts) > 1 else parts[0])
 
     @staticmethod
     def _num_shards(name: str) -> int:
         return {"qkv_proj": 3, "gate_up_proj": 2}.get(name.split(".")[-2], 1)
 
-    def _install_quantized(self, module_name: str, qt: QuantizedTensor) -> None:
+    def _install_quantized(self, module_name: str, qt: QuantizedTensor, dtype: torch.dtype) -> None:
         parent_name, _, attr = module_name.rpartition(".")
         parent = self.get_submodule(parent_name)
         if attr in ("embed_tokens", "lm_head"):
             if qt.kind != "int8":
-                qt = quantize(qt.dequantize(), "int8", GROUP)
-            table = QuantizedEmbedding(qt, self.dtype)
+                qt = qt.requantize("int8", GROUP)
+            table = QuantizedEmbedding(qt, dtype)
             if attr == "embed_tokens":
                 self.embed_tokens = table
             if attr == "lm_head" or self.config.tie_word_embeddings:
                 self.lm_head, self.lm_head_rows = QuantizedLinear(qt), table
         else:
+            # a bias (still on meta) is allocated and loaded with the float parameters
             setattr(parent, attr, QuantizedLinear(qt, getattr(parent, attr).bias))

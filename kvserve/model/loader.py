@@ -114,7 +114,7 @@ def _load_gguf(path: Path, quantization: str) -> tuple[ModelConfig, dict]:
         if kind and quant.EXACT_GGUF_TYPES.get(type_name) == kind and group in (None, quant.GROUP):
             weight = quant.from_gguf_blocks(t.data, type_name, tuple(shape))
             if kind == "int8" and group is None:  # linear int8 weights have one scale a row
-                weight = quant.quantize(weight.dequantize(), kind)
+                weight = weight.requantize(kind)
         else:
             array = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
             weight = torch.from_numpy(np.require(array.reshape(shape), requirements=["C", "W"]))  # GGUF lists dims innermost first
@@ -145,6 +145,18 @@ def read_gguf(path: Path):
         return GGUFReader(path)
     except Exception as e:
         raise ModelLoadError(f"cannot read GGUF {path}: {e}") from None
+
+
+def release_free_memory() -> None:
+    """Hands the heap that loading freed back to the OS: glibc keeps freed blocks below its
+    (growing) mmap threshold, which would leave hundreds of MB of load-time temporaries in RSS."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def gguf_metadata(reader) -> dict:

@@ -44,6 +44,12 @@ class QuantizedTensor:
         w = self.q.view(n, k // self.group, self.group).float() * self.scale[..., None]
         return (w if self.min is None else w + self.min[..., None]).view(n, k)
 
+    def requantize(self, kind: str, group: int | None = None) -> "QuantizedTensor":
+        """Via float values, a block of rows at a time."""
+        parts = [quantize(self.rows(slice(i, i + 4096)).dequantize(), kind, group)
+                 for i in range(0, self.shape[0], 4096)]
+        return QuantizedTensor.cat(parts) if len(parts) > 1 else parts[0]
+
     def rows(self, index) -> "QuantizedTensor":
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         return QuantizedTensor(self.kind, self.q[index], self.scale[index], pick(self.min))
@@ -51,7 +57,7 @@ class QuantizedTensor:
     @staticmethod
     def cat(parts: list["QuantizedTensor"]) -> "QuantizedTensor":
         if len({(p.kind, p.group) for p in parts}) > 1:  # e.g. Q4_K_M's Q6_K v beside Q4_K q/k
-            parts = [quantize(p.dequantize(), "int8") for p in parts]
+            parts = [p.requantize("int8") for p in parts]
         mins = None if parts[0].min is None else torch.cat([p.min for p in parts])
         return QuantizedTensor(parts[0].kind, torch.cat([p.q for p in parts]),
                                torch.cat([p.scale for p in parts]), mins)
@@ -59,12 +65,18 @@ class QuantizedTensor:
 
 def quantize(w: torch.Tensor, kind: str, group: int | None = None) -> QuantizedTensor:
     """Round-to-nearest quantization of a float [N, K] weight; int8 defaults to one scale per
-    row, int4 to groups of 32."""
-    w = w.float()
+    row, int4 to groups of 32. Works through rows in blocks so that a vocabulary-sized table
+    needs no fp32 temporaries of its own size."""
     n, k = w.shape
     group = group or (k if kind == "int8" else GROUP)
     if k % group:
         raise ValueError(f"the input dim {k} is not a multiple of the quantization group {group}")
+    parts = [_quantize_rows(w[i:i + 4096].float(), kind, group) for i in range(0, n, 4096)]
+    return QuantizedTensor.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _quantize_rows(w: torch.Tensor, kind: str, group: int) -> QuantizedTensor:
+    n, k = w.shape
     g = w.view(n, k // group, group)
     if kind == "int8":
         scale = g.abs().amax(-1).clamp_min(1e-12) / 127
@@ -106,10 +118,9 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None):
         super().__init__()
-        if qt.kind == "int4" and qt.shape[0] % 16:  # the int4 packer wants rows in multiples of 16
-            qt = quantize(qt.dequantize(), "int8")
-        if qt.kind == "int8" and qt.group != qt.shape[1]:  # the int8 kernel has one scale a row
-            qt = quantize(qt.dequantize(), "int8")
+        if (qt.kind == "int4" and qt.shape[0] % 16  # the int4 packer wants rows in multiples of 16
+                or qt.kind == "int8" and qt.group != qt.shape[1]):  # the int8 kernel: a scale a row
+            qt = qt.requantize("int8")
         self.kind, self.group = qt.kind, qt.group
         self.out_features, self.in_features = qt.shape
         bf16 = torch.bfloat16
