@@ -45,6 +45,7 @@ class EngineConfig:
     quantization: str = "auto"  # auto (a GGUF's own) | none | int8 | int4; weight-only, CPU
     device: str = "cpu"
     threads: int | None = None
+    compile: bool = False  # torch.compile the decoder (CPU); the first steps compile it
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -79,6 +79,12 @@ class TorchRefAttention:
         own = pages[:, shared:].clamp(min=0)
         self.decode_rows_kv = (heads + own.flatten()[None, :]).flatten().to(device)
         self.decode_shape = (len(decodes), (width - shared) * page)
+        self.single_decode_len = int(kv_lens[0]) if len(decodes) == 1 else None
+        # one stream whose pages are consecutive (a fresh pool hands them out in order): its K/V
+        # are a plain slice of the cache, so nothing needs gathering
+        run = pages[0, :int(num_pages[0])]
+        consecutive = len(decodes) == 1 and bool((run[1:] - run[:-1] == 1).all())
+        self.single_decode_start = int(run[0]) * page if consecutive else None
         valid = torch.arange((width - shared) * page) < (kv_lens - shared * page)[:, None]
         bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
         self.decode_bias = bias[None, :, None, :].to(device)  # [1, B, 1, W]
@@ -109,14 +115,27 @@ class TorchRefAttention:
             out[c.q_start:c.q_end] = oc[0].transpose(0, 1)
         return out
 
+    def _decode_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One query token [1, H, D] over its K/V [Hkv, n, D]."""
+        hkv, d = k.shape[0], k.shape[2]
+        scores = torch.bmm(q.view(hkv, -1, d), k.transpose(1, 2).to(q.dtype))
+        probs = (scores.float() * self.scale).softmax(-1).to(q.dtype)
+        return torch.bmm(probs, v.to(q.dtype)).view(1, -1, d)
+
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """Whole pages are gathered (page_size times fewer indices than tokens). Plain matmuls with
         the query heads of one KV head stacked as rows: CPU SDPA is several times slower in bf16
         for a single query row, and this needs no K/V repeat for GQA."""
         hkv, page, d = k_cache.shape[0], self.pool.page_size, k_cache.shape[2]
         batch, width = self.decode_shape
+        if self.single_decode_start is not None:
+            start, n = self.single_decode_start, self.single_decode_len
+            return self._decode_one(q, k_cache[:, start:start + n], v_cache[:, start:start + n])
         kd = k_cache.view(-1, page * d).index_select(0, self.decode_rows_kv).view(hkv, batch, width, d)
         vd = v_cache.view(-1, page * d).index_select(0, self.decode_rows_kv).view(hkv, batch, width, d)
+        if self.single_decode_len is not None:  # one stream: slice off the padding instead of masking it
+            n = self.single_decode_len
+            return self._decode_one(q, kd[:, 0, :n], vd[:, 0, :n])
         qg = q.view(batch, hkv, -1, d).transpose(0, 1)  # [Hkv, B, group, D]
         if self.shared_rows_kv is None:
             scores = torch.matmul(qg, kd.transpose(2, 3).to(q.dtype)).float() * self.scale

@@ -25,7 +25,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run_worker(python: str, engine: str, args, model: str, prompts) -> dict:
     cmd = [python, str(WORKERS), engine, "--model", model, "--threads", str(args.threads),
            "--output-len", str(args.output_len), "--prompt", json.dumps(prompts),
-           "--dtype", args.dtype, "--quantization", args.quantization]
+           "--dtype", args.dtype, "--quantization", args.quantization] + (["--compile"] if args.compile else [])
     print(f"running {engine} ...", file=sys.stderr, flush=True)
     # the workers' own progress and logs go straight to our stderr
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": ""})

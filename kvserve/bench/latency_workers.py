@@ -49,7 +49,8 @@ def run_kvserve(args, prompt: list[int], long_prompt: list[int]) -> dict:
     runtime_rss = peak_rss_mb()
     # a cache for the longest request of this benchmark, as llama.cpp's n_ctx is sized for it
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization,
-                                 threads=args.threads, cache=CacheConfig(num_pages=2048 // 16)))
+                                 threads=args.threads, compile=args.compile,
+                                 cache=CacheConfig(num_pages=2048 // 16)))
 
     def timed(ids, max_tokens):
         stamps = [time.perf_counter()]
@@ -81,6 +82,7 @@ def main() -> None:
     p.add_argument("--prompt", required=True, help="JSON [short prompt ids, long prompt ids]")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", default="auto")
+    p.add_argument("--compile", action="store_true")
     args = p.parse_args()
     prompt, long_prompt = json.loads(args.prompt)
     run = run_kvserve if args.engine == "kvserve" else run_llama_cpp

@@ -63,11 +63,14 @@ class Engine:
         self.kv = KVCacheManager(self.pool, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         attention = TorchRefAttention(self.pool, mc.num_heads, mc.head_dim)
-        self.runner = ModelRunner(model, attention, cache.page_size, config.device)
+        self.runner = ModelRunner(model, attention, cache.page_size, config.device, config.compile)
         self.sampler = Sampler()
         self.requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
+        if config.compile:
+            from kvserve.engine.compiled_forward import warm_up
+            warm_up(self)
 
     # ---- requests ----------------------------------------------------------------------
 

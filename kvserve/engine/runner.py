@@ -7,8 +7,13 @@ from kvserve.engine.request import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model, attention, page_size: int, device="cpu"):
+    def __init__(self, model, attention, page_size: int, device="cpu", compile: bool = False):
         self.model = model
+        if compile:
+            from kvserve.engine.compiled_forward import compile_forward
+            self.forward = compile_forward(model)
+        else:
+            self.forward = model
         self.attention = attention
         self.page_size = page_size
         self.device = device
@@ -28,7 +33,7 @@ class ModelRunner:
                 to_sample.append(seq)
         meta = AttentionMetadata.build(q_lens, [s.pages for s, _ in scheduled], kv_lens, self.page_size)
         self.attention.plan(meta)
-        hidden = self.model(torch.tensor(ids, device=self.device),
+        hidden = self.forward(torch.tensor(ids, device=self.device),
                             torch.tensor(positions, device=self.device), self.attention)
         self.num_tokens_run += len(ids)
         logits = self.model.compute_logits(hidden[torch.tensor(last_rows, dtype=torch.long, device=self.device)])
