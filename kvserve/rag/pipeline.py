@@ -35,6 +35,7 @@ class Retrieved:
     hyde: str | None = None
     timings: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
+    query: np.ndarray | None = None  # the vector searched with (benchmarks check recall with it)
 
     def summary(self) -> dict:
         """What a response tells the client: which chunks, from where (not their text again)."""
@@ -70,7 +71,7 @@ async def retrieve(coll: Collection, question: str, opts: RagOptions, generate: 
         else:
             cache["prefetched"] = None  # still running: it ends on its own
     timings["total_s"] = time.perf_counter() - t0
-    return Retrieved(chunks, hyde, timings, cache)
+    return Retrieved(chunks, hyde, timings, cache, q)
 
 
 def with_context(messages: list[dict], chunks: list[dict]) -> list[dict]:
