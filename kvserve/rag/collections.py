@@ -49,7 +49,7 @@ class CollectionRegistry:
         """Raises CollectionNotFound for a name that is not a collection here (or not a valid
         name at all: names never reach the file system unchecked)."""
         link = self.root / name
-        if not isinstance(name, str) or not NAME_RE.match(name) or not (link / "meta.json").is_file():
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name) or not (link / "meta.json").is_file():
             raise CollectionNotFound(name)
         version = os.path.realpath(link)
         with self._lock:

@@ -31,7 +31,7 @@ def index_dir(path: str | Path | None) -> Path:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ValueError(f"collection name {name!r}: use letters, digits, '_', '-', '.' (not first), at most 128")
     return name
 
