@@ -48,10 +48,9 @@ class CollectionRegistry:
     def get(self, name: str) -> Collection:
         """Raises CollectionNotFound for a name that is not a collection here (or not a valid
         name at all: names never reach the file system unchecked)."""
-        link = self.root / name
-        if not isinstance(name, str) or not NAME_RE.fullmatch(name) or not (link / "meta.json").is_file():
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name) or not (self.root / name / "meta.json").is_file():
             raise CollectionNotFound(name)
-        version = os.path.realpath(link)
+        version = os.path.realpath(self.root / name)
         with self._lock:
             current = self._open.get(name)
             if current is not None and current.version == version:

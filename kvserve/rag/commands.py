@@ -24,7 +24,9 @@ def add_index_args(sub) -> None:
 def cmd_build(args) -> int:
     from kvserve.rag.builder import build_collection
     from kvserve.rag.embedder import make_embedder
+    from kvserve.rag.index_store import check_name
     try:
+        check_name(args.collection)
         existing = _existing_embedder(args.dir, args.collection)
         embedder = make_embedder(existing or args.embedder)
         meta = build_collection(args.docs, args.collection, args.dir, embedder, rebuild=args.rebuild, nlist=args.nlist,
