@@ -23,7 +23,7 @@ def write_docs(folder: Path) -> Path:
     return folder
 
 
-def clustered(n: int, dim: int, centers: int, seed: int = 0, noise: float = 0.35):
+def clustered(n: int, dim: int, centers: int, seed: int = 0, noise: float = 0.2):
     """Unit rows around `centers` random directions, and queries drawn the same way."""
     rng = np.random.default_rng(seed)
     c = rng.standard_normal((centers, dim)).astype(np.float32)
