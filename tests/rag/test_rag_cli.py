@@ -39,3 +39,13 @@ def test_bad_input_is_one_line(tmp_path, args, message):
     r = kvserve(*args, "--dir", str(tmp_path))
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_rag_runs_small(tmp_path, smollm2_path):
+    """The benchmark end to end at toy size (hashing embedder): it must keep working, not be fast."""
+    r = kvserve("bench", "rag", "--num-chunks", "3000", "--nlist", "30", "--nprobe", "4", "--prefetch-nprobe", "8",
+                "--num-queries", "3", "--hyde-tokens", "4", "--answer-tokens", "2", "--embedder", "hash-64",
+                "--index-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "lookahead speedup" in r.stdout and "same chunks with and without lookahead: yes" in r.stdout
+    assert "recall@10" in r.stdout
