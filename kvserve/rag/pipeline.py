@@ -47,7 +47,8 @@ async def retrieve(coll: Collection, question: str, opts: RagOptions, generate: 
     t0 = time.perf_counter()
     q = (await asyncio.to_thread(coll.embedder.encode, [question]))[0]
     timings = {"embed_s": time.perf_counter() - t0}
-    prefetch = coll.prefetcher.start(q, opts.prefetch_nprobe) if opts.lookahead else None
+    # only a pre-retrieval step leaves time to prefetch in; without one the search itself reads
+    prefetch = coll.prefetcher.start(q, opts.prefetch_nprobe) if opts.lookahead and opts.pipeline == "hyde" else None
     hyde = None
     if opts.pipeline == "hyde":
         if generate is None:
