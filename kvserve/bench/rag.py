@@ -4,7 +4,7 @@ TeleRAG's lookahead prefetching off and then on, over a collection four times th
 Between requests the vector file is dropped from the OS page cache (posix_fadvise DONTNEED), so
 a cluster that is not in the cluster cache costs a real disk read: without that, 'disk' would be
 RAM and prefetching could not show anything. Both runs start with an empty cluster cache and
-ask the same questions; the chunks each returns are compared, and recall@k is measured against
+ask the same questions, interleaved; the chunks each returns are compared, and recall@k is measured against
 exact search (faiss IndexFlatIP) over every row."""
 import argparse
 import asyncio
@@ -45,59 +45,62 @@ def main(args) -> int:
     embedder = make_embedder(args.embedder)
     build_bench_collection(root, name, args.num_chunks, nlist, embedder)
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.num_queries)]
+    args.no_prefix_caching = True  # both modes send the same prompts: the second must not get them cached
     engine = AsyncEngine(Engine(engine_config(args)))
     try:
-        runs = {}
-        for lookahead in (False, True):
-            registry = CollectionRegistry(root, 1, embedder_factory=lambda _: embedder)
-            coll = registry.get(name)
-            budget = int(args.cache_fraction * coll.store.total_bytes)
+        registries = {mode: CollectionRegistry(root, 1, embedder_factory=lambda _: embedder) for mode in (False, True)}
+        colls = {mode: r.get(name) for mode, r in registries.items()}
+        store = colls[False].store
+        budget = int(args.cache_fraction * store.total_bytes)
+        for coll in colls.values():
             coll.cache.budget = coll.prefetcher.budget = budget
-            if not lookahead:
-                print(f"collection: {coll.store.num_chunks} chunks x {coll.store.dim} dims, {coll.store.nlist} "
-                      f"clusters, {coll.store.total_bytes / 2**20:.0f} MiB on disk; cluster cache "
-                      f"{budget / 2**20:.0f} MiB ({args.cache_fraction:.0%}); nprobe {args.nprobe}, prefetch_nprobe "
-                      f"{args.prefetch_nprobe}, top_k {args.top_k}; page cache "
-                      f"{'kept' if args.keep_page_cache else 'dropped before each request'}")
-            runs[lookahead] = asyncio.run(_run(engine, coll, questions, args, lookahead))
-            registry.close()
-        recall = _recall(registry.get(name).store, runs[False], args.top_k)
+        print(f"collection: {store.num_chunks} chunks x {store.dim} dims, {store.nlist} clusters, "
+              f"{store.total_bytes / 2**20:.0f} MiB on disk; cluster cache {budget / 2**20:.0f} MiB "
+              f"({args.cache_fraction:.0%}); nprobe {args.nprobe}, prefetch_nprobe {args.prefetch_nprobe}, "
+              f"top_k {args.top_k}; page cache {'kept' if args.keep_page_cache else 'dropped before each request'}")
+        runs = asyncio.run(_run(engine, colls, questions, args))
+        recall = _recall(store, runs[False], args.top_k)
     finally:
         engine.shutdown()
     _report(runs, recall, args)
     return 0
 
 
-async def _run(engine, coll, questions, args, lookahead: bool) -> dict:
+async def _run(engine, colls: dict, questions, args) -> dict:
+    """Both modes over the same questions, interleaved batch by batch (which one goes first
+    alternates), so that drift in the machine's speed falls on both alike."""
     from tqdm import tqdm
 
     from kvserve.rag.pipeline import RagOptions, engine_generate, retrieve, with_context
     generate = engine_generate(engine, engine.engine.tokenizer)
-    opts = RagOptions(top_k=args.top_k, pipeline="hyde", lookahead=lookahead, nprobe=args.nprobe,
-                      prefetch_nprobe=args.prefetch_nprobe, hyde_max_tokens=args.hyde_tokens)
     await generate([{"role": "user", "content": "Hi"}], 4)  # warm-up
-    gate = asyncio.Semaphore(args.concurrency)
-    results: list = [None] * len(questions)
-    bar = tqdm(total=len(questions), desc=f"lookahead {'on' if lookahead else 'off'}", unit="req", file=sys.stderr)
+    results = {mode: [None] * len(questions) for mode in colls}
+    walls = dict.fromkeys(colls, 0.0)
 
-    async def one(i: int, question: str):
-        async with gate:
-            if not args.keep_page_cache:
-                coll.store.drop_page_cache()
-            start = time.perf_counter()
-            got = await retrieve(coll, question, opts, generate)
-            await generate(with_context([{"role": "user", "content": question}], got.chunks[:3]), args.answer_tokens)
-            results[i] = (time.perf_counter() - start, got)
-            bar.update(1)
+    async def one(i: int, question: str, lookahead: bool):
+        coll = colls[lookahead]
+        opts = RagOptions(top_k=args.top_k, pipeline="hyde", lookahead=lookahead, nprobe=args.nprobe,
+                          prefetch_nprobe=args.prefetch_nprobe, hyde_max_tokens=args.hyde_tokens)
+        start = time.perf_counter()
+        got = await retrieve(coll, question, opts, generate)
+        await generate(with_context([{"role": "user", "content": question}], got.chunks[:3]), args.answer_tokens)
+        results[lookahead][i] = (time.perf_counter() - start, got)
 
-    wall = time.perf_counter()
-    await asyncio.gather(*(one(i, q) for i, q in enumerate(questions)))
-    wall = time.perf_counter() - wall
-    bar.close()
-    return {"latency": np.array([r[0] for r in results]), "wall": wall, "cache": coll.cache.stats(),
-            "search": np.array([r[1].timings["search_s"] for r in results]),
-            "ids": [[c["id"] for c in r[1].chunks] for r in results],
-            "queries": np.stack([r[1].query for r in results])}
+    with tqdm(total=2 * len(questions), desc="requests (lookahead off and on)", unit="req", file=sys.stderr) as bar:
+        for b, s in enumerate(range(0, len(questions), args.concurrency)):
+            batch = list(enumerate(questions))[s:s + args.concurrency]
+            for lookahead in ((False, True) if b % 2 == 0 else (True, False)):
+                if not args.keep_page_cache:
+                    colls[lookahead].store.drop_page_cache()
+                wall = time.perf_counter()
+                await asyncio.gather(*(one(i, q, lookahead) for i, q in batch))
+                walls[lookahead] += time.perf_counter() - wall
+                bar.update(len(batch))
+    return {mode: {"latency": np.array([r[0] for r in res]), "wall": walls[mode], "cache": colls[mode].cache.stats(),
+                   "search": np.array([r[1].timings["search_s"] for r in res]),
+                   "ids": [[c["id"] for c in r[1].chunks] for r in res],
+                   "queries": np.stack([r[1].query for r in res])}
+            for mode, res in results.items()}
 
 
 def _recall(store, run: dict, k: int) -> float:
