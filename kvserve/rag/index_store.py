@@ -7,7 +7,7 @@
     ids.i64          (N,) int64, the chunk id of each row, same order
     chunks.jsonl     one {"source", "text"} per chunk id; chunk_offsets.npy gives each line's byte offset
 
-`index_dir/NAME` is a symlink to the current version folder `.NAME.<random>`. A build writes a
+`index_dir/NAME` is a symlink to the current version folder `.NAME.<pid>-<random>`. A build writes a
 new folder and then replaces the link in one rename, so a crash mid-build leaves the previous
 index as it was; readers that opened the old version keep their file descriptors.
 """
@@ -120,6 +120,30 @@ def _pread_all(fd: int, n: int, offset: int) -> bytes:
     return b"".join(parts) if len(parts) != 1 else parts[0]
 
 
+def _remove_crashed_builds(root: Path, name: str) -> None:
+    """Leftovers of builds whose process is gone (the pid is in the name); a build still
+    running in another process is left alone."""
+    current = (root / name).resolve() if (root / name).is_symlink() else None
+    for p in root.glob(f".{name}.*-*"):
+        pid = p.name[len(name) + 2:].split("-", 1)[0]
+        if not pid.isdigit() or p.resolve() == current or _alive(int(pid)):
+            continue
+        if p.is_symlink():
+            p.unlink()
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_collection(root: str | Path, name: str, vectors: np.ndarray, assign: np.ndarray, centroids: np.ndarray,
                      chunks: Iterable[tuple[str, str]], meta: dict, progress: bool = True) -> Path:
     """Writes a new version of `name` (rows = chunk ids 0..N-1, `assign` = cluster of each row)
@@ -129,7 +153,8 @@ def write_collection(root: str | Path, name: str, vectors: np.ndarray, assign: n
     check_name(name)
     root.mkdir(parents=True, exist_ok=True)
     n, dim = vectors.shape
-    tmp = root / f".{name}.{uuid.uuid4().hex[:12]}"
+    _remove_crashed_builds(root, name)
+    tmp = root / f".{name}.{os.getpid()}-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     try:
         nlist = len(centroids)
@@ -162,7 +187,7 @@ def write_collection(root: str | Path, name: str, vectors: np.ndarray, assign: n
             raise ValueError(f"{count} chunks for {n} vectors")
         np.save(tmp / "chunk_offsets.npy", line_offsets)
         (tmp / "meta.json").write_text(json.dumps(meta | {"dim": dim, "nlist": nlist, "num_chunks": n}, indent=1))
-        link, staged = root / name, root / f".{name}.link-{uuid.uuid4().hex[:8]}"
+        link, staged = root / name, root / f".{name}.{os.getpid()}-link"
         previous = link.resolve() if link.is_symlink() else None
         if link.exists() and not link.is_symlink():
             raise FileExistsError(f"{link} exists and is not a kvserve collection link")

@@ -1,5 +1,6 @@
 """Building collections from documents: chunking, adding documents, atomic versions."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -78,6 +79,12 @@ def test_crash_mid_build_keeps_previous_version(tmp_path):
     assert after.path == before.path and after.num_chunks == before.num_chunks
     assert sorted(p.name for p in root.iterdir()) == [before.path.name, "kb"]
     assert json.loads((root / "kb" / "meta.json").read_text())["embedder"] == "hash-16"
+    dead = root / ".kb.999999999-0123456789ab"  # a build killed outright (no cleanup ran) ...
+    dead.mkdir()
+    live = root / f".kb.{os.getpid()}-ba9876543210"  # ... and one still running
+    live.mkdir()
+    build_collection([tmp_path / "docs"], "kb", root, HashEmbedder(16), progress=False)
+    assert not dead.exists() and live.exists() and IndexStore(root / "kb").num_chunks == 2 * before.num_chunks
 
 
 def test_bad_collection_names(tmp_path):
