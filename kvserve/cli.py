@@ -1,4 +1,4 @@
-"""The one entry point: kvserve generate | chat | serve | bench."""
+"""The one entry point: kvserve generate | chat | serve | index | rag | bench."""
 import argparse
 import sys
 
@@ -118,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     from kvserve.server import launch
     launch.add_args(p)
     p.set_defaults(func=launch.main)
+    from kvserve.rag import commands as rag_commands
+    index = sub.add_parser("index", help="RAG collections: build from documents, list")
+    rag_commands.add_index_args(index.add_subparsers(dest="index", required=True))
+    rag = sub.add_parser("rag", help="retrieval-augmented answers from a collection")
+    p = rag.add_subparsers(dest="rag", required=True).add_parser("ask", help="answer one question from a collection")
+    rag_commands.add_ask_args(p)
+    add_engine_args(p, positional_model=False)
+    p.set_defaults(func=rag_commands.cmd_ask)
     bench = sub.add_parser("bench", help="benchmarks that run a peer engine beside kvserve")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     p = bench_sub.add_parser("throughput", help="offline batch throughput vs transformers or vLLM")
@@ -130,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     from kvserve.bench import latency
     latency.add_args(p)
     p.set_defaults(func=latency.main)
+    p = bench_sub.add_parser("rag", help="HyDE RAG latency with lookahead prefetching on vs off")
+    add_engine_args(p, positional_model=False)
+    from kvserve.bench import rag as bench_rag
+    bench_rag.add_args(p)
+    p.set_defaults(func=bench_rag.main)
     p = bench_sub.add_parser("serve", help="load generator for any OpenAI-compatible server")
     from kvserve.bench import serve as bench_serve
     bench_serve.add_args(p)

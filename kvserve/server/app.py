@@ -12,9 +12,11 @@ from kvserve.engine.async_engine import AsyncEngine
 from kvserve.server.errors import OpenAIError, install_error_handlers
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.middleware import ServerMiddleware
-from kvserve.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+from kvserve.server.protocol import (ChatCompletionResponse, CompletionRequest,
                                      CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
                                      ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+from kvserve.server.rag_protocol import RagChatCompletionRequest
+from kvserve.server.rag_routes import RagServing, install_rag_routes
 from kvserve.server.serving import ServerConfig, Serving
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500)}
@@ -25,6 +27,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, shutdown_engine: bool =
     tests that share one engine between apps pass False."""
     metrics = ServerMetrics(engine.engine)
     serving = Serving(engine, config, metrics)
+    rag = RagServing(serving, config.rag_registry(), config.rag_nprobe, config.rag_prefetch_nprobe)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -60,7 +63,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig, shutdown_engine: bool =
         return card()
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(body: RagChatCompletionRequest, request: Request):
+        if body.rag is not None:
+            return await rag.chat(body, request)
         return await serving.chat(body, request)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
@@ -74,6 +79,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, shutdown_engine: bool =
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
     async def detokenize(body: DetokenizeRequest):
         return await asyncio.to_thread(serving.detokenize, body)
+
+    install_rag_routes(app, rag, _ERRORS)
 
     known = {route.path for route in app.routes} - {"/v1/models/{model_id:path}"}
     app.add_middleware(ServerMiddleware, metrics=metrics, known_paths=known, api_key=config.api_key,

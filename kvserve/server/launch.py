@@ -25,6 +25,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="larger bodies get 413")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds running requests may finish after SIGINT/SIGTERM before they are aborted")
+    p.add_argument("--index-dir", default=None, help="RAG collections served (default: ~/.kvserve/index)")
+    p.add_argument("--rag-cache-mb", type=float, default=256.0, help="cluster cache of each RAG collection")
+    p.add_argument("--rag-nprobe", type=int, default=8, help="IVF clusters searched per retrieval")
+    p.add_argument("--rag-prefetch-nprobe", type=int, default=16, help="clusters the lookahead prefetches")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -42,7 +46,9 @@ def main(args) -> int:
     name = args.served_model_name or (path.name if path.is_dir() else path.stem)
     config = ServerConfig(model_name=name, api_key=args.api_key, max_model_len=args.max_model_len,
                           max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
-                          max_body_bytes=args.max_request_bytes)
+                          max_body_bytes=args.max_request_bytes, index_dir=args.index_dir,
+                          rag_cache_mb=args.rag_cache_mb, rag_nprobe=args.rag_nprobe,
+                          rag_prefetch_nprobe=args.rag_prefetch_nprobe)
     app = build_app(AsyncEngine(engine), config)
     with _signals_end_cleanly():
         run(app, args.host, args.port, name, args.shutdown_timeout, args.log_level)

@@ -38,6 +38,14 @@ class ServerConfig:
     max_n: int = 16
     max_prompts: int = 256  # prompts in one /v1/completions request
     max_body_bytes: int = 8 * 2**20
+    index_dir: str | None = None  # RAG collections; None: ~/.kvserve/index
+    rag_cache_mb: float = 256.0  # cluster cache of each collection
+    rag_nprobe: int = 8
+    rag_prefetch_nprobe: int = 16
+
+    def rag_registry(self):
+        from kvserve.rag.collections import CollectionRegistry
+        return CollectionRegistry(self.index_dir, int(self.rag_cache_mb * 2**20))
 
 
 class ClientDisconnected(Exception):
