@@ -166,8 +166,10 @@ def main(args) -> int:
         text = engine.tokenizer.encode(long_text(6 * max(lengths)))
         if len(text) < max(lengths):
             raise SystemExit(f"only {len(text)} tokens of text for a {max(lengths)}-token context")
-        # a distinct first token per context, so no context is a cache hit of another
-        prompts = {n: [1000 + i] + text[:n - 1] for i, n in enumerate(lengths)}
+        # a distinct first token per context, so no context is a cache hit of another; room left
+        # for the decode steps within the model's context
+        prompts = {n: [1000 + i] + text[:min(n, engine.max_model_len - args.steps - 2) - 1]
+                   for i, n in enumerate(lengths)}
         rows += run_contexts(engine, prompts, policies, args.steps, "default")
         del engine
     if long_lengths:
