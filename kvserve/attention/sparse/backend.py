@@ -14,7 +14,7 @@ from kvserve.attention.sparse import magicpig
 from kvserve.attention.sparse.streaming import kept_positions
 from kvserve.attention.sparse.topk import topk_attention
 
-HASH_CHUNK = 4096  # keys hashed per matmul at build: bounds the [rows, K*L] temporaries
+HASH_CHUNK = 1024  # positions hashed per matmul at build: bounds the [Hkv, rows, K*L] temporaries
 
 
 @dataclass

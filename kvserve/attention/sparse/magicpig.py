@@ -25,7 +25,7 @@ def projections(head_dim: int, K: int, L: int, seed: int, layer: int) -> torch.T
 def simhash(x: torch.Tensor, proj: torch.Tensor, K: int, L: int) -> torch.Tensor:
     """x [..., D] -> bucket codes [..., L] (int64 in [0, 2^K)): the sign bits of K projections each."""
     bits = (x.float() @ proj > 0).view(*x.shape[:-1], L, K)
-    return (bits.long() << torch.arange(K)).sum(-1)
+    return (bits.float() @ (2.0 ** torch.arange(K))).long()  # exact: codes < 2^15
 
 
 @dataclass
