@@ -36,8 +36,8 @@ class AttentionPolicy:
             raise ValueError("streaming attention needs sink + window >= 1")
         if not isinstance(self.K, int) or not 1 <= self.K <= 15:
             raise ValueError(f"attention K must be an integer in [1, 15], got {self.K!r}")
-        if not isinstance(self.L, int) or not 1 <= self.L <= 1024:
-            raise ValueError(f"attention L must be an integer in [1, 1024], got {self.L!r}")
+        if not isinstance(self.L, int) or not 1 <= self.L <= 4096:
+            raise ValueError(f"attention L must be an integer in [1, 4096], got {self.L!r}")
         if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
             raise ValueError(f"attention k must be an integer >= 1, got {self.k!r}")
         if any(not isinstance(i, int) or i < 0 for i in self.dense_layers):

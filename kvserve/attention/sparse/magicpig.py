@@ -46,7 +46,7 @@ class BucketTables:
         counts = torch.bincount((table * buckets + c).flatten(), minlength=hkv * L * buckets).view(hkv, L, buckets)
         offsets = torch.zeros(hkv, L, buckets + 1, dtype=torch.int64)
         offsets[..., 1:] = counts.cumsum(-1)
-        return cls(order.to(torch.int32), offsets, K)
+        return cls(order.to(torch.int32).contiguous(), offsets, K)
 
     @property
     def num_keys(self) -> int:
