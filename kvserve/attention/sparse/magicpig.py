@@ -80,8 +80,11 @@ def candidates(tables: BucketTables, qcodes: torch.Tensor, group: int,
     build), compared directly and numbered after the tables' keys."""
     h, t = qcodes.shape[0], tables.num_keys
     ids, heads = tables.collisions(qcodes, group)
-    counts = torch.bincount(heads * t + ids.long(), minlength=h * t).view(h, t)
-    hit_h, hit_id = torch.nonzero(counts >= MIN_COLLISIONS, as_tuple=True)
+    # a count per (head, key) pair: an int32 index_add is ~3x faster than bincount's int64 here
+    pairs = heads * t + ids
+    counts = torch.zeros(h * t, dtype=torch.int32).index_add_(0, pairs, torch.ones(len(pairs), dtype=torch.int32))
+    hits = torch.nonzero(counts >= MIN_COLLISIONS).squeeze(1)
+    hit_h, hit_id = hits // t, hits % t
     if extra_codes is not None and extra_codes.shape[1]:
         kv = torch.arange(h) // group
         extra = (extra_codes[kv] == qcodes[:, None, :]).sum(-1) >= MIN_COLLISIONS  # [H, P]
@@ -107,15 +110,21 @@ def sampled_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     head (for key_mean [Hkv, D]). Logit q.k * scale - ln(w + eps), with w from the angle between q and
     the centred key (what was hashed); the raw key gives the score, so lse merges with dense parts.
     -> out [H, D] float32, lse [H] (natural log; -inf for a head with no sample)."""
-    qc = q.float()[heads]
-    kf = keys.float()
-    centred = kf - key_mean[kv_heads]
-    cos = (qc * centred).sum(-1) / (qc.norm(dim=-1) * centred.norm(dim=-1)).clamp_min(1e-12)
+    qf, kf, mean = q.float(), keys.float(), key_mean.float()
+    c = torch.arange(len(heads))
+    # one small matmul gives q.k and k.mean for every pair; the centred key is never materialized
+    prods = kf @ torch.cat([qf, mean]).T  # [C, H + Hkv]
+    qk = prods[c, heads]
+    km = prods[c, num_heads + kv_heads]
+    qm = (qf * mean[torch.arange(num_heads) // (num_heads // mean.shape[0])]).sum(-1)  # [H]
+    centred_sq = (kf * kf).sum(-1) - 2 * km + (mean * mean).sum(-1)[kv_heads]
+    cos = (qk - qm[heads]) / (qf.norm(dim=-1)[heads] * centred_sq.clamp_min(0).sqrt()).clamp_min(1e-12)
     w = inclusion_probability(cos, K, L)
-    logits = (qc * kf).sum(-1) * scale - torch.log(w + W_EPS).float()
+    logits = qk * scale - torch.log(w + W_EPS).float()
     top = torch.full((num_heads,), float("-inf")).scatter_reduce(0, heads, logits, "amax", include_self=True)
     e = torch.exp(logits - top[heads])
-    total = torch.zeros(num_heads).index_add_(0, heads, e)
-    out = torch.zeros(num_heads, q.shape[-1]).index_add_(0, heads, e[:, None] * values.float())
-    out = out / total.clamp_min(1e-30)[:, None]
+    weights = torch.zeros(num_heads, len(heads))
+    weights[heads, c] = e
+    total = weights.sum(-1)
+    out = (weights @ values.float()) / total.clamp_min(1e-30)[:, None]
     return out, top + torch.log(total)
