@@ -123,9 +123,15 @@ class PolicyAttention:
 
     def _dense(self, q, k_cache, v_cache, slots) -> tuple[torch.Tensor, torch.Tensor]:
         hkv, d = k_cache.shape[0], k_cache.shape[2]
-        kd = k_cache.index_select(1, slots).to(q.dtype)
-        vd = v_cache.index_select(1, slots).to(q.dtype)
-        out, lse = attention_with_lse(q.view(hkv, -1, 1, d), kd[:, None], vd[:, None], self.scale)
+        n = len(slots)
+        low, high = torch.aminmax(slots)
+        if int(high - low) == n - 1:  # distinct slots filling a range (a fresh pool's pages): a view
+            start = int(low)
+            kd, vd = k_cache[:, start:start + n], v_cache[:, start:start + n]
+        else:
+            kd, vd = k_cache.index_select(1, slots), v_cache.index_select(1, slots)
+        # [Hkv, group, D] against [Hkv, n, D]: batched matmuls, no broadcast copies of K/V
+        out, lse = attention_with_lse(q.view(hkv, -1, d), kd.to(q.dtype), vd.to(q.dtype), self.scale)
         return out.reshape(-1, d).float(), lse.reshape(-1)
 
     def _topk(self, d: _SparseDecode, q, k_cache, v_cache):
