@@ -83,7 +83,12 @@ def candidates(tables: BucketTables, qcodes: torch.Tensor, group: int,
     # a count per (head, key) pair: an int32 index_add is ~3x faster than bincount's int64 here
     pairs = heads * t + ids
     counts = torch.zeros(h * t, dtype=torch.int32).index_add_(0, pairs, torch.ones(len(pairs), dtype=torch.int32))
-    hits = torch.nonzero(counts >= MIN_COLLISIONS).squeeze(1)
+    hits = pairs[counts[pairs] >= MIN_COLLISIONS]  # each candidate once per colliding table
+    # keep one copy of each: whichever entry's index lands last in its slot (no H x T scan)
+    owner = torch.empty(h * t, dtype=torch.int64)
+    order = torch.arange(len(hits))
+    owner[hits] = order
+    hits = hits[owner[hits] == order]
     hit_h, hit_id = hits // t, hits % t
     if extra_codes is not None and extra_codes.shape[1]:
         kv = torch.arange(h) // group
@@ -94,11 +99,12 @@ def candidates(tables: BucketTables, qcodes: torch.Tensor, group: int,
 
 
 def inclusion_probability(cos: torch.Tensor, K: int, L: int) -> torch.Tensor:
-    """P(a key at this cosine to the query collides in >= 2 of L tables of K bits), in float64:
-    1 - (1-p)^L - L p (1-p)^(L-1) with p = (1 - theta/pi)^K cancels badly in float32."""
+    """P(a key at this cosine to the query collides in >= 2 of L tables of K bits):
+    1 - (1-p)^L - L p (1-p)^(L-1) with p = (1 - theta/pi)^K, in float64 (it cancels badly in float32)."""
     theta = torch.arccos(cos.double().clamp(-1, 1))
     p = (1 - theta / math.pi) ** K
-    return 1 - (1 - p) ** L - L * p * (1 - p) ** (L - 1)
+    miss = torch.log1p(-p.clamp(max=1 - 1e-12))  # ln(1 - p)
+    return 1 - torch.exp(L * miss) - L * p * torch.exp((L - 1) * miss)
 
 
 def sampled_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mean: torch.Tensor,
