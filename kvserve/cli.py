@@ -26,13 +26,24 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--attention", type=_attention_arg, default="full",
+                   help="default decode attention: full | streaming | magicpig | topk, optionally with "
+                        "parameters, e.g. magicpig:K=10,L=150,sink=4,window=64 or a JSON object")
+
+
+def _attention_arg(value: str):
+    from kvserve.attention.policy import parse_attention
+    try:
+        return parse_attention(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def engine_config(args):
     from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
     return EngineConfig(
         model=args.model, dtype=args.dtype, quantization=args.quantization, device=args.device,
-        threads=args.threads, compile=args.compile,
+        threads=args.threads, compile=args.compile, attention=args.attention,
         cache=CacheConfig(args.page_size, args.num_pages, args.kv_cache_gb, not args.no_prefix_caching),
         scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs))
 
@@ -143,10 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     from kvserve.bench import rag as bench_rag
     bench_rag.add_args(p)
     p.set_defaults(func=bench_rag.main)
+    p = bench_sub.add_parser("longctx", help="decode cost of each attention policy at 2k-32k contexts")
+    add_engine_args(p)
+    from kvserve.bench import longctx
+    longctx.add_args(p)
+    p.set_defaults(func=longctx.main)
     p = bench_sub.add_parser("serve", help="load generator for any OpenAI-compatible server")
     from kvserve.bench import serve as bench_serve
     bench_serve.add_args(p)
     p.set_defaults(func=bench_serve.main)
+    ev = sub.add_parser("eval", help="quality evaluations on the real model")
+    ev_sub = ev.add_subparsers(dest="eval", required=True)
+    p = ev_sub.add_parser("longctx", help="passkey retrieval, agreement and perplexity of each attention policy")
+    add_engine_args(p)
+    from kvserve.eval import longctx as eval_longctx
+    eval_longctx.add_args(p)
+    p.set_defaults(func=eval_longctx.main)
     return parser
 
 

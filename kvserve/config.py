@@ -47,5 +47,6 @@ class EngineConfig:
     threads: int | None = None
     compile: bool = False  # torch.compile the decoder (CPU); the first steps compile it
     seed: int = 0
+    attention: object = "full"  # default decode attention policy (kvserve.attention.policy)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -55,3 +55,9 @@ def test_generate_answers(smollm2_path):
     r = kvserve("generate", "What is the capital of France?", "--max-tokens", "24")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+def test_bad_attention_is_a_usage_error():
+    r = kvserve("generate", "hi", "--attention", "magicpig:K=99")
+    assert r.returncode == 2 and "--attention" in r.stderr and "K must be" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -78,7 +78,8 @@ def warm_up(engine) -> None:
     warm_ups = ((min(300, engine.max_model_len - 4), 2), (2, 1))  # (prompt tokens, output tokens)
     for prompt_len, max_tokens in tqdm(warm_ups, desc="compiling the decoder", unit="request", disable=None):
         rid = engine.add_request([token] * prompt_len,
-                                 SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+                                 SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                                                attention="full"))
         while rid in engine.requests:
             engine.step()
     if engine.kv.prefix:

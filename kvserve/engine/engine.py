@@ -1,4 +1,5 @@
 """Engine: one step = schedule -> run the model -> sample -> append, detokenize, stop, free."""
+import dataclasses
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -6,6 +7,9 @@ from pathlib import Path
 
 import torch
 
+from kvserve.attention.policy import parse_attention
+from kvserve.attention.sparse.backend import PolicyAttention
+from kvserve.attention.sparse.streaming import droppable_pages
 from kvserve.attention.torch_ref import TorchRefAttention
 from kvserve.config import EngineConfig
 from kvserve.engine.request import (CompletionOutput, FinishReason, Logprob, RequestOutput,
@@ -36,6 +40,7 @@ class _RequestState:
 class Engine:
     def __init__(self, config: EngineConfig, model=None, tokenizer=None):
         self.config = config
+        self.default_attention = parse_attention(config.attention)
         if config.threads:
             torch.set_num_threads(config.threads)
         if model is None:
@@ -63,7 +68,10 @@ class Engine:
         self.kv = KVCacheManager(self.pool, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         attention = TorchRefAttention(self.pool, mc.num_heads, mc.head_dim)
-        self.runner = ModelRunner(model, attention, cache.page_size, config.device, config.compile)
+        policy_attention = PolicyAttention(TorchRefAttention(self.pool, mc.num_heads, mc.head_dim), self.pool,
+                                           mc.num_heads, mc.head_dim)
+        self.runner = ModelRunner(model, attention, cache.page_size, config.device, config.compile,
+                                  policy_attention)
         self.sampler = Sampler()
         self.requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
@@ -78,6 +86,8 @@ class Engine:
                     request_id: str | None = None, priority: int = 0) -> str:
         """Validates and queues a request; raises ValueError for bad input, changing nothing."""
         params = params or SamplingParams()
+        if params.attention is None and not self.default_attention.is_full:
+            params = dataclasses.replace(params, attention=self.default_attention)
         request_id = request_id or f"req-{next(self._request_ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -100,7 +110,8 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in [*(params.logit_bias or {}), *params.stop_token_ids]):
             raise ValueError(f"logit_bias and stop_token_ids keys must be token ids in [0, {vocab})")
-        if len(ids) + (params.max_tokens or 1) > self.max_model_len:
+        room = 1 if params.attention is not None and params.attention.unbounded else (params.max_tokens or 1)
+        if len(ids) + room > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                              f"the context length {self.max_model_len}")
         if -(-(len(ids) + 1) // self.pool.page_size) > self.pool.num_pages:
@@ -151,6 +162,7 @@ class Engine:
                 touched[seq.request_id] = self._fail(seq.request_id, e)
                 continue
             touched[seq.request_id] = self.requests[seq.request_id]
+        self._release_streamed_pages(out.scheduled)
         return [t if isinstance(t, RequestOutput) else self._output(t) for t in touched.values()]
 
     def _execute(self, scheduled, failed: dict) -> tuple[torch.Tensor, list[Sequence]]:
@@ -187,6 +199,15 @@ class Engine:
                     failed[seqs[i].request_id] = e
                     tokens.append(None)
             return tokens
+
+    def _release_streamed_pages(self, scheduled) -> None:
+        """Streaming requests give back the pages between their sinks and window once their
+        prompt is in (a prefill chunk still reads every earlier page)."""
+        for seq, _ in scheduled:
+            p = seq.policy
+            if p.policy == "streaming" and not seq.finished and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                pages = droppable_pages(seq.num_computed_tokens + 1, p.sink, p.window, self.pool.page_size)
+                self.kv.release_pages(seq, pages)
 
     def _fail(self, request_id: str, error: Exception) -> RequestOutput:
         state = self.requests.get(request_id)
@@ -247,7 +268,7 @@ class Engine:
                     return FinishReason.STOP
         if p.max_tokens is not None and num_out >= p.max_tokens:
             return FinishReason.LENGTH
-        if len(seq.token_ids) >= self.max_model_len:
+        if len(seq.token_ids) >= self.max_model_len and not seq.policy.unbounded:
             return FinishReason.LENGTH
         return None
 

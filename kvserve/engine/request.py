@@ -3,6 +3,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from kvserve.attention.policy import FULL, AttentionPolicy, parse_attention
+
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
@@ -29,8 +31,13 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives; 0 = only the sampled token's
     skip_special_tokens: bool = True
+    # decode attention: a policy name, "name:key=value,...", a dict or an AttentionPolicy; None: the
+    # engine's default (see kvserve.attention.policy)
+    attention: AttentionPolicy | str | dict | None = None
 
     def __post_init__(self):
+        if self.attention is not None:
+            self.attention = parse_attention(self.attention)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -95,6 +102,11 @@ class Sequence:
         self.logprobs: list[Logprob] = []
         self.generator = None
         self.detokenizer = None
+        self.attn_state = None  # per-request state of a sparse attention policy (MagicPIG's tables)
+
+    @property
+    def policy(self) -> AttentionPolicy:
+        return self.params.attention or FULL
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -7,7 +7,8 @@ from kvserve.engine.request import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model, attention, page_size: int, device="cpu", compile: bool = False):
+    def __init__(self, model, attention, page_size: int, device="cpu", compile: bool = False,
+                 policy_attention=None):
         self.model = model
         if compile:
             from kvserve.engine.compiled_forward import compile_forward
@@ -15,6 +16,7 @@ class ModelRunner:
         else:
             self.forward = model
         self.attention = attention
+        self.policy_attention = policy_attention  # PolicyAttention: steps with non-full decodes
         self.page_size = page_size
         self.device = device
         self.num_tokens_run = 0  # tokens through the model since start; tests count prefix hits with it
@@ -31,10 +33,31 @@ class ModelRunner:
             if start + n == len(seq.token_ids):
                 last_rows.append(len(ids) - 1)
                 to_sample.append(seq)
-        meta = AttentionMetadata.build(q_lens, [s.pages for s, _ in scheduled], kv_lens, self.page_size)
-        self.attention.plan(meta)
-        hidden = self.forward(torch.tensor(ids, device=self.device),
-                            torch.tensor(positions, device=self.device), self.attention)
+        sparse = [i for i, (seq, n) in enumerate(scheduled) if n == 1 and not seq.policy.is_full]
+        if sparse and self.policy_attention is not None:
+            attention, forward = self._plan_policies(scheduled, sparse, q_lens, kv_lens), self.model
+            self.model.rope.ensure(max(kv_lens))  # streaming runs past the context length
+        else:
+            meta = AttentionMetadata.build(q_lens, [s.pages for s, _ in scheduled], kv_lens, self.page_size)
+            self.attention.plan(meta)
+            attention, forward = self.attention, self.forward
+        hidden = forward(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                         attention)
         self.num_tokens_run += len(ids)
         logits = self.model.compute_logits(hidden[torch.tensor(last_rows, dtype=torch.long, device=self.device)])
         return logits, to_sample
+
+    def _plan_policies(self, scheduled, sparse: list[int], q_lens, kv_lens):
+        """Full requests and prefills through the dense backend, each non-full decode by its policy.
+        Runs eagerly: the compiled graph is for the full-attention path only."""
+        row_starts = [0]
+        for n in q_lens:
+            row_starts.append(row_starts[-1] + n)
+        sparse_set = set(sparse)
+        dense = [i for i in range(len(scheduled)) if i not in sparse_set]
+        meta = AttentionMetadata.build([q_lens[i] for i in dense], [scheduled[i][0].pages for i in dense],
+                                       [kv_lens[i] for i in dense], self.page_size) if dense else None
+        rows = [r for i in dense for r in range(row_starts[i], row_starts[i + 1])]
+        decodes = [(row_starts[i], scheduled[i][0], kv_lens[i]) for i in sparse]
+        self.policy_attention.plan(meta, torch.tensor(rows, dtype=torch.long, device=self.device), decodes)
+        return self.policy_attention

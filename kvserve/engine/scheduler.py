@@ -55,6 +55,7 @@ class Scheduler:
         self.running.remove(seq)
         self.kv.free(seq)
         seq.num_computed_tokens = 0
+        seq.attn_state = None  # sparse attention state refers to the freed pages
         self.add(seq)
 
     def schedule(self) -> SchedulerOutput:

@@ -53,7 +53,8 @@ class KVCacheManager:
         seq.page_hashes += page_hashes(seq.token_ids[:full * self.page_size], self.page_size,
                                        parent, start_page=done)
         for i in range(done, full):
-            self.prefix.insert(seq.page_hashes[i], seq.pages[i])
+            if seq.pages[i] >= 0:
+                self.prefix.insert(seq.page_hashes[i], seq.pages[i])
 
     def fork(self, parent, child) -> bool:
         """Child shares parent's full pages; the partial last page is copied (copy-on-write)."""
@@ -72,8 +73,16 @@ class KVCacheManager:
         child.num_computed_tokens = parent.num_computed_tokens
         return True
 
+    def release_pages(self, seq, logical: range) -> None:
+        """Gives back the pages at these logical indices, keeping the rest in place; a released
+        page is marked -1 in seq.pages (streaming attention never reads it again)."""
+        gone = [i for i in logical if i < len(seq.pages) and seq.pages[i] >= 0]
+        self.pool.decref([seq.pages[i] for i in gone])
+        for i in gone:
+            seq.pages[i] = -1
+
     def free(self, seq) -> None:
-        self.pool.decref(seq.pages)
+        self.pool.decref([p for p in seq.pages if p >= 0])
         seq.pages = []
         seq.page_hashes = []
 
@@ -82,7 +91,8 @@ class KVCacheManager:
         expected = [0] * self.pool.num_pages
         for seq in live_seqs:
             for p in seq.pages:
-                expected[p] += 1
+                if p >= 0:
+                    expected[p] += 1
         if self.prefix:
             for p in self.prefix.pages.values():
                 expected[p] += 1

@@ -44,8 +44,17 @@ class RotaryEmbedding:
     A plain object, not a module, so that casting the model's dtype leaves the table in fp32."""
 
     def __init__(self, max_positions: int, inv_freq: torch.Tensor, device="cpu"):
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq).to(device)
+        self.inv_freq, self.device = inv_freq, device
+        self._fill(max_positions)
+
+    def _fill(self, max_positions: int) -> None:
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), self.inv_freq).to(self.device)
         self.cos, self.sin = freqs.cos(), freqs.sin()
+
+    def ensure(self, num_positions: int) -> None:
+        """Grows the table (doubling) for requests that run past the context length (streaming)."""
+        if num_positions > len(self.cos):
+            self._fill(max(num_positions, 2 * len(self.cos)))
 
     def table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin [T, 1, D] for a step's positions, looked up once and shared by

@@ -43,6 +43,8 @@ class _SamplingRequest(_Request):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # kvserve's extension: decode attention policy, a name or {"policy": "magicpig", "K": 10, ...}
+    attention: str | dict | None = None
 
 
 class TextPart(_Request):

@@ -15,6 +15,7 @@ import jinja2
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from kvserve.attention.policy import AttentionPolicy, parse_attention
 from kvserve.engine.async_engine import AsyncEngine
 from kvserve.engine.request import RequestOutput, SamplingParams
 from kvserve.server.errors import OpenAIError
@@ -152,10 +153,21 @@ class Serving:
             raise OpenAIError(f"{param} must hold token ids in [0, {self.vocab_size})", param=param,
                               code="invalid_value")
 
-    def _max_tokens(self, requested: int | None, prompt_len: int, param: str, default: int | None = None) -> int:
+    def _attention(self, req) -> AttentionPolicy:
+        """The request's attention policy (the engine's default when it names none)."""
+        try:
+            return parse_attention(req.attention) if req.attention is not None else self.engine.engine.default_attention
+        except ValueError as e:
+            raise OpenAIError(str(e), param="attention", code="invalid_value") from None
+
+    def _max_tokens(self, requested: int | None, prompt_len: int, param: str, default: int | None = None,
+                    unbounded: bool = False) -> int:
         """The request's max_tokens, checked; when it gives none, `default` (else all the room
-        the context leaves), within the server's limit."""
+        the context leaves), within the server's limit. An unbounded (streaming) request may
+        generate past the context length."""
         limit, room = self.config.max_tokens_limit, self.max_model_len - prompt_len
+        if unbounded and room >= 1:
+            room = max(room, requested or 0)
         if requested is not None and limit is not None and requested > limit:
             raise OpenAIError(f"max_tokens ({requested}) is above this server's limit of {limit}",
                               param="max_tokens", code="invalid_value")
@@ -167,7 +179,7 @@ class Serving:
                               param=param, code="context_length_exceeded")
         return requested if requested is not None else min(default or room, room, limit or room)
 
-    def _params(self, req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def _params(self, req, max_tokens: int, logprobs: int | None, attention: AttentionPolicy) -> SamplingParams:
         if req.n > self.config.max_n:
             raise OpenAIError(f"n ({req.n}) is above this server's limit of {self.config.max_n}", param="n",
                               code="invalid_value")
@@ -193,7 +205,7 @@ class Serving:
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                 logit_bias=bias or None, seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
                 stop=stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
-                skip_special_tokens=req.skip_special_tokens)
+                skip_special_tokens=req.skip_special_tokens, attention=attention)
         except ValueError as e:
             raise OpenAIError(str(e), code="invalid_value") from None
 
@@ -226,8 +238,10 @@ class Serving:
             raise OpenAIError("top_logprobs requires logprobs to be true", param="top_logprobs")
         prompt = await asyncio.to_thread(self._chat_prompt, req.messages)
         request.state.prompt_tokens = len(prompt)
-        max_tokens = self._max_tokens(req.max_completion_tokens or req.max_tokens, len(prompt), "messages")
-        params = self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        attention = self._attention(req)
+        max_tokens = self._max_tokens(req.max_completion_tokens or req.max_tokens, len(prompt), "messages",
+                                      unbounded=attention.unbounded)
+        params = self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, attention)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         job = Job(self.engine, [prompt], params, rid, self.metrics)
         return await self._respond(request, job, req.stream, lambda first: self._chat_chunks(req, rid, job, first),
@@ -301,9 +315,10 @@ class Serving:
         prompts, texts = await asyncio.to_thread(self._completion_prompts, req.prompt)
         request.state.prompt_tokens = sum(map(len, prompts))
         given = "max_tokens" in req.model_fields_set  # unset: OpenAI's 16; an explicit null: up to the context
+        attention = self._attention(req)
         max_tokens = self._max_tokens(req.max_tokens if given else None, max(map(len, prompts)), "prompt",
-                                      default=None if given else req.max_tokens)
-        params = self._params(req, max_tokens, req.logprobs)
+                                      default=None if given else req.max_tokens, unbounded=attention.unbounded)
+        params = self._params(req, max_tokens, req.logprobs, attention)
         echoes = [(t if t is not None else self.tokenizer.decode(p, req.skip_special_tokens)) if req.echo else ""
                   for p, t in zip(prompts, texts)]
         rid = f"cmpl-{uuid.uuid4().hex}"

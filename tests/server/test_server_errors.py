@@ -87,6 +87,12 @@ CASES = {
     "wrong method": ("GET", CHAT, None, {}, 405, None, None),
     "detokenize beyond vocab": ("POST", "/detokenize", {"tokens": [-1]}, {}, 400, "tokens", None),
     "tokenize neither": ("POST", "/tokenize", {}, {}, 400, "prompt", None),
+    "unknown attention policy": ("POST", CHAT, chat(attention="sparse"), {}, 400, "attention", "invalid_value"),
+    "attention parameter out of range": ("POST", COMPLETIONS, completion(attention={"policy": "magicpig", "K": 99}),
+                                         {}, 400, "attention", "invalid_value"),
+    "unknown attention parameter": ("POST", CHAT, chat(attention={"policy": "topk", "budget": 3}), {}, 400,
+                                    "attention", "invalid_value"),
+    "attention wrong type": ("POST", CHAT, chat(attention=[1]), {}, 400, "attention", None),
 }
 
 

@@ -1,0 +1,182 @@
+"""PolicyAttention: one step whose decodes use different attention policies.
+
+Full requests (and every prefill) go through the dense backend in one call, as in a step with no
+policy at all; each non-full decode is then computed alone by its policy. A step where every
+request is full never comes here (the runner calls the dense backend directly).
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from kvserve.attention.merge import attention_with_lse, merge_state
+from kvserve.attention.policy import TOPK_DEFAULT_FRACTION, AttentionPolicy
+from kvserve.attention.sparse import magicpig
+from kvserve.attention.sparse.streaming import kept_positions
+from kvserve.attention.sparse.topk import topk_attention
+
+HASH_CHUNK = 1024  # positions hashed per matmul at build: bounds the [Hkv, rows, K*L] temporaries
+
+
+@dataclass
+class _LayerTables:
+    """MagicPIG state of one layer of one request: tables over positions [start, built_end),
+    plus directly compared codes of positions [built_end, ...) that left the window later."""
+    key_mean: torch.Tensor  # [Hkv, D] float32
+    tables: magicpig.BucketTables
+    extra_codes: torch.Tensor  # [Hkv, P, L] int16
+
+
+@dataclass
+class MagicPIGState:
+    """Per request; dropped when the request is preempted (its pages are recomputed)."""
+    start: int
+    built_end: int
+    layers: dict[int, _LayerTables] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(t.tables.nbytes() + t.extra_codes.numel() * 2 + t.key_mean.numel() * 4
+                   for t in self.layers.values())
+
+
+@dataclass
+class _SparseDecode:
+    row: int
+    seq: object
+    policy: AttentionPolicy
+    kv_len: int
+    new_slot: torch.Tensor  # [1]
+    dense_slots: torch.Tensor  # slots read densely (all of them in a dense layer: see all_slots)
+    all_slots: torch.Tensor | None  # every position's slot (magicpig/topk dense layers)
+    sampled_slots: torch.Tensor | None  # positions [start, end) sampled by magicpig/topk
+
+
+class PolicyAttention:
+    def __init__(self, dense, pool, num_heads: int, head_dim: int, scale: float | None = None):
+        self.dense, self.pool = dense, pool
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.scale = scale if scale is not None else head_dim ** -0.5
+        self._proj: dict[tuple, torch.Tensor] = {}
+        self.keys_read = 0  # (query head, key) pairs read by sparse decodes, for the benchmarks
+        self.keys_total = 0  # ... and what full attention would have read
+        self.sampled_pairs = 0  # magicpig candidates, over (query head, sampled layer) instances:
+        self.sampled_heads = 0  # their ratio is the key budget topk gets to match magicpig
+
+    def plan(self, dense_meta, dense_rows: torch.Tensor, decodes: list[tuple[int, object, int]]) -> None:
+        """dense_meta covers the rows dense_rows of the step (None if there are none); decodes are
+        (row, sequence, kv_len) of the one-token steps of non-full sequences."""
+        self.dense_rows = dense_rows
+        if dense_meta is not None:
+            self.dense.plan(dense_meta)
+        self.decodes = [self._plan_one(row, seq, kv_len) for row, seq, kv_len in decodes]
+
+    def _plan_one(self, row: int, seq, kv_len: int) -> _SparseDecode:
+        policy, page = seq.policy, self.pool.page_size
+        pages = torch.tensor(seq.pages, dtype=torch.long)
+
+        def slots(pos: torch.Tensor) -> torch.Tensor:
+            return pages[pos // page] * page + pos % page
+        new_slot = slots(torch.tensor([kv_len - 1]))
+        if policy.policy == "streaming":
+            return _SparseDecode(row, seq, policy, kv_len, new_slot,
+                                 slots(kept_positions(kv_len, policy.sink, policy.window)), None, None)
+        start = min(policy.sink, kv_len)
+        end = max(start, min(seq.num_prompt_tokens, kv_len - policy.window, kv_len - 1))
+        dense = torch.cat([torch.arange(start), torch.arange(end, kv_len)])
+        if policy.policy == "magicpig" and end > start:
+            state = seq.attn_state
+            if state is None or state.start != start:
+                state = seq.attn_state = MagicPIGState(start, end)
+        return _SparseDecode(row, seq, policy, kv_len, new_slot, slots(dense), slots(torch.arange(kv_len)),
+                             slots(torch.arange(start, end)) if end > start else None)
+
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        if len(self.dense_rows):
+            rows = self.dense_rows
+            out[rows] = self.dense.run(layer, q[rows], k[rows], v[rows])
+        k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
+        for d in self.decodes:
+            k_cache[:, d.new_slot] = k[d.row:d.row + 1].transpose(0, 1).to(k_cache.dtype)
+            v_cache[:, d.new_slot] = v[d.row:d.row + 1].transpose(0, 1).to(v_cache.dtype)
+        for d in self.decodes:
+            out[d.row] = self._decode(layer, d, q[d.row], k_cache, v_cache).to(q.dtype)
+        return out
+
+    def _decode(self, layer: int, d: _SparseDecode, q: torch.Tensor, k_cache, v_cache) -> torch.Tensor:
+        h, kv_len = self.num_heads, d.kv_len
+        sparse_layer = d.sampled_slots is not None and layer not in d.policy.dense_layers
+        slots = d.dense_slots if d.all_slots is None or sparse_layer else d.all_slots
+        out, lse = self._dense(q, k_cache, v_cache, slots)
+        read = len(slots) * h
+        if sparse_layer:
+            if d.policy.policy == "magicpig":
+                out_s, lse_s, n = self._magicpig(layer, d, q, k_cache, v_cache)
+                self.sampled_pairs += n
+                self.sampled_heads += h
+            else:
+                out_s, lse_s, n = self._topk(d, q, k_cache, v_cache)
+            out, lse = merge_state(out, lse, out_s, lse_s)
+            read += n
+        self.keys_read += read
+        self.keys_total += kv_len * h
+        return out
+
+    def _dense(self, q, k_cache, v_cache, slots) -> tuple[torch.Tensor, torch.Tensor]:
+        hkv, d = k_cache.shape[0], k_cache.shape[2]
+        n = len(slots)
+        low, high = torch.aminmax(slots)
+        if int(high - low) == n - 1:  # distinct slots filling a range (a fresh pool's pages): a view
+            start = int(low)
+            kd, vd = k_cache[:, start:start + n], v_cache[:, start:start + n]
+        else:
+            kd, vd = k_cache.index_select(1, slots), v_cache.index_select(1, slots)
+        # [Hkv, group, D] against [Hkv, n, D]: batched matmuls, no broadcast copies of K/V
+        out, lse = attention_with_lse(q.view(hkv, -1, d), kd.to(q.dtype), vd.to(q.dtype), self.scale)
+        return out.reshape(-1, d).float(), lse.reshape(-1)
+
+    def _topk(self, d: _SparseDecode, q, k_cache, v_cache):
+        keys = k_cache.index_select(1, d.sampled_slots)
+        values = v_cache.index_select(1, d.sampled_slots)
+        budget = d.policy.k or max(1, round(TOPK_DEFAULT_FRACTION * keys.shape[1]))
+        out, lse = topk_attention(q, keys, values, budget, self.scale)
+        return out, lse, min(budget, keys.shape[1]) * self.num_heads
+
+    def projections(self, policy: AttentionPolicy, layer: int) -> torch.Tensor:
+        key = (policy.K, policy.L, policy.seed, layer)
+        if key not in self._proj:
+            self._proj[key] = magicpig.projections(self.head_dim, policy.K, policy.L, policy.seed, layer)
+        return self._proj[key]
+
+    def _magicpig(self, layer: int, d: _SparseDecode, q, k_cache, v_cache):
+        p, state = d.policy, d.seq.attn_state
+        proj = self.projections(p, layer)
+        tables = state.layers.get(layer)
+        if tables is None:
+            tables = state.layers[layer] = self._build(d.sampled_slots[:state.built_end - state.start],
+                                                       k_cache, proj, p)
+        known = tables.tables.num_keys + tables.extra_codes.shape[1]
+        if known < len(d.sampled_slots):  # prompt keys that left the window since the build
+            new = k_cache.index_select(1, d.sampled_slots[known:]).float() - tables.key_mean[:, None]
+            codes = magicpig.simhash(new, proj, p.K, p.L).to(torch.int16)
+            tables.extra_codes = torch.cat([tables.extra_codes, codes], 1)
+        hkv, dim = k_cache.shape[0], k_cache.shape[2]
+        group = self.num_heads // hkv
+        qcodes = magicpig.simhash(q.float(), proj, p.K, p.L)
+        heads, ids = magicpig.candidates(tables.tables, qcodes, group, tables.extra_codes)
+        kv_heads = heads // group
+        flat = kv_heads * k_cache.shape[1] + d.sampled_slots[ids]
+        keys = k_cache.reshape(-1, dim).index_select(0, flat)
+        values = v_cache.reshape(-1, dim).index_select(0, flat)
+        out, lse = magicpig.sampled_attention(q, keys, values, tables.key_mean, heads, kv_heads, self.scale,
+                                              p.K, p.L, self.num_heads)
+        return out, lse, len(ids)
+
+    @staticmethod
+    def _build(slots: torch.Tensor, k_cache, proj, p: AttentionPolicy) -> _LayerTables:
+        """Tables over the keys at slots: centred per KV head, hashed in chunks, sorted per table."""
+        keys = k_cache.index_select(1, slots)
+        mean = keys.float().mean(1)
+        codes = torch.cat([magicpig.simhash(keys[:, i:i + HASH_CHUNK].float() - mean[:, None], proj, p.K, p.L)
+                           .to(torch.int16) for i in range(0, keys.shape[1], HASH_CHUNK)], 1)
+        tables = magicpig.BucketTables.build(codes, p.K)
+        return _LayerTables(mean, tables, torch.empty(keys.shape[0], 0, p.L, dtype=torch.int16))

@@ -1,0 +1,136 @@
+"""MagicPIG (arXiv 2410.16179): attention estimated from keys sampled by SimHash collisions.
+
+Keys (centred by their mean, per KV head) are hashed into L tables of K sign bits each. A key is
+sampled for a query when it falls in the query's bucket in at least 2 tables; its inclusion
+probability w is known in closed form from the angle, so dividing its softmax weight by w
+(subtracting ln w from its logit) makes the sampled sums unbiased estimates of the full ones.
+Tables are CSR per (KV head, table): key ids sorted by bucket and bucket offsets, so finding a
+query's candidates reads only its buckets (about L * T / 2^K ids), never all T keys.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+MIN_COLLISIONS = 2
+W_EPS = 1e-4  # the paper's floor inside ln(w + eps): bounds the weight of rarely sampled keys
+
+
+def projections(head_dim: int, K: int, L: int, seed: int, layer: int) -> torch.Tensor:
+    """The layer's Gaussian hash matrix [D, K*L]; the same for every request with the same seed."""
+    g = torch.Generator().manual_seed(seed * 100_003 + layer)
+    return torch.randn(head_dim, K * L, generator=g)
+
+
+def simhash(x: torch.Tensor, proj: torch.Tensor, K: int, L: int) -> torch.Tensor:
+    """x [..., D] -> bucket codes [..., L] (int64 in [0, 2^K)): the sign bits of K projections each."""
+    bits = (x.float() @ proj > 0).view(*x.shape[:-1], L, K)
+    return (bits.float() @ (2.0 ** torch.arange(K))).long()  # exact: codes < 2^15
+
+
+@dataclass
+class BucketTables:
+    """CSR hash tables of one layer: sorted_ids [Hkv, L, T] int32, offsets [Hkv, L, 2^K + 1]."""
+    sorted_ids: torch.Tensor
+    offsets: torch.Tensor
+    K: int
+
+    @classmethod
+    def build(cls, codes: torch.Tensor, K: int) -> "BucketTables":
+        """codes [Hkv, T, L] -> tables; one sort and one bincount per table, all tables at once."""
+        hkv, t, L = codes.shape
+        c = codes.transpose(1, 2).long()  # [Hkv, L, T]
+        order = torch.argsort(c, dim=-1, stable=True)
+        buckets = 1 << K
+        table = torch.arange(hkv * L).view(hkv, L, 1)
+        counts = torch.bincount((table * buckets + c).flatten(), minlength=hkv * L * buckets).view(hkv, L, buckets)
+        offsets = torch.zeros(hkv, L, buckets + 1, dtype=torch.int64)
+        offsets[..., 1:] = counts.cumsum(-1)
+        return cls(order.to(torch.int32).contiguous(), offsets, K)
+
+    @property
+    def num_keys(self) -> int:
+        return self.sorted_ids.shape[-1]
+
+    def nbytes(self) -> int:
+        return self.sorted_ids.numel() * 4 + self.offsets.numel() * self.offsets.element_size()
+
+    def collisions(self, qcodes: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """qcodes [H, L] (query head h uses KV head h // group) -> (gathered ids, their query heads):
+        every key in the query's bucket of every table, one entry per table where they collide."""
+        hkv, L, t = self.sorted_ids.shape
+        h = qcodes.shape[0]
+        table = (torch.arange(h) // group)[:, None] * L + torch.arange(L)  # [H, L]
+        flat_offsets = self.offsets.view(-1, self.offsets.shape[-1])
+        starts = flat_offsets[table, qcodes]
+        lens = (flat_offsets[table, qcodes + 1] - starts).flatten()
+        total = int(lens.sum())
+        first = (table * t + starts).flatten()  # where each bucket begins in the flat ids
+        seg_start = torch.cumsum(lens, 0) - lens
+        pos = torch.repeat_interleave(first - seg_start, lens, output_size=total) + torch.arange(total)
+        ids = self.sorted_ids.view(-1)[pos]
+        heads = torch.repeat_interleave(torch.arange(h), lens.view(h, L).sum(1), output_size=total)
+        return ids, heads
+
+
+def candidates(tables: BucketTables, qcodes: torch.Tensor, group: int,
+               extra_codes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys colliding with the query in >= 2 tables -> (query head, key id) pairs. extra_codes
+    [Hkv, P, L] are keys not yet in the tables (the few that left the dense window since the
+    build), compared directly and numbered after the tables' keys."""
+    h, t = qcodes.shape[0], tables.num_keys
+    ids, heads = tables.collisions(qcodes, group)
+    # a count per (head, key) pair: an int32 index_add is ~3x faster than bincount's int64 here
+    pairs = heads * t + ids
+    counts = torch.zeros(h * t, dtype=torch.int32).index_add_(0, pairs, torch.ones(len(pairs), dtype=torch.int32))
+    hits = pairs[counts[pairs] >= MIN_COLLISIONS]  # each candidate once per colliding table
+    # keep one copy of each: whichever entry's index lands last in its slot (no H x T scan)
+    owner = torch.empty(h * t, dtype=torch.int64)
+    order = torch.arange(len(hits))
+    owner[hits] = order
+    hits = hits[owner[hits] == order]
+    hit_h, hit_id = hits // t, hits % t
+    if extra_codes is not None and extra_codes.shape[1]:
+        kv = torch.arange(h) // group
+        extra = (extra_codes[kv] == qcodes[:, None, :]).sum(-1) >= MIN_COLLISIONS  # [H, P]
+        eh, eid = torch.nonzero(extra, as_tuple=True)
+        hit_h, hit_id = torch.cat([hit_h, eh]), torch.cat([hit_id, eid + t])
+    return hit_h, hit_id
+
+
+def inclusion_probability(cos: torch.Tensor, K: int, L: int) -> torch.Tensor:
+    """P(a key at this cosine to the query collides in >= 2 of L tables of K bits):
+    1 - (1-p)^L - L p (1-p)^(L-1) with p = (1 - theta/pi)^K, in float64 (it cancels badly in float32)."""
+    theta = torch.arccos(cos.double().clamp(-1, 1))
+    p = (1 - theta / math.pi) ** K
+    miss = torch.log1p(-p.clamp(max=1 - 1e-12))  # ln(1 - p)
+    return 1 - torch.exp(L * miss) - L * p * torch.exp((L - 1) * miss)
+
+
+def sampled_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mean: torch.Tensor,
+                      heads: torch.Tensor, kv_heads: torch.Tensor, scale: float, K: int, L: int,
+                      num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance-weighted softmax over sampled (head, key) pairs.
+
+    q [H, D]; keys/values [C, D] of the C pairs, heads [C] their query head, kv_heads [C] their KV
+    head (for key_mean [Hkv, D]). Logit q.k * scale - ln(w + eps), with w from the angle between q and
+    the centred key (what was hashed); the raw key gives the score, so lse merges with dense parts.
+    -> out [H, D] float32, lse [H] (natural log; -inf for a head with no sample)."""
+    qf, kf, mean = q.float(), keys.float(), key_mean.float()
+    c = torch.arange(len(heads))
+    # one small matmul gives q.k and k.mean for every pair; the centred key is never materialized
+    prods = kf @ torch.cat([qf, mean]).T  # [C, H + Hkv]
+    qk = prods[c, heads]
+    km = prods[c, num_heads + kv_heads]
+    qm = (qf * mean[torch.arange(num_heads) // (num_heads // mean.shape[0])]).sum(-1)  # [H]
+    centred_sq = (kf * kf).sum(-1) - 2 * km + (mean * mean).sum(-1)[kv_heads]
+    cos = (qk - qm[heads]) / (qf.norm(dim=-1)[heads] * centred_sq.clamp_min(0).sqrt()).clamp_min(1e-12)
+    w = inclusion_probability(cos, K, L)
+    logits = qk * scale - torch.log(w + W_EPS).float()
+    top = torch.full((num_heads,), float("-inf")).scatter_reduce(0, heads, logits, "amax", include_self=True)
+    e = torch.exp(logits - top[heads])
+    weights = torch.zeros(num_heads, len(heads))
+    weights[heads, c] = e
+    total = weights.sum(-1)
+    out = (weights @ values.float()) / total.clamp_min(1e-30)[:, None]
+    return out, top + torch.log(total)

@@ -1,0 +1,17 @@
+"""Exact top-k attention: each query head keeps its k highest-scoring keys. MagicPIG's baseline,
+an oracle of what a key budget can buy (it still scores every key, so it saves no time)."""
+import torch
+
+
+def topk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [H, D] over keys/values [Hkv, T, D] -> out [H, D] float32, lse [H] over each head's top k."""
+    hkv, t, d = keys.shape
+    qg = q.float().view(hkv, -1, d)
+    scores = torch.matmul(qg, keys.float().transpose(1, 2)) * scale  # [Hkv, g, T]
+    top, idx = scores.topk(min(k, t), dim=-1)
+    lse = torch.logsumexp(top, -1)
+    probs = torch.exp(top - lse[..., None])
+    picked = values.float()[torch.arange(hkv)[:, None, None], idx]  # [Hkv, g, k, D]
+    out = (probs[..., None] * picked).sum(-2)
+    return out.reshape(-1, d), lse.reshape(-1)

@@ -1,0 +1,185 @@
+"""kvserve bench longctx: decode cost of each attention policy at long contexts.
+
+2k-8k on the default model (its context limit), 16k/32k on a random-weight Llama with SmolLM2's
+attention shape and a longer rope range (speed does not depend on the weight values). Each
+context is prefilled once with full attention; every policy then decodes from it (a prefix-cache
+hit), so all policies see the same K/V. Reported per decode step: latency, attention time (all
+layers, and per sampled layer, i.e. a layer a policy does not keep dense), share of (query head,
+key) pairs read, and the KV memory the request holds (pages, plus MagicPIG's hash tables).
+"""
+import argparse
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+from kvserve.engine.request import SamplingParams
+
+POLICIES = ["full", "streaming", "magicpig", "topk"]
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lengths", default="2048,4096,8192", help="contexts on the default model ('' for none)")
+    p.add_argument("--long-lengths", default="16384,32768", help="contexts on the random long-rope Llama")
+    p.add_argument("--long-layers", type=int, default=2, help="layers of the random Llama (layer 0 stays dense)")
+    p.add_argument("--policies", nargs="+", default=POLICIES,
+                   help="policies to compare, each as for --attention (e.g. magicpig:K=10,L=150)")
+    p.add_argument("--steps", type=int, default=8, help="decode steps timed per policy and context")
+
+
+class _Timed:
+    """Wraps a backend's run() to add up the seconds each layer spends in attention."""
+
+    def __init__(self, backend):
+        self.by_layer: dict[int, float] = defaultdict(float)
+        inner = backend.run
+
+        def run(layer, q, k, v):
+            start = time.perf_counter()
+            out = inner(layer, q, k, v)
+            self.by_layer[layer] += time.perf_counter() - start
+            return out
+        backend.run = run
+
+
+def random_long_llama(layers: int, max_positions: int, dtype=torch.float32, seed: int = 0):
+    """SmolLM2-135M's shapes (576 wide, 9 query heads and 3 KV heads of 64), a small vocabulary."""
+    from kvserve.config import ModelConfig
+    from kvserve.model.llama import LlamaForCausalLM
+    cfg = ModelConfig("llama", vocab_size=2048, hidden_size=576, intermediate_size=1536, num_layers=layers,
+                      num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=1_000_000.0,
+                      max_position_embeddings=max_positions, eos_token_ids=[0])
+    g = torch.Generator().manual_seed(seed)
+    hidden, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (cfg.vocab_size, hidden)}
+    for i in range(layers):
+        pre = f"model.layers.{i}."
+        shapes |= {pre + "input_layernorm.weight": (hidden,), pre + "post_attention_layernorm.weight": (hidden,),
+                   pre + "self_attn.q_proj.weight": (cfg.num_heads * hd, hidden),
+                   pre + "self_attn.k_proj.weight": (cfg.num_kv_heads * hd, hidden),
+                   pre + "self_attn.v_proj.weight": (cfg.num_kv_heads * hd, hidden),
+                   pre + "self_attn.o_proj.weight": (hidden, cfg.num_heads * hd),
+                   pre + "mlp.gate_proj.weight": (inter, hidden), pre + "mlp.up_proj.weight": (inter, hidden),
+                   pre + "mlp.down_proj.weight": (hidden, inter)}
+    weights = {name: (1 + 0.1 * torch.randn(shape, generator=g)) if "norm" in name
+               else 0.05 * torch.randn(shape, generator=g) for name, shape in shapes.items()}
+    return LlamaForCausalLM.from_weights(cfg, weights, dtype)
+
+
+def measure(engine, prompt: list[int], policy, steps: int, timers: list[_Timed]) -> dict:
+    """One request decoding `steps` tokens from a cached prompt under policy; its first two steps
+    (the prompt's uncached tail, then the first decode, where MagicPIG builds its tables) are
+    reported apart."""
+    pa = engine.runner.policy_attention
+    rid = engine.add_request(prompt, SamplingParams(temperature=0, ignore_eos=True, max_tokens=steps + 2,
+                                                    attention=policy))
+    seq = engine.requests[rid].seqs[0]
+    step_s, attn_s, layer_s, first_s, held, extra, warm = [], [], [], 0.0, 0, 0, 0
+    sampled_layers = range(1, engine.model.config.num_layers)  # layer 0 is dense under every policy
+    while rid in engine.requests:
+        for t in timers:
+            t.by_layer.clear()
+        start = time.perf_counter()
+        outs = engine.step()
+        elapsed = time.perf_counter() - start
+        if any(o.error for o in outs):
+            raise RuntimeError(outs[0].error)
+        by_layer = defaultdict(float)
+        for t in timers:
+            for layer, sec in t.by_layer.items():
+                by_layer[layer] += sec
+        warm += 1
+        if warm <= 2:
+            first_s += elapsed
+            pa.keys_read = pa.keys_total = 0
+        else:
+            step_s.append(elapsed)
+            attn_s.append(sum(by_layer.values()))
+            layer_s.append(sum(by_layer[i] for i in sampled_layers) / max(1, len(sampled_layers)))
+        if not seq.finished:
+            held = max(held, sum(p >= 0 for p in seq.pages))
+            extra = seq.attn_state.nbytes() if seq.attn_state is not None else extra
+    mc = engine.model.config
+    page_bytes = engine.pool.bytes_per_page(mc.num_layers, engine.pool.page_size, mc.num_kv_heads, mc.head_dim,
+                                            engine.pool.k.dtype)
+    n = len(step_s)
+    return {"policy": policy.policy, "step_ms": 1e3 * sum(step_s) / n, "attn_ms": 1e3 * sum(attn_s) / n,
+            "layer_attn_ms": 1e3 * sum(layer_s) / n, "first_step_ms": 1e3 * first_s,
+            "keys_read": pa.keys_read / pa.keys_total if pa.keys_total else 1.0,
+            "kv_mib": (held * page_bytes + extra) / 2**20}
+
+
+def run_contexts(engine, prompts: dict[int, list[int]], policies, steps: int, model_name: str) -> list[dict]:
+    timers = [_Timed(engine.runner.attention), _Timed(engine.runner.policy_attention)]
+    rows = []
+    for length, prompt in prompts.items():
+        print(f"{model_name}: prefilling {length} tokens ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1, attention="full"))
+        while rid in engine.requests:
+            engine.step()
+        print(f"  prefill {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+        for policy in policies:
+            print(f"  {length} tokens, {policy.policy}: {steps} decode steps", file=sys.stderr, flush=True)
+            rows.append({"model": model_name, "context": length} | measure(engine, prompt, policy, steps, timers))
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'model':<14}{'context':>8} {'policy':<10}{'step ms':>9}{'attn ms':>9}{'attn ms/layer':>14}"
+          f"{'keys read':>10}{'KV MiB':>9}{'first 2 ms':>12}")
+    for r in rows:
+        print(f"{r['model']:<14}{r['context']:>8} {r['policy']:<10}{r['step_ms']:>9.2f}{r['attn_ms']:>9.2f}"
+              f"{r['layer_attn_ms']:>14.3f}{100 * r['keys_read']:>9.1f}%{r['kv_mib']:>9.1f}{r['first_step_ms']:>12.0f}")
+    print("magicpig vs full decode attention speed (full time / magicpig time), all layers | per sampled layer:")
+    for (model, length), group in _by_context(rows).items():
+        if "full" in group and "magicpig" in group:
+            f, m = group["full"], group["magicpig"]
+            print(f"  {model} {length}: {f['attn_ms'] / m['attn_ms']:.2f}x | "
+                  f"{f['layer_attn_ms'] / m['layer_attn_ms']:.2f}x")
+
+
+def _by_context(rows):
+    out = {}
+    for r in rows:
+        out.setdefault((r["model"], r["context"]), {})[r["policy"]] = r
+    return out
+
+
+def main(args) -> int:
+    from kvserve.attention.policy import parse_attention
+    from kvserve.cli import engine_config
+    from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
+    from kvserve.engine.engine import Engine, load_tokenizer, resolve_dtype
+    from kvserve.eval.texts import long_text
+    policies = [parse_attention(p) for p in args.policies]
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    long_lengths = [int(x) for x in args.long_lengths.split(",") if x]
+    page, slack = args.page_size, 4 * args.steps + 64
+    rows = []
+    if lengths:
+        args.num_pages = sum(lengths) // page + len(lengths) * (len(policies) + 2) + slack
+        args.max_num_batched_tokens = max(lengths)  # a whole prompt in one step: one causal SDPA
+        engine = Engine(engine_config(args))
+        text = engine.tokenizer.encode(long_text(6 * max(lengths)))
+        if len(text) < max(lengths):
+            raise SystemExit(f"only {len(text)} tokens of text for a {max(lengths)}-token context")
+        # a distinct first token per context, so no context is a cache hit of another; room left
+        # for the decode steps within the model's context
+        prompts = {n: [1000 + i] + text[:min(n, engine.max_model_len - args.steps - 2) - 1]
+                   for i, n in enumerate(lengths)}
+        rows += run_contexts(engine, prompts, policies, args.steps, "default")
+        del engine
+    if long_lengths:
+        model = random_long_llama(args.long_layers, max(long_lengths) + slack, resolve_dtype(args.dtype, "cpu"))
+        cfg = EngineConfig(dtype=args.dtype, threads=args.threads,
+                           cache=CacheConfig(page, sum(long_lengths) // page + slack * len(long_lengths)),
+                           scheduler=SchedulerConfig(max(long_lengths), 4))
+        engine = Engine(cfg, model=model, tokenizer=load_tokenizer(None))
+        g = torch.Generator().manual_seed(0)
+        prompts = {n: torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in long_lengths}
+        rows += run_contexts(engine, prompts, policies, args.steps, f"random-{args.long_layers}L")
+    print_table(rows)
+    return 0

@@ -1,0 +1,155 @@
+"""Sparse decode attention: policy parsing, MagicPIG's tables and estimator, top-k, streaming windows."""
+import pytest
+import torch
+
+from kvserve.attention.merge import attention_with_lse
+from kvserve.attention.metadata import AttentionMetadata
+from kvserve.attention.policy import AttentionPolicy, parse_attention
+from kvserve.attention.sparse import magicpig
+from kvserve.attention.sparse.backend import PolicyAttention
+from kvserve.attention.sparse.streaming import droppable_pages, kept_positions
+from kvserve.attention.sparse.topk import topk_attention
+from kvserve.attention.torch_ref import TorchRefAttention
+from kvserve.kv.pool import PagePool
+
+H, HKV, D = 4, 2, 16
+
+
+def test_policy_parsing():
+    assert parse_attention(None).policy == "full"
+    assert parse_attention("streaming") == AttentionPolicy("streaming", window=1020)
+    p = parse_attention("magicpig:K=8,L=100,dense_layers=0;3")
+    assert (p.K, p.L, p.window, p.dense_layers) == (8, 100, 64, (0, 3))
+    p = parse_attention({"policy": "magicpig", "K": 10, "L": 150, "sink": 4, "window": 64})
+    assert p == parse_attention('{"policy": "magicpig"}')
+    assert parse_attention({"policy": "topk", "k": 7, "dense_layers": []}).dense_layers == ()
+    for bad in ["nope", "magicpig:K=0", "magicpig:L", {"policy": "topk", "budget": 1}, {"K": 3}, 5,
+                {"policy": "streaming", "window": -1}, {"policy": "magicpig", "dense_layers": "x"}, "{bad json"]:
+        with pytest.raises(ValueError):
+            parse_attention(bad)
+
+
+def _codes(hkv, t, L, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 1 << K, (hkv, t, L), generator=g, dtype=torch.int16)
+
+
+@pytest.mark.parametrize("K", [2, 4])
+def test_bucket_tables_find_every_brute_force_candidate(K):
+    L, t, group = 12, 300, H // HKV
+    codes = _codes(HKV, t, L, K)
+    extra = _codes(HKV, 9, L, K, seed=1)
+    qcodes = torch.randint(0, 1 << K, (H, L))
+    tables = magicpig.BucketTables.build(codes, K)
+    heads, ids = magicpig.candidates(tables, qcodes, group, extra)
+    found = set(zip(heads.tolist(), ids.tolist()))
+    every = torch.cat([codes, extra], 1)[torch.arange(H) // group]  # [H, T + 9, L]
+    brute = torch.nonzero((every == qcodes[:, None, :]).sum(-1) >= 2).tolist()
+    assert found == {tuple(x) for x in brute}
+    assert len(ids) == len(found)  # no pair twice
+
+
+def _full(q, keys, values, scale):
+    out, lse = attention_with_lse(q.view(HKV, -1, 1, D), keys[:, None], values[:, None], scale)
+    return out.reshape(H, D), lse.reshape(H)
+
+
+def _sampled(q, keys, values, K, L, seed):
+    """MagicPIG over all keys (no dense part), as the backend computes it."""
+    proj = magicpig.projections(D, K, L, seed, 0)
+    mean = keys.mean(1)
+    tables = magicpig.BucketTables.build(magicpig.simhash(keys - mean[:, None], proj, K, L), K)
+    heads, ids = magicpig.candidates(tables, magicpig.simhash(q, proj, K, L), H // HKV)
+    kv = heads // (H // HKV)
+    return magicpig.sampled_attention(q, keys[kv, ids], values[kv, ids], mean, heads, kv, D ** -0.5, K, L, H), ids
+
+
+def test_magicpig_equals_full_when_every_key_is_a_candidate():
+    torch.manual_seed(0)
+    q, keys, values = torch.randn(H, D), torch.randn(HKV, 200, D), torch.randn(HKV, 200, D)
+    (out, lse), ids = _sampled(q, keys, values, K=1, L=2000, seed=0)
+    assert len(ids) == H * 200
+    full, full_lse = _full(q, keys, values, D ** -0.5)
+    assert (out - full).abs().max() < 1e-4
+    assert (lse - (full_lse - torch.log(torch.tensor(1 + magicpig.W_EPS)))).abs().max() < 1e-4
+
+
+def test_magicpig_estimate_is_unbiased():
+    """Over many hash draws, the importance-weighted sums average to the full ones, although each
+    draw samples only a few percent of the keys."""
+    torch.manual_seed(1)
+    keys, values = torch.randn(HKV, 512, D), torch.randn(HKV, 512, D)
+    q = 2.5 * torch.nn.functional.normalize(keys[torch.arange(H) // (H // HKV), torch.arange(H) * 7], dim=-1) * D ** 0.5
+    q = q + torch.randn(H, D)
+    full, full_lse = _full(q, keys, values, D ** -0.5)
+    z = torch.exp(full_lse)
+    zs, nums, fraction = [], [], []
+    for seed in range(300):
+        (out, lse), ids = _sampled(q, keys, values, K=10, L=150, seed=seed)
+        zs.append(torch.exp(lse.double()))
+        nums.append(out.double() * torch.exp(lse.double())[:, None])
+        fraction.append(len(ids) / (H * 512))
+    z_mean = torch.stack(zs).mean(0)
+    out_mean = torch.stack(nums).mean(0) / z_mean[:, None]
+    assert sum(fraction) / len(fraction) < 0.2
+    # eps in ln(w + eps) biases down a little the weight of keys seldom sampled
+    assert ((z_mean - z) / z).abs().max() < 0.05, ((z_mean - z) / z)
+    assert ((out_mean - full).norm(dim=-1) / full.norm(dim=-1)).max() < 0.1
+
+
+def test_topk_with_every_key_is_full():
+    torch.manual_seed(2)
+    q, keys, values = torch.randn(H, D), torch.randn(HKV, 50, D), torch.randn(HKV, 50, D)
+    out, lse = topk_attention(q, keys, values, 50, D ** -0.5)
+    full, full_lse = _full(q, keys, values, D ** -0.5)
+    assert (out - full).abs().max() < 1e-5 and (lse - full_lse).abs().max() < 1e-5
+    out, _ = topk_attention(q, keys, values, 5, D ** -0.5)
+    assert (out - full).abs().max() > 1e-3
+
+
+def test_streaming_never_reads_a_dropped_page():
+    sink, window, page = 4, 10, 4
+    for next_len in range(1, 60):
+        dropped = droppable_pages(next_len, sink, window, page)
+        for kv_len in range(next_len, next_len + 30):
+            kept = kept_positions(kv_len, sink, window)
+            assert kv_len - 1 in kept.tolist() and len(kept) == min(kv_len, sink + window)
+            assert not set((kept // page).tolist()) & set(dropped)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_policy_backend_decode_matches_full_when_nothing_is_dropped(page_size):
+    """One step: a full decode, a prefill chunk, and magicpig/topk/streaming decodes whose budgets
+    cover every key, over scattered pages, against the dense backend alone."""
+    torch.manual_seed(3)
+    kv_lens = [40, 30, 50, 45, 37]
+    q_lens = [1, 6, 1, 1, 1]
+    pages_needed = [-(-n // page_size) for n in kv_lens]
+    pool = PagePool(2, sum(pages_needed) + 3, page_size, HKV, D)
+    free = pool.allocate(sum(pages_needed) + 3)
+    free = free[::-1]
+    tables = [[free.pop() for _ in range(n)] for n in pages_needed]
+    for layer in range(2):
+        pool.k[layer].normal_()
+        pool.v[layer].normal_()
+    q = torch.randn(sum(q_lens), H, D)
+    k, v = torch.randn(sum(q_lens), HKV, D), torch.randn(sum(q_lens), HKV, D)
+    meta = AttentionMetadata.build(q_lens, tables, kv_lens, page_size)
+    ref = TorchRefAttention(pool, H, D)
+    ref.plan(meta)
+    expected = [ref.run(layer, q, k, v) for layer in range(2)]
+
+    class Seq:
+        def __init__(self, pages, policy, prompt):
+            self.pages, self.params, self.num_prompt_tokens, self.attn_state = pages, None, prompt, None
+            self.policy = policy
+    policies = [parse_attention("magicpig:K=1,L=2000,window=3,dense_layers=0"),
+                parse_attention("topk:k=1000,window=2"), parse_attention("streaming:sink=4,window=4096")]
+    seqs = [Seq(tables[i + 2], p, kv_lens[i + 2] - 1) for i, p in enumerate(policies)]
+    dense_meta = AttentionMetadata.build(q_lens[:2], tables[:2], kv_lens[:2], page_size)
+    backend = PolicyAttention(TorchRefAttention(pool, H, D), pool, H, D)
+    backend.plan(dense_meta, torch.arange(7), [(7 + i, s, kv_lens[i + 2]) for i, s in enumerate(seqs)])
+    for layer in range(2):
+        out = backend.run(layer, q, k, v)
+        assert (out - expected[layer]).abs().max() < 1e-4, layer
+    assert seqs[0].attn_state is not None and 1 in seqs[0].attn_state.layers
