@@ -8,6 +8,7 @@ Two formats, each matching one of PyTorch's packed CPU kernels:
 GGUF Q4_0, Q4_1 and Q8_0 blocks are exactly such groups of 32, so they are taken over bit for
 bit; any other weight is quantized here from its float values.
 """
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,10 +107,22 @@ def from_gguf_blocks(data: np.ndarray, type_name: str, shape: tuple[int, int]) -
     return QuantizedTensor("int4", torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m))
 
 
-def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Inverse of `_convert_weight_to_int4pack_for_cpu`: in each block of 64 output rows, byte
-    (k, j) holds row j of column k in its low nibble and row 32 + j in its high nibble."""
-    b = packed.view(n // 64, k, 32)
+@functools.cache
+def _int4_pack_block() -> int | None:
+    """Rows per block of `_convert_weight_to_int4pack_for_cpu`'s layout, which follows the CPU's ISA
+    (64 with AVX-512, 32 with AVX2), found by packing a probe; None if no known layout matches."""
+    q = torch.randint(0, 16, (128, 32), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    for block in (64, 32, 16):
+        if torch.equal(_unpack_int4(packed, 128, 32, block).int(), q):
+            return block
+    return None
+
+
+def _unpack_int4(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    """Inverse of `_convert_weight_to_int4pack_for_cpu`: in each block of `block` output rows, byte
+    (k, j) holds row j of column k in its low nibble and row block/2 + j in its high nibble."""
+    b = packed.view(n // block, k, block // 2)
     return torch.cat([b & 15, b >> 4], -1).transpose(1, 2).reshape(n, k)
 
 
@@ -145,13 +158,17 @@ class QuantizedLinear(nn.Module):
             y = nn.functional.linear(x2, self.weight_q)
         elif self.kind == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_q, self.scales)
-        elif x2.shape[0] >= INT4_DENSE_MIN_ROWS and self.out_features % 64 == 0:
+        elif x2.shape[0] >= INT4_DENSE_MIN_ROWS and self.can_unpack():
             y = nn.functional.linear(x2, self.dense_weight())
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_q, self.group, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).view(*lead, self.out_features)
+
+    def can_unpack(self) -> bool:
+        block = _int4_pack_block()
+        return block is not None and self.out_features % block == 0
 
     def dense_weight(self) -> torch.Tensor:
         """The bf16 weight [N, K], rebuilt from the packed form (int4) or the int8 rows."""
@@ -160,7 +177,7 @@ class QuantizedLinear(nn.Module):
         if self.kind == "int8":
             return self.weight_q.to(torch.bfloat16) * self.scales[:, None]
         n, k = self.out_features, self.in_features
-        q = _unpack_int4(self.weight_q, n, k).view(n, k // self.group, self.group).to(torch.bfloat16)
+        q = _unpack_int4(self.weight_q, n, k, _int4_pack_block()).view(n, k // self.group, self.group).to(torch.bfloat16)
         scale, zero = self.scales[..., 0].t()[..., None], self.scales[..., 1].t()[..., None]
         return ((q - 8) * scale + zero).view(n, k)
 
