@@ -150,6 +150,11 @@ class QuantizedLinear(nn.Module):
             zeros = qt.min + 8 * qt.scale
             self.register_buffer("scales", torch.stack([qt.scale.t(), zeros.t()], -1).to(bf16).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # for many rows the weight is unpacked (where the packed layout is known) and multiplied in
+        # bf16 if the CPU has native bf16, else in the activations' dtype (emulated bf16 is slow)
+        block = _int4_pack_block() if self.kind == "int4" else None
+        self.unpack_block = block if block and self.out_features % block == 0 else None
+        self.native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
@@ -158,27 +163,24 @@ class QuantizedLinear(nn.Module):
             y = nn.functional.linear(x2, self.weight_q)
         elif self.kind == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_q, self.scales)
-        elif x2.shape[0] >= INT4_DENSE_MIN_ROWS and self.can_unpack():
-            y = nn.functional.linear(x2, self.dense_weight())
+        elif x2.shape[0] >= INT4_DENSE_MIN_ROWS and self.unpack_block:
+            dtype = torch.bfloat16 if self.native_bf16 else x.dtype
+            y = nn.functional.linear(x.reshape(-1, k).to(dtype), self.dense_weight(dtype))
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_q, self.group, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).view(*lead, self.out_features)
 
-    def can_unpack(self) -> bool:
-        block = _int4_pack_block()
-        return block is not None and self.out_features % block == 0
-
-    def dense_weight(self) -> torch.Tensor:
-        """The bf16 weight [N, K], rebuilt from the packed form (int4) or the int8 rows."""
+    def dense_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The weight [N, K] in `dtype`, rebuilt from the packed form (int4) or the int8 rows."""
         if self.kind == "bf16":
-            return self.weight_q
+            return self.weight_q.to(dtype)
         if self.kind == "int8":
-            return self.weight_q.to(torch.bfloat16) * self.scales[:, None]
+            return self.weight_q.to(dtype) * self.scales[:, None].to(dtype)
         n, k = self.out_features, self.in_features
-        q = _unpack_int4(self.weight_q, n, k, _int4_pack_block()).view(n, k // self.group, self.group).to(torch.bfloat16)
-        scale, zero = self.scales[..., 0].t()[..., None], self.scales[..., 1].t()[..., None]
+        q = _unpack_int4(self.weight_q, n, k, self.unpack_block).view(n, k // self.group, self.group).to(dtype)
+        scale, zero = self.scales[..., 0].t()[..., None].to(dtype), self.scales[..., 1].t()[..., None].to(dtype)
         return ((q - 8) * scale + zero).view(n, k)
 
     def extra_repr(self) -> str:

@@ -40,7 +40,10 @@ def test_compiled_int4_model_gives_eager_logits(tmp_path):
     for chunk, n in ((None, 300), (7, 21), (1, 12)):
         expected = paged_logits(model, ids[:n], chunk=chunk)
         got = paged_logits(compiled, ids[:n], chunk=chunk)
-        torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
+        # logits near the top are rescored in fp32, the rest keep the int8 kernel's bf16 rounding
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+        torch.testing.assert_close(got.amax(-1), expected.amax(-1), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
 
 
 def test_compiled_engine_generates_what_eager_does(tiny_model, smollm2_tokenizer):
