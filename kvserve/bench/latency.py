@@ -35,6 +35,8 @@ def run_worker(python: str, engine: str, args, model: str, prompts) -> dict:
 
 
 def main(args) -> int:
+    import torch
+
     from kvserve.engine.engine import load_tokenizer
     from kvserve.model.loader import resolve_model_path
     model = str(resolve_model_path(args.model))
@@ -42,7 +44,8 @@ def main(args) -> int:
     vocab = load_tokenizer(args.model).vocab_size
     short, long = (random_prompts(1, n, vocab, seed=i)[0] for i, n in ((1, args.prompt_len), (2, args.long_prompt_len)))
     print(f"single stream: {args.prompt_len}-token prompt -> {args.output_len} tokens; prompt processing: "
-          f"{args.long_prompt_len} tokens; {args.threads} threads; {Path(model).name} "
+          f"{args.long_prompt_len} tokens; {args.threads} threads ({torch.backends.cpu.get_cpu_capability()}); "
+          f"{Path(model).name} "
           f"({Path(model).stat().st_size / 2**20:.0f} MiB)")
     results = [run_worker(sys.executable, "kvserve", args, model, [short, long])]
     if args.peer == "llama.cpp":

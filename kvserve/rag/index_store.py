@@ -17,6 +17,7 @@ import re
 import shutil
 import sys
 import uuid
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -56,6 +57,9 @@ class IndexStore:
         self.nlist = len(self.centroids)
         self._vec_fd = os.open(self.path / "vectors.f32", os.O_RDONLY)
         self._ids_fd = os.open(self.path / "ids.i64", os.O_RDONLY)
+        # a version replaced by a rebuild is dropped, not closed (searches may still run on it):
+        # its descriptors go when the last of them lets go
+        self._release = weakref.finalize(self, _close_all, self._vec_fd, self._ids_fd)
         self.chunks = ChunkStore(self.path)
 
     def cluster_rows(self, c: int) -> int:
@@ -88,8 +92,7 @@ class IndexStore:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
-        for fd in (self._vec_fd, self._ids_fd):
-            os.close(fd)
+        self._release()
         self.chunks.close()
 
 
@@ -97,6 +100,7 @@ class ChunkStore:
     def __init__(self, path: Path):
         self.offsets = np.load(path / "chunk_offsets.npy")
         self._fd = os.open(path / "chunks.jsonl", os.O_RDONLY)
+        self.close = weakref.finalize(self, os.close, self._fd)  # called or collected: closed once
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -105,8 +109,11 @@ class ChunkStore:
         start, end = int(self.offsets[chunk_id]), int(self.offsets[chunk_id + 1])
         return json.loads(_pread_all(self._fd, end - start, start))
 
-    def close(self) -> None:
-        os.close(self._fd)
+
+
+def _close_all(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _pread_all(fd: int, n: int, offset: int) -> bytes:

@@ -59,6 +59,35 @@ def test_build_add_and_search(tmp_path):
     assert "red spot" in coll.store.chunks.get(top.ids[0])["text"]
 
 
+def test_a_replaced_version_lets_go_of_its_files(tmp_path):
+    import gc
+    import os
+
+    from kvserve.rag.builder import build_collection
+    from kvserve.rag.collections import CollectionRegistry
+    from kvserve.rag.embedder import HashEmbedder
+    docs, root, emb = write_docs(tmp_path / "docs"), tmp_path / "index", HashEmbedder(64)
+    registry = CollectionRegistry(root)
+
+    def build_and_search():
+        build_collection([docs / "fruit.txt"], "kb", root, emb, chunk_words=12, overlap=4, progress=False)
+        coll = registry.get("kb")
+        coll.searcher.search(emb.encode(["apples"])[0], 1, nprobe=coll.store.nlist)
+        return coll.version
+
+    def open_files():
+        gc.collect()
+        return len(os.listdir("/proc/self/fd"))
+
+    versions = [build_and_search()]
+    before = open_files()
+    for _ in range(3):
+        versions.append(build_and_search())
+    assert len(set(versions)) == 4  # each build swapped in a new version
+    assert open_files() == before
+    registry.close()
+
+
 def test_crash_mid_build_keeps_previous_version(tmp_path):
     from kvserve.rag.builder import build_collection
     from kvserve.rag.embedder import HashEmbedder
