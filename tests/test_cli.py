@@ -61,3 +61,18 @@ def test_bad_attention_is_a_usage_error():
     r = kvserve("generate", "hi", "--attention", "magicpig:K=99")
     assert r.returncode == 2 and "--attention" in r.stderr and "K must be" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_bench_longctx_runs_small():
+    r = kvserve("bench", "longctx", "--lengths", "", "--long-lengths", "320", "--steps", "3")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[2]: line.split() for line in r.stdout.splitlines() if line.startswith("random-2L")}
+    assert set(rows) == {"full", "streaming", "magicpig", "topk"}
+    assert rows["full"][6] == "100.0%" and float(rows["magicpig"][6].rstrip("%")) < 100
+
+
+def test_eval_longctx_runs_small(smollm2_path):
+    r = kvserve("eval", "longctx", "--lengths", "512", "--trials", "1", "--ppl-context", "256",
+                "--ppl-tokens", "4", "--policies", "streaming")
+    assert r.returncode == 0, r.stderr
+    assert "passkey retrieval" in r.stdout and "top-1 agree" in r.stdout

@@ -131,7 +131,7 @@ class ErrorProbe:
                 pages = torch.tensor(d.seq.pages, dtype=torch.long)
                 pos = torch.arange(d.kv_len)
                 slots = pages[pos // pa.pool.page_size] * pa.pool.page_size + pos % pa.pool.page_size
-                ref, _ = pa._dense(q[d.row], pa.pool.k[layer], pa.pool.v[layer], slots)
+                ref, _ = pa._dense(q[d.row], *pa._gather_slots(pa.pool.k[layer], pa.pool.v[layer], slots))
                 self.errors[layer].append(((out[d.row].float() - ref).norm() / ref.norm()).item())
             return out
         pa.run = run

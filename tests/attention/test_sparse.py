@@ -127,7 +127,7 @@ def test_policy_backend_decode_matches_full_when_nothing_is_dropped(page_size):
     pages_needed = [-(-n // page_size) for n in kv_lens]
     pool = PagePool(2, sum(pages_needed) + 3, page_size, HKV, D)
     free = pool.allocate(sum(pages_needed) + 3)
-    free = free[::-1]
+    free = [free[i] for i in torch.randperm(len(free)).tolist()]  # no sequence's pages in order
     tables = [[free.pop() for _ in range(n)] for n in pages_needed]
     for layer in range(2):
         pool.k[layer].normal_()

@@ -45,8 +45,8 @@ class _SparseDecode:
     policy: AttentionPolicy
     kv_len: int
     new_slot: torch.Tensor  # [1]
-    dense_slots: torch.Tensor  # slots read densely (all of them in a dense layer: see all_slots)
-    all_slots: torch.Tensor | None  # every position's slot (magicpig/topk dense layers)
+    dense_slots: torch.Tensor  # slots read densely in a sampled layer (all of them in a dense one)
+    all_pages: torch.Tensor | None  # the pages of every position (magicpig/topk dense layers)
     sampled_slots: torch.Tensor | None  # positions [start, end) sampled by magicpig/topk
 
 
@@ -86,7 +86,7 @@ class PolicyAttention:
             state = seq.attn_state
             if state is None or state.start != start:
                 state = seq.attn_state = MagicPIGState(start, end)
-        return _SparseDecode(row, seq, policy, kv_len, new_slot, slots(dense), slots(torch.arange(kv_len)),
+        return _SparseDecode(row, seq, policy, kv_len, new_slot, slots(dense), pages[:-(-kv_len // page)],
                              slots(torch.arange(start, end)) if end > start else None)
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -105,9 +105,12 @@ class PolicyAttention:
     def _decode(self, layer: int, d: _SparseDecode, q: torch.Tensor, k_cache, v_cache) -> torch.Tensor:
         h, kv_len = self.num_heads, d.kv_len
         sparse_layer = d.sampled_slots is not None and layer not in d.policy.dense_layers
-        slots = d.dense_slots if d.all_slots is None or sparse_layer else d.all_slots
-        out, lse = self._dense(q, k_cache, v_cache, slots)
-        read = len(slots) * h
+        if d.all_pages is None or sparse_layer:
+            out, lse = self._dense(q, *self._gather_slots(k_cache, v_cache, d.dense_slots))
+            read = len(d.dense_slots) * h
+        else:
+            out, lse = self._dense(q, *self._gather_pages(k_cache, v_cache, d.all_pages, kv_len))
+            read = kv_len * h
         if sparse_layer:
             if d.policy.policy == "magicpig":
                 out_s, lse_s, n = self._magicpig(layer, d, q, k_cache, v_cache)
@@ -121,15 +124,28 @@ class PolicyAttention:
         self.keys_total += kv_len * h
         return out
 
-    def _dense(self, q, k_cache, v_cache, slots) -> tuple[torch.Tensor, torch.Tensor]:
-        hkv, d = k_cache.shape[0], k_cache.shape[2]
+    @staticmethod
+    def _gather_slots(k_cache, v_cache, slots) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(slots)
         low, high = torch.aminmax(slots)
         if int(high - low) == n - 1:  # distinct slots filling a range (a fresh pool's pages): a view
             start = int(low)
-            kd, vd = k_cache[:, start:start + n], v_cache[:, start:start + n]
-        else:
-            kd, vd = k_cache.index_select(1, slots), v_cache.index_select(1, slots)
+            return k_cache[:, start:start + n], v_cache[:, start:start + n]
+        return k_cache.index_select(1, slots), v_cache.index_select(1, slots)
+
+    def _gather_pages(self, k_cache, v_cache, pages, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first kv_len positions held by `pages`, copied a page at a time (3x faster than a
+        slot at a time), or a view where the pages are consecutive."""
+        page = self.pool.page_size
+        if bool((pages.diff() == 1).all()):
+            first = int(pages[0])
+            return k_cache[:, first * page:first * page + kv_len], v_cache[:, first * page:first * page + kv_len]
+        hkv, d = k_cache.shape[0], k_cache.shape[2]
+        return tuple(c.view(hkv, -1, page * d).index_select(1, pages).view(hkv, -1, d)[:, :kv_len]
+                     for c in (k_cache, v_cache))
+
+    def _dense(self, q, kd, vd) -> tuple[torch.Tensor, torch.Tensor]:
+        hkv, d = kd.shape[0], kd.shape[2]
         # [Hkv, group, D] against [Hkv, n, D]: batched matmuls, no broadcast copies of K/V
         out, lse = attention_with_lse(q.view(hkv, -1, d), kd.to(q.dtype), vd.to(q.dtype), self.scale)
         return out.reshape(-1, d).float(), lse.reshape(-1)

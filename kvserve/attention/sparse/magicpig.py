@@ -62,14 +62,20 @@ class BucketTables:
         h = qcodes.shape[0]
         table = (torch.arange(h) // group)[:, None] * L + torch.arange(L)  # [H, L]
         flat_offsets = self.offsets.view(-1, self.offsets.shape[-1])
-        starts = flat_offsets[table, qcodes]
-        lens = (flat_offsets[table, qcodes + 1] - starts).flatten()
+        starts = flat_offsets[table, qcodes].flatten()
+        lens = flat_offsets[table, qcodes + 1].flatten() - starts
+        seg_start = torch.cumsum(lens, 0) - lens  # where each bucket lands in the output
         total = int(lens.sum())
-        first = (table * t + starts).flatten()  # where each bucket begins in the flat ids
-        seg_start = torch.cumsum(lens, 0) - lens
-        pos = torch.repeat_interleave(first - seg_start, lens, output_size=total) + torch.arange(total)
+        # segment of each output entry: a mark at each non-empty bucket's start, summed up
+        # (repeat_interleave is ~10x slower at this size)
+        nonempty = torch.nonzero(lens).flatten()
+        marks = torch.zeros(total, dtype=torch.int32)
+        marks[seg_start[nonempty]] = 1
+        seg = nonempty[torch.cumsum(marks, 0) - 1]
+        # entry j of bucket s sits at flat (table, starts[s] + j - seg_start[s]) in the sorted ids
+        pos = (table.flatten() * t + starts - seg_start)[seg] + torch.arange(total)
         ids = self.sorted_ids.view(-1)[pos]
-        heads = torch.repeat_interleave(torch.arange(h), lens.view(h, L).sum(1), output_size=total)
+        heads = seg // L
         return ids, heads
 
 
