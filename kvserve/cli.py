@@ -139,26 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=rag_commands.cmd_ask)
     bench = sub.add_parser("bench", help="benchmarks that run a peer engine beside kvserve")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    p = bench_sub.add_parser("throughput", help="offline batch throughput vs transformers or vLLM")
-    add_engine_args(p)
-    from kvserve.bench import throughput
-    throughput.add_args(p)
-    p.set_defaults(func=throughput.main)
-    p = bench_sub.add_parser("latency", help="single-stream decode, prompt processing, TTFT and RSS vs llama.cpp")
-    add_engine_args(p)
-    from kvserve.bench import latency
-    latency.add_args(p)
-    p.set_defaults(func=latency.main)
-    p = bench_sub.add_parser("rag", help="HyDE RAG latency with lookahead prefetching on vs off")
-    add_engine_args(p, positional_model=False)
-    from kvserve.bench import rag as bench_rag
-    bench_rag.add_args(p)
-    p.set_defaults(func=bench_rag.main)
-    p = bench_sub.add_parser("longctx", help="decode cost of each attention policy at 2k-32k contexts")
-    add_engine_args(p)
-    from kvserve.bench import longctx
-    longctx.add_args(p)
-    p.set_defaults(func=longctx.main)
+    from kvserve.bench import latency, longctx, rag as bench_rag, throughput
+    for name, module, help_text, positional_model in (
+            ("throughput", throughput, "offline batch throughput vs transformers or vLLM", True),
+            ("latency", latency, "single-stream decode, prompt processing, TTFT and RSS vs llama.cpp", True),
+            ("rag", bench_rag, "HyDE RAG latency with lookahead prefetching on vs off", False),
+            ("longctx", longctx, "decode cost of each attention policy at 2k-32k contexts", True)):
+        p = bench_sub.add_parser(name, help=help_text)
+        add_engine_args(p, positional_model=positional_model)
+        module.add_args(p)
+        p.set_defaults(func=module.main)
     p = bench_sub.add_parser("serve", help="load generator for any OpenAI-compatible server")
     from kvserve.bench import serve as bench_serve
     bench_serve.add_args(p)

@@ -1,14 +1,11 @@
 """One live server for the whole server suite: the tiny random Llama (SmolLM2's tokenizer) behind
 uvicorn on 127.0.0.1, in a background thread, with small limits the tests run into on purpose."""
-import threading
-import time
 from dataclasses import dataclass
 
 import httpx
 import pytest
-import uvicorn
 
-from server_util import API_KEY, MAX_BODY_BYTES, MAX_N, MAX_TOKENS_LIMIT, MODEL
+from server_util import API_KEY, MAX_BODY_BYTES, MAX_N, MAX_TOKENS_LIMIT, MODEL, start_uvicorn
 
 
 @dataclass
@@ -24,19 +21,6 @@ class LiveServer:
 
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {API_KEY}"}
-
-
-def start_uvicorn(app) -> tuple[uvicorn.Server, threading.Thread, str]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not (server.started and server.servers):
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return server, thread, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")

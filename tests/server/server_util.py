@@ -1,4 +1,5 @@
-"""Helpers of the server tests that read the live server's state."""
+"""Helpers of the server tests: starting a server, reading the live server's state."""
+import threading
 import time
 
 API_KEY = "test-key"
@@ -21,3 +22,18 @@ def wait_idle(engine, timeout: float = 5.0) -> float:
         assert time.monotonic() - start < timeout, f"engine still busy: {list(engine.requests)}"
         time.sleep(0.002)
     return time.monotonic() - start
+
+
+def start_uvicorn(app) -> tuple[object, threading.Thread, str]:
+    """uvicorn serving app on a free port of 127.0.0.1 in a daemon thread -> (server, thread, url)."""
+    import uvicorn
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (server.started and server.servers):
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return server, thread, f"http://127.0.0.1:{port}"

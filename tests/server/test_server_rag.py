@@ -1,15 +1,12 @@
 """RAG over the API: /v1/retrieve and chat completions with a `rag` field (through the official
 openai client's extra_body), on a tiny collection indexed with the hashing embedder."""
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from server_util import API_KEY, MODEL, wait_idle
+from server_util import API_KEY, MODEL, start_uvicorn, wait_idle
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "rag"))
 from rag_util import write_docs  # noqa: E402
@@ -31,15 +28,8 @@ def rag_server(server_engine, tmp_path_factory):
     engine, async_engine = server_engine
     config = ServerConfig(model_name=MODEL, api_key=API_KEY, index_dir=str(tmp / "index"), rag_cache_mb=0.002,
                           rag_nprobe=2, rag_prefetch_nprobe=3)
-    server = uvicorn.Server(uvicorn.Config(build_app(async_engine, config, shutdown_engine=False), host="127.0.0.1",
-                                           port=0, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not (server.started and server.servers):
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", engine
+    server, thread, url = start_uvicorn(build_app(async_engine, config, shutdown_engine=False))
+    yield url, engine
     server.should_exit = True
     thread.join(10)
 
