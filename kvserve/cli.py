@@ -3,6 +3,7 @@ import argparse
 import sys
 
 from kvserve.model.loader import ModelLoadError
+from kvserve.process import tune_malloc
 
 
 def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -> None:
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    tune_malloc()
     try:
         return args.func(args)
     except ModelLoadError as e:
