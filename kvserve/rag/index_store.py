@@ -110,7 +110,6 @@ class ChunkStore:
         return json.loads(_pread_all(self._fd, end - start, start))
 
 
-
 def _close_all(*fds: int) -> None:
     for fd in fds:
         os.close(fd)
