@@ -23,6 +23,16 @@ class ServerMetrics:
                               buckets=_TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram("kvserve_e2e_request_latency_seconds", "Arrival to last token",
                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.rag_retrievals = Counter("kvserve_rag_retrievals", "RAG retrievals (/v1/retrieve and RAG chats)",
+                                      registry=r)
+        self.rag_seconds = Histogram("kvserve_rag_retrieval_seconds", "Embedding, HyDE passage and IVF search",
+                                     buckets=_LATENCY_BUCKETS, registry=r)
+        self.rag_search = Histogram("kvserve_rag_search_seconds", "IVF search alone", buckets=_LATENCY_BUCKETS,
+                                    registry=r)
+        self.rag_hits = Counter("kvserve_rag_cluster_hits", "IVF clusters a search found in the RAM cache", registry=r)
+        self.rag_misses = Counter("kvserve_rag_cluster_misses", "IVF clusters a search read from disk", registry=r)
+        self.rag_prefetched = Counter("kvserve_rag_prefetched_clusters",
+                                      "IVF clusters read ahead by lookahead prefetching", registry=r)
         gauges = {
             "kvserve_requests_running": ("Requests with a sequence in the running batch", self._running),
             "kvserve_requests_waiting": ("Requests waiting to be scheduled", self._waiting),
@@ -57,6 +67,15 @@ class ServerMetrics:
         """The tokens of a request stopped early (client gone, shutdown) were worked on too."""
         self.prompt_tokens.inc(len(out.prompt_token_ids))
         self.generation_tokens.inc(sum(len(o.token_ids) for o in out.outputs))
+
+    def observe_retrieval(self, timings: dict, cache: dict) -> None:
+        """One RAG retrieval, from its `timings` and `cache` reports."""
+        self.rag_retrievals.inc()
+        self.rag_seconds.observe(timings["total_s"])
+        self.rag_search.observe(timings["search_s"])
+        self.rag_hits.inc(cache["hits"])
+        self.rag_misses.inc(cache["misses"])
+        self.rag_prefetched.inc(cache.get("prefetched") or 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -38,6 +38,7 @@ class RagServing:
         coll = await self.collection(body.collection)
         opts = RagOptions(top_k=body.top_k, pipeline="plain", lookahead=False, nprobe=body.nprobe or self.nprobe)
         got = await retrieve(coll, body.query, opts)
+        self.serving.metrics.observe_retrieval(got.timings, got.cache)
         return RetrieveResponse(collection=body.collection, data=[RetrievedChunk(**c) for c in got.chunks],
                                 cache={k: v for k, v in got.cache.items() if k in ("hits", "misses")})
 
@@ -56,6 +57,7 @@ class RagServing:
             got = await retrieve(coll, question, opts, self.generate)
         except ValueError as e:  # the engine refused the HyDE prompt (too long, ...)
             raise OpenAIError(str(e), param="messages") from None
+        self.serving.metrics.observe_retrieval(got.timings, got.cache)
         augmented = body.model_copy(update={"rag": None, "messages": [
             type(body.messages[0]).model_validate(m) for m in with_context(messages, got.chunks)]})
         info = {"collection": o.collection, "pipeline": o.pipeline, "lookahead": o.lookahead} | got.summary()

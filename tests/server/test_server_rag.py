@@ -6,7 +6,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_util import API_KEY, MODEL, start_uvicorn, wait_idle
+from server_util import API_KEY, MODEL, metrics, start_uvicorn, wait_idle
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "rag"))
 from rag_util import write_docs  # noqa: E402
@@ -49,6 +49,17 @@ def test_retrieve(rag_http):
     assert top["source"].endswith("space.md") and "Phobos" in top["text"]
     assert top["score"] >= body["data"][1]["score"]
     assert body["cache"]["hits"] + body["cache"]["misses"] == 2
+
+
+def test_retrievals_show_in_metrics(rag_http):
+    before = metrics(rag_http)
+    for _ in range(2):
+        assert rag_http.post("/v1/retrieve", json={"collection": "kb", "query": QUESTION, "top_k": 2}).status_code == 200
+    after = metrics(rag_http)
+    assert after["kvserve_rag_retrievals_total"] - before.get("kvserve_rag_retrievals_total", 0) == 2
+    assert after["kvserve_rag_search_seconds_count"] - before.get("kvserve_rag_search_seconds_count", 0) == 2
+    read = lambda m: m.get("kvserve_rag_cluster_hits_total", 0) + m.get("kvserve_rag_cluster_misses_total", 0)
+    assert read(after) - read(before) == 4  # nprobe 2 clusters a search
 
 
 USER = [{"role": "user", "content": QUESTION}]
