@@ -153,3 +153,34 @@ def test_policy_backend_decode_matches_full_when_nothing_is_dropped(page_size):
         out = backend.run(layer, q, k, v)
         assert (out - expected[layer]).abs().max() < 1e-4, layer
     assert seqs[0].attn_state is not None and 1 in seqs[0].attn_state.layers
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_magicpig_c_kernels_match_their_torch_twins(cache_dtype, monkeypatch):
+    """Candidates (with keys outside the tables) and the weighted softmax read in place from a
+    scattered cache, against the PyTorch ops the C kernels replace."""
+    if magicpig._kernel("magicpig_candidates") is None:
+        pytest.skip("no C compiler: the PyTorch twins run instead")
+    torch.manual_seed(4)
+    K, L, t, p, slots_total = 3, 20, 400, 7, 1000
+    codes, extra = _codes(HKV, t, L, K), _codes(HKV, p, L, K, seed=1)
+    qcodes = torch.randint(0, 1 << K, (H, L))
+    tables = magicpig.BucketTables.build(codes, K)
+    heads, ids = magicpig.candidates(tables, qcodes, H // HKV, extra)
+    twin_heads, twin_ids = magicpig._candidates_torch(tables, qcodes, H // HKV, extra)
+    assert sorted(zip(heads.tolist(), ids.tolist())) == sorted(zip(twin_heads.tolist(), twin_ids.tolist()))
+    assert 0 < len(ids) < H * (t + p)
+
+    k_cache = torch.randn(HKV, slots_total, D).to(cache_dtype)
+    v_cache = torch.randn(HKV, slots_total, D).to(cache_dtype)
+    slots = torch.randperm(slots_total)[:t + p]
+    q, mean = 3 * torch.randn(H, D), k_cache.float().mean(1)
+    out, lse = magicpig.paged_sampled_attention(q, k_cache, v_cache, slots, heads, ids, mean, D ** -0.5, K, L)
+    monkeypatch.setattr(magicpig, "_kernel", lambda name: None)
+    twin_out, twin_lse = magicpig.paged_sampled_attention(q, k_cache, v_cache, slots, heads, ids, mean,
+                                                          D ** -0.5, K, L)
+    assert (out - twin_out).abs().max() < 1e-4 and (lse - twin_lse).abs().max() < 1e-4
+    # a head with no candidate: nothing, with weight zero when merged
+    out, lse = magicpig.paged_sampled_attention(q, k_cache, v_cache, slots, heads[:0], ids[:0], mean,
+                                                D ** -0.5, K, L)
+    assert not out.any() and torch.isneginf(lse).all()

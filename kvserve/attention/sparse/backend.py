@@ -175,16 +175,11 @@ class PolicyAttention:
             new = k_cache.index_select(1, d.sampled_slots[known:]).float() - tables.key_mean[:, None]
             codes = magicpig.simhash(new, proj, p.K, p.L).to(torch.int16)
             tables.extra_codes = torch.cat([tables.extra_codes, codes], 1)
-        hkv, dim = k_cache.shape[0], k_cache.shape[2]
-        group = self.num_heads // hkv
+        group = self.num_heads // k_cache.shape[0]
         qcodes = magicpig.simhash(q.float(), proj, p.K, p.L)
         heads, ids = magicpig.candidates(tables.tables, qcodes, group, tables.extra_codes)
-        kv_heads = heads // group
-        flat = kv_heads * k_cache.shape[1] + d.sampled_slots[ids]
-        keys = k_cache.reshape(-1, dim).index_select(0, flat)
-        values = v_cache.reshape(-1, dim).index_select(0, flat)
-        out, lse = magicpig.sampled_attention(q, keys, values, tables.key_mean, heads, kv_heads, self.scale,
-                                              p.K, p.L, self.num_heads)
+        out, lse = magicpig.paged_sampled_attention(q, k_cache, v_cache, d.sampled_slots, heads, ids,
+                                                    tables.key_mean, self.scale, p.K, p.L)
         return out, lse, len(ids)
 
     @staticmethod

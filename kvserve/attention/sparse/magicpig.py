@@ -7,10 +7,14 @@ probability w is known in closed form from the angle, so dividing its softmax we
 Tables are CSR per (KV head, table): key ids sorted by bucket and bucket offsets, so finding a
 query's candidates reads only its buckets (about L * T / 2^K ids), never all T keys.
 """
+import ctypes
 import math
 from dataclasses import dataclass
+from functools import cache
 
 import torch
+
+from kvserve import native
 
 MIN_COLLISIONS = 2
 W_EPS = 1e-4  # the paper's floor inside ln(w + eps): bounds the weight of rarely sampled keys
@@ -81,9 +85,45 @@ class BucketTables:
 
 def candidates(tables: BucketTables, qcodes: torch.Tensor, group: int,
                extra_codes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys colliding with the query in >= 2 tables -> (query head, key id) pairs. extra_codes
-    [Hkv, P, L] are keys not yet in the tables (the few that left the dense window since the
-    build), compared directly and numbered after the tables' keys."""
+    """Keys colliding with the query in >= 2 tables -> (query head, key id) pairs, grouped by
+    head. extra_codes [Hkv, P, L] are keys not yet in the tables (the few that left the dense
+    window since the build), compared directly and numbered after the tables' keys."""
+    kernel = _kernel("magicpig_candidates")
+    if kernel is None:
+        return _candidates_torch(tables, qcodes, group, extra_codes)
+    h, L, t = qcodes.shape[0], qcodes.shape[1], tables.num_keys
+    extra = extra_codes if extra_codes is not None else torch.empty(0, 0, L, dtype=torch.int16)
+    extra = extra.to(torch.int16).contiguous()
+    qcodes = qcodes.to(torch.int64).contiguous()
+    seen = torch.zeros(t, dtype=torch.uint8)
+    out = torch.empty(2, h * (t + extra.shape[1]), dtype=torch.int64)
+    n = kernel(tables.sorted_ids.data_ptr(), tables.offsets.data_ptr(), qcodes.data_ptr(), extra.data_ptr(),
+               h, group, L, t, 1 << tables.K, extra.shape[1], seen.data_ptr(), out[0].data_ptr(),
+               out[1].data_ptr())
+    return out[0, :n], out[1, :n]
+
+
+_PTR, _INT = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {  # kvserve/native/magicpig.c
+    "magicpig_candidates": (_INT, [_PTR] * 4 + [_INT] * 6 + [_PTR] * 3),
+    "magicpig_attention": (None, [_PTR] * 3 + [_INT] * 2 + [_PTR] * 3 + [_INT, _PTR, _INT, _INT, _INT,
+                                                                         ctypes.c_float, _PTR, _INT, _PTR, _PTR]),
+}
+
+
+@cache
+def _kernel(name: str):
+    lib = native.load("magicpig")
+    if lib is None:
+        return None
+    kernel = getattr(lib, name)
+    kernel.restype, kernel.argtypes = _SIGNATURES[name]
+    return kernel
+
+
+def _candidates_torch(tables: BucketTables, qcodes: torch.Tensor, group: int,
+                      extra_codes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """candidates() in PyTorch ops, where the C kernel can't be built."""
     h, t = qcodes.shape[0], tables.num_keys
     ids, heads = tables.collisions(qcodes, group)
     # a count per (head, key) pair: an int32 index_add is ~3x faster than bincount's int64 here
@@ -140,3 +180,34 @@ def sampled_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     total = weights.sum(-1)
     out = (weights @ values.float()) / total.clamp_min(1e-30)[:, None]
     return out, top + torch.log(total)
+
+
+def paged_sampled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                            heads: torch.Tensor, ids: torch.Tensor, key_mean: torch.Tensor, scale: float,
+                            K: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sampled_attention over candidates() whose key id i of KV head kv sits at k_cache[kv, slots[i]]
+    (caches [Hkv, S, D]), read in place by the C kernel; gathered first by the PyTorch twin."""
+    h, (hkv, s, dim) = q.shape[0], k_cache.shape
+    group = h // hkv
+    kernel = _kernel("magicpig_attention")
+    in_place = (kernel is not None and k_cache.dtype in (torch.float32, torch.bfloat16)
+                and v_cache.dtype == k_cache.dtype and k_cache.is_contiguous() and v_cache.is_contiguous())
+    if not in_place:
+        kv_heads = heads // group
+        flat = kv_heads * s + slots[ids]
+        keys, values = k_cache.reshape(-1, dim).index_select(0, flat), v_cache.reshape(-1, dim).index_select(0, flat)
+        return sampled_attention(q, keys, values, key_mean, heads, kv_heads, scale, K, L, h)
+    qf, mean = q.float().contiguous(), key_mean.float().contiguous()
+    slots, heads, ids = (x.to(torch.int64).contiguous() for x in (slots, heads, ids))
+    out, lse, table = torch.empty(h, dim), torch.empty(h), log_weight_table(K, L)
+    kernel(qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16), s,
+           slots.data_ptr(), heads.data_ptr(), ids.data_ptr(), len(ids), mean.data_ptr(), h, group, dim, scale,
+           table.data_ptr(), len(table) - 1, out.data_ptr(), lse.data_ptr())
+    return out, lse
+
+
+@cache
+def log_weight_table(K: int, L: int, n: int = 1 << 16) -> torch.Tensor:
+    """ln(w + eps) at n + 1 evenly spaced cosines in [-1, 1], for the C kernel to interpolate
+    (256 KiB; interpolated, it is off by < 1e-5)."""
+    return torch.log(inclusion_probability(torch.linspace(-1, 1, n + 1, dtype=torch.float64), K, L) + W_EPS).float()

@@ -1,0 +1,140 @@
+/* MagicPIG decode loops that PyTorch can only express as dozens of small ragged-index ops.
+   Twins: _candidates_torch and sampled_attention in kvserve/attention/sparse/magicpig.py. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MIN_COLLISIONS 2
+
+/* For each query head h (KV head h / group), every key found in its bucket of at least 2 of the
+   L tables: sorted_ids [Hkv, L, T] and offsets [Hkv, L, B + 1] are the CSR tables, qcodes [H, L]
+   the query's bucket per table, extra [Hkv, P, L] the codes of P keys outside the tables (ids
+   T..T+P-1). Pairs are written grouped by head, each once; returns their count. seen: T zeroed
+   bytes of scratch, zeroed again on return. */
+int64_t magicpig_candidates(const int32_t *sorted_ids, const int64_t *offsets, const int64_t *qcodes,
+                            const int16_t *extra, int64_t H, int64_t group, int64_t L, int64_t T,
+                            int64_t B, int64_t P, uint8_t *seen, int64_t *out_heads, int64_t *out_ids)
+{
+    int64_t n = 0, begin[L], end[L];
+    for (int64_t h = 0; h < H; h++) {
+        const int64_t kv = h / group, *qc = qcodes + h * L;
+        /* the tables are tens of MB, so each bucket is a cache miss: fetch a few buckets ahead */
+        for (int64_t l = 0; l < L; l++)
+            __builtin_prefetch(offsets + (kv * L + l) * (B + 1) + qc[l]);
+        for (int64_t l = 0; l < L; l++) {
+            const int64_t *off = offsets + (kv * L + l) * (B + 1) + qc[l];
+            begin[l] = off[0];
+            end[l] = off[1];
+            __builtin_prefetch(sorted_ids + (kv * L + l) * T + begin[l]);
+        }
+        for (int pass = 0; pass < 2; pass++) {  /* pass 0 counts, pass 1 clears the scratch */
+            for (int64_t l = 0; l < L; l++) {
+                const int32_t *ids = sorted_ids + (kv * L + l) * T;
+                for (int64_t j = begin[l]; j < end[l]; j++) {
+                    const int32_t id = ids[j];
+                    if (pass) {
+                        seen[id] = 0;
+                    } else if (seen[id] < MIN_COLLISIONS && ++seen[id] == MIN_COLLISIONS) {
+                        out_heads[n] = h;
+                        out_ids[n++] = id;
+                    }
+                }
+            }
+        }
+        for (int64_t p = 0; p < P; p++) {
+            const int16_t *codes = extra + (kv * P + p) * L;
+            int64_t hits = 0;
+            for (int64_t l = 0; l < L; l++)
+                hits += codes[l] == qc[l];
+            if (hits >= MIN_COLLISIONS) {
+                out_heads[n] = h;
+                out_ids[n++] = T + p;
+            }
+        }
+    }
+    return n;
+}
+
+static inline float load(const void *base, int64_t i, int bf16)
+{
+    if (!bf16)
+        return ((const float *)base)[i];
+    uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
+    float x;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+/* ln(w + eps) at this cosine, interpolated in the table of its values at n + 1 evenly spaced
+   cosines from -1 to 1 (exact w costs four double-precision transcendentals a pair) */
+static inline float log_weight(float cos, const float *table, int64_t n)
+{
+    float x = (cos + 1) * 0.5f * n;
+    x = x < 0 ? 0 : x > n ? n : x;
+    int64_t i = (int64_t)x;
+    if (i == n)
+        return table[n];
+    return table[i] + (x - i) * (table[i + 1] - table[i]);
+}
+
+/* Importance-weighted softmax over n (head, key) pairs: key id i of KV head kv lives at row
+   kv * S + slots[i] of the caches [Hkv, S, D] (float32, or bfloat16 when bf16). q [H, D],
+   key_mean [Hkv, D], log_w: see log_weight; out [H, D] and lse [H] (natural log; -inf for a head with no sample). */
+void magicpig_attention(const float *q, const void *k_cache, const void *v_cache, int64_t bf16, int64_t S,
+                        const int64_t *slots, const int64_t *heads, const int64_t *ids, int64_t n,
+                        const float *key_mean, int64_t H, int64_t group, int64_t D, float scale,
+                        const float *log_w, int64_t table_n, float *out, float *lse)
+{
+    float qm[H], qn[H], mm[H], top[H], total[H], key[D];
+    for (int64_t h = 0; h < H; h++) {
+        const float *qh = q + h * D, *mean = key_mean + h / group * D;
+        qm[h] = qn[h] = mm[h] = total[h] = 0;
+        top[h] = -INFINITY;
+        for (int64_t d = 0; d < D; d++) {
+            qm[h] += qh[d] * mean[d];
+            qn[h] += qh[d] * qh[d];
+            mm[h] += mean[d] * mean[d];
+            out[h * D + d] = 0;
+        }
+        qn[h] = sqrtf(qn[h]);
+    }
+    const int64_t elem = bf16 ? 2 : 4, ahead = 8;
+    for (int64_t i = 0; i < n; i++) {
+        if (i + ahead < n) {  /* the rows are scattered over the whole cache: fetch ahead */
+            const int64_t next = (heads[i + ahead] / group * S + slots[ids[i + ahead]]) * D * elem;
+            for (int64_t b = 0; b < D * elem; b += 64) {
+                __builtin_prefetch((const char *)k_cache + next + b);
+                __builtin_prefetch((const char *)v_cache + next + b);
+            }
+        }
+        const int64_t h = heads[i], kv = h / group, row = (kv * S + slots[ids[i]]) * D;
+        const float *qh = q + h * D, *mean = key_mean + kv * D;
+        float *acc = out + h * D, qk = 0, km = 0, kk = 0;
+        #pragma omp simd reduction(+:qk, km, kk)  /* lets the sums vectorize: -ffast-math not needed */
+        for (int64_t d = 0; d < D; d++) {
+            key[d] = load(k_cache, row + d, bf16);
+            qk += qh[d] * key[d];
+            km += key[d] * mean[d];
+            kk += key[d] * key[d];
+        }
+        /* the cosine to the centred key k - mean (what was hashed); the raw key gives the score */
+        float centred = kk - 2 * km + mm[h], norm = qn[h] * sqrtf(centred > 0 ? centred : 0);
+        float logit = qk * scale - log_weight((qk - qm[h]) / (norm > 1e-12f ? norm : 1e-12f), log_w, table_n);
+        if (logit > top[h]) {  /* online softmax: rescale what was summed under the old maximum */
+            float shrink = expf(top[h] - logit);
+            total[h] *= shrink;
+            for (int64_t d = 0; d < D; d++)
+                acc[d] *= shrink;
+            top[h] = logit;
+        }
+        float e = expf(logit - top[h]);
+        total[h] += e;
+        for (int64_t d = 0; d < D; d++)
+            acc[d] += e * load(v_cache, row + d, bf16);
+    }
+    for (int64_t h = 0; h < H; h++) {
+        for (int64_t d = 0; d < D; d++)
+            out[h * D + d] = total[h] > 0 ? out[h * D + d] / total[h] : 0;
+        lse[h] = total[h] > 0 ? top[h] + logf(total[h]) : -INFINITY;
+    }
+}
