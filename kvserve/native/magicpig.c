@@ -6,6 +6,27 @@
 
 #define MIN_COLLISIONS 2
 
+/* CSR tables by counting sort: codes [N, T] (table i's bucket of key t, in [0, B)) -> offsets
+   [N, B + 1] and sorted_ids [N, T], key ids ascending within each bucket. */
+void magicpig_build(const int16_t *codes, int64_t N, int64_t T, int64_t B, int64_t *offsets, int32_t *sorted_ids)
+{
+    for (int64_t i = 0; i < N; i++) {
+        const int16_t *c = codes + i * T;
+        int64_t *off = offsets + i * (B + 1);
+        int32_t *ids = sorted_ids + i * T;
+        memset(off, 0, (B + 1) * sizeof *off);
+        for (int64_t t = 0; t < T; t++)
+            off[c[t] + 1]++;
+        for (int64_t b = 0; b < B; b++)
+            off[b + 1] += off[b];
+        for (int64_t t = 0; t < T; t++)  /* off[b] walks to the end of bucket b ... */
+            ids[off[c[t]]++] = (int32_t)t;
+        for (int64_t b = B; b > 0; b--)  /* ... which is where bucket b - 1 ended: shift back */
+            off[b] = off[b - 1];
+        off[0] = 0;
+    }
+}
+
 /* For each query head h (KV head h / group), every key found in its bucket of at least 2 of the
    L tables: sorted_ids [Hkv, L, T] and offsets [Hkv, L, B + 1] are the CSR tables, qcodes [H, L]
    the query's bucket per table, extra [Hkv, P, L] the codes of P keys outside the tables (ids

@@ -157,8 +157,8 @@ def test_policy_backend_decode_matches_full_when_nothing_is_dropped(page_size):
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_magicpig_c_kernels_match_their_torch_twins(cache_dtype, monkeypatch):
-    """Candidates (with keys outside the tables) and the weighted softmax read in place from a
-    scattered cache, against the PyTorch ops the C kernels replace."""
+    """Table building, candidates (with keys outside the tables) and the weighted softmax read in
+    place from a scattered cache, against the PyTorch ops the C kernels replace."""
     if magicpig._kernel("magicpig_candidates") is None:
         pytest.skip("no C compiler: the PyTorch twins run instead")
     torch.manual_seed(4)
@@ -177,6 +177,8 @@ def test_magicpig_c_kernels_match_their_torch_twins(cache_dtype, monkeypatch):
     q, mean = 3 * torch.randn(H, D), k_cache.float().mean(1)
     out, lse = magicpig.paged_sampled_attention(q, k_cache, v_cache, slots, heads, ids, mean, D ** -0.5, K, L)
     monkeypatch.setattr(magicpig, "_kernel", lambda name: None)
+    twin_tables = magicpig.BucketTables.build(codes, K)
+    assert torch.equal(tables.sorted_ids, twin_tables.sorted_ids) and torch.equal(tables.offsets, twin_tables.offsets)
     twin_out, twin_lse = magicpig.paged_sampled_attention(q, k_cache, v_cache, slots, heads, ids, mean,
                                                           D ** -0.5, K, L)
     assert (out - twin_out).abs().max() < 1e-4 and (lse - twin_lse).abs().max() < 1e-4
