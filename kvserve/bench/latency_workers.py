@@ -46,6 +46,8 @@ def run_kvserve(args, prompt: list[int], long_prompt: list[int]) -> dict:
     from kvserve.config import CacheConfig, EngineConfig
     from kvserve.engine.engine import Engine
     from kvserve.engine.request import SamplingParams
+    from kvserve.process import tune_malloc
+    tune_malloc()  # as the kvserve command does
     runtime_rss = peak_rss_mb()
     # a cache for the longest request of this benchmark, as llama.cpp's n_ctx is sized for it
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization,

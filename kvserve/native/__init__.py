@@ -17,7 +17,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 SOURCES = Path(__file__).parent
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11", "-fopenmp-simd"]
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11", "-fopenmp"]
 
 
 def cache_dir() -> Path:

@@ -7,7 +7,8 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
 
 from kvserve.model.quant import (INT4_DENSE_MIN_ROWS, QuantizedEmbedding, QuantizedLinear, QuantizedTensor,
-                                 from_gguf_blocks, quantize)
+                                 _int4_pack_block, _unpack_int4, from_gguf_blocks, quantize)
+from kvserve.native import int4 as native_int4
 
 
 def reference(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
@@ -100,3 +101,34 @@ def test_embedding_rows_are_the_dequantized_table():
     ids = torch.tensor([[3, 99], [0, 3]])
     assert torch.equal(table.rows(ids), qt.dequantize()[ids])
     assert table(ids).dtype == torch.bfloat16
+
+
+def _pack_int4(q: torch.Tensor, block: int) -> torch.Tensor:
+    """The inverse of _unpack_int4: `_convert_weight_to_int4pack_for_cpu`'s layout for `block` rows."""
+    n, k = q.shape
+    b = q.view(n // block, 2, block // 2, k).transpose(2, 3)  # [blocks, low/high half, k, block / 2]
+    return (b[:, 0] | b[:, 1] << 4).to(torch.uint8).contiguous()
+
+
+@pytest.mark.parametrize("block", [32, 64])  # the packer's rows per block with AVX2 / with AVX-512
+def test_decode_kernel_matches_dequantized_weights(block):
+    """kvserve/native/int4.c, on both packed layouts: its two int8 digits per activation keep the
+    error far below the bf16 activations of PyTorch's kernel."""
+    if not native_int4.available(block, 64, 32, block):
+        pytest.skip("int4 kernel not built (no C compiler or no AVX2)")
+    g = torch.Generator().manual_seed(block)
+    n, k, group = 4 * block, 192, 32
+    qt = quantize(torch.randn(n, k, generator=g), "int4", group)
+    assert torch.equal(_unpack_int4(_pack_int4(qt.q, block), n, k, block), qt.q)
+    zeros = qt.min + 8 * qt.scale
+    scales = torch.stack([qt.scale.t(), zeros.t()], -1).to(torch.bfloat16).contiguous()
+    exact = scales[..., 0].t().double().repeat_interleave(group, 1) * (qt.q.double() - 8) + \
+        scales[..., 1].t().double().repeat_interleave(group, 1)
+    x = 3 * torch.randn(1, k, generator=g)
+    x[0, 5] = 40  # an outlier sets its group's scale
+    y = native_int4.matmul(x, _pack_int4(qt.q, block), scales, group, block)
+    assert rel_err(y, x.double() @ exact.t()) < 1e-4
+    if _int4_pack_block() == block:  # QuantizedLinear takes this path for one row
+        lin = QuantizedLinear(qt)
+        assert lin.native_int4
+        assert rel_err(lin(x), x.double() @ exact.t()) < 1e-4

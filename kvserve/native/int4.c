@@ -1,0 +1,131 @@
+/* Int4 weight x float activation matmul for a few rows (decode), on the weight layout of
+   PyTorch's _convert_weight_to_int4pack_for_cpu, so the same buffer serves both kernels.
+   As llama.cpp does for Q4_1 x Q8_1, activations are quantized to int8 per group of the weight
+   and the products summed as integers (AVX2 maddubs), one float multiply-add per group. */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+
+int64_t int4_available(void) { return 1; }
+
+/* x [M, K] -> two int8 digits per value, x ~ (254 * xq + xr) * xd: xq rounds x to 127 steps of
+   its group's max, xr the remainder to 254 finer steps (one digit alone loses a point and more of
+   SmolLM2's top-1 agreement); per group of G, the scale xd and xs, the sum of those approximations
+   (the sum of x itself would not cancel the rounding of q * scale against zero' * sum) */
+static void quantize_activations(const float *x, int64_t M, int64_t K, int64_t G, int8_t *xq, int8_t *xr,
+                                 float *xd, float *xs)
+{
+    for (int64_t i = 0; i < M * K / G; i++) {
+        const float *v = x + i * G;
+        float amax = 0;
+        for (int64_t j = 0; j < G; j++)
+            amax = fmaxf(amax, fabsf(v[j]));
+        const float d = amax / 127, inv = d > 0 ? 1 / d : 0;
+        int32_t sum = 0;
+        for (int64_t j = 0; j < G; j++) {
+            const float q = nearbyintf(v[j] * inv);
+            xq[i * G + j] = (int8_t)q;
+            xr[i * G + j] = (int8_t)lrintf((v[j] * inv - q) * 254);
+            sum += 254 * xq[i * G + j] + xr[i * G + j];
+        }
+        xd[i] = d / 254;
+        xs[i] = xd[i] * sum;
+    }
+}
+
+/* 8 rows' float (scale, zero') from their bf16 (scale, zero) pairs: zero' = zero - 8 * scale, the
+   value at q = 0 */
+static inline void load_scales(const uint16_t *pairs, __m256 *scale, __m256 *zero0)
+{
+    const __m256i v = _mm256_loadu_si256((const __m256i *)pairs);
+    *scale = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000)));
+    *zero0 = _mm256_fnmadd_ps(_mm256_set1_ps(8), *scale, zero);
+}
+
+/* (x[0], x[1]) repeated in every 16-bit lane */
+static inline __m256i pair(const int8_t *x)
+{
+    return _mm256_set1_epi16((int16_t)((uint8_t)x[0] | ((uint16_t)(uint8_t)x[1] << 8)));
+}
+
+/* 8 int16 sums of the coarse digit and 8 of the fine one -> 8 int32 of 254 * coarse + fine */
+static inline __m256i widen(__m128i coarse, __m128i fine)
+{
+    const __m256i c = _mm256_cvtepi16_epi32(coarse);
+    return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(c, 8), _mm256_slli_epi32(c, 1)),
+                            _mm256_cvtepi16_epi32(fine));
+}
+
+/* y [M, N] = x [M, K] W^T. W: per block of `block` rows, column k's block/2 bytes hold row j (low
+   nibble) and row block/2 + j (high nibble); scales [K/G, N, 2] bf16 (scale, zero), w = (q - 8) *
+   scale + zero. G: a multiple of 16; scratch: 2 * M * K bytes + 2 * M * K / G floats. */
+void int4_matmul(const float *x, int64_t M, const uint8_t *w, const uint16_t *scales, int64_t N, int64_t K,
+                 int64_t G, int64_t block, float *y, void *scratch)
+{
+    int8_t *xq = scratch, *xr = xq + M * K;
+    float *xd = (float *)(xr + M * K), *xs = xd + M * K / G;
+    quantize_activations(x, M, K, G, xq, xr, xd, xs);
+    const int64_t half = block / 2;
+    const __m256i low4 = _mm256_set1_epi8(15);
+    #pragma omp parallel for schedule(static)  /* torch's OpenMP threads: the same libgomp */
+    for (int64_t nb = 0; nb < N / block; nb++) {
+        for (int64_t c = 0; c < half / 16; c++) {  /* rows nb*block + 16c.. (low) and + half (high) */
+            const uint8_t *wc = w + nb * K * half + 16 * c;
+            const int64_t rows[4] = {nb * block + 16 * c, nb * block + half + 16 * c,
+                                     nb * block + 16 * c + 8, nb * block + half + 16 * c + 8};
+            for (int64_t m = 0; m < M; m++) {
+                const int8_t *xm = xq + m * K, *xrm = xr + m * K;
+                __m256 out[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+                for (int64_t g = 0; g < K / G; g++) {
+                    __m256i isum[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                                       _mm256_setzero_si256()};
+                    for (int64_t k0 = g * G; k0 < (g + 1) * G; k0 += 16) {
+                        /* 8 column pairs: int16 sums stay below 8 * 2 * 15 * 127 < 2^15 */
+                        __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+                        __m256i lo_r = _mm256_setzero_si256(), hi_r = _mm256_setzero_si256();
+                        for (int64_t k = k0; k < k0 + 16; k += 2) {
+                            const __m128i b0 = _mm_loadu_si128((const __m128i *)(wc + k * half));
+                            const __m128i b1 = _mm_loadu_si128((const __m128i *)(wc + (k + 1) * half));
+                            /* lane 0: the 16 low-nibble rows, lane 1: the 16 high-nibble rows */
+                            const __m256i w0 = _mm256_and_si256(
+                                _mm256_set_m128i(_mm_srli_epi16(b0, 4), b0), low4);
+                            const __m256i w1 = _mm256_and_si256(
+                                _mm256_set_m128i(_mm_srli_epi16(b1, 4), b1), low4);
+                            /* rows' (column k, column k + 1) byte pairs against (x_k, x_k+1) */
+                            const __m256i pl = _mm256_unpacklo_epi8(w0, w1), ph = _mm256_unpackhi_epi8(w0, w1);
+                            const __m256i xk = pair(xm + k), xk_r = pair(xrm + k);
+                            lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(pl, xk));
+                            hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(ph, xk));
+                            lo_r = _mm256_add_epi16(lo_r, _mm256_maddubs_epi16(pl, xk_r));
+                            hi_r = _mm256_add_epi16(hi_r, _mm256_maddubs_epi16(ph, xk_r));
+                        }
+                        /* lo: rows 0-7 | half + 0-7; hi: rows 8-15 | half + 8-15 (of this chunk) */
+                        isum[0] = _mm256_add_epi32(isum[0], widen(_mm256_castsi256_si128(lo), _mm256_castsi256_si128(lo_r)));
+                        isum[1] = _mm256_add_epi32(isum[1], widen(_mm256_extracti128_si256(lo, 1), _mm256_extracti128_si256(lo_r, 1)));
+                        isum[2] = _mm256_add_epi32(isum[2], widen(_mm256_castsi256_si128(hi), _mm256_castsi256_si128(hi_r)));
+                        isum[3] = _mm256_add_epi32(isum[3], widen(_mm256_extracti128_si256(hi, 1), _mm256_extracti128_si256(hi_r, 1)));
+                    }
+                    const __m256 d = _mm256_set1_ps(xd[m * K / G + g]), s = _mm256_set1_ps(xs[m * K / G + g]);
+                    for (int r = 0; r < 4; r++) {
+                        __m256 scale, zero0;
+                        load_scales(scales + (g * N + rows[r]) * 2, &scale, &zero0);
+                        out[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(scale, d), out[r]);
+                        out[r] = _mm256_fmadd_ps(zero0, s, out[r]);
+                    }
+                }
+                for (int r = 0; r < 4; r++)
+                    _mm256_storeu_ps(y + m * N + rows[r], out[r]);
+            }
+        }
+    }
+}
+#else
+int64_t int4_available(void) { return 0; }  /* callers keep PyTorch's kernel */
+
+void int4_matmul(const float *x, int64_t M, const uint8_t *w, const uint16_t *scales, int64_t N, int64_t K,
+                 int64_t G, int64_t block, float *y, void *scratch) {}
+#endif

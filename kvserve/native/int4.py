@@ -1,0 +1,49 @@
+"""int4.c from PyTorch: y = x W^T for a few rows, on the weight buffers of QuantizedLinear's int4
+kernel (`_convert_weight_to_int4pack_for_cpu` layout, bf16 (scale, zero) pairs)."""
+import ctypes
+from functools import cache
+
+import torch
+
+from kvserve import native
+
+MAX_ROWS = 1  # for 2 rows and more PyTorch's kernel, which unpacks each weight once for all rows, is as fast
+
+
+@cache
+def _kernel():
+    lib = native.load("int4")
+    if lib is None or not lib.int4_available():  # built without AVX2
+        return None
+    kernel = lib.int4_matmul
+    kernel.restype = None
+    kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + \
+        [ctypes.c_void_p] * 2
+    return kernel
+
+
+def available(out_features: int, in_features: int, group: int, block: int | None) -> bool:
+    return (_kernel() is not None and block is not None and group % 16 == 0 and in_features % group == 0
+            and out_features % block == 0 and block % 32 == 0)
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group: int, block: int) -> torch.Tensor:
+    """x [M, K] (any float dtype) -> [M, N] float32."""
+    m, k = x.shape
+    n = scales.shape[1]
+    x = x.float().contiguous()
+    y = torch.empty(m, n)
+    scratch = torch.empty(2 * m * k + 8 * m * (k // group), dtype=torch.uint8)
+    _kernel()(x.data_ptr(), m, weight.data_ptr(), scales.data_ptr(), n, k, group, block, y.data_ptr(),
+              scratch.data_ptr())
+    return y
+
+
+# what torch.compile calls, as one opaque op; eager code calls matmul itself, as the dispatcher
+# costs ~90 us a call, twice the kernel's time
+matmul_op = torch.library.custom_op("kvserve::int4_matmul", mutates_args=())(matmul)
+
+
+@matmul_op.register_fake
+def _(x, weight, scales, group, block):
+    return x.new_empty(x.shape[0], scales.shape[1], dtype=torch.float32)
