@@ -37,13 +37,3 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group: i
     _kernel()(x.data_ptr(), m, weight.data_ptr(), scales.data_ptr(), n, k, group, block, y.data_ptr(),
               scratch.data_ptr())
     return y
-
-
-# what torch.compile calls, as one opaque op; eager code calls matmul itself, as the dispatcher
-# costs ~90 us a call, twice the kernel's time
-matmul_op = torch.library.custom_op("kvserve::int4_matmul", mutates_args=())(matmul)
-
-
-@matmul_op.register_fake
-def _(x, weight, scales, group, block):
-    return x.new_empty(x.shape[0], scales.shape[1], dtype=torch.float32)
