@@ -44,7 +44,7 @@ class BucketTables:
         """codes [Hkv, T, L] -> tables; a counting sort per table (C), or one argsort and bincount for all."""
         hkv, t, L = codes.shape
         buckets = 1 << K
-        kernel = _kernel("magicpig_build")
+        kernel = _kernel("magicpig_build") if codes.device.type == "cpu" else None
         if kernel is not None:  # a counting sort: ~40x faster than argsort at 32k keys
             c = codes.transpose(1, 2).to(torch.int16).contiguous()  # [Hkv, L, T]
             offsets = torch.empty(hkv, L, buckets + 1, dtype=torch.int64)
@@ -95,7 +95,7 @@ def candidates(tables: BucketTables, qcodes: torch.Tensor, group: int,
     """Keys colliding with the query in >= 2 tables -> (query head, key id) pairs, grouped by
     head. extra_codes [Hkv, P, L] are keys not yet in the tables (the few that left the dense
     window since the build), compared directly and numbered after the tables' keys."""
-    kernel = _kernel("magicpig_candidates")
+    kernel = _kernel("magicpig_candidates") if qcodes.device.type == "cpu" else None
     if kernel is None:
         return _candidates_torch(tables, qcodes, group, extra_codes)
     h, L, t = qcodes.shape[0], qcodes.shape[1], tables.num_keys
@@ -198,7 +198,7 @@ def paged_sampled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     h, (hkv, s, dim) = q.shape[0], k_cache.shape
     group = h // hkv
     kernel = _kernel("magicpig_attention")
-    in_place = (kernel is not None and k_cache.dtype in (torch.float32, torch.bfloat16)
+    in_place = (kernel is not None and k_cache.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16)
                 and v_cache.dtype == k_cache.dtype and k_cache.is_contiguous() and v_cache.is_contiguous())
     if not in_place:
         kv_heads = heads // group
