@@ -1,8 +1,8 @@
 """Small C kernels for loops PyTorch has no single op for, built at first use with the system's C
 compiler and loaded with ctypes (no torch headers, so a build takes well under a second).
 
-Each kernel has a PyTorch twin that computes the same thing; callers use the twin when `load`
-returns None: no compiler, a failed build, or KVSERVE_NATIVE=0.
+Each kernel has a PyTorch twin (ops that compute the same, or PyTorch's own kernel) that callers
+use when `load` returns None: no compiler, a failed build, or KVSERVE_NATIVE=0.
 """
 import ctypes
 import hashlib
