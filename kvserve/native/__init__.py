@@ -51,6 +51,16 @@ def load(name: str) -> ctypes.CDLL | None:
     return ctypes.CDLL(str(target))
 
 
+def function(name: str, symbol: str, restype, argtypes: list):
+    """`symbol` of kvserve/native/<name>.c with its ctypes signature, or None as for `load`."""
+    lib = load(name)
+    if lib is None:
+        return None
+    f = getattr(lib, symbol)
+    f.restype, f.argtypes = restype, argtypes
+    return f
+
+
 def _build(compiler: str, source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)

@@ -12,14 +12,11 @@ MAX_ROWS = 1  # for 2 rows and more PyTorch's kernel, which unpacks each weight 
 
 @cache
 def _kernel():
-    lib = native.load("int4")
-    if lib is None or not lib.int4_available():  # built without AVX2
+    has_avx2 = native.function("int4", "int4_available", ctypes.c_int64, [])
+    if has_avx2 is None or not has_avx2():
         return None
-    kernel = lib.int4_matmul
-    kernel.restype = None
-    kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + \
-        [ctypes.c_void_p] * 2
-    return kernel
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    return native.function("int4", "int4_matmul", None, [ptr, i64, ptr, ptr, i64, i64, i64, i64, ptr, ptr])
 
 
 def available(out_features: int, in_features: int, group: int, block: int | None) -> bool:

@@ -121,12 +121,7 @@ _SIGNATURES = {  # kvserve/native/magicpig.c
 
 @cache
 def _kernel(name: str):
-    lib = native.load("magicpig")
-    if lib is None:
-        return None
-    kernel = getattr(lib, name)
-    kernel.restype, kernel.argtypes = _SIGNATURES[name]
-    return kernel
+    return native.function("magicpig", name, *_SIGNATURES[name])
 
 
 def _candidates_torch(tables: BucketTables, qcodes: torch.Tensor, group: int,
