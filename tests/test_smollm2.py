@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvserve import LLM, SamplingParams
+from kvserve.native.decode import NativeDecoder
 from model.paged_forward import paged_logits
 
 TEXT = (
@@ -69,13 +70,16 @@ def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
     return torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:])).exp().item()
 
 
-@pytest.mark.parametrize("chunk", [128, 1])  # 1: a token a step, as decode runs (kvserve/native/int4.c)
-def test_quantized_weights_keep_accuracy(smollm2_path, reference_logits, chunk):
+# 1: a token a step, as decode runs: PyTorch ops around kvserve/native/int4.c, or all of it in decode.c
+@pytest.mark.parametrize("chunk, native_decode", [(128, False), (1, False), (1, True)])
+def test_quantized_weights_keep_accuracy(smollm2_path, reference_logits, chunk, native_decode):
     """Weights held as int4 (the GGUF's Q4_1 blocks) and int8 (embeddings), bf16 activations."""
     model = LLM(smollm2_path, dtype="bfloat16", quantization="auto").engine.model
     assert type(model.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
     ids, ref = reference_logits
-    ours = paged_logits(model, ids, chunk=chunk)
+    if native_decode and not NativeDecoder.supports(model):
+        pytest.skip("no native decode kernel here (no C compiler or no AVX2)")
+    ours = paged_logits(model, ids, chunk=chunk, native_decode=native_decode)
     agreement = (ours.argmax(-1) == ref.argmax(-1)).float().mean()
     ratio = perplexity(ours, ids) / perplexity(ref, ids)
     assert agreement >= 0.98 and abs(ratio - 1) <= 0.01, (agreement, ratio)

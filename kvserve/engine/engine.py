@@ -22,6 +22,7 @@ from kvserve.kv.pool import PagePool
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.model.loader import ModelLoadError, load_checkpoint, read_gguf, release_free_memory, resolve_model_path
 from kvserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from kvserve.native.decode import NativeDecoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,6 +73,8 @@ class Engine:
                                            mc.num_heads, mc.head_dim)
         self.runner = ModelRunner(model, attention, cache.page_size, config.device, config.compile,
                                   policy_attention)
+        if NativeDecoder.supports(model):
+            self.runner.native_decoder = NativeDecoder(model, self.pool)
         self.sampler = Sampler()
         self.requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()

@@ -17,6 +17,7 @@ class ModelRunner:
             self.forward = model
         self.attention = attention
         self.policy_attention = policy_attention  # PolicyAttention: steps with non-full decodes
+        self.native_decoder = None  # NativeDecoder: steps of one full-attention token (a single stream)
         self.page_size = page_size
         self.device = device
         self.num_tokens_run = 0  # tokens through the model since start; tests count prefix hits with it
@@ -34,18 +35,24 @@ class ModelRunner:
                 last_rows.append(len(ids) - 1)
                 to_sample.append(seq)
         sparse = [i for i, (seq, n) in enumerate(scheduled) if n == 1 and not seq.policy.is_full]
-        if sparse and self.policy_attention is not None:
-            attention, forward = self._plan_policies(scheduled, sparse, q_lens, kv_lens), self.model
-            self.model.rope.ensure(max(kv_lens))  # streaming runs past the context length
+        if self.native_decoder is not None and len(ids) == 1 and not sparse:
+            hidden = self.native_decoder(ids[0], scheduled[0][0].pages, kv_lens[0])
         else:
-            meta = AttentionMetadata.build(q_lens, [s.pages for s, _ in scheduled], kv_lens, self.page_size)
-            self.attention.plan(meta)
-            attention, forward = self.attention, self.forward
-        hidden = forward(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-                         attention)
+            attention, forward = self._plan(scheduled, sparse, q_lens, kv_lens)
+            hidden = forward(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                             attention)
         self.num_tokens_run += len(ids)
         logits = self.model.compute_logits(hidden[torch.tensor(last_rows, dtype=torch.long, device=self.device)])
         return logits, to_sample
+
+    def _plan(self, scheduled, sparse: list[int], q_lens, kv_lens):
+        """The step's planned attention backend and the forward to run it with."""
+        if sparse and self.policy_attention is not None:
+            self.model.rope.ensure(max(kv_lens))  # streaming runs past the context length
+            return self._plan_policies(scheduled, sparse, q_lens, kv_lens), self.model
+        meta = AttentionMetadata.build(q_lens, [s.pages for s, _ in scheduled], kv_lens, self.page_size)
+        self.attention.plan(meta)
+        return self.attention, self.forward
 
     def _plan_policies(self, scheduled, sparse: list[int], q_lens, kv_lens):
         """Full requests and prefills through the dense backend, each non-full decode by its policy.

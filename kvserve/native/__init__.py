@@ -34,7 +34,8 @@ def load(name: str) -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("no C compiler found: %s kernels fall back to PyTorch ops", name)
         return None
-    source = (SOURCES / f"{name}.c").read_bytes()
+    # every source, as one kernel file may #include another
+    source = b"".join(p.read_bytes() for p in sorted(SOURCES.glob("*.[ch]")))
     # -march=native: the key covers the machine too, as a shared home may serve several CPUs
     key = hashlib.sha256(source + " ".join(FLAGS + [compiler, os.uname().machine]).encode()
                          + _cpu_flags()).hexdigest()[:16]

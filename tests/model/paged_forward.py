@@ -6,11 +6,13 @@ import torch
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.attention.torch_ref import TorchRefAttention
 from kvserve.kv.pool import PagePool
+from kvserve.native.decode import NativeDecoder
 
 
 def paged_logits(model, ids: list[int], page_size: int = 16, chunk: int | None = None,
-                 shuffle_pages: bool = True) -> torch.Tensor:
-    """Logits at every position of ids, computed chunk by chunk over non-contiguous pages."""
+                 shuffle_pages: bool = True, native_decode: bool = False) -> torch.Tensor:
+    """Logits at every position of ids, computed chunk by chunk over non-contiguous pages;
+    native_decode: single tokens through kvserve/native/decode.c, as the engine's single stream."""
     cfg = model.config
     num_pages = -(-len(ids) // page_size)
     pool = PagePool(cfg.num_layers, 2 * num_pages + 3, page_size, cfg.num_kv_heads, cfg.head_dim, model.dtype)
@@ -20,11 +22,15 @@ def paged_logits(model, ids: list[int], page_size: int = 16, chunk: int | None =
     pages = pages[:num_pages]
     attn = TorchRefAttention(pool, cfg.num_heads, cfg.head_dim)
     chunk = chunk or len(ids)
+    decoder = NativeDecoder(model, pool) if native_decode else None
     out = []
     with torch.inference_mode():
         for start in range(0, len(ids), chunk):
             end = min(start + chunk, len(ids))
-            attn.plan(AttentionMetadata.build([end - start], [pages], [end], page_size))
-            hidden = model(torch.tensor(ids[start:end]), torch.arange(start, end), attn)
+            if decoder and end - start == 1:
+                hidden = decoder(ids[start], pages, end)
+            else:
+                attn.plan(AttentionMetadata.build([end - start], [pages], [end], page_size))
+                hidden = model(torch.tensor(ids[start:end]), torch.arange(start, end), attn)
             out.append(model.compute_logits(hidden))
     return torch.cat(out)

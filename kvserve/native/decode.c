@@ -1,0 +1,165 @@
+/* One decode token of a Llama-family model with int4 weights, all layers in one call: the eager
+   PyTorch step spends two thirds of its time dispatching ~15 small ops a layer, not in matmuls.
+   Same math as kvserve/model/llama.py (rotate-half RoPE, GQA, SiLU-gated MLP) in float32, with
+   the int4 matmuls of int4.c; K/V go to the paged cache like TorchRefAttention's. */
+#include <stdlib.h>
+
+#include "int4.c"  /* one translation unit: int4_matmul inlines here; native.load hashes every source */
+
+typedef struct {
+    const uint8_t *w;       /* _convert_weight_to_int4pack_for_cpu layout */
+    const uint16_t *scales; /* [K / G, N, 2] bf16 (scale, zero) */
+    const float *bias;      /* [N] or NULL */
+    int64_t n, k, group, block;
+} Linear;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm;
+    Linear qkv, o, gate_up, down;
+} Layer;
+
+typedef struct {
+    int64_t num_layers, hidden, heads, kv_heads, head_dim, intermediate;
+    float eps, scale;
+    int64_t kv_bf16;          /* cache dtype: bfloat16, else float32 */
+    int64_t slots;            /* num_pages * page_size */
+    void *k_cache, *v_cache;  /* [layers, kv_heads, slots, head_dim] */
+    const Layer *layers;
+    const float *final_norm;
+} Model;
+
+static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out)
+{
+    float ss = 0;
+    for (int64_t i = 0; i < n; i++)
+        ss += x[i] * x[i];
+    const float r = 1 / sqrtf(ss / n + eps);
+    for (int64_t i = 0; i < n; i++)
+        out[i] = x[i] * r * w[i];
+}
+
+static void linear(const Linear *l, const float *x, float *y, void *scratch)
+{
+    int4_matmul(x, 1, l->w, l->scales, l->n, l->k, l->group, l->block, y, scratch);
+    if (l->bias)
+        for (int64_t i = 0; i < l->n; i++)
+            y[i] += l->bias[i];
+}
+
+/* x [heads, D] rotated in place by the position's cos/sin [D / 2] */
+static void rope(float *x, int64_t heads, int64_t D, const float *cos, const float *sin)
+{
+    const int64_t half = D / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        float *v = x + h * D;
+        for (int64_t i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cos[i] - b * sin[i];
+            v[i + half] = b * cos[i] + a * sin[i];
+        }
+    }
+}
+
+static inline float load_kv(const void *base, int64_t i, int bf16)
+{
+    if (!bf16)
+        return ((const float *)base)[i];
+    const uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline void store_kv(void *base, int64_t i, float f, int bf16)
+{
+    if (!bf16) {
+        ((float *)base)[i] = f;
+        return;
+    }
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    bits += 0x7FFF + ((bits >> 16) & 1);  /* round to nearest even, as torch's .to(bfloat16) */
+    ((uint16_t *)base)[i] = (uint16_t)(bits >> 16);
+}
+
+/* q [H, D] against the layer's cache rows of positions 0..n-1 -> out [H, D]; scores: H * n floats */
+static void attend(const Model *m, int64_t layer, const float *q, const int32_t *pages, int64_t page_size,
+                   int64_t n, float *scores, float *out)
+{
+    const int64_t D = m->head_dim, group = m->heads / m->kv_heads, bf16 = m->kv_bf16;
+    #pragma omp parallel for schedule(static)
+    for (int64_t h = 0; h < m->heads; h++) {
+        const int64_t base = ((layer * m->kv_heads + h / group) * m->slots) * D;
+        const float *qh = q + h * D;
+        float *s = scores + h * n, best = -INFINITY, total = 0;
+        for (int64_t t = 0; t < n; t++) {
+            const int64_t row = base + ((int64_t)pages[t / page_size] * page_size + t % page_size) * D;
+            float dot = 0;
+            for (int64_t d = 0; d < D; d++)
+                dot += qh[d] * load_kv(m->k_cache, row + d, bf16);
+            s[t] = dot * m->scale;
+            best = fmaxf(best, s[t]);
+        }
+        float *o = out + h * D;
+        memset(o, 0, D * sizeof *o);
+        for (int64_t t = 0; t < n; t++) {
+            const float p = expf(s[t] - best);
+            total += p;
+            const int64_t row = base + ((int64_t)pages[t / page_size] * page_size + t % page_size) * D;
+            for (int64_t d = 0; d < D; d++)
+                o[d] += p * load_kv(m->v_cache, row + d, bf16);
+        }
+        for (int64_t d = 0; d < D; d++)
+            o[d] /= total;
+    }
+}
+
+/* x [hidden]: the token's embedding, overwritten by the residual stream; out [hidden]: the final
+   normed hidden state. cos/sin [D / 2]: the token's position; pages: the sequence's page table,
+   whose first kv_len positions (this token last) are attended. Returns 0, or -1 when out of memory. */
+int64_t decode_step(const Model *m, float *x, const float *cos, const float *sin, const int32_t *pages,
+                    int64_t page_size, int64_t kv_len, float *out)
+{
+    const int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, I = m->intermediate, E = m->hidden;
+    const int64_t qkv_n = (H + 2 * Hkv) * D, widest = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D);
+    float *buf = malloc(sizeof(float) * (E + qkv_n + H * D + E + 2 * I + H * kv_len));
+    void *scratch = malloc(10 * widest);  /* int4_matmul's: 2 K bytes + 8 K / G, G >= 1 */
+    if (!buf || !scratch) {
+        free(buf);
+        free(scratch);
+        return -1;
+    }
+    float *h = buf, *qkv = h + E, *attn = qkv + qkv_n, *proj = attn + H * D, *gu = proj + E, *scores = gu + 2 * I;
+    const int64_t pos = kv_len - 1;
+    const int64_t slot = (int64_t)pages[pos / page_size] * page_size + pos % page_size;
+    for (int64_t l = 0; l < m->num_layers; l++) {
+        const Layer *L = m->layers + l;
+        rms_norm(x, L->attn_norm, E, m->eps, h);
+        linear(&L->qkv, h, qkv, scratch);
+        float *q = qkv, *k = qkv + H * D, *v = k + Hkv * D;
+        rope(q, H, D, cos, sin);
+        rope(k, Hkv, D, cos, sin);
+        for (int64_t g = 0; g < Hkv; g++) {
+            const int64_t row = ((l * Hkv + g) * m->slots + slot) * D;
+            for (int64_t d = 0; d < D; d++) {
+                store_kv(m->k_cache, row + d, k[g * D + d], (int)m->kv_bf16);
+                store_kv(m->v_cache, row + d, v[g * D + d], (int)m->kv_bf16);
+            }
+        }
+        attend(m, l, q, pages, page_size, kv_len, scores, attn);
+        linear(&L->o, attn, proj, scratch);
+        for (int64_t i = 0; i < E; i++)
+            x[i] += proj[i];
+        rms_norm(x, L->mlp_norm, E, m->eps, h);
+        linear(&L->gate_up, h, gu, scratch);
+        for (int64_t i = 0; i < I; i++)  /* gate, then up */
+            gu[i] = gu[i] / (1 + expf(-gu[i])) * gu[I + i];
+        linear(&L->down, gu, proj, scratch);
+        for (int64_t i = 0; i < E; i++)
+            x[i] += proj[i];
+    }
+    rms_norm(x, m->final_norm, E, m->eps, out);
+    free(buf);
+    free(scratch);
+    return 0;
+}

@@ -1,0 +1,94 @@
+"""decode.c from PyTorch: a whole decode token of one sequence in one C call, for models whose
+linear layers all run on the int4 kernel. The runner takes it for steps that are a single
+full-attention decode (one chat stream), where PyTorch's per-op dispatch costs more than the math."""
+import ctypes
+from functools import cache
+
+import torch
+
+from kvserve import native
+
+_ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("w", _ptr), ("scales", _ptr), ("bias", _ptr), ("n", _i64), ("k", _i64), ("group", _i64),
+                ("block", _i64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", _ptr), ("mlp_norm", _ptr), ("qkv", _Linear), ("o", _Linear),
+                ("gate_up", _Linear), ("down", _Linear)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("num_layers", _i64), ("hidden", _i64), ("heads", _i64), ("kv_heads", _i64), ("head_dim", _i64),
+                ("intermediate", _i64), ("eps", _f32), ("scale", _f32), ("kv_bf16", _i64), ("slots", _i64),
+                ("k_cache", _ptr), ("v_cache", _ptr), ("layers", ctypes.POINTER(_Layer)), ("final_norm", _ptr)]
+
+
+@cache
+def _kernel():
+    has_avx2 = native.function("decode", "int4_available", ctypes.c_int64, [])
+    if has_avx2 is None or not has_avx2():
+        return None
+    return native.function("decode", "decode_step", ctypes.c_int64,
+                           [ctypes.POINTER(_Model), _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr])
+
+
+class NativeDecoder:
+    """Holds the C view of a model and its KV pool (pointers into their tensors, which it keeps)."""
+
+    def __init__(self, model, pool):
+        assert pool.k.dtype == model.dtype and pool.k.is_contiguous(), "the cache the model writes"
+        self.model, self.pool = model, pool
+        cfg = model.config
+        self._keep = []  # fp32 copies the C structs point into
+        layers = (_Layer * cfg.num_layers)()
+        for i, layer in enumerate(model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            layers[i] = _Layer(self._fp32(layer.input_layernorm.weight), self._fp32(layer.post_attention_layernorm.weight),
+                               self._linear(attn.qkv_proj), self._linear(attn.o_proj),
+                               self._linear(mlp.gate_up_proj), self._linear(mlp.down_proj))
+        self._layers = layers
+        self._struct = _Model(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                              cfg.intermediate_size, cfg.rms_norm_eps, cfg.head_dim ** -0.5,
+                              int(pool.k.dtype == torch.bfloat16), pool.k.shape[2], pool.k.data_ptr(),
+                              pool.v.data_ptr(), layers, self._fp32(model.norm.weight))
+        self._ref = ctypes.byref(self._struct)
+
+    @staticmethod
+    def supports(model) -> bool:
+        """Every linear layer on the int4 kernel, activations (and so the KV cache) float32 or
+        bfloat16 on the CPU."""
+        from kvserve.model.quant import QuantizedLinear
+        linears = [m for layer in model.layers
+                   for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        return (_kernel() is not None and model.norm.weight.device.type == "cpu"
+                and model.dtype in (torch.float32, torch.bfloat16)
+                and all(isinstance(m, QuantizedLinear) and m.native_int4 for m in linears))
+
+    def _fp32(self, t: torch.Tensor | None) -> int | None:
+        if t is None:
+            return None
+        t = t.detach().float().contiguous()
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def _linear(self, m) -> _Linear:
+        return _Linear(m.weight_q.data_ptr(), m.scales.data_ptr(), self._fp32(m.bias), m.out_features,
+                       m.in_features, m.group, m.unpack_block)
+
+    def __call__(self, token: int, pages: list[int], kv_len: int) -> torch.Tensor:
+        """The final normed hidden state [1, hidden] (model dtype) of the sequence's token at
+        position kv_len - 1, whose K/V it writes to the cache."""
+        x = self.model.embed_tokens(torch.tensor([token])).float().contiguous()
+        out = torch.empty_like(x)
+        rope = self.model.rope
+        rope.ensure(kv_len)
+        cos, sin = rope.cos[kv_len - 1], rope.sin[kv_len - 1]
+        page_table = torch.tensor(pages, dtype=torch.int32)
+        if _kernel()(self._ref, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), page_table.data_ptr(),
+                     self.pool.page_size, kv_len, out.data_ptr()):
+            raise MemoryError("decode_step could not allocate its buffers")
+        return out.to(self.model.dtype)

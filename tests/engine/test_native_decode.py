@@ -1,0 +1,66 @@
+"""kvserve/native/decode.c: a whole decode token in C gives the logits of the PyTorch layers."""
+import pytest
+import torch
+
+from kvserve.model.llama import LlamaForCausalLM
+from kvserve.model.loader import load_checkpoint
+from kvserve.native.decode import NativeDecoder
+from model.paged_forward import paged_logits
+from tiny_models import make_hf_model, write_gguf
+
+
+def int4_model(tmp_path, arch="llama", dtype=torch.float32):
+    hf = make_hf_model(arch, hidden_size=128, intermediate_size=256, num_hidden_layers=2)
+    cfg, weights = load_checkpoint(str(write_gguf(hf, tmp_path / "tiny.gguf", "Q4_0")), "auto")
+    model = LlamaForCausalLM.from_weights(cfg, weights, dtype)
+    if not NativeDecoder.supports(model):
+        pytest.skip("no native decode kernel here (no C compiler or no AVX2)")
+    return model
+
+
+@pytest.mark.parametrize("arch, dtype", [("llama", torch.float32), ("qwen2", torch.float32),  # qwen2: q/k/v biases
+                                         ("llama", torch.bfloat16)])  # a bf16 KV cache
+def test_native_decode_gives_the_torch_layers_logits(tmp_path, arch, dtype):
+    model = int4_model(tmp_path, arch, dtype)
+    ids = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    # 4-token pages, shuffled: the page table is walked, not a contiguous slice
+    expected = paged_logits(model, ids, page_size=4, chunk=1)
+    got = paged_logits(model, ids, page_size=4, chunk=1, native_decode=True)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    # logits near the top are rescored in fp32, the rest keep the int8 lm_head's bf16 rounding;
+    # in bf16 PyTorch rounds activations after every op, where the kernel keeps them in fp32
+    top_tol, tol = (1e-4, 1e-2) if dtype == torch.float32 else (3e-2, 5e-2)
+    torch.testing.assert_close(got.amax(-1), expected.amax(-1), atol=top_tol, rtol=top_tol)
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
+def test_engine_runs_single_streams_natively(tmp_path, smollm2_tokenizer):
+    from kvserve.config import CacheConfig, EngineConfig
+    from kvserve.engine.engine import Engine
+    from kvserve.engine.request import SamplingParams
+    model = int4_model(tmp_path)
+    engine = Engine(EngineConfig(cache=CacheConfig(num_pages=64)), model=model, tokenizer=smollm2_tokenizer)
+    decoder, calls = engine.runner.native_decoder, []
+    assert decoder is not None
+
+    def counted(*args):
+        calls.append(args)
+        return decoder(*args)
+
+    def generate(prompts):
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        ids = [engine.add_request(p, params) for p in prompts]
+        done = {}
+        while engine.has_unfinished():
+            done |= {o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished}
+        return [done[i] for i in ids]
+
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    engine.runner.native_decoder = None
+    expected = generate(prompts[:1]) + generate(prompts[1:])
+    engine.runner.native_decoder = counted
+    assert generate(prompts[:1]) + generate(prompts[1:]) == expected
+    assert len(calls) == 2 * 7  # every decode of a lone stream, no prefill
+    calls.clear()
+    assert generate(prompts) == expected  # two streams at once: one batched PyTorch forward
+    assert not calls
