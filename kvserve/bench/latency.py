@@ -19,6 +19,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer", choices=["llama.cpp", "none"], default="llama.cpp")
     p.add_argument("--llamacpp-python", default=".venv-llamacpp/bin/python",
                    help="python of a venv with llama-cpp-python (pip install llama-cpp-python)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="runs of each engine, alternating (a shared machine's load drifts); medians are printed")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
 
 
@@ -47,20 +49,38 @@ def main(args) -> int:
           f"{args.long_prompt_len} tokens; {args.threads} threads ({torch.backends.cpu.get_cpu_capability()}); "
           f"{Path(model).name} "
           f"({Path(model).stat().st_size / 2**20:.0f} MiB)")
-    results = [run_worker(sys.executable, "kvserve", args, model, [short, long])]
-    if args.peer == "llama.cpp":
-        python = args.llamacpp_python
-        if not Path(python).exists():
-            raise SystemExit(f"no {python}: python -m venv .venv-llamacpp && "
-                             ".venv-llamacpp/bin/pip install llama-cpp-python (builds in ~5 min)")
-        results.append(run_worker(python, "llama.cpp", args, model, [short, long]))
-    for r in results:
-        r["decode_tok_s"] = (args.output_len - 1) / r["decode_s"]
-        r["prefill_tok_s"] = args.long_prompt_len / r["prefill_s"]
+    python = args.llamacpp_python
+    if args.peer == "llama.cpp" and not Path(python).exists():
+        raise SystemExit(f"no {python}: python -m venv .venv-llamacpp && "
+                         ".venv-llamacpp/bin/pip install llama-cpp-python (builds in ~5 min)")
+    rounds = []
+    for i in range(args.rounds):
+        print(f"round {i + 1}/{args.rounds}", file=sys.stderr, flush=True)
+        runs = [run_worker(sys.executable, "kvserve", args, model, [short, long])]
+        if args.peer == "llama.cpp":
+            runs.append(run_worker(python, "llama.cpp", args, model, [short, long]))
+        for r in runs:
+            r["decode_tok_s"] = (args.output_len - 1) / r["decode_s"]
+            r["prefill_tok_s"] = args.long_prompt_len / r["prefill_s"]
+        rounds.append(runs)
+    results = [median_run([runs[i] for runs in rounds]) for i in range(len(rounds[0]))]
+    print(f"\nmedians of {args.rounds} round(s), each engine in a fresh process")
+    if len(results) > 1:
+        print("decode ratio by round: " + ", ".join(f"{a['decode_tok_s'] / b['decode_tok_s']:.2f}x" for a, b in rounds))
     print_table(results, Path(model).stat().st_size / 2**20)
     if args.json:
         print(json.dumps({"results": results}))
     return 0
+
+
+def median_run(runs: list[dict]) -> dict:
+    """Each timing's median over the rounds, the highest peak RSS."""
+    out = dict(runs[0])
+    for key, value in out.items():
+        if isinstance(value, float):
+            values = sorted(r[key] for r in runs)
+            out[key] = max(values) if "rss" in key else values[len(values) // 2]
+    return out
 
 
 def print_table(results: list[dict], gguf_mb: float) -> None:

@@ -9,6 +9,7 @@ from torch import nn
 from kvserve.config import ModelConfig
 from kvserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, rope_inv_freq
 from kvserve.model.quant import GROUP, QuantizedEmbedding, QuantizedLinear, QuantizedTensor, quantize
+from kvserve.native import qmatmul
 
 # bf16 logits are rounded to ~0.1 at typical magnitudes and an int8 lm_head errs by as much,
 # enough to swap near-tied tokens: logits within this margin of the best are recomputed in fp32
@@ -95,7 +96,10 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+        if isinstance(self.lm_head, QuantizedLinear) and self.lm_head_rows.native and len(hidden) <= qmatmul.MAX_ROWS:
+            logits = self.lm_head_rows.project(hidden)
+        else:
+            logits = self.lm_head(hidden).float()
         if isinstance(self.lm_head, QuantizedLinear) or self.dtype != torch.float32:
             best = logits.amax(-1, keepdim=True)
             rows, tokens = torch.nonzero(logits >= best - RESCORE_MARGIN, as_tuple=True)

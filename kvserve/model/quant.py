@@ -7,7 +7,7 @@ Two formats, each matching one of PyTorch's packed CPU kernels:
   (`aten._weight_int4pack_mm_for_cpu`, whose own rule is w = (q - 8) * scale + zero).
 GGUF Q4_0, Q4_1 and Q8_0 blocks are exactly such groups of 32, so they are taken over bit for
 bit; any other weight is quantized here from its float values. A single int4 row (eager decode)
-goes to kvserve/native/int4.c instead, on the same packed buffer, where it can be built.
+goes to kvserve/native/qmatmul.c instead, on the same packed buffer, where it can be built.
 """
 import functools
 from dataclasses import dataclass
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kvserve.native import int4 as native_int4
+from kvserve.native import qmatmul
 
 GROUP = 32
 MODES = ("auto", "none", "int8", "int4")
@@ -162,7 +162,7 @@ class QuantizedLinear(nn.Module):
         self.unpack_block = block if block and self.out_features % block == 0 else None
         self.native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
         # single rows (eager decode) go to our AVX2 kernel (1.2-2x faster) where it can be built
-        self.native_int4 = self.kind == "int4" and native_int4.available(
+        self.native_int4 = self.kind == "int4" and qmatmul.int4_available(
             self.out_features, self.in_features, self.group, self.unpack_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,8 +170,8 @@ class QuantizedLinear(nn.Module):
         rows = x.numel() // k
         # not in compiled graphs: there the Python kernel would be an opaque op whose dispatch (~90 us)
         # costs more than it saves
-        if self.native_int4 and rows <= native_int4.MAX_ROWS and not torch.compiler.is_compiling():
-            y = native_int4.matmul(x.reshape(-1, k), self.weight_q, self.scales, self.group, self.unpack_block)
+        if self.native_int4 and rows <= qmatmul.MAX_ROWS and not torch.compiler.is_compiling():
+            y = qmatmul.int4_matmul(x.reshape(-1, k), self.weight_q, self.scales, self.group, self.unpack_block)
             return self._finish(y, x, lead)
         x2 = x.reshape(-1, k).to(torch.bfloat16).contiguous()  # the packed kernels ignore strides
         if self.kind == "bf16":
@@ -208,7 +208,7 @@ class QuantizedLinear(nn.Module):
 
 class QuantizedEmbedding(nn.Module):
     """An int8 table in groups of 32 (Q8_0's exact values when the GGUF has them): embedding
-    lookups, and the fp32 rows with which the model rescores its top logits."""
+    lookups, the fp32 rows with which the model rescores its top logits, and a single row's logits."""
 
     def __init__(self, qt: QuantizedTensor, dtype: torch.dtype):
         super().__init__()
@@ -216,6 +216,12 @@ class QuantizedEmbedding(nn.Module):
         self.register_buffer("weight_q", qt.q.contiguous())
         self.register_buffer("group_scales", qt.scale.float().contiguous())
         self.dtype = dtype
+        self.native = qmatmul.int8_available(qt.shape[1], qt.group)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> x W^T [M, N] float32 for up to qmatmul.MAX_ROWS rows (the logits of one
+        stream), by the C kernel on this table: the int8 lm_head's rows, in exact groups."""
+        return qmatmul.int8_matmul(x, self.weight_q, self.group_scales)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """fp32 rows [*ids.shape, K]."""

@@ -1,10 +1,10 @@
 /* One decode token of a Llama-family model with int4 weights, all layers in one call: the eager
    PyTorch step spends two thirds of its time dispatching ~15 small ops a layer, not in matmuls.
    Same math as kvserve/model/llama.py (rotate-half RoPE, GQA, SiLU-gated MLP) in float32, with
-   the int4 matmuls of int4.c; K/V go to the paged cache like TorchRefAttention's. */
+   the int4 matmuls of qmatmul.c; K/V go to the paged cache like TorchRefAttention's. */
 #include <stdlib.h>
 
-#include "int4.c"  /* one translation unit: int4_matmul inlines here; native.load hashes every source */
+#include "qmatmul.c"  /* one translation unit: int4_matmul inlines here; native.load hashes every source */
 
 typedef struct {
     const uint8_t *w;       /* _convert_weight_to_int4pack_for_cpu layout */

@@ -29,7 +29,7 @@ class _Model(ctypes.Structure):
 
 @cache
 def _kernel():
-    has_avx2 = native.function("decode", "int4_available", ctypes.c_int64, [])
+    has_avx2 = native.function("decode", "qmatmul_available", ctypes.c_int64, [])
     if has_avx2 is None or not has_avx2():
         return None
     return native.function("decode", "decode_step", ctypes.c_int64,

@@ -8,7 +8,7 @@ from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
 
 from kvserve.model.quant import (INT4_DENSE_MIN_ROWS, QuantizedEmbedding, QuantizedLinear, QuantizedTensor,
                                  _int4_pack_block, _unpack_int4, from_gguf_blocks, quantize)
-from kvserve.native import int4 as native_int4
+from kvserve.native import qmatmul
 
 
 def reference(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
@@ -112,9 +112,9 @@ def _pack_int4(q: torch.Tensor, block: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("block", [32, 64])  # the packer's rows per block with AVX2 / with AVX-512
 def test_decode_kernel_matches_dequantized_weights(block):
-    """kvserve/native/int4.c, on both packed layouts: its two int8 digits per activation keep the
+    """kvserve/native/qmatmul.c, on both packed layouts: its two int8 digits per activation keep the
     error far below the bf16 activations of PyTorch's kernel."""
-    if not native_int4.available(block, 64, 32, block):
+    if not qmatmul.int4_available(block, 64, 32, block):
         pytest.skip("int4 kernel not built (no C compiler or no AVX2)")
     g = torch.Generator().manual_seed(block)
     n, k, group = 4 * block, 192, 32
@@ -126,9 +126,25 @@ def test_decode_kernel_matches_dequantized_weights(block):
         scales[..., 1].t().double().repeat_interleave(group, 1)
     x = 3 * torch.randn(1, k, generator=g)
     x[0, 5] = 40  # an outlier sets its group's scale
-    y = native_int4.matmul(x, _pack_int4(qt.q, block), scales, group, block)
+    y = qmatmul.int4_matmul(x, _pack_int4(qt.q, block), scales, group, block)
     assert rel_err(y, x.double() @ exact.t()) < 1e-4
     if _int4_pack_block() == block:  # QuantizedLinear takes this path for one row
         lin = QuantizedLinear(qt)
         assert lin.native_int4
         assert rel_err(lin(x), x.double() @ exact.t()) < 1e-4
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int8_logits_kernel_matches_dequantized_weights(group):
+    """qmatmul.c's int8 kernel (the logits of one row) on Q8_0-style groups, -128 included."""
+    if not qmatmul.int8_available(256, group):
+        pytest.skip("int8 kernel not built (no C compiler or no AVX2)")
+    g = torch.Generator().manual_seed(group)
+    n, k = 300, 256
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    scales = torch.rand(n, k // group, generator=g) / 100
+    exact = q.double() * scales.double().repeat_interleave(group, 1)
+    x = 3 * torch.randn(1, k, generator=g)
+    x[0, 5] = 40
+    y = qmatmul.int8_matmul(x, q, scales)
+    assert rel_err(y, x.double() @ exact.t()) < 1e-4

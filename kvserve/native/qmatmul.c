@@ -1,5 +1,7 @@
-/* Int4 weight x float activation matmul for a few rows (decode), on the weight layout of
-   PyTorch's _convert_weight_to_int4pack_for_cpu, so the same buffer serves both kernels.
+/* Quantized weight x float activation matmuls for a few rows (decode):
+   - int4 on the weight layout of PyTorch's _convert_weight_to_int4pack_for_cpu, so the same buffer
+     serves both kernels;
+   - int8 in groups with a float scale each (GGUF's Q8_0), for the vocabulary table (lm_head).
    As llama.cpp does for Q4_1 x Q8_1, activations are quantized to int8 per group of the weight
    and the products summed as integers (AVX2 maddubs), one float multiply-add per group. */
 #include <stdint.h>
@@ -9,7 +11,7 @@
 #ifdef __AVX2__
 #include <immintrin.h>
 
-int64_t int4_available(void) { return 1; }
+int64_t qmatmul_available(void) { return 1; }
 
 /* x [M, K] -> two int8 digits per value, x ~ (254 * xq + xr) * xd: xq rounds x to 127 steps of
    its group's max, xr the remainder to 254 finer steps (one digit alone loses a point and more of
@@ -123,9 +125,54 @@ void int4_matmul(const float *x, int64_t M, const uint8_t *w, const uint16_t *sc
         }
     }
 }
+/* 8 int32 sums of w * (254 * coarse + fine) over 32 columns: signed w times signed x as maddubs
+   wants them, |w| times x with w's sign */
+static inline __m256i dot32_i8(__m256i w, __m256i xc, __m256i xf)
+{
+    const __m256i aw = _mm256_sign_epi8(w, w), ones = _mm256_set1_epi16(1);
+    const __m256i c = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xc, w)), ones);
+    const __m256i f = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xf, w)), ones);
+    return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(c, 8), _mm256_slli_epi32(c, 1)), f);
+}
+
+static inline float hsum(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* y [M, N] = x [M, K] W^T, W int8 [N, K] with scales [N, K / G] float, w = q * scale. G: a multiple
+   of 32; scratch as for int4_matmul. */
+void int8_matmul(const float *x, int64_t M, const int8_t *w, const float *scales, int64_t N, int64_t K,
+                 int64_t G, float *y, void *scratch)
+{
+    int8_t *xq = scratch, *xr = xq + M * K;
+    float *xd = (float *)(xr + M * K), *xs = xd + M * K / G;
+    quantize_activations(x, M, K, G, xq, xr, xd, xs);
+    #pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *wn = w + n * K;
+        for (int64_t m = 0; m < M; m++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t g = 0; g < K / G; g++) {
+                __m256i isum = _mm256_setzero_si256();
+                for (int64_t k = g * G; k < (g + 1) * G; k += 32)
+                    isum = _mm256_add_epi32(isum, dot32_i8(_mm256_loadu_si256((const __m256i *)(wn + k)),
+                                                           _mm256_loadu_si256((const __m256i *)(xq + m * K + k)),
+                                                           _mm256_loadu_si256((const __m256i *)(xr + m * K + k))));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(scales[n * (K / G) + g] * xd[m * K / G + g]), acc);
+            }
+            y[m * N + n] = hsum(acc);
+        }
+    }
+}
 #else
-int64_t int4_available(void) { return 0; }  /* callers keep PyTorch's kernel */
+int64_t qmatmul_available(void) { return 0; }  /* callers keep PyTorch's kernels */
 
 void int4_matmul(const float *x, int64_t M, const uint8_t *w, const uint16_t *scales, int64_t N, int64_t K,
                  int64_t G, int64_t block, float *y, void *scratch) {}
+
+void int8_matmul(const float *x, int64_t M, const int8_t *w, const float *scales, int64_t N, int64_t K,
+                 int64_t G, float *y, void *scratch) {}
 #endif

@@ -1,0 +1,52 @@
+"""qmatmul.c from PyTorch: y = x W^T for a few rows, on quantized weights held by kvserve's modules:
+int4 in QuantizedLinear's buffers (`_convert_weight_to_int4pack_for_cpu` layout, bf16 (scale, zero)
+pairs), int8 in QuantizedEmbedding's groups (the vocabulary table, for the logits)."""
+import ctypes
+from functools import cache
+
+import torch
+
+from kvserve import native
+
+MAX_ROWS = 1  # for 2 rows and more PyTorch's kernels, which unpack each weight once for all rows, are as fast
+_ptr, _i64 = ctypes.c_void_p, ctypes.c_int64
+
+
+@cache
+def _kernels() -> dict | None:
+    has_avx2 = native.function("qmatmul", "qmatmul_available", _i64, [])
+    if has_avx2 is None or not has_avx2():
+        return None
+    return {"int4": native.function("qmatmul", "int4_matmul", None, [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr]),
+            "int8": native.function("qmatmul", "int8_matmul", None, [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr])}
+
+
+def int4_available(out_features: int, in_features: int, group: int, block: int | None) -> bool:
+    return (_kernels() is not None and block is not None and group % 16 == 0 and in_features % group == 0
+            and out_features % block == 0 and block % 32 == 0)
+
+
+def int8_available(in_features: int, group: int) -> bool:
+    return _kernels() is not None and group % 32 == 0 and in_features % group == 0
+
+
+def _run(kind: str, x: torch.Tensor, n: int, group: int, *weights_then_args) -> torch.Tensor:
+    m, k = x.shape
+    x = x.float().contiguous()
+    y = torch.empty(m, n)
+    scratch = torch.empty(2 * m * k + 8 * m * (k // group), dtype=torch.uint8)
+    weight, scales, *extra = weights_then_args
+    _kernels()[kind](x.data_ptr(), m, weight.data_ptr(), scales.data_ptr(), n, k, group, *extra, y.data_ptr(),
+                     scratch.data_ptr())
+    return y
+
+
+def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group: int, block: int) -> torch.Tensor:
+    """x [M, K] (any float dtype) -> [M, N] float32."""
+    return _run("int4", x, scales.shape[1], group, weight, scales, block)
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (any float dtype), weight int8 [N, K], scales float32 [N, K / G] -> [M, N] float32."""
+    assert weight.is_contiguous() and scales.dtype == torch.float32 and scales.is_contiguous()
+    return _run("int8", x, weight.shape[0], weight.shape[1] // scales.shape[1], weight, scales)
