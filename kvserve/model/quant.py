@@ -197,6 +197,8 @@ class QuantizedLinear(nn.Module):
         if self.kind == "int8":
             return self.weight_q.to(dtype) * self.scales[:, None].to(dtype)
         n, k = self.out_features, self.in_features
+        if self.native_int4 and dtype == torch.float32:
+            return qmatmul.int4_dequantize(self.weight_q, self.scales, n, k, self.group, self.unpack_block)
         q = _unpack_int4(self.weight_q, n, k, self.unpack_block).view(n, k // self.group, self.group).to(dtype)
         scale, zero = self.scales[..., 0].t()[..., None].to(dtype), self.scales[..., 1].t()[..., None].to(dtype)
         return ((q - 8) * scale + zero).view(n, k)

@@ -18,6 +18,7 @@ def _kernels() -> dict | None:
     if has_avx2 is None or not has_avx2():
         return None
     return {"int4": native.function("qmatmul", "int4_matmul", None, [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr]),
+            "dequantize": native.function("qmatmul", "int4_dequantize", None, [_ptr, _ptr, _i64, _i64, _i64, _i64, _ptr]),
             "int8": native.function("qmatmul", "int8_matmul", None, [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr])}
 
 
@@ -50,3 +51,10 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     """x [M, K] (any float dtype), weight int8 [N, K], scales float32 [N, K / G] -> [M, N] float32."""
     assert weight.is_contiguous() and scales.dtype == torch.float32 and scales.is_contiguous()
     return _run("int8", x, weight.shape[0], weight.shape[1] // scales.shape[1], weight, scales)
+
+
+def int4_dequantize(weight: torch.Tensor, scales: torch.Tensor, n: int, k: int, group: int, block: int) -> torch.Tensor:
+    """The float32 [N, K] weight of int4_matmul's buffers."""
+    out = torch.empty(n, k)
+    _kernels()["dequantize"](weight.data_ptr(), scales.data_ptr(), n, k, group, block, out.data_ptr())
+    return out

@@ -66,6 +66,10 @@ def test_many_rows_use_the_unpacked_weight_with_the_same_result():
     torch.testing.assert_close(lin.dense_weight().float(), qt.dequantize(), atol=0.05, rtol=0.01)
     x = torch.randn(INT4_DENSE_MIN_ROWS, 96)
     assert rel_err(lin(x), reference(x, qt)) < 1e-2
+    if lin.native_int4:  # qmatmul.c's one-pass unpack gives PyTorch ops' values exactly
+        native = lin.dense_weight(torch.float32)
+        lin.native_int4 = False
+        assert torch.equal(native, lin.dense_weight(torch.float32))
 
 
 def test_rows_the_int4_packer_cannot_take_fall_back_to_int8():
