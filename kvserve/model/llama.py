@@ -8,8 +8,8 @@ from torch import nn
 
 from kvserve.config import ModelConfig
 from kvserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, rope_inv_freq
-from kvserve.model.quant import GROUP, QuantizedEmbedding, QuantizedLinear, QuantizedTensor, quantize
-from kvserve.native import qmatmul
+from kvserve.model.quant import (GROUP, QuantizedEmbedding, QuantizedLinear, QuantizedTensor, VocabProjection,
+                                 quantize)
 
 # bf16 logits are rounded to ~0.1 at typical magnitudes and an int8 lm_head errs by as much,
 # enough to swap near-tied tokens: logits within this margin of the best are recomputed in fp32
@@ -58,6 +58,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head_rows: QuantizedEmbedding | None = None  # the int8 table of a quantized lm_head
         self.tie_weights()
         self.rope = None  # set by init_rope once the model is on its device
 
@@ -79,7 +80,7 @@ class LlamaForCausalLM(nn.Module):
         return model
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings and not isinstance(self.lm_head, QuantizedLinear):
+        if self.config.tie_word_embeddings and self.lm_head_rows is None:
             self.lm_head.weight = self.embed_tokens.weight
 
     @property
@@ -96,11 +97,8 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.lm_head, QuantizedLinear) and self.lm_head_rows.native and len(hidden) <= qmatmul.MAX_ROWS:
-            logits = self.lm_head_rows.project(hidden)
-        else:
-            logits = self.lm_head(hidden).float()
-        if isinstance(self.lm_head, QuantizedLinear) or self.dtype != torch.float32:
+        logits = self.lm_head(hidden).float()
+        if self.lm_head_rows is not None or self.dtype != torch.float32:
             best = logits.amax(-1, keepdim=True)
             rows, tokens = torch.nonzero(logits >= best - RESCORE_MARGIN, as_tuple=True)
             exact = (hidden[rows].float() * self._vocab_rows(tokens)).sum(-1)
@@ -109,44 +107,44 @@ class LlamaForCausalLM(nn.Module):
 
     def _vocab_rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """fp32 rows of the output projection (exact GGUF values for quantized tables)."""
-        if isinstance(self.lm_head, QuantizedLinear):
+        if self.lm_head_rows is not None:
             return self.lm_head_rows.rows(tokens)
         return self.lm_head.weight[tokens].float()
 
     @torch.no_grad()
-    def load_weights(self, weights: dict[str, torch.Tensor | QuantizedTensor], dtype: torch.dtype,
-                     device="cpu") -> None:
+    def load_weights(self, weights, dtype: torch.dtype, device="cpu") -> None:
         """Takes Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...), fuses q/k/v
-        and gate/up, and swaps in quantized modules where weights are QuantizedTensors. Float
-        parameters still on the meta device are allocated here, in dtype."""
+        and gate/up, and swaps in quantized modules where weights are QuantizedTensors. Values are
+        taken from `weights` one parameter at a time, so a lazy mapping (the GGUF loader's) never
+        holds more than one converted."""
         params = dict(self.named_parameters(remove_duplicate=False))
-        shards: dict[str, dict[int, torch.Tensor | QuantizedTensor]] = {}
-        for name, tensor in weights.items():
+        names: dict[str, dict[int, str]] = {}  # parameter -> {shard: checkpoint name}
+        for name in weights:
             parts = name.removeprefix("model.").split(".")
             target, shard = FUSED.get(parts[-2], (parts[-2], 0)) if len(parts) >= 2 else (None, 0)
-            name = ".".join(parts[:-2] + [target, parts[-1]]) if target else ".".join(parts)
-            if name in params:
-                shards.setdefault(name, {})[shard] = tensor
+            param = ".".join(parts[:-2] + [target, parts[-1]]) if target else ".".join(parts)
+            if param in params:
+                names.setdefault(param, {})[shard] = name
         expected = {n for n in params if not (self.config.tie_word_embeddings and n == "lm_head.weight")}
-        missing = [n for n in expected if len(shards.get(n, ())) != self._num_shards(n)]
+        missing = [n for n in expected if len(names.get(n, ())) != self._num_shards(n)]
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
-        values = {name: [parts[i] for i in sorted(parts)] for name, parts in shards.items()}
-        for name, parts in values.items():
+        for param, shards in names.items():
+            parts = [weights[shards[i]] for i in sorted(shards)]
             if any(isinstance(v, QuantizedTensor) for v in parts):
                 kind = next(v.kind for v in parts if isinstance(v, QuantizedTensor))
                 qt = QuantizedTensor.cat([v if isinstance(v, QuantizedTensor) else quantize(v, kind) for v in parts])
-                self._install_quantized(name.removesuffix(".weight"), qt, dtype)
-        for module in self.modules():
-            for pname, p in list(module.named_parameters(recurse=False)):
-                if p.is_meta:
-                    setattr(module, pname, nn.Parameter(torch.empty_like(p, dtype=dtype, device=device),
-                                                        requires_grad=False))
+                self._install_quantized(param.removesuffix(".weight"), qt, dtype)
+                continue
+            value = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if value.shape != params[param].shape:
+                raise ValueError(f"{param}: the checkpoint's shape {tuple(value.shape)} is not the model's "
+                                 f"{tuple(params[param].shape)}")
+            module_name, _, attr = param.rpartition(".")
+            # a bias of a module already quantized is set on the quantized module
+            setattr(self.get_submodule(module_name), attr, nn.Parameter(
+                value.to(device=device, dtype=dtype, copy=True).contiguous(), requires_grad=False))
         self.tie_weights()
-        params = dict(self.named_parameters(remove_duplicate=False))
-        for name, parts in values.items():
-            if not any(isinstance(v, QuantizedTensor) for v in parts):
-                params[name].copy_(torch.cat(parts) if len(parts) > 1 else parts[0])
 
     @staticmethod
     def _num_shards(name: str) -> int:
@@ -162,7 +160,8 @@ class LlamaForCausalLM(nn.Module):
             if attr == "embed_tokens":
                 self.embed_tokens = table
             if attr == "lm_head" or self.config.tie_word_embeddings:
-                self.lm_head, self.lm_head_rows = QuantizedLinear(qt), table
+                self.lm_head = VocabProjection(table) if table.native else QuantizedLinear(qt)
+                self.lm_head_rows = table
         else:
-            # a bias (still on meta) is allocated and loaded with the float parameters
+            # its bias, if still on meta, is set on the new module when the loader reaches it
             setattr(parent, attr, QuantizedLinear(qt, getattr(parent, attr).bias))

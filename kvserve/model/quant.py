@@ -210,7 +210,7 @@ class QuantizedLinear(nn.Module):
 
 class QuantizedEmbedding(nn.Module):
     """An int8 table in groups of 32 (Q8_0's exact values when the GGUF has them): embedding
-    lookups, the fp32 rows with which the model rescores its top logits, and a single row's logits."""
+    lookups, and the fp32 rows with which the model rescores its top logits."""
 
     def __init__(self, qt: QuantizedTensor, dtype: torch.dtype):
         super().__init__()
@@ -220,11 +220,6 @@ class QuantizedEmbedding(nn.Module):
         self.dtype = dtype
         self.native = qmatmul.int8_available(qt.shape[1], qt.group)
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] -> x W^T [M, N] float32 for up to qmatmul.MAX_ROWS rows (the logits of one
-        stream), by the C kernel on this table: the int8 lm_head's rows, in exact groups."""
-        return qmatmul.int8_matmul(x, self.weight_q, self.group_scales)
-
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """fp32 rows [*ids.shape, K]."""
         q = self.weight_q[ids].float()
@@ -233,3 +228,18 @@ class QuantizedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids).to(self.dtype)
+
+
+class VocabProjection(nn.Module):
+    """x W^T on a QuantizedEmbedding's own int8 groups (qmatmul.c): the lm_head of a quantized
+    model with no second copy of the vocabulary, as PyTorch's int8 kernel wants one scale a row."""
+
+    def __init__(self, table: QuantizedEmbedding):
+        super().__init__()
+        self.table = table
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """-> float32 [..., vocab]"""
+        lead, k = x.shape[:-1], x.shape[-1]
+        y = qmatmul.int8_matmul(x.reshape(-1, k), self.table.weight_q, self.table.group_scales)
+        return y.view(*lead, -1)

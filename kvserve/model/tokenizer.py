@@ -74,14 +74,6 @@ def _sentencepiece_bpe(tokens, merges, scores, unk, add_prefix) -> tuple[_Backen
     return tk, vocab
 
 
-def _gguf_value(field):
-    # ReaderField.contents() only exists in newer gguf releases; parts/data/types exist in all of them.
-    from gguf import GGUFValueType
-    is_str = field.types[-1] == GGUFValueType.STRING
-    items = [bytes(field.parts[i]).decode("utf-8") if is_str else field.parts[i].tolist()[0] for i in field.data]
-    return items if field.types[0] == GGUFValueType.ARRAY else items[0]
-
-
 def _token_str(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value  # AddedToken dicts in tokenizer_config
 
@@ -129,12 +121,11 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, reader_or_path) -> Tokenizer:
-        from gguf import GGUFReader
-        reader = reader_or_path if isinstance(reader_or_path, GGUFReader) else GGUFReader(str(reader_or_path))
+        from kvserve.model.gguf_file import GGUFFile
+        reader = reader_or_path if isinstance(reader_or_path, GGUFFile) else GGUFFile(reader_or_path)
 
         def get(key, default=None):
-            field = reader.fields.get(f"tokenizer.{key}")
-            return default if field is None else _gguf_value(field)
+            return reader.fields.get(f"tokenizer.{key}", default)
 
         kind, tokens = get("ggml.model"), get("ggml.tokens")
         types = get("ggml.token_type") or [1] * len(tokens)
