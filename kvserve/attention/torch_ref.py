@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from kvserve.attention.merge import attention_with_lse, merge_state
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.kv.pool import PagePool
+from kvserve.native import paged_attention
 
 
 @dataclass
@@ -85,6 +86,9 @@ class TorchRefAttention:
         run = pages[0, :int(num_pages[0])]
         consecutive = len(decodes) == 1 and bool((run[1:] - run[:-1] == 1).all())
         self.single_decode_start = int(run[0]) * page if consecutive else None
+        # reading pages in place (a C kernel) beats gathering them, where it can be built
+        self.native_decode = (kv_indices.int().contiguous(), kv_indptr[decodes].contiguous(),
+                              kv_lens.contiguous()) if paged_attention.available(self.pool.k) else None
         valid = torch.arange((width - shared) * page) < (kv_lens - shared * page)[:, None]
         bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
         self.decode_bias = bias[None, :, None, :].to(device)  # [1, B, 1, W]
@@ -127,6 +131,8 @@ class TorchRefAttention:
         the query heads of one KV head stacked as rows: CPU SDPA is several times slower in bf16
         for a single query row, and this needs no K/V repeat for GQA."""
         hkv, page, d = k_cache.shape[0], self.pool.page_size, k_cache.shape[2]
+        if self.native_decode is not None:
+            return paged_attention.decode(q, k_cache, v_cache, *self.native_decode, page, self.scale)
         batch, width = self.decode_shape
         if self.single_decode_start is not None:
             start, n = self.single_decode_start, self.single_decode_len

@@ -4,7 +4,9 @@
    the int4 matmuls of qmatmul.c; K/V go to the paged cache like TorchRefAttention's. */
 #include <stdlib.h>
 
-#include "qmatmul.c"  /* one translation unit: int4_matmul inlines here; native.load hashes every source */
+/* one translation unit: the kernels inline here; native.load hashes every source */
+#include "paged_attention.c"
+#include "qmatmul.c"
 
 typedef struct {
     const uint8_t *w;       /* _convert_weight_to_int4pack_for_cpu layout */
@@ -60,16 +62,6 @@ static void rope(float *x, int64_t heads, int64_t D, const float *cos, const flo
     }
 }
 
-static inline float load_kv(const void *base, int64_t i, int bf16)
-{
-    if (!bf16)
-        return ((const float *)base)[i];
-    const uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 static inline void store_kv(void *base, int64_t i, float f, int bf16)
 {
     if (!bf16) {
@@ -86,32 +78,13 @@ static inline void store_kv(void *base, int64_t i, float f, int bf16)
 static void attend(const Model *m, int64_t layer, const float *q, const int32_t *pages, int64_t page_size,
                    int64_t n, float *scores, float *out)
 {
-    const int64_t D = m->head_dim, group = m->heads / m->kv_heads, bf16 = m->kv_bf16;
+    const int64_t D = m->head_dim, group = m->heads / m->kv_heads;
+    const int64_t offset = layer * m->kv_heads * m->slots * D * (m->kv_bf16 ? 2 : 4);
+    const char *k = (const char *)m->k_cache + offset, *v = (const char *)m->v_cache + offset;
     #pragma omp parallel for schedule(static)
-    for (int64_t h = 0; h < m->heads; h++) {
-        const int64_t base = ((layer * m->kv_heads + h / group) * m->slots) * D;
-        const float *qh = q + h * D;
-        float *s = scores + h * n, best = -INFINITY, total = 0;
-        for (int64_t t = 0; t < n; t++) {
-            const int64_t row = base + ((int64_t)pages[t / page_size] * page_size + t % page_size) * D;
-            float dot = 0;
-            for (int64_t d = 0; d < D; d++)
-                dot += qh[d] * load_kv(m->k_cache, row + d, bf16);
-            s[t] = dot * m->scale;
-            best = fmaxf(best, s[t]);
-        }
-        float *o = out + h * D;
-        memset(o, 0, D * sizeof *o);
-        for (int64_t t = 0; t < n; t++) {
-            const float p = expf(s[t] - best);
-            total += p;
-            const int64_t row = base + ((int64_t)pages[t / page_size] * page_size + t % page_size) * D;
-            for (int64_t d = 0; d < D; d++)
-                o[d] += p * load_kv(m->v_cache, row + d, bf16);
-        }
-        for (int64_t d = 0; d < D; d++)
-            o[d] /= total;
-    }
+    for (int64_t g = 0; g < m->kv_heads; g++)
+        attend_kv_head(q + g * group * D, k, v, (int)m->kv_bf16, m->slots, g, group, D, m->scale, pages,
+                       page_size, n, scores + g * group * n, out + g * group * D);
 }
 
 /* x [hidden]: the token's embedding, overwritten by the residual stream; out [hidden]: the final

@@ -8,23 +8,29 @@
 #include <string.h>
 #include <math.h>
 
-/* The float32 weight [N, K] of an int4 buffer (int4_matmul's layout), for prompts, whose many rows
-   are cheaper through a dense matmul: one pass, where PyTorch ops make five temporaries */
-void int4_dequantize(const uint8_t *w, const uint16_t *scales, int64_t N, int64_t K, int64_t G, int64_t block,
-                     float *out)
+/* The float32 weight of an int4 buffer (int4_matmul's layout), transposed: out [K, N], for
+   prompts, whose many rows are cheaper through a dense matmul. Column k of a block of rows is
+   block / 2 bytes in the buffer and block floats here, so both sides stream. */
+void int4_dequantize_t(const uint8_t *w, const uint16_t *scales, int64_t N, int64_t K, int64_t G, int64_t block,
+                       float *out)
 {
     const int64_t half = block / 2;
     #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const int64_t j = n % block, shift = j < half ? 0 : 4;
-        const uint8_t *col = w + (n / block) * K * half + (j % half);
-        for (int64_t g = 0; g < K / G; g++) {
-            const uint32_t s = (uint32_t)scales[(g * N + n) * 2] << 16, z = (uint32_t)scales[(g * N + n) * 2 + 1] << 16;
-            float scale, zero;
-            memcpy(&scale, &s, 4);
-            memcpy(&zero, &z, 4);
-            for (int64_t k = g * G; k < (g + 1) * G; k++)  /* PyTorch's rounding: (q - 8) * scale + zero */
-                out[n * K + k] = ((float)((col[k * half] >> shift) & 15) - 8) * scale + zero;
+    for (int64_t k = 0; k < K; k++) {
+        const uint16_t *pairs = scales + (k / G) * N * 2;
+        for (int64_t nb = 0; nb < N / block; nb++) {
+            const uint8_t *b = w + nb * K * half + k * half;
+            float *o = out + k * N + nb * block;
+            const uint16_t *p = pairs + nb * block * 2;
+            for (int64_t h = 0; h < 2; h++)  /* rows 0..half-1: low nibbles, half..block-1: high */
+                for (int64_t j = 0; j < half; j++) {
+                    const uint32_t s = (uint32_t)p[2 * (h * half + j)] << 16, z = (uint32_t)p[2 * (h * half + j) + 1] << 16;
+                    float scale, zero;
+                    memcpy(&scale, &s, 4);
+                    memcpy(&zero, &z, 4);
+                    /* PyTorch's rounding: (q - 8) * scale + zero */
+                    o[h * half + j] = ((float)((b[j] >> (4 * h)) & 15) - 8) * scale + zero;
+                }
         }
     }
 }

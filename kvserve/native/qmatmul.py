@@ -18,7 +18,7 @@ def _kernels() -> dict | None:
     if has_avx2 is None or not has_avx2():
         return None
     return {"int4": native.function("qmatmul", "int4_matmul", None, [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr]),
-            "dequantize": native.function("qmatmul", "int4_dequantize", None, [_ptr, _ptr, _i64, _i64, _i64, _i64, _ptr]),
+            "dequantize_t": native.function("qmatmul", "int4_dequantize_t", None, [_ptr, _ptr, _i64, _i64, _i64, _i64, _ptr]),
             "int8": native.function("qmatmul", "int8_matmul", None, [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr])}
 
 
@@ -54,7 +54,8 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
 
 
 def int4_dequantize(weight: torch.Tensor, scales: torch.Tensor, n: int, k: int, group: int, block: int) -> torch.Tensor:
-    """The float32 [N, K] weight of int4_matmul's buffers."""
-    out = torch.empty(n, k)
-    _kernels()["dequantize"](weight.data_ptr(), scales.data_ptr(), n, k, group, block, out.data_ptr())
-    return out
+    """The float32 [N, K] weight of int4_matmul's buffers: a transposed view of a [K, N] tensor, which
+    matmuls take as it is."""
+    out = torch.empty(k, n)
+    _kernels()["dequantize_t"](weight.data_ptr(), scales.data_ptr(), n, k, group, block, out.data_ptr())
+    return out.t()

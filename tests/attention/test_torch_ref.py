@@ -7,8 +7,19 @@ import torch
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.attention.torch_ref import TorchRefAttention
 from kvserve.kv.pool import PagePool
+from kvserve.native import paged_attention
 
 H, HKV, D = 4, 2, 16
+
+
+@pytest.fixture(params=["native", "torch"])
+def decode_kernel(request, monkeypatch):
+    """Decodes through kvserve/native/paged_attention.c, or through its PyTorch twin."""
+    if request.param == "torch":
+        monkeypatch.setattr(paged_attention, "available", lambda cache: False)
+    elif not paged_attention.available(torch.empty(1)):
+        pytest.skip("paged_attention.c not built here (no C compiler)")
+    return request.param
 
 
 def naive(q, k, v, num_cached):
@@ -22,7 +33,7 @@ def naive(q, k, v, num_cached):
 
 @pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("seed", range(3))
-def test_ragged_step_over_scattered_pages(page_size, seed):
+def test_ragged_step_over_scattered_pages(page_size, seed, decode_kernel):
     """One step mixing decodes, chunks after a cached prefix and whole prompts."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -62,7 +73,7 @@ def test_metadata_is_csr():
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_decodes_sharing_prefix_pages_use_cascade(page_size):
+def test_decodes_sharing_prefix_pages_use_cascade(page_size, decode_kernel):
     """Decodes whose page lists start with the same pages (a cached system prompt) equal plain attention."""
     torch.manual_seed(0)
     shared_len, own_lens = 3 * page_size, [5, 17, 30, 1]
@@ -85,11 +96,31 @@ def test_decodes_sharing_prefix_pages_use_cascade(page_size):
         pool.k[0][:, slots], pool.v[0][:, slots] = keys[i][:-1].transpose(0, 1), values[i][:-1].transpose(0, 1)
     attn = TorchRefAttention(pool, H, D)
     attn.plan(meta)
-    assert attn.shared_len == shared_pages * page_size
+    assert attn.shared_len == shared_pages * page_size  # the twin's plan; the C kernel reads pages as they are
     queries = [torch.randn(1, H, D) for _ in own_lens]
     out = attn.run(0, torch.cat(queries), torch.cat([k[-1:] for k in keys]), torch.cat([v[-1:] for v in values]))
     expected = torch.cat([naive(q, k, v, n - 1) for q, k, v, n in zip(queries, keys, values, kv_lens)])
     assert (out - expected).abs().max().item() < 1e-5
+
+
+def test_native_decode_reads_bf16_pages_as_the_torch_twin_does(monkeypatch):
+    if not paged_attention.available(torch.empty(1)):
+        pytest.skip("paged_attention.c not built here (no C compiler)")
+    torch.manual_seed(0)
+    lens, page_size = [3, 40, 17], 4
+    pool = PagePool(1, 40, page_size, HKV, D, torch.bfloat16)
+    pages = pool.allocate(40)
+    random.Random(0).shuffle(pages)
+    tables = [[pages.pop() for _ in range(-(-n // page_size))] for n in lens]
+    pool.k.normal_(), pool.v.normal_()
+    meta = AttentionMetadata.build([1] * len(lens), tables, lens, page_size)
+    q, k, v = torch.randn(3, H, D).bfloat16(), torch.randn(3, HKV, D).bfloat16(), torch.randn(3, HKV, D).bfloat16()
+    attn = TorchRefAttention(pool, H, D)
+    attn.plan(meta)
+    native = attn.run(0, q, k, v)
+    monkeypatch.setattr(paged_attention, "available", lambda cache: False)
+    attn.plan(meta)
+    torch.testing.assert_close(native.float(), attn.run(0, q, k, v).float(), atol=2e-2, rtol=2e-2)
 
 
 def test_merge_state_of_two_halves_equals_the_whole():

@@ -1,0 +1,91 @@
+/* Decode attention over the paged KV cache in place: one query token per sequence, its K/V read
+   from its pages where they lie. PyTorch can only gather each sequence's pages into a copy first
+   (TorchRefAttention._decode), which at batch 64 moves more bytes than the attention reads.
+   Twin: TorchRefAttention._decode. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float kv_at(const void *base, int64_t i, int bf16)
+{
+    if (!bf16)
+        return ((const float *)base)[i];
+    const uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* q . k[row..row+D): eight partial sums, which the compiler turns into one vector register (a
+   single running sum would be a serial chain it may not reorder) */
+static inline float dot_kv(const float *q, const void *k, int64_t row, int64_t D, int bf16)
+{
+    float acc[8] = {0};
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+        for (int j = 0; j < 8; j++)
+            acc[j] += q[d + j] * kv_at(k, row + d + j, bf16);
+    for (; d < D; d++)
+        acc[0] += q[d] * kv_at(k, row + d, bf16);
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+/* The query heads of KV head g of sequence b: q [group, D] over positions 0..n-1 of its pages;
+   out [group, D]. scores: group * n floats. */
+static void attend_kv_head(const float *q, const void *k_cache, const void *v_cache, int bf16, int64_t S,
+                           int64_t g, int64_t group, int64_t D, float scale, const int32_t *pages,
+                           int64_t page_size, int64_t n, float *scores, float *out)
+{
+    const int64_t base = g * S * D;
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t row = base + ((int64_t)pages[t / page_size] * page_size + t % page_size) * D;
+        for (int64_t h = 0; h < group; h++)
+            scores[h * n + t] = dot_kv(q + h * D, k_cache, row, D, bf16) * scale;
+    }
+    for (int64_t h = 0; h < group; h++) {
+        float *s = scores + h * n, best = -INFINITY, total = 0;
+        for (int64_t t = 0; t < n; t++)
+            best = fmaxf(best, s[t]);
+        for (int64_t t = 0; t < n; t++) {
+            s[t] = expf(s[t] - best);
+            total += s[t];
+        }
+        for (int64_t t = 0; t < n; t++)
+            s[t] /= total;
+    }
+    memset(out, 0, group * D * sizeof *out);
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t row = base + ((int64_t)pages[t / page_size] * page_size + t % page_size) * D;
+        for (int64_t h = 0; h < group; h++) {
+            const float p = scores[h * n + t];
+            float *o = out + h * D;
+            for (int64_t d = 0; d < D; d++)
+                o[d] += p * kv_at(v_cache, row + d, bf16);
+        }
+    }
+}
+
+/* q [B, H, D] -> out [B, H, D]: sequence b attends positions 0..kv_lens[b]-1, held in pages
+   page_table[page_starts[b]...] of the caches [Hkv, S, D] (float32, or bfloat16 when bf16).
+   Returns 0, or -1 when out of memory. */
+int64_t paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, int64_t bf16, int64_t S,
+                               int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale, const int32_t *page_table,
+                               const int64_t *page_starts, const int64_t *kv_lens, int64_t page_size, float *out)
+{
+    const int64_t group = H / Hkv;
+    int64_t failed = 0;
+    #pragma omp parallel for schedule(dynamic)
+    for (int64_t task = 0; task < B * Hkv; task++) {
+        const int64_t b = task / Hkv, g = task % Hkv, n = kv_lens[b];
+        float *scores = malloc(group * n * sizeof *scores);
+        if (!scores) {
+            failed = 1;
+            continue;
+        }
+        attend_kv_head(q + (b * H + g * group) * D, k_cache, v_cache, (int)bf16, S, g, group, D, scale,
+                       page_table + page_starts[b], page_size, n, scores, out + (b * H + g * group) * D);
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}

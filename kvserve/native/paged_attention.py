@@ -1,0 +1,37 @@
+"""paged_attention.c from PyTorch: decode attention that reads each sequence's K/V from its pages in
+place, for TorchRefAttention's decodes on the CPU."""
+import ctypes
+from functools import cache
+
+import torch
+
+from kvserve import native
+
+_ptr, _i64 = ctypes.c_void_p, ctypes.c_int64
+
+
+@cache
+def _kernel():
+    return native.function("paged_attention", "paged_decode_attention", _i64,
+                           [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _ptr, _ptr, _ptr,
+                            _i64, _ptr])
+
+
+def available(cache_tensor: torch.Tensor) -> bool:
+    return (cache_tensor.device.type == "cpu" and cache_tensor.dtype in (torch.float32, torch.bfloat16)
+            and _kernel() is not None)
+
+
+def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+           page_starts: torch.Tensor, kv_lens: torch.Tensor, page_size: int, scale: float) -> torch.Tensor:
+    """q [B, H, D] -> [B, H, D] in q's dtype. Caches [Hkv, S, D] (one layer's); sequence b attends its
+    first kv_lens[b] positions, in pages page_table[page_starts[b]:] (int32, int64, int64)."""
+    b, h, d = q.shape
+    hkv, slots = k_cache.shape[0], k_cache.shape[1]
+    qf = q.float().contiguous()
+    out = torch.empty_like(qf)
+    if _kernel()(qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16), slots,
+                 b, h, hkv, d, scale, page_table.data_ptr(), page_starts.data_ptr(), kv_lens.data_ptr(), page_size,
+                 out.data_ptr()):
+        raise MemoryError("paged_decode_attention could not allocate its scores")
+    return out.to(q.dtype)
