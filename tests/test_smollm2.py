@@ -70,8 +70,9 @@ def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
     return torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:])).exp().item()
 
 
-# 1: a token a step, as decode runs: PyTorch ops around kvserve/native/qmatmul.c, or all of it in decode.c
-@pytest.mark.parametrize("chunk, native_decode", [(128, False), (1, False), (1, True)])
+# 1: a token a step, as decode runs: PyTorch ops around kvserve/native/qmatmul.c, or all of it in
+# decode.c, which also takes short prompt chunks
+@pytest.mark.parametrize("chunk, native_decode", [(128, False), (1, False), (1, True), (25, True)])
 def test_quantized_weights_keep_accuracy(smollm2_path, reference_logits, chunk, native_decode):
     """Weights held as int4 (the GGUF's Q4_1 blocks) and int8 (embeddings), bf16 activations."""
     model = LLM(smollm2_path, dtype="bfloat16", quantization="auto").engine.model

@@ -17,7 +17,7 @@ class ModelRunner:
             self.forward = model
         self.attention = attention
         self.policy_attention = policy_attention  # PolicyAttention: steps with non-full decodes
-        self.native_decoder = None  # NativeDecoder: steps of one full-attention token (a single stream)
+        self.native_decoder = None  # NativeDecoder: steps of one sequence's few full-attention tokens
         self.page_size = page_size
         self.device = device
         self.num_tokens_run = 0  # tokens through the model since start; tests count prefix hits with it
@@ -35,8 +35,9 @@ class ModelRunner:
                 last_rows.append(len(ids) - 1)
                 to_sample.append(seq)
         sparse = [i for i, (seq, n) in enumerate(scheduled) if n == 1 and not seq.policy.is_full]
-        if self.native_decoder is not None and len(ids) == 1 and not sparse:
-            hidden = self.native_decoder(ids[0], scheduled[0][0].pages, kv_lens[0])
+        if (self.native_decoder is not None and len(scheduled) == 1 and not sparse
+                and len(ids) <= self.native_decoder.MAX_TOKENS):
+            hidden = self.native_decoder(ids, scheduled[0][0].pages, kv_lens[0])
         else:
             attention, forward = self._plan(scheduled, sparse, q_lens, kv_lens)
             hidden = forward(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),

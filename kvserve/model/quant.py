@@ -224,7 +224,8 @@ class QuantizedEmbedding(nn.Module):
         """fp32 rows [*ids.shape, K]."""
         q = self.weight_q[ids].float()
         scales = self.group_scales[ids]
-        return (q.view(*scales.shape, -1) * scales[..., None]).view(q.shape)
+        group = self.weight_q.shape[1] // self.group_scales.shape[1]
+        return (q.view(*scales.shape, group) * scales[..., None]).view(q.shape)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids).to(self.dtype)
@@ -242,4 +243,4 @@ class VocabProjection(nn.Module):
         """-> float32 [..., vocab]"""
         lead, k = x.shape[:-1], x.shape[-1]
         y = qmatmul.int8_matmul(x.reshape(-1, k), self.table.weight_q, self.table.group_scales)
-        return y.view(*lead, -1)
+        return y.view(*lead, y.shape[-1])  # also for no rows (a step whose prompts are all unfinished)

@@ -1,5 +1,6 @@
-/* One decode token of a Llama-family model with int4 weights, all layers in one call: the eager
-   PyTorch step spends two thirds of its time dispatching ~15 small ops a layer, not in matmuls.
+/* A decode token (or a few prompt tokens) of one sequence of a Llama-family model with int4 weights,
+   all layers in one call: the eager PyTorch step spends two thirds of its time dispatching ~15
+   small ops a layer, not in matmuls.
    Same math as kvserve/model/llama.py (rotate-half RoPE, GQA, SiLU-gated MLP) in float32, with
    the int4 matmuls of qmatmul.c; K/V go to the paged cache like TorchRefAttention's. */
 #include <stdlib.h>
@@ -40,12 +41,12 @@ static void rms_norm(const float *x, const float *w, int64_t n, float eps, float
         out[i] = x[i] * r * w[i];
 }
 
-static void linear(const Linear *l, const float *x, float *y, void *scratch)
+static void linear(const Linear *l, const float *x, int64_t M, float *y, void *scratch)
 {
-    int4_matmul(x, 1, l->w, l->scales, l->n, l->k, l->group, l->block, y, scratch);
+    int4_matmul(x, M, l->w, l->scales, l->n, l->k, l->group, l->block, y, scratch);
     if (l->bias)
-        for (int64_t i = 0; i < l->n; i++)
-            y[i] += l->bias[i];
+        for (int64_t i = 0; i < M * l->n; i++)
+            y[i] += l->bias[i % l->n];
 }
 
 /* x [heads, D] rotated in place by the position's cos/sin [D / 2] */
@@ -87,51 +88,58 @@ static void attend(const Model *m, int64_t layer, const float *q, const int32_t 
                        page_size, n, scores + g * group * n, out + g * group * D);
 }
 
-/* x [hidden]: the token's embedding, overwritten by the residual stream; out [hidden]: the final
-   normed hidden state. cos/sin [D / 2]: the token's position; pages: the sequence's page table,
-   whose first kv_len positions (this token last) are attended. Returns 0, or -1 when out of memory. */
-int64_t decode_step(const Model *m, float *x, const float *cos, const float *sin, const int32_t *pages,
+/* T consecutive tokens of one sequence (a decode token, or a short prompt chunk). x [T, hidden]:
+   their embeddings, overwritten by the residual stream; out [T, hidden]: the final normed hidden
+   states. cos/sin [T, D / 2]: their positions, kv_len - T .. kv_len - 1; pages: the sequence's page
+   table. Returns 0, or -1 when out of memory. */
+int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const float *sin, const int32_t *pages,
                     int64_t page_size, int64_t kv_len, float *out)
 {
     const int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, I = m->intermediate, E = m->hidden;
     const int64_t qkv_n = (H + 2 * Hkv) * D, widest = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D);
-    float *buf = malloc(sizeof(float) * (E + qkv_n + H * D + E + 2 * I + H * kv_len));
-    void *scratch = malloc(10 * widest);  /* int4_matmul's: 2 K bytes + 8 K / G, G >= 1 */
+    float *buf = malloc(sizeof(float) * (T * (E + qkv_n + H * D + E + 3 * I) + H * kv_len));
+    void *scratch = malloc(10 * T * widest);  /* int4_matmul's: 2 M K bytes + 8 M K / G, G >= 1 */
     if (!buf || !scratch) {
         free(buf);
         free(scratch);
         return -1;
     }
-    float *h = buf, *qkv = h + E, *attn = qkv + qkv_n, *proj = attn + H * D, *gu = proj + E, *scores = gu + 2 * I;
-    const int64_t pos = kv_len - 1;
-    const int64_t slot = (int64_t)pages[pos / page_size] * page_size + pos % page_size;
+    float *h = buf, *qkv = h + T * E, *attn = qkv + T * qkv_n, *proj = attn + T * H * D, *gu = proj + T * E;
+    float *act = gu + T * 2 * I, *scores = act + T * I;
     for (int64_t l = 0; l < m->num_layers; l++) {
         const Layer *L = m->layers + l;
-        rms_norm(x, L->attn_norm, E, m->eps, h);
-        linear(&L->qkv, h, qkv, scratch);
-        float *q = qkv, *k = qkv + H * D, *v = k + Hkv * D;
-        rope(q, H, D, cos, sin);
-        rope(k, Hkv, D, cos, sin);
-        for (int64_t g = 0; g < Hkv; g++) {
-            const int64_t row = ((l * Hkv + g) * m->slots + slot) * D;
-            for (int64_t d = 0; d < D; d++) {
-                store_kv(m->k_cache, row + d, k[g * D + d], (int)m->kv_bf16);
-                store_kv(m->v_cache, row + d, v[g * D + d], (int)m->kv_bf16);
+        for (int64_t t = 0; t < T; t++)
+            rms_norm(x + t * E, L->attn_norm, E, m->eps, h + t * E);
+        linear(&L->qkv, h, T, qkv, scratch);
+        for (int64_t t = 0; t < T; t++) {  /* token t: position kv_len - T + t, causal */
+            const int64_t pos = kv_len - T + t, slot = (int64_t)pages[pos / page_size] * page_size + pos % page_size;
+            float *q = qkv + t * qkv_n, *k = q + H * D, *v = k + Hkv * D;
+            rope(q, H, D, cos + t * D / 2, sin + t * D / 2);
+            rope(k, Hkv, D, cos + t * D / 2, sin + t * D / 2);
+            for (int64_t g = 0; g < Hkv; g++) {
+                const int64_t row = ((l * Hkv + g) * m->slots + slot) * D;
+                for (int64_t d = 0; d < D; d++) {
+                    store_kv(m->k_cache, row + d, k[g * D + d], (int)m->kv_bf16);
+                    store_kv(m->v_cache, row + d, v[g * D + d], (int)m->kv_bf16);
+                }
             }
+            attend(m, l, q, pages, page_size, pos + 1, scores, attn + t * H * D);
         }
-        attend(m, l, q, pages, page_size, kv_len, scores, attn);
-        linear(&L->o, attn, proj, scratch);
-        for (int64_t i = 0; i < E; i++)
+        linear(&L->o, attn, T, proj, scratch);
+        for (int64_t i = 0; i < T * E; i++)
             x[i] += proj[i];
-        rms_norm(x, L->mlp_norm, E, m->eps, h);
-        linear(&L->gate_up, h, gu, scratch);
-        for (int64_t i = 0; i < I; i++)  /* gate, then up */
-            gu[i] = gu[i] / (1 + expf(-gu[i])) * gu[I + i];
-        linear(&L->down, gu, proj, scratch);
-        for (int64_t i = 0; i < E; i++)
+        for (int64_t t = 0; t < T; t++)
+            rms_norm(x + t * E, L->mlp_norm, E, m->eps, h + t * E);
+        linear(&L->gate_up, h, T, gu, scratch);
+        for (int64_t t = 0; t < T; t++)  /* gate, then up */
+            for (int64_t i = 0; i < I; i++)
+                act[t * I + i] = gu[t * 2 * I + i] / (1 + expf(-gu[t * 2 * I + i])) * gu[t * 2 * I + I + i];
+        linear(&L->down, act, T, proj, scratch);
+        for (int64_t i = 0; i < T * E; i++)
             x[i] += proj[i];
     }
-    rms_norm(x, m->final_norm, E, m->eps, out);
+    for (int64_t t = 0; t < T; t++)
+        rms_norm(x + t * E, m->final_norm, E, m->eps, out + t * E);
     free(buf);
     free(scratch);
     return 0;

@@ -1,6 +1,6 @@
-"""decode.c from PyTorch: a whole decode token of one sequence in one C call, for models whose
-linear layers all run on the int4 kernel. The runner takes it for steps that are a single
-full-attention decode (one chat stream), where PyTorch's per-op dispatch costs more than the math."""
+"""decode.c from PyTorch: a decode token (or a short prompt chunk) of one sequence in one C call,
+for models whose linear layers all run on the int4 kernel. The runner takes it for steps of a
+single sequence (one chat stream), where PyTorch's per-op dispatch costs more than the math."""
 import ctypes
 from functools import cache
 
@@ -33,11 +33,15 @@ def _kernel():
     if has_avx2 is None or not has_avx2():
         return None
     return native.function("decode", "decode_step", ctypes.c_int64,
-                           [ctypes.POINTER(_Model), _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr])
+                           [ctypes.POINTER(_Model), _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _ptr])
 
 
 class NativeDecoder:
     """Holds the C view of a model and its KV pool (pointers into their tensors, which it keeps)."""
+
+    # above this many tokens a step is a prompt chunk, which PyTorch's matmuls (dense from 256 rows)
+    # do faster than the C kernel's row-by-row int4 products
+    MAX_TOKENS = 32
 
     def __init__(self, model, pool):
         assert pool.k.dtype == model.dtype and pool.k.is_contiguous(), "the cache the model writes"
@@ -79,16 +83,16 @@ class NativeDecoder:
         return _Linear(m.weight_q.data_ptr(), m.scales.data_ptr(), self._fp32(m.bias), m.out_features,
                        m.in_features, m.group, m.unpack_block)
 
-    def __call__(self, token: int, pages: list[int], kv_len: int) -> torch.Tensor:
-        """The final normed hidden state [1, hidden] (model dtype) of the sequence's token at
-        position kv_len - 1, whose K/V it writes to the cache."""
-        x = self.model.embed_tokens(torch.tensor([token])).float().contiguous()
+    def __call__(self, tokens: list[int], pages: list[int], kv_len: int) -> torch.Tensor:
+        """The final normed hidden states [T, hidden] (model dtype) of the sequence's tokens at
+        positions kv_len - T .. kv_len - 1, whose K/V it writes to the cache."""
+        x = self.model.embed_tokens(torch.tensor(tokens)).float().contiguous()
         out = torch.empty_like(x)
         rope = self.model.rope
         rope.ensure(kv_len)
-        cos, sin = rope.cos[kv_len - 1], rope.sin[kv_len - 1]
+        cos, sin = rope.cos[kv_len - len(tokens):kv_len], rope.sin[kv_len - len(tokens):kv_len]
         page_table = torch.tensor(pages, dtype=torch.int32)
-        if _kernel()(self._ref, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), page_table.data_ptr(),
+        if _kernel()(self._ref, x.data_ptr(), len(tokens), cos.data_ptr(), sin.data_ptr(), page_table.data_ptr(),
                      self.pool.page_size, kv_len, out.data_ptr()):
             raise MemoryError("decode_step could not allocate its buffers")
         return out.to(self.model.dtype)

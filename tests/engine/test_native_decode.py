@@ -1,4 +1,4 @@
-"""kvserve/native/decode.c: a whole decode token in C gives the logits of the PyTorch layers."""
+"""kvserve/native/decode.c: a whole decode step in C gives the logits of the PyTorch layers."""
 import pytest
 import torch
 
@@ -20,12 +20,14 @@ def int4_model(tmp_path, arch="llama", dtype=torch.float32):
 
 @pytest.mark.parametrize("arch, dtype", [("llama", torch.float32), ("qwen2", torch.float32),  # qwen2: q/k/v biases
                                          ("llama", torch.bfloat16)])  # a bf16 KV cache
-def test_native_decode_gives_the_torch_layers_logits(tmp_path, arch, dtype):
+@pytest.mark.parametrize("chunk", [1, 7])  # decode tokens; short prompt chunks, causal within
+def test_native_decode_gives_the_torch_layers_logits(tmp_path, arch, dtype, chunk):
     model = int4_model(tmp_path, arch, dtype)
     ids = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(0)).tolist()
-    # 4-token pages, shuffled: the page table is walked, not a contiguous slice
+    # 4-token pages, shuffled: the page table is walked, not a contiguous slice. A token a step is
+    # the reference: PyTorch's own int4 kernel, which several rows take, rounds activations to bf16
     expected = paged_logits(model, ids, page_size=4, chunk=1)
-    got = paged_logits(model, ids, page_size=4, chunk=1, native_decode=True)
+    got = paged_logits(model, ids, page_size=4, chunk=chunk, native_decode=True)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     # logits near the top are rescored in fp32, the rest keep the int8 lm_head's bf16 rounding;
     # in bf16 PyTorch rounds activations after every op, where the kernel keeps them in fp32
@@ -35,19 +37,12 @@ def test_native_decode_gives_the_torch_layers_logits(tmp_path, arch, dtype):
 
 
 def test_engine_runs_single_streams_natively(tmp_path, smollm2_tokenizer):
-    from kvserve.config import CacheConfig, EngineConfig
+    from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
     from kvserve.engine.engine import Engine
     from kvserve.engine.request import SamplingParams
     model = int4_model(tmp_path)
-    engine = Engine(EngineConfig(cache=CacheConfig(num_pages=64)), model=model, tokenizer=smollm2_tokenizer)
-    decoder, calls = engine.runner.native_decoder, []
-    assert decoder is not None
 
-    def counted(*args):
-        calls.append(args)
-        return decoder(*args)
-
-    def generate(prompts):
+    def generate(engine, prompts):
         params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         ids = [engine.add_request(p, params) for p in prompts]
         done = {}
@@ -55,12 +50,24 @@ def test_engine_runs_single_streams_natively(tmp_path, smollm2_tokenizer):
             done |= {o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished}
         return [done[i] for i in ids]
 
+    # the reference: PyTorch layers a token a step (several rows would take PyTorch's bf16 int4 kernel)
+    reference = Engine(EngineConfig(cache=CacheConfig(num_pages=64), scheduler=SchedulerConfig(1, 64)),
+                       model=model, tokenizer=smollm2_tokenizer)
+    reference.runner.native_decoder = None
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
-    engine.runner.native_decoder = None
-    expected = generate(prompts[:1]) + generate(prompts[1:])
+    expected = [generate(reference, [p])[0] for p in prompts]
+
+    engine = Engine(EngineConfig(cache=CacheConfig(num_pages=64)), model=model, tokenizer=smollm2_tokenizer)
+    decoder, calls = engine.runner.native_decoder, []
+    assert decoder is not None
+
+    def counted(*args):
+        calls.append(args)
+        return decoder(*args)
+    counted.MAX_TOKENS = decoder.MAX_TOKENS
     engine.runner.native_decoder = counted
-    assert generate(prompts[:1]) + generate(prompts[1:]) == expected
-    assert len(calls) == 2 * 7  # every decode of a lone stream, no prefill
+    assert [generate(engine, [p])[0] for p in prompts] == expected
+    assert len(calls) == 2 * 8  # every step of a lone stream: its whole prompt, then 7 decodes
     calls.clear()
-    assert generate(prompts) == expected  # two streams at once: one batched PyTorch forward
+    generate(engine, prompts)  # two streams at once: batched PyTorch steps
     assert not calls

@@ -12,7 +12,7 @@ from kvserve.native.decode import NativeDecoder
 def paged_logits(model, ids: list[int], page_size: int = 16, chunk: int | None = None,
                  shuffle_pages: bool = True, native_decode: bool = False) -> torch.Tensor:
     """Logits at every position of ids, computed chunk by chunk over non-contiguous pages;
-    native_decode: single tokens through kvserve/native/decode.c, as the engine's single stream."""
+    native_decode: chunks through kvserve/native/decode.c, as the engine's single stream."""
     cfg = model.config
     num_pages = -(-len(ids) // page_size)
     pool = PagePool(cfg.num_layers, 2 * num_pages + 3, page_size, cfg.num_kv_heads, cfg.head_dim, model.dtype)
@@ -27,8 +27,8 @@ def paged_logits(model, ids: list[int], page_size: int = 16, chunk: int | None =
     with torch.inference_mode():
         for start in range(0, len(ids), chunk):
             end = min(start + chunk, len(ids))
-            if decoder and end - start == 1:
-                hidden = decoder(ids[start], pages, end)
+            if decoder:
+                hidden = decoder(ids[start:end], pages, end)
             else:
                 attn.plan(AttentionMetadata.build([end - start], [pages], [end], page_size))
                 hidden = model(torch.tensor(ids[start:end]), torch.arange(start, end), attn)
