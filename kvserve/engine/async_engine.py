@@ -10,6 +10,8 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 
+import torch
+
 from kvserve.engine.engine import Engine
 from kvserve.engine.request import RequestOutput, SamplingParams
 
@@ -66,6 +68,9 @@ class AsyncEngine:
         return self._thread.is_alive() and not self._stopping
 
     def _run(self) -> None:
+        # OpenMP's thread count is per thread: without this, kvserve/native's kernels in this thread
+        # would use every core whatever --threads says, until some torch op happened to set it
+        torch.set_num_threads(torch.get_num_threads())
         while not self._stopping:
             self._drain_commands()
             if not self.engine.has_unfinished():
