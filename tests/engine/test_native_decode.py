@@ -71,3 +71,17 @@ def test_engine_runs_single_streams_natively(tmp_path, smollm2_tokenizer):
     calls.clear()
     generate(engine, prompts)  # two streams at once: batched PyTorch steps
     assert not calls
+
+
+def test_without_c_kernels_the_pytorch_twins_run(tmp_path, monkeypatch):
+    """No compiler (or KVSERVE_NATIVE=0): PyTorch's int4 and int8 kernels, a per-row lm_head."""
+    from kvserve.model.quant import QuantizedLinear
+    from kvserve.native import qmatmul
+    ids = torch.randint(3, 256, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    expected = paged_logits(int4_model(tmp_path), ids, chunk=1, native_decode=True)
+    monkeypatch.setattr(qmatmul, "_kernels", lambda: None)
+    twin = LlamaForCausalLM.from_weights(*load_checkpoint(str(tmp_path / "tiny.gguf"), "auto"), torch.float32)
+    assert isinstance(twin.lm_head, QuantizedLinear) and not NativeDecoder.supports(twin)
+    got = paged_logits(twin, ids, chunk=1)
+    # PyTorch's kernels round activations to bf16
+    torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)
