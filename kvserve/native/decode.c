@@ -63,18 +63,6 @@ static void rope(float *x, int64_t heads, int64_t D, const float *cos, const flo
     }
 }
 
-static inline void store_kv(void *base, int64_t i, float f, int bf16)
-{
-    if (!bf16) {
-        ((float *)base)[i] = f;
-        return;
-    }
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    bits += 0x7FFF + ((bits >> 16) & 1);  /* round to nearest even, as torch's .to(bfloat16) */
-    ((uint16_t *)base)[i] = (uint16_t)(bits >> 16);
-}
-
 /* q [H, D] against the layer's cache rows of positions 0..n-1 -> out [H, D]; scores: H * n floats */
 static void attend(const Model *m, int64_t layer, const float *q, const int32_t *pages, int64_t page_size,
                    int64_t n, float *scores, float *out)
@@ -119,8 +107,8 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
             for (int64_t g = 0; g < Hkv; g++) {
                 const int64_t row = ((l * Hkv + g) * m->slots + slot) * D;
                 for (int64_t d = 0; d < D; d++) {
-                    store_kv(m->k_cache, row + d, k[g * D + d], (int)m->kv_bf16);
-                    store_kv(m->v_cache, row + d, v[g * D + d], (int)m->kv_bf16);
+                    kv_store(m->k_cache, row + d, k[g * D + d], (int)m->kv_bf16);
+                    kv_store(m->v_cache, row + d, v[g * D + d], (int)m->kv_bf16);
                 }
             }
             attend(m, l, q, pages, page_size, pos + 1, scores, attn + t * H * D);

@@ -4,6 +4,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kv_element.h"
+
 #define MIN_COLLISIONS 2
 
 /* CSR tables by counting sort: codes [N, T] (table i's bucket of key t, in [0, B)) -> offsets
@@ -76,16 +78,6 @@ int64_t magicpig_candidates(const int32_t *sorted_ids, const int64_t *offsets, c
     return n;
 }
 
-static inline float load(const void *base, int64_t i, int bf16)
-{
-    if (!bf16)
-        return ((const float *)base)[i];
-    uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
-    float x;
-    memcpy(&x, &bits, sizeof x);
-    return x;
-}
-
 /* ln(w + eps) at this cosine, interpolated in the table of its values at n + 1 evenly spaced
    cosines from -1 to 1 (exact w costs four double-precision transcendentals a pair) */
 static inline float log_weight(float cos, const float *table, int64_t n)
@@ -133,7 +125,7 @@ void magicpig_attention(const float *q, const void *k_cache, const void *v_cache
         float *acc = out + h * D, qk = 0, km = 0, kk = 0;
         #pragma omp simd reduction(+:qk, km, kk)  /* lets the sums vectorize: -ffast-math not needed */
         for (int64_t d = 0; d < D; d++) {
-            key[d] = load(k_cache, row + d, bf16);
+            key[d] = kv_load(k_cache, row + d, bf16);
             qk += qh[d] * key[d];
             km += key[d] * mean[d];
             kk += key[d] * key[d];
@@ -151,7 +143,7 @@ void magicpig_attention(const float *q, const void *k_cache, const void *v_cache
         float e = expf(logit - top[h]);
         total[h] += e;
         for (int64_t d = 0; d < D; d++)
-            acc[d] += e * load(v_cache, row + d, bf16);
+            acc[d] += e * kv_load(v_cache, row + d, bf16);
     }
     for (int64_t h = 0; h < H; h++) {
         for (int64_t d = 0; d < D; d++)

@@ -7,15 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static inline float kv_at(const void *base, int64_t i, int bf16)
-{
-    if (!bf16)
-        return ((const float *)base)[i];
-    const uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+#include "kv_element.h"
 
 /* q . k[row..row+D): eight partial sums, which the compiler turns into one vector register (a
    single running sum would be a serial chain it may not reorder) */
@@ -25,9 +17,9 @@ static inline float dot_kv(const float *q, const void *k, int64_t row, int64_t D
     int64_t d = 0;
     for (; d + 8 <= D; d += 8)
         for (int j = 0; j < 8; j++)
-            acc[j] += q[d + j] * kv_at(k, row + d + j, bf16);
+            acc[j] += q[d + j] * kv_load(k, row + d + j, bf16);
     for (; d < D; d++)
-        acc[0] += q[d] * kv_at(k, row + d, bf16);
+        acc[0] += q[d] * kv_load(k, row + d, bf16);
     return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
@@ -84,7 +76,7 @@ static inline __attribute__((always_inline)) void attend_kv_head_as(
                 const float w = scores[h * n + t0 + r];
                 float *o = out + h * D;
                 for (int64_t d = 0; d < D; d++)
-                    o[d] += w * kv_at(v_cache, first + r * D + d, bf16);
+                    o[d] += w * kv_load(v_cache, first + r * D + d, bf16);
             }
     }
 }

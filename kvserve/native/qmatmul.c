@@ -8,6 +8,8 @@
 #include <string.h>
 #include <math.h>
 
+#include "kv_element.h"
+
 /* The float32 weight of an int4 buffer (int4_matmul's layout), transposed: out [K, N], for
    prompts, whose many rows are cheaper through a dense matmul. Column k of a block of rows is
    block / 2 bytes in the buffer and block floats here, so both sides stream. */
@@ -24,10 +26,7 @@ void int4_dequantize_t(const uint8_t *w, const uint16_t *scales, int64_t N, int6
             const uint16_t *p = pairs + nb * block * 2;
             for (int64_t h = 0; h < 2; h++)  /* rows 0..half-1: low nibbles, half..block-1: high */
                 for (int64_t j = 0; j < half; j++) {
-                    const uint32_t s = (uint32_t)p[2 * (h * half + j)] << 16, z = (uint32_t)p[2 * (h * half + j) + 1] << 16;
-                    float scale, zero;
-                    memcpy(&scale, &s, 4);
-                    memcpy(&zero, &z, 4);
+                    const float scale = bf16_to_float(p[2 * (h * half + j)]), zero = bf16_to_float(p[2 * (h * half + j) + 1]);
                     /* PyTorch's rounding: (q - 8) * scale + zero */
                     o[h * half + j] = ((float)((b[j] >> (4 * h)) & 15) - 8) * scale + zero;
                 }
