@@ -33,16 +33,20 @@ def bad_inputs(tmp_path):
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     (hf / "model.safetensors").write_bytes(b"")
+    truncated = tmp_path / "truncated.gguf"  # a valid start, cut inside its metadata
+    truncated.write_bytes(write_gguf(tmp_path / "whole.gguf").read_bytes()[:40])
     return {
         "missing": (tmp_path / "nope.gguf", "not found"),
         "not a model": (tmp_path / "notes.txt", "not a GGUF file"),
         "architecture": (hf, "unsupported architecture"),
         "gguf architecture": (write_gguf(tmp_path / "gpt2.gguf", "gpt2"), "unsupported GGUF architecture"),
         "tensor type": (write_gguf(tmp_path / "q2k.gguf", qtype="Q2_K"), "unsupported GGUF tensor type Q2_K"),
+        "truncated": (truncated, "cannot read GGUF"),
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "not a model", "architecture", "gguf architecture", "tensor type"])
+@pytest.mark.parametrize("case", ["missing", "not a model", "architecture", "gguf architecture", "tensor type",
+                                  "truncated"])
 def test_bad_model_is_one_line_and_exit_2(tmp_path, case):
     path, message = bad_inputs(tmp_path)[case]
     r = kvserve("generate", "hi", "--model", str(path))
@@ -60,6 +64,12 @@ def test_generate_answers(smollm2_path):
 def test_bad_attention_is_a_usage_error():
     r = kvserve("generate", "hi", "--attention", "magicpig:K=99")
     assert r.returncode == 2 and "--attention" in r.stderr and "K must be" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bench_latency_rounds_must_be_positive():
+    r = kvserve("bench", "latency", "--rounds", "0", "--peer", "none")
+    assert r.returncode == 2 and "--rounds" in r.stderr and "must be >= 1" in r.stderr
     assert "Traceback" not in r.stderr
 
 
