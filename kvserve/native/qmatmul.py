@@ -31,12 +31,12 @@ def int8_available(in_features: int, group: int) -> bool:
     return _kernels() is not None and group % 32 == 0 and in_features % group == 0
 
 
-def _run(kind: str, x: torch.Tensor, n: int, group: int, *weights_then_args) -> torch.Tensor:
+def _run(kind: str, x: torch.Tensor, n: int, group: int, weight: torch.Tensor, scales: torch.Tensor,
+         *extra) -> torch.Tensor:
     m, k = x.shape
     x = x.float().contiguous()
     y = torch.empty(m, n)
     scratch = torch.empty(2 * m * k + 8 * m * (k // group), dtype=torch.uint8)
-    weight, scales, *extra = weights_then_args
     _kernels()[kind](x.data_ptr(), m, weight.data_ptr(), scales.data_ptr(), n, k, group, *extra, y.data_ptr(),
                      scratch.data_ptr())
     return y
