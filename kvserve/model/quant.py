@@ -6,8 +6,9 @@ Two formats, each matching one of PyTorch's packed CPU kernels:
 - int4: asymmetric groups (32 by default) along the input dim, w = q * scale + min, q in 0..15
   (`aten._weight_int4pack_mm_for_cpu`, whose own rule is w = (q - 8) * scale + zero).
 GGUF Q4_0, Q4_1 and Q8_0 blocks are exactly such groups of 32, so they are taken over bit for
-bit; any other weight is quantized here from its float values. A single int4 row (eager decode)
-goes to kvserve/native/qmatmul.c instead, on the same packed buffer, where it can be built.
+bit; any other weight is quantized here from its float values. Where they can be built, float32
+activations go to kvserve/native's kernels instead, on the same packed buffers: qmatmul.c for a
+single row (eager decode), gemm.c for more.
 """
 import functools
 from dataclasses import dataclass
@@ -164,15 +165,22 @@ class QuantizedLinear(nn.Module):
         # single rows (eager decode) go to our AVX2 kernel (1.2-2x faster) where it can be built
         self.native_int4 = self.kind == "int4" and qmatmul.int4_available(
             self.out_features, self.in_features, self.group, self.unpack_block)
+        # many rows: ours beats PyTorch's kernels in float32 and wherever bf16 is emulated
+        self.native_gemm = self.kind == "int4" and self.unpack_block is not None and qmatmul.gemm_available(
+            self.out_features, self.in_features, self.group, self.unpack_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         rows = x.numel() // k
         # not in compiled graphs: there the Python kernel would be an opaque op whose dispatch (~90 us)
         # costs more than it saves
-        if self.native_int4 and rows <= qmatmul.MAX_ROWS and not torch.compiler.is_compiling():
-            y = qmatmul.int4_matmul(x.reshape(-1, k), self.weight_q, self.scales, self.group, self.unpack_block)
-            return self._finish(y, x, lead)
+        if not torch.compiler.is_compiling():
+            if self.native_int4 and rows <= qmatmul.MAX_ROWS:
+                y = qmatmul.int4_matmul(x.reshape(-1, k), self.weight_q, self.scales, self.group, self.unpack_block)
+                return self._finish(y, x, lead)
+            if self.native_gemm and (x.dtype == torch.float32 or not self.native_bf16):
+                y = qmatmul.int4_gemm(x.reshape(-1, k), self.weight_q, self.scales, self.group, self.unpack_block)
+                return self._finish(y, x, lead)
         x2 = x.reshape(-1, k).to(torch.bfloat16).contiguous()  # the packed kernels ignore strides
         if self.kind == "bf16":
             y = nn.functional.linear(x2, self.weight_q)
@@ -219,6 +227,7 @@ class QuantizedEmbedding(nn.Module):
         self.register_buffer("group_scales", qt.scale.float().contiguous())
         self.dtype = dtype
         self.native = qmatmul.int8_available(qt.shape[1], qt.group)
+        self.native_gemm = self.native and qmatmul.gemm_available(qt.shape[0], qt.shape[1], qt.group, None)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """fp32 rows [*ids.shape, K]."""
@@ -242,5 +251,7 @@ class VocabProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """-> float32 [..., vocab]"""
         lead, k = x.shape[:-1], x.shape[-1]
-        y = qmatmul.int8_matmul(x.reshape(-1, k), self.table.weight_q, self.table.group_scales)
+        table, x2 = self.table, x.reshape(-1, k)
+        many = table.native_gemm and x2.shape[0] >= qmatmul.INT8_GEMM_MIN_ROWS
+        y = (qmatmul.int8_gemm if many else qmatmul.int8_matmul)(x2, table.weight_q, table.group_scales)
         return y.view(*lead, y.shape[-1])  # also for no rows (a step whose prompts are all unfinished)

@@ -35,9 +35,9 @@ def test_compiled_int4_model_gives_eager_logits(tmp_path):
     hf = make_hf_model("llama", hidden_size=128, intermediate_size=256, num_hidden_layers=1)
     cfg, weights = load_checkpoint(str(write_gguf(hf, tmp_path / "tiny.gguf", "Q4_0")), "auto")
     model = LlamaForCausalLM.from_weights(cfg, weights, torch.float32)
-    for m in model.modules():  # compiled graphs keep PyTorch's int4 kernel for single rows: so does eager here
+    for m in model.modules():  # compiled graphs keep PyTorch's int4 kernels: so does eager here
         if isinstance(m, QuantizedLinear):
-            m.native_int4 = False
+            m.native_int4 = m.native_gemm = False
     compiled = Compiled(model)
     ids = torch.randint(3, 256, (300,), generator=torch.Generator().manual_seed(0)).tolist()
     # one 300-token chunk (the unpacked-weight path), 7-token chunks, then one token at a time

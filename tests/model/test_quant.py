@@ -6,7 +6,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
 
-from kvserve.model.quant import (INT4_DENSE_MIN_ROWS, QuantizedEmbedding, QuantizedLinear, QuantizedTensor,
+from kvserve.model.quant import (INT4_DENSE_MIN_ROWS, QuantizedEmbedding, QuantizedLinear, QuantizedTensor, VocabProjection,
                                  _int4_pack_block, _unpack_int4, from_gguf_blocks, quantize)
 from kvserve.native import qmatmul
 
@@ -152,3 +152,45 @@ def test_int8_logits_kernel_matches_dequantized_weights(group):
     x[0, 5] = 40
     y = qmatmul.int8_matmul(x, q, scales)
     assert rel_err(y, x.double() @ exact.t()) < 1e-4
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_many_rows_kernel_matches_dequantized_weights(block):
+    """gemm.c's int4 kernel on both packed layouts: float32 products, rows in and out of its 6-row
+    tiles, groups of 32 and 128."""
+    if not qmatmul.gemm_available(block, 128, 32, block):
+        pytest.skip("gemm kernels not built (no C compiler or no AVX2)")
+    g = torch.Generator().manual_seed(block)
+    for group in (32, 128):
+        n, k = 3 * block, 256
+        qt = quantize(torch.randn(n, k, generator=g), "int4", group)
+        zeros = qt.min + 8 * qt.scale
+        scales = torch.stack([qt.scale.t(), zeros.t()], -1).to(torch.bfloat16).contiguous()
+        exact = scales[..., 0].t().double().repeat_interleave(group, 1) * (qt.q.double() - 8) + \
+            scales[..., 1].t().double().repeat_interleave(group, 1)
+        for m in (2, 6, 7, 64):
+            x = torch.randn(m, k, generator=g)
+            y = qmatmul.int4_gemm(x, _pack_int4(qt.q, block), scales, group, block)
+            assert rel_err(y, x.double() @ exact.t()) < 1e-5, (group, m)
+    if _int4_pack_block() == block:  # QuantizedLinear takes this path for float32 rows beyond one
+        lin = QuantizedLinear(qt)
+        assert lin.native_gemm
+        x = torch.randn(9, k, generator=g)
+        assert rel_err(lin(x), x.double() @ exact.t()) < 1e-5
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int8_many_rows_kernel_matches_dequantized_weights(group):
+    """gemm.c's int8 kernel (the logits of a batch) on Q8_0-style groups, through VocabProjection."""
+    if not qmatmul.gemm_available(304, 256, group, None):
+        pytest.skip("gemm kernels not built (no C compiler or no AVX2)")
+    g = torch.Generator().manual_seed(group)
+    n, k = 304, 256
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    scales = torch.rand(n, k // group, generator=g) / 100
+    exact = q.double() * scales.double().repeat_interleave(group, 1)
+    table = QuantizedEmbedding(QuantizedTensor("int8", q, scales), torch.float32)
+    for m in (qmatmul.INT8_GEMM_MIN_ROWS, 13, 64):
+        x = torch.randn(m, k, generator=g)
+        assert rel_err(qmatmul.int8_gemm(x, q, scales), x.double() @ exact.t()) < 1e-5
+        assert rel_err(VocabProjection(table)(x), x.double() @ exact.t()) < 1e-5
