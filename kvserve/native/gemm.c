@@ -10,6 +10,7 @@
    - int8: rows [N, K] with a float scale per group of G, w = q * scale (GGUF's Q8_0). */
 #include <stdint.h>
 #include <stdlib.h>
+#include <omp.h>
 
 #include "kv_element.h"
 
@@ -21,14 +22,16 @@
 
 int64_t gemm_available(void) { return 1; }
 
-/* y[r, 0..15] (+)= x[r, :] . panel for `rows` (1..MR) rows: the accumulators live in registers when
-   `rows` is a constant, which the switch in tile() makes it */
+/* y[r, 0..15] (+)= x[r, 0..K) . panel for `rows` (1..MR) rows: the accumulators live in registers
+   when `rows` is a constant, which the switch in tiles() makes it */
 static inline __attribute__((always_inline)) void kernel(const float *x, int64_t ldx, const float *panel, int64_t K,
-                                                        float *y, int64_t ldy, int rows)
+                                                        float *y, int64_t ldy, int rows, int accumulate)
 {
     __m256 acc[MR][2];
-    for (int r = 0; r < rows; r++)
-        acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int r = 0; r < rows; r++) {
+        acc[r][0] = accumulate ? _mm256_loadu_ps(y + r * ldy) : _mm256_setzero_ps();
+        acc[r][1] = accumulate ? _mm256_loadu_ps(y + r * ldy + 8) : _mm256_setzero_ps();
+    }
     for (int64_t k = 0; k < K; k++) {
         const __m256 b0 = _mm256_load_ps(panel + k * NR), b1 = _mm256_load_ps(panel + k * NR + 8);
         for (int r = 0; r < rows; r++) {
@@ -43,17 +46,19 @@ static inline __attribute__((always_inline)) void kernel(const float *x, int64_t
     }
 }
 
-static void tile(const float *x, int64_t M, int64_t K, const float *panel, float *y, int64_t N)
+/* rows 0..M-1 of y[:, 16 columns] (+)= x[:, k0..k0+kc) . panel */
+static void tiles(const float *x, int64_t M, int64_t ldx, const float *panel, int64_t kc, float *y, int64_t ldy,
+                  int accumulate)
 {
     int64_t m = 0;
     for (; m + MR <= M; m += MR)
-        kernel(x + m * K, K, panel, K, y + m * N, N, MR);
+        kernel(x + m * ldx, ldx, panel, kc, y + m * ldy, ldy, MR, accumulate);
     switch (M - m) {
-    case 1: kernel(x + m * K, K, panel, K, y + m * N, N, 1); break;
-    case 2: kernel(x + m * K, K, panel, K, y + m * N, N, 2); break;
-    case 3: kernel(x + m * K, K, panel, K, y + m * N, N, 3); break;
-    case 4: kernel(x + m * K, K, panel, K, y + m * N, N, 4); break;
-    case 5: kernel(x + m * K, K, panel, K, y + m * N, N, 5); break;
+    case 1: kernel(x + m * ldx, ldx, panel, kc, y + m * ldy, ldy, 1, accumulate); break;
+    case 2: kernel(x + m * ldx, ldx, panel, kc, y + m * ldy, ldy, 2, accumulate); break;
+    case 3: kernel(x + m * ldx, ldx, panel, kc, y + m * ldy, ldy, 3, accumulate); break;
+    case 4: kernel(x + m * ldx, ldx, panel, kc, y + m * ldy, ldy, 4, accumulate); break;
+    case 5: kernel(x + m * ldx, ldx, panel, kc, y + m * ldy, ldy, 5, accumulate); break;
     }
 }
 
@@ -68,15 +73,17 @@ static inline void int4_scales(const uint16_t *pairs, __m256 scale[2], __m256 ze
     }
 }
 
-/* Panel p of the int4 weight: output rows n0..n0+15, read from 16 bytes per column k (low or high
-   nibbles) of their block. */
-static void int4_panel(const uint8_t *w, const uint16_t *scales, int64_t N, int64_t K, int64_t G,
-                       int64_t block, int64_t n0, float *panel)
+/* Columns k0..k1-1 (whole groups) of the int4 weight's rows n0..n0+15: 16 bytes per column k of
+   their block, low or high nibbles */
+static void int4_panel(const void *weight, const void *scale_data, int64_t N, int64_t K, int64_t G, int64_t block,
+                       int64_t n0, int64_t k0, int64_t k1, float *panel)
 {
+    const uint8_t *w = weight;
+    const uint16_t *scales = scale_data;
     const int64_t half = block / 2, nb = n0 / block, within = n0 % block;
     const int shift = within >= half ? 4 : 0;
     const uint8_t *bytes = w + nb * K * half + within % half;
-    for (int64_t g = 0; g < K / G; g++) {
+    for (int64_t g = k0 / G; g < k1 / G; g++) {
         __m256 scale[2], zero0[2];
         int4_scales(scales + (g * N + n0) * 2, scale, zero0);
         for (int64_t k = g * G; k < (g + 1) * G; k++) {
@@ -84,8 +91,8 @@ static void int4_panel(const uint8_t *w, const uint16_t *scales, int64_t N, int6
                                             _mm_set1_epi8(15));
             const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
             const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
-            _mm256_store_ps(panel + k * NR, _mm256_fmadd_ps(q0, scale[0], zero0[0]));
-            _mm256_store_ps(panel + k * NR + 8, _mm256_fmadd_ps(q1, scale[1], zero0[1]));
+            _mm256_store_ps(panel + (k - k0) * NR, _mm256_fmadd_ps(q0, scale[0], zero0[0]));
+            _mm256_store_ps(panel + (k - k0) * NR + 8, _mm256_fmadd_ps(q1, scale[1], zero0[1]));
         }
     }
 }
@@ -111,11 +118,14 @@ static inline void transpose8(__m256 v[8])
     }
 }
 
-/* Panel of the int8 weight: rows n0..n0+15 transposed to [K, 16] with their groups' scales, 8 rows
-   by 8 columns at a time (G a multiple of 8) */
-static void int8_panel(const int8_t *w, const float *scales, int64_t K, int64_t G, int64_t n0, float *panel)
+/* Columns k0..k1-1 of the int8 weight's rows n0..n0+15, transposed, with their groups' scales, 8
+   rows by 8 columns at a time (G a multiple of 8) */
+static void int8_panel(const void *weight, const void *scale_data, int64_t N, int64_t K, int64_t G, int64_t block,
+                       int64_t n0, int64_t k0, int64_t k1, float *panel)
 {
-    for (int64_t k = 0; k < K; k += 8)
+    const int8_t *w = weight;
+    const float *scales = scale_data;
+    for (int64_t k = k0; k < k1; k += 8)
         for (int64_t h = 0; h < 2; h++) {
             __m256 v[8];
             for (int64_t j = 0; j < 8; j++) {
@@ -125,39 +135,51 @@ static void int8_panel(const int8_t *w, const float *scales, int64_t K, int64_t 
             }
             transpose8(v);
             for (int64_t c = 0; c < 8; c++)
-                _mm256_store_ps(panel + (k + c) * NR + 8 * h, v[c]);
+                _mm256_store_ps(panel + (k - k0 + c) * NR + 8 * h, v[c]);
         }
 }
 
-/* x [M, K], y [M, N]; N a multiple of 16; for int4, G a multiple of 1 and `block` of 32 */
+typedef void (*unpack_fn)(const void *, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                          float *);
+
+/* Blocked as BLIS/GotoBLAS do: each thread takes a range of 16-column panels; for each slice of KC
+   columns of K it unpacks its panels' slice once (KC x 16 floats each: one panel in L1, all of them
+   in L2/L3), then for each block of MC rows of x (MC x KC floats: L2) runs the 6 x 16 tiles over
+   every panel. */
+static void gemm(const float *x, int64_t M, const void *w, const void *scales, int64_t N, int64_t K, int64_t G,
+                 int64_t block, float *y, unpack_fn unpack)
+{
+    const int64_t KC = G >= 256 ? G : 256 / G * G, MC = 48;
+    #pragma omp parallel
+    {
+        const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num(), panels = N / NR;
+        const int64_t p0 = panels * t / threads, p1 = panels * (t + 1) / threads;
+        float *slices = aligned_alloc(32, (p1 - p0 + 1) * KC * NR * sizeof(float));
+        for (int64_t k0 = 0; k0 < K && slices; k0 += KC) {
+            const int64_t k1 = k0 + KC < K ? k0 + KC : K;
+            for (int64_t p = p0; p < p1; p++)
+                unpack(w, scales, N, K, G, block, p * NR, k0, k1, slices + (p - p0) * KC * NR);
+            for (int64_t m0 = 0; m0 < M; m0 += MC)
+                for (int64_t p = p0; p < p1; p++)
+                    tiles(x + m0 * K + k0, M - m0 < MC ? M - m0 : MC, K, slices + (p - p0) * KC * NR, k1 - k0,
+                          y + m0 * N + p * NR, N, k0 > 0);
+        }
+        free(slices);
+    }
+}
+
+/* x [M, K], y [M, N]; N a multiple of 16 (and of `block`, a multiple of 32, for int4); K of G */
 void int4_gemm(const float *x, int64_t M, const uint8_t *w, const uint16_t *scales, int64_t N, int64_t K,
                int64_t G, int64_t block, float *y)
 {
-    #pragma omp parallel
-    {
-        float *panel = aligned_alloc(32, K * NR * sizeof(float));
-        #pragma omp for schedule(static)
-        for (int64_t n0 = 0; n0 < N; n0 += NR) {
-            int4_panel(w, scales, N, K, G, block, n0, panel);
-            tile(x, M, K, panel, y + n0, N);
-        }
-        free(panel);
-    }
+    gemm(x, M, w, scales, N, K, G, block, y, int4_panel);
 }
 
+/* G a multiple of 8 */
 void int8_gemm(const float *x, int64_t M, const int8_t *w, const float *scales, int64_t N, int64_t K,
                int64_t G, float *y)
 {
-    #pragma omp parallel
-    {
-        float *panel = aligned_alloc(32, K * NR * sizeof(float));
-        #pragma omp for schedule(static)
-        for (int64_t n0 = 0; n0 < N; n0 += NR) {
-            int8_panel(w, scales, K, G, n0, panel);
-            tile(x, M, K, panel, y + n0, N);
-        }
-        free(panel);
-    }
+    gemm(x, M, w, scales, N, K, G, 0, y, int8_panel);
 }
 #else
 int64_t gemm_available(void) { return 0; }  /* callers keep PyTorch's kernels */
