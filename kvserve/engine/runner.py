@@ -17,7 +17,7 @@ class ModelRunner:
             self.forward = model
         self.attention = attention
         self.policy_attention = policy_attention  # PolicyAttention: steps with non-full decodes
-        self.native_decoder = None  # NativeDecoder: steps of one sequence's few full-attention tokens
+        self.native_decoder = None  # NativeDecoder: full-attention steps of decodes or a few tokens
         self.page_size = page_size
         self.device = device
         self.num_tokens_run = 0  # tokens through the model since start; tests count prefix hits with it
@@ -35,9 +35,14 @@ class ModelRunner:
                 last_rows.append(len(ids) - 1)
                 to_sample.append(seq)
         sparse = [i for i, (seq, n) in enumerate(scheduled) if n == 1 and not seq.policy.is_full]
-        if (self.native_decoder is not None and len(scheduled) == 1 and not sparse
-                and len(ids) <= self.native_decoder.MAX_TOKENS):
-            hidden = self.native_decoder(ids, scheduled[0][0].pages, kv_lens[0])
+        native = self.native_decoder
+        # a decode per sequence, or a few tokens in all
+        if native is not None and not sparse and (len(ids) == len(scheduled) or len(ids) <= native.MAX_TOKENS):
+            page_table, page_starts = [], []
+            for seq, n in scheduled:
+                page_starts.extend([len(page_table)] * n)
+                page_table.extend(seq.pages)
+            hidden = native(ids, positions, page_table, page_starts)
         else:
             attention, forward = self._plan(scheduled, sparse, q_lens, kv_lens)
             hidden = forward(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),

@@ -1,11 +1,13 @@
-/* A decode token (or a few prompt tokens) of one sequence of a Llama-family model with int4 weights,
-   all layers in one call: the eager PyTorch step spends two thirds of its time dispatching ~15
-   small ops a layer, not in matmuls.
+/* A step of decode tokens (one per sequence, or a few prompt tokens of one) of a Llama-family model
+   with int4 weights, all layers in one call: the eager PyTorch step spends a third (a batch) to
+   two thirds (one stream) of its time dispatching ~15 small ops a layer, not in matmuls.
    Same math as kvserve/model/llama.py (rotate-half RoPE, GQA, SiLU-gated MLP) in float32, with
-   the int4 matmuls of qmatmul.c; K/V go to the paged cache like TorchRefAttention's. */
+   the int4 matmuls of qmatmul.c (one row) and gemm.c (more); K/V go to the paged cache like
+   TorchRefAttention's. */
 #include <stdlib.h>
 
 /* one translation unit: the kernels inline here; native.load hashes every source */
+#include "gemm.c"
 #include "paged_attention.c"
 #include "qmatmul.c"
 
@@ -43,10 +45,20 @@ static void rms_norm(const float *x, const float *w, int64_t n, float eps, float
 
 static void linear(const Linear *l, const float *x, int64_t M, float *y, void *scratch)
 {
-    int4_matmul(x, M, l->w, l->scales, l->n, l->k, l->group, l->block, y, scratch);
+    if (M == 1)
+        int4_matmul(x, M, l->w, l->scales, l->n, l->k, l->group, l->block, y, scratch);
+    else
+        int4_gemm(x, M, l->w, l->scales, l->n, l->k, l->group, l->block, y);
     if (l->bias)
         for (int64_t i = 0; i < M * l->n; i++)
             y[i] += l->bias[i % l->n];
+}
+
+/* exp_neg's, so the loop over it vectorizes (libm's expf is a call per element) */
+static inline float sigmoid(float x)
+{
+    const float e = exp_neg(-fabsf(x));
+    return (x >= 0 ? 1.0f : e) / (1 + e);
 }
 
 /* x [heads, D] rotated in place by the position's cos/sin [D / 2] */
@@ -63,44 +75,57 @@ static void rope(float *x, int64_t heads, int64_t D, const float *cos, const flo
     }
 }
 
-/* q [H, D] against the layer's cache rows of positions 0..n-1 -> out [H, D]; scores: H * n floats */
-static void attend(const Model *m, int64_t layer, const float *q, const int32_t *pages, int64_t page_size,
-                   int64_t n, float *scores, float *out)
+/* Row t's query heads (q: row 0's, rows qkv_n apart) against the layer's cache rows of its positions
+   0..pos[t] -> out [T, H, D]; a task per (row, KV head). Returns 0, or -1 when out of memory. */
+static int64_t attend(const Model *m, int64_t layer, int64_t T, const float *q, int64_t qkv_n, const int32_t *pages,
+                      const int64_t *page_starts, const int64_t *pos, int64_t page_size, float *out)
 {
-    const int64_t D = m->head_dim, group = m->heads / m->kv_heads;
-    const int64_t offset = layer * m->kv_heads * m->slots * D * (m->kv_bf16 ? 2 : 4);
+    const int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, group = H / Hkv;
+    const int64_t offset = layer * Hkv * m->slots * D * (m->kv_bf16 ? 2 : 4);
     const char *k = (const char *)m->k_cache + offset, *v = (const char *)m->v_cache + offset;
-    #pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < m->kv_heads; g++)
-        attend_kv_head(q + g * group * D, k, v, (int)m->kv_bf16, m->slots, g, group, D, m->scale, pages,
-                       page_size, n, scores + g * group * n, out + g * group * D);
+    int64_t failed = 0;
+    #pragma omp parallel for schedule(dynamic)
+    for (int64_t task = 0; task < T * Hkv; task++) {
+        const int64_t t = task / Hkv, g = task % Hkv, n = pos[t] + 1;
+        float *scores = malloc(group * n * sizeof *scores);
+        if (!scores) {
+            failed = 1;
+            continue;
+        }
+        attend_kv_head(q + t * qkv_n + g * group * D, k, v, (int)m->kv_bf16, m->slots, g, group, D, m->scale,
+                       pages + page_starts[t], page_size, n, scores, out + (t * H + g * group) * D);
+        free(scores);
+    }
+    return failed ? -1 : 0;
 }
 
-/* T consecutive tokens of one sequence (a decode token, or a short prompt chunk). x [T, hidden]:
-   their embeddings, overwritten by the residual stream; out [T, hidden]: the final normed hidden
-   states. cos/sin [T, D / 2]: their positions, kv_len - T .. kv_len - 1; pages: the sequence's page
-   table. Returns 0, or -1 when out of memory. */
+/* T tokens: row t is at position pos[t] of the sequence whose page table starts at
+   pages[page_starts[t]]. Every row's K/V is written before any row attends, so the tokens of one
+   sequence (a prompt chunk, in order) attend causally. x [T, hidden]: their embeddings, overwritten
+   by the residual stream; out [T, hidden]: the final normed hidden states; cos/sin [T, D / 2]: their
+   positions' rotations. Returns 0, or -1 when out of memory. */
 int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const float *sin, const int32_t *pages,
-                    int64_t page_size, int64_t kv_len, float *out)
+                    const int64_t *page_starts, const int64_t *pos, int64_t page_size, float *out)
 {
     const int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, I = m->intermediate, E = m->hidden;
     const int64_t qkv_n = (H + 2 * Hkv) * D, widest = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D);
-    float *buf = malloc(sizeof(float) * (T * (E + qkv_n + H * D + E + 3 * I) + H * kv_len));
-    void *scratch = malloc(10 * T * widest);  /* int4_matmul's: 2 M K bytes + 8 M K / G, G >= 1 */
+    float *buf = malloc(sizeof(float) * T * (E + qkv_n + H * D + E + 3 * I));
+    void *scratch = malloc(10 * widest);  /* int4_matmul's for one row: 2 K bytes + 8 K / G, G >= 1 */
     if (!buf || !scratch) {
         free(buf);
         free(scratch);
         return -1;
     }
     float *h = buf, *qkv = h + T * E, *attn = qkv + T * qkv_n, *proj = attn + T * H * D, *gu = proj + T * E;
-    float *act = gu + T * 2 * I, *scores = act + T * I;
-    for (int64_t l = 0; l < m->num_layers; l++) {
+    float *act = gu + T * 2 * I;
+    int64_t status = 0;
+    for (int64_t l = 0; l < m->num_layers && status == 0; l++) {
         const Layer *L = m->layers + l;
         for (int64_t t = 0; t < T; t++)
             rms_norm(x + t * E, L->attn_norm, E, m->eps, h + t * E);
         linear(&L->qkv, h, T, qkv, scratch);
-        for (int64_t t = 0; t < T; t++) {  /* token t: position kv_len - T + t, causal */
-            const int64_t pos = kv_len - T + t, slot = (int64_t)pages[pos / page_size] * page_size + pos % page_size;
+        for (int64_t t = 0; t < T; t++) {
+            const int64_t slot = (int64_t)pages[page_starts[t] + pos[t] / page_size] * page_size + pos[t] % page_size;
             float *q = qkv + t * qkv_n, *k = q + H * D, *v = k + Hkv * D;
             rope(q, H, D, cos + t * D / 2, sin + t * D / 2);
             rope(k, Hkv, D, cos + t * D / 2, sin + t * D / 2);
@@ -111,8 +136,8 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
                     kv_store(m->v_cache, row + d, v[g * D + d], (int)m->kv_bf16);
                 }
             }
-            attend(m, l, q, pages, page_size, pos + 1, scores, attn + t * H * D);
         }
+        status = attend(m, l, T, qkv, qkv_n, pages, page_starts, pos, page_size, attn);
         linear(&L->o, attn, T, proj, scratch);
         for (int64_t i = 0; i < T * E; i++)
             x[i] += proj[i];
@@ -121,7 +146,7 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
         linear(&L->gate_up, h, T, gu, scratch);
         for (int64_t t = 0; t < T; t++)  /* gate, then up */
             for (int64_t i = 0; i < I; i++)
-                act[t * I + i] = gu[t * 2 * I + i] / (1 + expf(-gu[t * 2 * I + i])) * gu[t * 2 * I + I + i];
+                act[t * I + i] = gu[t * 2 * I + i] * sigmoid(gu[t * 2 * I + i]) * gu[t * 2 * I + I + i];
         linear(&L->down, act, T, proj, scratch);
         for (int64_t i = 0; i < T * E; i++)
             x[i] += proj[i];
@@ -130,5 +155,5 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
         rms_norm(x + t * E, m->final_norm, E, m->eps, out + t * E);
     free(buf);
     free(scratch);
-    return 0;
+    return status;
 }

@@ -1,6 +1,6 @@
-"""decode.c from PyTorch: a decode token (or a short prompt chunk) of one sequence in one C call,
-for models whose linear layers all run on the int4 kernel. The runner takes it for steps of a
-single sequence (one chat stream), where PyTorch's per-op dispatch costs more than the math."""
+"""decode.c from PyTorch: a step of decode tokens (one per sequence) or a short prompt chunk of one
+sequence in one C call, for models whose linear layers all run on the int4 kernels. The runner
+takes it for such steps, where PyTorch's per-op dispatch costs a third to two thirds of the time."""
 import ctypes
 from functools import cache
 
@@ -33,14 +33,14 @@ def _kernel():
     if has_avx2 is None or not has_avx2():
         return None
     return native.function("decode", "decode_step", ctypes.c_int64,
-                           [ctypes.POINTER(_Model), _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _ptr])
+                           [ctypes.POINTER(_Model), _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr])
 
 
 class NativeDecoder:
     """Holds the C view of a model and its KV pool (pointers into their tensors, which it keeps)."""
 
-    # above this many tokens a step is a prompt chunk, which PyTorch's matmuls (dense from 256 rows)
-    # do faster than the C kernel's row-by-row int4 products
+    # above this many tokens a prompt chunk's attention is faster through PyTorch's SDPA than row by
+    # row through the decode attention kernel
     MAX_TOKENS = 32
 
     def __init__(self, model, pool):
@@ -83,16 +83,19 @@ class NativeDecoder:
         return _Linear(m.weight_q.data_ptr(), m.scales.data_ptr(), self._fp32(m.bias), m.out_features,
                        m.in_features, m.group, m.unpack_block)
 
-    def __call__(self, tokens: list[int], pages: list[int], kv_len: int) -> torch.Tensor:
-        """The final normed hidden states [T, hidden] (model dtype) of the sequence's tokens at
-        positions kv_len - T .. kv_len - 1, whose K/V it writes to the cache."""
+    def __call__(self, tokens: list[int], positions: list[int], page_table: list[int],
+                 page_starts: list[int]) -> torch.Tensor:
+        """The final normed hidden states [T, hidden] (model dtype) of the step's tokens: token t at
+        position positions[t] of the sequence whose pages start at page_table[page_starts[t]]. Writes
+        their K/V to the cache; tokens of one sequence come in order."""
         x = self.model.embed_tokens(torch.tensor(tokens)).float().contiguous()
         out = torch.empty_like(x)
         rope = self.model.rope
-        rope.ensure(kv_len)
-        cos, sin = rope.cos[kv_len - len(tokens):kv_len], rope.sin[kv_len - len(tokens):kv_len]
-        page_table = torch.tensor(pages, dtype=torch.int32)
-        if _kernel()(self._ref, x.data_ptr(), len(tokens), cos.data_ptr(), sin.data_ptr(), page_table.data_ptr(),
-                     self.pool.page_size, kv_len, out.data_ptr()):
+        rope.ensure(max(positions) + 1)
+        pos = torch.tensor(positions)
+        cos, sin = rope.cos[pos].contiguous(), rope.sin[pos].contiguous()
+        pages, starts = torch.tensor(page_table, dtype=torch.int32), torch.tensor(page_starts)
+        if _kernel()(self._ref, x.data_ptr(), len(tokens), cos.data_ptr(), sin.data_ptr(), pages.data_ptr(),
+                     starts.data_ptr(), pos.data_ptr(), self.pool.page_size, out.data_ptr()):
             raise MemoryError("decode_step could not allocate its buffers")
         return out.to(self.model.dtype)

@@ -142,27 +142,30 @@ static void int8_panel(const void *weight, const void *scale_data, int64_t N, in
 typedef void (*unpack_fn)(const void *, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                           float *);
 
-/* Blocked as BLIS/GotoBLAS do: each thread takes a range of 16-column panels; for each slice of KC
-   columns of K it unpacks its panels' slice once (KC x 16 floats each: one panel in L1, all of them
-   in L2/L3), then for each block of MC rows of x (MC x KC floats: L2) runs the 6 x 16 tiles over
-   every panel. */
+/* Blocked as BLIS/GotoBLAS do: each thread takes a range of 16-column panels, NC of them at a time;
+   for each slice of KC columns of K it unpacks those panels' slice once (KC x 16 floats each: one
+   panel in L1, the NC in L2), then for each block of MC rows of x (MC x KC floats, also L2) runs
+   the 6 x 16 tiles over every panel. */
 static void gemm(const float *x, int64_t M, const void *w, const void *scales, int64_t N, int64_t K, int64_t G,
                  int64_t block, float *y, unpack_fn unpack)
 {
-    const int64_t KC = G >= 256 ? G : 256 / G * G, MC = 48;
+    const int64_t KC = G >= 256 ? G : 256 / G * G, MC = 48, NC = 16;
     #pragma omp parallel
     {
         const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num(), panels = N / NR;
-        const int64_t p0 = panels * t / threads, p1 = panels * (t + 1) / threads;
-        float *slices = aligned_alloc(32, (p1 - p0 + 1) * KC * NR * sizeof(float));
-        for (int64_t k0 = 0; k0 < K && slices; k0 += KC) {
-            const int64_t k1 = k0 + KC < K ? k0 + KC : K;
-            for (int64_t p = p0; p < p1; p++)
-                unpack(w, scales, N, K, G, block, p * NR, k0, k1, slices + (p - p0) * KC * NR);
-            for (int64_t m0 = 0; m0 < M; m0 += MC)
+        const int64_t first = panels * t / threads, end = panels * (t + 1) / threads;
+        float *slices = aligned_alloc(32, NC * KC * NR * sizeof(float));
+        for (int64_t p0 = first; p0 < end && slices; p0 += NC) {
+            const int64_t p1 = p0 + NC < end ? p0 + NC : end;
+            for (int64_t k0 = 0; k0 < K; k0 += KC) {
+                const int64_t k1 = k0 + KC < K ? k0 + KC : K;
                 for (int64_t p = p0; p < p1; p++)
-                    tiles(x + m0 * K + k0, M - m0 < MC ? M - m0 : MC, K, slices + (p - p0) * KC * NR, k1 - k0,
-                          y + m0 * N + p * NR, N, k0 > 0);
+                    unpack(w, scales, N, K, G, block, p * NR, k0, k1, slices + (p - p0) * KC * NR);
+                for (int64_t m0 = 0; m0 < M; m0 += MC)
+                    for (int64_t p = p0; p < p1; p++)
+                        tiles(x + m0 * K + k0, M - m0 < MC ? M - m0 : MC, K, slices + (p - p0) * KC * NR, k1 - k0,
+                              y + m0 * N + p * NR, N, k0 > 0);
+            }
         }
         free(slices);
     }

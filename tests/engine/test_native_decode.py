@@ -1,4 +1,6 @@
 """kvserve/native/decode.c: a whole decode step in C gives the logits of the PyTorch layers."""
+import random
+
 import pytest
 import torch
 
@@ -36,7 +38,31 @@ def test_native_decode_gives_the_torch_layers_logits(tmp_path, arch, dtype, chun
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
 
 
-def test_engine_runs_single_streams_natively(tmp_path, smollm2_tokenizer):
+def test_a_batch_of_decodes_gives_each_sequence_s_own_logits(tmp_path):
+    """Decodes of sequences of different lengths in one call, each over its own shuffled pages."""
+    from kvserve.kv.pool import PagePool
+    model = int4_model(tmp_path)
+    cfg, g = model.config, torch.Generator().manual_seed(2)
+    seqs = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (9, 30, 17)]
+    expected = torch.stack([paged_logits(model, ids, page_size=4, chunk=1)[-1] for ids in seqs])
+    pool = PagePool(cfg.num_layers, 40, 4, cfg.num_kv_heads, cfg.head_dim, model.dtype)
+    pages = pool.allocate(pool.num_pages)
+    random.Random(1).shuffle(pages)
+    decoder = NativeDecoder(model, pool)
+    tables = [pages[0:3], pages[3:11], pages[11:16]]
+    with torch.inference_mode():
+        for ids, table in zip(seqs, tables):  # each prompt but its last token
+            for start in range(0, len(ids) - 1, 8):
+                end = min(start + 8, len(ids) - 1)
+                decoder(ids[start:end], list(range(start, end)), table, [0] * (end - start))
+        flat = [p for t in tables for p in t]
+        hidden = decoder([ids[-1] for ids in seqs], [len(ids) - 1 for ids in seqs], flat, [0, 3, 11])
+        got = model.compute_logits(hidden)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_engine_runs_decode_steps_natively(tmp_path, smollm2_tokenizer):
     from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
     from kvserve.engine.engine import Engine
     from kvserve.engine.request import SamplingParams
@@ -50,11 +76,11 @@ def test_engine_runs_single_streams_natively(tmp_path, smollm2_tokenizer):
             done |= {o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished}
         return [done[i] for i in ids]
 
-    # the reference: PyTorch layers a token a step (several rows would take PyTorch's bf16 int4 kernel)
+    # the reference: PyTorch layers, a token a step
     reference = Engine(EngineConfig(cache=CacheConfig(num_pages=64), scheduler=SchedulerConfig(1, 64)),
                        model=model, tokenizer=smollm2_tokenizer)
     reference.runner.native_decoder = None
-    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 60))]
     expected = [generate(reference, [p])[0] for p in prompts]
 
     engine = Engine(EngineConfig(cache=CacheConfig(num_pages=64)), model=model, tokenizer=smollm2_tokenizer)
@@ -66,11 +92,12 @@ def test_engine_runs_single_streams_natively(tmp_path, smollm2_tokenizer):
         return decoder(*args)
     counted.MAX_TOKENS = decoder.MAX_TOKENS
     engine.runner.native_decoder = counted
-    assert [generate(engine, [p])[0] for p in prompts] == expected
+    assert [generate(engine, [p])[0] for p in prompts[:2]] == expected[:2]
     assert len(calls) == 2 * 8  # every step of a lone stream: its whole prompt, then 7 decodes
     calls.clear()
-    generate(engine, prompts)  # two streams at once: batched PyTorch steps
-    assert not calls
+    assert generate(engine, prompts) == expected  # three streams at once
+    # the 48 prompt tokens are one PyTorch step (over MAX_TOKENS); the 7 batched decode steps are native
+    assert [len(c[0]) for c in calls] == [3] * 7
 
 
 def test_without_c_kernels_the_pytorch_twins_run(tmp_path, monkeypatch):

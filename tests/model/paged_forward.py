@@ -28,7 +28,7 @@ def paged_logits(model, ids: list[int], page_size: int = 16, chunk: int | None =
         for start in range(0, len(ids), chunk):
             end = min(start + chunk, len(ids))
             if decoder:
-                hidden = decoder(ids[start:end], pages, end)
+                hidden = decoder(ids[start:end], list(range(start, end)), pages, [0] * (end - start))
             else:
                 attn.plan(AttentionMetadata.build([end - start], [pages], [end], page_size))
                 hidden = model(torch.tensor(ids[start:end]), torch.arange(start, end), attn)
