@@ -9,25 +9,59 @@
 
 #include "kv_element.h"
 
-/* q . k[row..row+D): eight partial sums, which the compiler turns into one vector register (a
-   single running sum would be a serial chain it may not reorder) */
+#ifdef __AVX2__
+#include <immintrin.h>
+
+/* elements i..i+7 of a cache as floats */
+static inline __m256 kv_load8(const void *base, int64_t i, int bf16)
+{
+    if (!bf16)
+        return _mm256_loadu_ps((const float *)base + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline float sum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+/* q . k[row..row+D) (GCC leaves these loops scalar unless written out with intrinsics) */
 static inline float dot_kv(const float *q, const void *k, int64_t row, int64_t D, int bf16)
 {
-    float acc[8] = {0};
     int64_t d = 0;
+    float total = 0;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
     for (; d + 8 <= D; d += 8)
-        for (int j = 0; j < 8; j++)
-            acc[j] += q[d + j] * kv_load(k, row + d + j, bf16);
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), kv_load8(k, row + d, bf16), acc);
+    total = sum8(acc);
+#endif
     for (; d < D; d++)
-        acc[0] += q[d] * kv_load(k, row + d, bf16);
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        total += q[d] * kv_load(k, row + d, bf16);
+    return total;
+}
+
+/* o += w * v[row..row+D) */
+static inline void axpy_kv(float *o, float w, const void *v, int64_t row, int64_t D, int bf16)
+{
+    int64_t d = 0;
+#ifdef __AVX2__
+    for (; d + 8 <= D; d += 8)
+        _mm256_storeu_ps(o + d, _mm256_fmadd_ps(_mm256_set1_ps(w), kv_load8(v, row + d, bf16), _mm256_loadu_ps(o + d)));
+#endif
+    for (; d < D; d++)
+        o[d] += w * kv_load(v, row + d, bf16);
 }
 
 /* e^x for x <= 0 (softmax terms), relative error ~2e-7: branch-free, so loops over it vectorize,
    where libm's expf is a call per element */
 static inline float exp_neg(float x)
 {
-    x = fmaxf(x, -87.0f);
+    x = x > -87.0f ? x : -87.0f;  /* not fmaxf: a libm call, which stops vectorization */
     const float n = nearbyintf(x * 1.44269504f);
     const float r = x - n * 0.693145752f - n * 1.42860677e-06f;  /* ln 2 in two parts */
     float p = 1.0f / 720;
@@ -43,6 +77,15 @@ static inline float exp_neg(float x)
     return p * scale;
 }
 
+/* elements i..i+n of a cache into the CPU's caches */
+static inline void prefetch_rows(const void *cache, int64_t i, int64_t n, int bf16)
+{
+    const int64_t size = bf16 ? 2 : 4;
+    const char *start = (const char *)cache + i * size;
+    for (int64_t offset = 0; offset < n * size; offset += 64)
+        __builtin_prefetch(start + offset);
+}
+
 /* The query heads of KV head g of sequence b: q [group, D] over positions 0..n-1 of its pages;
    out [group, D]. scores: group * n floats. Inlined into one copy per cache dtype. */
 static inline __attribute__((always_inline)) void attend_kv_head_as(
@@ -53,6 +96,11 @@ static inline __attribute__((always_inline)) void attend_kv_head_as(
     const int64_t base = g * S * D;
     for (int64_t t0 = 0, p = 0; t0 < n; t0 += page_size, p++) {
         const int64_t first = base + (int64_t)pages[p] * page_size * D, rows = n - t0 < page_size ? n - t0 : page_size;
+        /* pages lie apart, where the hardware prefetcher stops: fetch the next K page and this V page
+           (read after the softmax) while this one's scores are computed */
+        if (t0 + page_size < n)
+            prefetch_rows(k_cache, base + (int64_t)pages[p + 1] * page_size * D, page_size * D, bf16);
+        prefetch_rows(v_cache, first, rows * D, bf16);
         for (int64_t r = 0; r < rows; r++)
             for (int64_t h = 0; h < group; h++)
                 scores[h * n + t0 + r] = dot_kv(q + h * D, k_cache, first + r * D, D, bf16) * scale;
@@ -60,7 +108,7 @@ static inline __attribute__((always_inline)) void attend_kv_head_as(
     for (int64_t h = 0; h < group; h++) {
         float *s = scores + h * n, best = -INFINITY, total = 0;
         for (int64_t t = 0; t < n; t++)
-            best = fmaxf(best, s[t]);
+            best = s[t] > best ? s[t] : best;
         for (int64_t t = 0; t < n; t++)
             s[t] = exp_neg(s[t] - best);
         for (int64_t t = 0; t < n; t++)
@@ -72,12 +120,8 @@ static inline __attribute__((always_inline)) void attend_kv_head_as(
     for (int64_t t0 = 0, p = 0; t0 < n; t0 += page_size, p++) {
         const int64_t first = base + (int64_t)pages[p] * page_size * D, rows = n - t0 < page_size ? n - t0 : page_size;
         for (int64_t r = 0; r < rows; r++)
-            for (int64_t h = 0; h < group; h++) {
-                const float w = scores[h * n + t0 + r];
-                float *o = out + h * D;
-                for (int64_t d = 0; d < D; d++)
-                    o[d] += w * kv_load(v_cache, first + r * D + d, bf16);
-            }
+            for (int64_t h = 0; h < group; h++)
+                axpy_kv(out + h * D, scores[h * n + t0 + r], v_cache, first + r * D, D, bf16);
     }
 }
 

@@ -50,7 +50,7 @@ static void quantize_activations(const float *x, int64_t M, int64_t K, int64_t G
         const float *v = x + i * G;
         float amax = 0;
         for (int64_t j = 0; j < G; j++)
-            amax = fmaxf(amax, fabsf(v[j]));
+            amax = fabsf(v[j]) > amax ? fabsf(v[j]) : amax;  /* not fmaxf: a libm call */
         const float d = amax / 127, inv = d > 0 ? 1 / d : 0;
         int32_t sum = 0;
         for (int64_t j = 0; j < G; j++) {
