@@ -11,6 +11,8 @@
 #include "paged_attention.c"
 #include "qmatmul.c"
 
+#define PARALLEL_ROWS 4  /* fewer rows than this: the threads' start-up costs more than the loops */
+
 typedef struct {
     const uint8_t *w;       /* _convert_weight_to_int4pack_for_cpu layout */
     const uint16_t *scales; /* [K / G, N, 2] bf16 (scale, zero) */
@@ -121,9 +123,11 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
     int64_t status = 0;
     for (int64_t l = 0; l < m->num_layers && status == 0; l++) {
         const Layer *L = m->layers + l;
+        #pragma omp parallel for if (T >= PARALLEL_ROWS)
         for (int64_t t = 0; t < T; t++)
             rms_norm(x + t * E, L->attn_norm, E, m->eps, h + t * E);
         linear(&L->qkv, h, T, qkv, scratch);
+        #pragma omp parallel for if (T >= PARALLEL_ROWS)
         for (int64_t t = 0; t < T; t++) {
             const int64_t slot = (int64_t)pages[page_starts[t] + pos[t] / page_size] * page_size + pos[t] % page_size;
             float *q = qkv + t * qkv_n, *k = q + H * D, *v = k + Hkv * D;
@@ -139,15 +143,19 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
         }
         status = attend(m, l, T, qkv, qkv_n, pages, page_starts, pos, page_size, attn);
         linear(&L->o, attn, T, proj, scratch);
-        for (int64_t i = 0; i < T * E; i++)
-            x[i] += proj[i];
-        for (int64_t t = 0; t < T; t++)
+        #pragma omp parallel for if (T >= PARALLEL_ROWS)
+        for (int64_t t = 0; t < T; t++) {
+            for (int64_t i = t * E; i < (t + 1) * E; i++)
+                x[i] += proj[i];
             rms_norm(x + t * E, L->mlp_norm, E, m->eps, h + t * E);
+        }
         linear(&L->gate_up, h, T, gu, scratch);
+        #pragma omp parallel for if (T >= PARALLEL_ROWS)
         for (int64_t t = 0; t < T; t++)  /* gate, then up */
             for (int64_t i = 0; i < I; i++)
                 act[t * I + i] = gu[t * 2 * I + i] * sigmoid(gu[t * 2 * I + i]) * gu[t * 2 * I + I + i];
         linear(&L->down, act, T, proj, scratch);
+        #pragma omp parallel for if (T >= PARALLEL_ROWS)
         for (int64_t i = 0; i < T * E; i++)
             x[i] += proj[i];
     }
