@@ -45,15 +45,17 @@ static void rms_norm(const float *x, const float *w, int64_t n, float eps, float
         out[i] = x[i] * r * w[i];
 }
 
-static void linear(const Linear *l, const float *x, int64_t M, float *y, void *scratch)
+/* 0, or -1 when out of memory */
+static int64_t linear(const Linear *l, const float *x, int64_t M, float *y, void *scratch)
 {
     if (M == 1)
         int4_matmul(x, M, l->w, l->scales, l->n, l->k, l->group, l->block, y, scratch);
-    else
-        int4_gemm(x, M, l->w, l->scales, l->n, l->k, l->group, l->block, y);
+    else if (int4_gemm(x, M, l->w, l->scales, l->n, l->k, l->group, l->block, y))
+        return -1;
     if (l->bias)
         for (int64_t i = 0; i < M * l->n; i++)
             y[i] += l->bias[i % l->n];
+    return 0;
 }
 
 /* exp_neg's, so the loop over it vectorizes (libm's expf is a call per element) */
@@ -126,7 +128,7 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
         #pragma omp parallel for if (T >= PARALLEL_ROWS)
         for (int64_t t = 0; t < T; t++)
             rms_norm(x + t * E, L->attn_norm, E, m->eps, h + t * E);
-        linear(&L->qkv, h, T, qkv, scratch);
+        status |= linear(&L->qkv, h, T, qkv, scratch);
         #pragma omp parallel for if (T >= PARALLEL_ROWS)
         for (int64_t t = 0; t < T; t++) {
             const int64_t slot = (int64_t)pages[page_starts[t] + pos[t] / page_size] * page_size + pos[t] % page_size;
@@ -141,20 +143,20 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
                 }
             }
         }
-        status = attend(m, l, T, qkv, qkv_n, pages, page_starts, pos, page_size, attn);
-        linear(&L->o, attn, T, proj, scratch);
+        status |= attend(m, l, T, qkv, qkv_n, pages, page_starts, pos, page_size, attn);
+        status |= linear(&L->o, attn, T, proj, scratch);
         #pragma omp parallel for if (T >= PARALLEL_ROWS)
         for (int64_t t = 0; t < T; t++) {
             for (int64_t i = t * E; i < (t + 1) * E; i++)
                 x[i] += proj[i];
             rms_norm(x + t * E, L->mlp_norm, E, m->eps, h + t * E);
         }
-        linear(&L->gate_up, h, T, gu, scratch);
+        status |= linear(&L->gate_up, h, T, gu, scratch);
         #pragma omp parallel for if (T >= PARALLEL_ROWS)
         for (int64_t t = 0; t < T; t++)  /* gate, then up */
             for (int64_t i = 0; i < I; i++)
                 act[t * I + i] = gu[t * 2 * I + i] * sigmoid(gu[t * 2 * I + i]) * gu[t * 2 * I + I + i];
-        linear(&L->down, act, T, proj, scratch);
+        status |= linear(&L->down, act, T, proj, scratch);
         #pragma omp parallel for if (T >= PARALLEL_ROWS)
         for (int64_t i = 0; i < T * E; i++)
             x[i] += proj[i];

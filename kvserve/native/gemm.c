@@ -1,6 +1,6 @@
 /* y [M, N] = x [M, K] W^T in float32 for many rows (batched decodes, prompts) on quantized weights:
-   each thread unpacks W 16 output columns at a time into a float panel [K, 16] that stays in its
-   cache, then runs a 6 x 16 register-blocked FMA kernel over every row of x. Unpacking once per
+   each thread unpacks W 16 output columns by 256 of K at a time into a float panel that stays in
+   its cache, then runs a 6 x 16 register-blocked FMA kernel over the rows of x. Unpacking once per
    panel costs 1/M of the products, and no float copy of the whole weight is ever written (which
    is what unpacking to a dense matrix for PyTorch's matmul costs), nor are activations emulated
    in bfloat16 (what PyTorch's int4 kernel does on CPUs without native bfloat16).
@@ -11,8 +11,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <omp.h>
-
-#include "kv_element.h"
 
 #define NR 16
 #define MR 6
@@ -146,15 +144,18 @@ typedef void (*unpack_fn)(const void *, const void *, int64_t, int64_t, int64_t,
    for each slice of KC columns of K it unpacks those panels' slice once (KC x 16 floats each: one
    panel in L1, the NC in L2), then for each block of MC rows of x (MC x KC floats, also L2) runs
    the 6 x 16 tiles over every panel. */
-static void gemm(const float *x, int64_t M, const void *w, const void *scales, int64_t N, int64_t K, int64_t G,
+static int64_t gemm(const float *x, int64_t M, const void *w, const void *scales, int64_t N, int64_t K, int64_t G,
                  int64_t block, float *y, unpack_fn unpack)
 {
     const int64_t KC = G >= 256 ? G : 256 / G * G, MC = 48, NC = 16;
+    int64_t failed = 0;
     #pragma omp parallel
     {
         const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num(), panels = N / NR;
         const int64_t first = panels * t / threads, end = panels * (t + 1) / threads;
         float *slices = aligned_alloc(32, NC * KC * NR * sizeof(float));
+        if (!slices)
+            failed = 1;
         for (int64_t p0 = first; p0 < end && slices; p0 += NC) {
             const int64_t p1 = p0 + NC < end ? p0 + NC : end;
             for (int64_t k0 = 0; k0 < K; k0 += KC) {
@@ -169,27 +170,29 @@ static void gemm(const float *x, int64_t M, const void *w, const void *scales, i
         }
         free(slices);
     }
+    return failed ? -1 : 0;
 }
 
-/* x [M, K], y [M, N]; N a multiple of 16 (and of `block`, a multiple of 32, for int4); K of G */
-void int4_gemm(const float *x, int64_t M, const uint8_t *w, const uint16_t *scales, int64_t N, int64_t K,
+/* x [M, K], y [M, N]; N a multiple of 16 (and of `block`, a multiple of 32, for int4); K of G.
+   Returns 0, or -1 when out of memory. */
+int64_t int4_gemm(const float *x, int64_t M, const uint8_t *w, const uint16_t *scales, int64_t N, int64_t K,
                int64_t G, int64_t block, float *y)
 {
-    gemm(x, M, w, scales, N, K, G, block, y, int4_panel);
+    return gemm(x, M, w, scales, N, K, G, block, y, int4_panel);
 }
 
 /* G a multiple of 8 */
-void int8_gemm(const float *x, int64_t M, const int8_t *w, const float *scales, int64_t N, int64_t K,
-               int64_t G, float *y)
+int64_t int8_gemm(const float *x, int64_t M, const int8_t *w, const float *scales, int64_t N, int64_t K,
+                  int64_t G, float *y)
 {
-    gemm(x, M, w, scales, N, K, G, 0, y, int8_panel);
+    return gemm(x, M, w, scales, N, K, G, 0, y, int8_panel);
 }
 #else
 int64_t gemm_available(void) { return 0; }  /* callers keep PyTorch's kernels */
 
-void int4_gemm(const float *x, int64_t M, const uint8_t *w, const uint16_t *scales, int64_t N, int64_t K,
-               int64_t G, int64_t block, float *y) {}
+int64_t int4_gemm(const float *x, int64_t M, const uint8_t *w, const uint16_t *scales, int64_t N, int64_t K,
+                  int64_t G, int64_t block, float *y) { return -1; }
 
-void int8_gemm(const float *x, int64_t M, const int8_t *w, const float *scales, int64_t N, int64_t K,
-               int64_t G, float *y) {}
+int64_t int8_gemm(const float *x, int64_t M, const int8_t *w, const float *scales, int64_t N, int64_t K,
+                  int64_t G, float *y) { return -1; }
 #endif

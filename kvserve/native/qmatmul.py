@@ -29,8 +29,8 @@ def _gemm_kernels() -> dict | None:
     has_avx2 = native.function("gemm", "gemm_available", _i64, [])
     if has_avx2 is None or not has_avx2():
         return None
-    return {"int4": native.function("gemm", "int4_gemm", None, [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr]),
-            "int8": native.function("gemm", "int8_gemm", None, [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr])}
+    return {"int4": native.function("gemm", "int4_gemm", _i64, [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr]),
+            "int8": native.function("gemm", "int8_gemm", _i64, [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr])}
 
 
 def int4_available(out_features: int, in_features: int, group: int, block: int | None) -> bool:
@@ -74,8 +74,9 @@ def int4_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group
     """int4_matmul's product for many rows: x [M, K] (any float dtype) -> [M, N] float32."""
     m, k = x.shape
     x, y = x.float().contiguous(), torch.empty(m, scales.shape[1])
-    _gemm_kernels()["int4"](x.data_ptr(), m, weight.data_ptr(), scales.data_ptr(), y.shape[1], k, group, block,
-                            y.data_ptr())
+    if _gemm_kernels()["int4"](x.data_ptr(), m, weight.data_ptr(), scales.data_ptr(), y.shape[1], k, group, block,
+                               y.data_ptr()):
+        raise MemoryError("int4_gemm could not allocate its panels")
     return y
 
 
@@ -83,8 +84,9 @@ def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
     """int8_matmul's product for many rows."""
     (m, k), n = x.shape, weight.shape[0]
     x, y = x.float().contiguous(), torch.empty(m, n)
-    _gemm_kernels()["int8"](x.data_ptr(), m, weight.data_ptr(), scales.data_ptr(), n, k, k // scales.shape[1],
-                            y.data_ptr())
+    if _gemm_kernels()["int8"](x.data_ptr(), m, weight.data_ptr(), scales.data_ptr(), n, k, k // scales.shape[1],
+                               y.data_ptr()):
+        raise MemoryError("int8_gemm could not allocate its panels")
     return y
 
 
