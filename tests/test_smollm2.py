@@ -71,8 +71,8 @@ def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
 
 
 # 1: a token a step, as decode runs: PyTorch ops around kvserve/native/qmatmul.c, or all of it in
-# decode.c, which also takes short prompt chunks
-@pytest.mark.parametrize("chunk, native_decode", [(128, False), (1, False), (1, True), (25, True)])
+# decode.c, which also takes prompt chunks (128: 8 blocks of its block attention)
+@pytest.mark.parametrize("chunk, native_decode", [(128, False), (1, False), (1, True), (128, True)])
 def test_quantized_weights_keep_accuracy(smollm2_path, reference_logits, chunk, native_decode):
     """Weights held as int4 (the GGUF's Q4_1 blocks) and int8 (embeddings), bf16 activations."""
     model = LLM(smollm2_path, dtype="bfloat16", quantization="auto").engine.model

@@ -17,7 +17,7 @@ class ModelRunner:
             self.forward = model
         self.attention = attention
         self.policy_attention = policy_attention  # PolicyAttention: steps with non-full decodes
-        self.native_decoder = None  # NativeDecoder: full-attention steps of decodes or a few tokens
+        self.native_decoder = None  # NativeDecoder: every step with full attention only
         self.page_size = page_size
         self.device = device
         self.num_tokens_run = 0  # tokens through the model since start; tests count prefix hits with it
@@ -36,8 +36,7 @@ class ModelRunner:
                 to_sample.append(seq)
         sparse = [i for i, (seq, n) in enumerate(scheduled) if n == 1 and not seq.policy.is_full]
         native = self.native_decoder
-        # a decode per sequence, or a few tokens in all
-        if native is not None and not sparse and (len(ids) == len(scheduled) or len(ids) <= native.MAX_TOKENS):
+        if native is not None and not sparse:
             page_table, page_starts = [], []
             for seq, n in scheduled:
                 page_starts.extend([len(page_table)] * n)

@@ -9,6 +9,7 @@
 /* one translation unit: the kernels inline here; native.load hashes every source */
 #include "gemm.c"
 #include "paged_attention.c"
+#include "block_attention.c"
 #include "qmatmul.c"
 
 #define PARALLEL_ROWS 4  /* fewer rows than this: the threads' start-up costs more than the loops */
@@ -79,27 +80,49 @@ static void rope(float *x, int64_t heads, int64_t D, const float *cos, const flo
     }
 }
 
+#define BLOCK_ROWS 16  /* consecutive tokens of a sequence whose attention reads each key once */
+
 /* Row t's query heads (q: row 0's, rows qkv_n apart) against the layer's cache rows of its positions
-   0..pos[t] -> out [T, H, D]; a task per (row, KV head). Returns 0, or -1 when out of memory. */
+   0..pos[t] -> out [T, H, D]: a task per (block, KV head), a block being up to BLOCK_ROWS consecutive
+   positions of one sequence (a decode is a block of one). Returns 0, or -1 when out of memory. */
 static int64_t attend(const Model *m, int64_t layer, int64_t T, const float *q, int64_t qkv_n, const int32_t *pages,
                       const int64_t *page_starts, const int64_t *pos, int64_t page_size, float *out)
 {
     const int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, group = H / Hkv;
     const int64_t offset = layer * Hkv * m->slots * D * (m->kv_bf16 ? 2 : 4);
     const char *k = (const char *)m->k_cache + offset, *v = (const char *)m->v_cache + offset;
-    int64_t failed = 0;
+    int64_t *starts = malloc(sizeof(int64_t) * (T + 1)), blocks = 0, failed = 0;
+    if (!starts)
+        return -1;
+    for (int64_t t = 0; t < T; t++)
+        if (t == 0 || page_starts[t] != page_starts[t - 1] || pos[t] != pos[t - 1] + 1
+            || t - starts[blocks - 1] == BLOCK_ROWS)
+            starts[blocks++] = t;
+    starts[blocks] = T;
     #pragma omp parallel for schedule(dynamic)
-    for (int64_t task = 0; task < T * Hkv; task++) {
-        const int64_t t = task / Hkv, g = task % Hkv, n = pos[t] + 1;
-        float *scores = malloc(group * n * sizeof *scores);
-        if (!scores) {
-            failed = 1;
+    for (int64_t task = 0; task < blocks * Hkv; task++) {
+        const int64_t b = task / Hkv, g = task % Hkv, t0 = starts[b], R = starts[b + 1] - t0;
+        const int32_t *table = pages + page_starts[t0];
+#ifdef __AVX2__
+        if (R > 1 && D % KEYS == 0) {
+            if (attend_block(q + t0 * qkv_n + g * group * D, qkv_n, R, pos[t0], k, v, (int)m->kv_bf16, m->slots,
+                             g, group, D, m->scale, table, page_size, out + (t0 * H + g * group) * D, H * D))
+                failed = 1;
             continue;
         }
-        attend_kv_head(q + t * qkv_n + g * group * D, k, v, (int)m->kv_bf16, m->slots, g, group, D, m->scale,
-                       pages + page_starts[t], page_size, n, scores, out + (t * H + g * group) * D);
-        free(scores);
+#endif
+        for (int64_t t = t0; t < t0 + R; t++) {
+            float *scores = malloc(group * (pos[t] + 1) * sizeof *scores);
+            if (!scores) {
+                failed = 1;
+                break;
+            }
+            attend_kv_head(q + t * qkv_n + g * group * D, k, v, (int)m->kv_bf16, m->slots, g, group, D, m->scale,
+                           table, page_size, pos[t] + 1, scores, out + (t * H + g * group) * D);
+            free(scores);
+        }
     }
+    free(starts);
     return failed ? -1 : 0;
 }
 

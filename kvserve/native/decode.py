@@ -1,6 +1,7 @@
-"""decode.c from PyTorch: a step of decode tokens (one per sequence) or a short prompt chunk of one
-sequence in one C call, for models whose linear layers all run on the int4 kernels. The runner
-takes it for such steps, where PyTorch's per-op dispatch costs a third to two thirds of the time."""
+"""decode.c from PyTorch: a whole engine step (decode tokens, prompt chunks, any mix of sequences)
+in one C call, for models whose linear layers all run on the int4 kernels. The runner takes it for
+every step with full attention only: PyTorch's per-op dispatch costs a fifth to two thirds of a
+step (a batch of decodes, one stream), and its prompt attention (SDPA) is slower than ours."""
 import ctypes
 from functools import cache
 
@@ -38,10 +39,6 @@ def _kernel():
 
 class NativeDecoder:
     """Holds the C view of a model and its KV pool (pointers into their tensors, which it keeps)."""
-
-    # above this many tokens a prompt chunk's attention is faster through PyTorch's SDPA than row by
-    # row through the decode attention kernel
-    MAX_TOKENS = 32
 
     def __init__(self, model, pool):
         assert pool.k.dtype == model.dtype and pool.k.is_contiguous(), "the cache the model writes"

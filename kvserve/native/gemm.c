@@ -20,10 +20,10 @@
 
 int64_t gemm_available(void) { return 1; }
 
-/* y[r, 0..15] (+)= x[r, 0..K) . panel for `rows` (1..MR) rows: the accumulators live in registers
-   when `rows` is a constant, which the switch in tiles() makes it */
-static inline __attribute__((always_inline)) void kernel(const float *x, int64_t ldx, const float *panel, int64_t K,
-                                                        float *y, int64_t ldy, int rows, int accumulate)
+/* y[r, 0..15] (+)= x[r, 0..K) . panel [K, 16] (rows ldb floats apart) for `rows` (1..MR) rows: the
+   accumulators live in registers when `rows` is a constant, which the switch in tiles() makes it */
+static inline __attribute__((always_inline)) void kernel(const float *x, int64_t ldx, const float *panel, int64_t ldb,
+                                                        int64_t K, float *y, int64_t ldy, int rows, int accumulate)
 {
     __m256 acc[MR][2];
     for (int r = 0; r < rows; r++) {
@@ -31,7 +31,7 @@ static inline __attribute__((always_inline)) void kernel(const float *x, int64_t
         acc[r][1] = accumulate ? _mm256_loadu_ps(y + r * ldy + 8) : _mm256_setzero_ps();
     }
     for (int64_t k = 0; k < K; k++) {
-        const __m256 b0 = _mm256_load_ps(panel + k * NR), b1 = _mm256_load_ps(panel + k * NR + 8);
+        const __m256 b0 = _mm256_loadu_ps(panel + k * ldb), b1 = _mm256_loadu_ps(panel + k * ldb + 8);
         for (int r = 0; r < rows; r++) {
             const __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
             acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
@@ -45,18 +45,19 @@ static inline __attribute__((always_inline)) void kernel(const float *x, int64_t
 }
 
 /* rows 0..M-1 of y[:, 16 columns] (+)= x[:, k0..k0+kc) . panel */
-static void tiles(const float *x, int64_t M, int64_t ldx, const float *panel, int64_t kc, float *y, int64_t ldy,
-                  int accumulate)
+static void tiles(const float *x, int64_t M, int64_t ldx, const float *panel, int64_t ldb, int64_t kc, float *y,
+                  int64_t ldy, int accumulate)
 {
     int64_t m = 0;
     for (; m + MR <= M; m += MR)
-        kernel(x + m * ldx, ldx, panel, kc, y + m * ldy, ldy, MR, accumulate);
+        kernel(x + m * ldx, ldx, panel, ldb, kc, y + m * ldy, ldy, MR, accumulate);
+    x += m * ldx, y += m * ldy;
     switch (M - m) {
-    case 1: kernel(x + m * ldx, ldx, panel, kc, y + m * ldy, ldy, 1, accumulate); break;
-    case 2: kernel(x + m * ldx, ldx, panel, kc, y + m * ldy, ldy, 2, accumulate); break;
-    case 3: kernel(x + m * ldx, ldx, panel, kc, y + m * ldy, ldy, 3, accumulate); break;
-    case 4: kernel(x + m * ldx, ldx, panel, kc, y + m * ldy, ldy, 4, accumulate); break;
-    case 5: kernel(x + m * ldx, ldx, panel, kc, y + m * ldy, ldy, 5, accumulate); break;
+    case 1: kernel(x, ldx, panel, ldb, kc, y, ldy, 1, accumulate); break;
+    case 2: kernel(x, ldx, panel, ldb, kc, y, ldy, 2, accumulate); break;
+    case 3: kernel(x, ldx, panel, ldb, kc, y, ldy, 3, accumulate); break;
+    case 4: kernel(x, ldx, panel, ldb, kc, y, ldy, 4, accumulate); break;
+    case 5: kernel(x, ldx, panel, ldb, kc, y, ldy, 5, accumulate); break;
     }
 }
 
@@ -164,7 +165,7 @@ static int64_t gemm(const float *x, int64_t M, const void *w, const void *scales
                     unpack(w, scales, N, K, G, block, p * NR, k0, k1, slices + (p - p0) * KC * NR);
                 for (int64_t m0 = 0; m0 < M; m0 += MC)
                     for (int64_t p = p0; p < p1; p++)
-                        tiles(x + m0 * K + k0, M - m0 < MC ? M - m0 : MC, K, slices + (p - p0) * KC * NR, k1 - k0,
+                        tiles(x + m0 * K + k0, M - m0 < MC ? M - m0 : MC, K, slices + (p - p0) * KC * NR, NR, k1 - k0,
                               y + m0 * N + p * NR, N, k0 > 0);
             }
         }

@@ -22,7 +22,7 @@ def int4_model(tmp_path, arch="llama", dtype=torch.float32):
 
 @pytest.mark.parametrize("arch, dtype", [("llama", torch.float32), ("qwen2", torch.float32),  # qwen2: q/k/v biases
                                          ("llama", torch.bfloat16)])  # a bf16 KV cache
-@pytest.mark.parametrize("chunk", [1, 7])  # decode tokens; short prompt chunks, causal within
+@pytest.mark.parametrize("chunk", [1, 7, 40])  # decode tokens; prompt chunks (of several blocks), causal within
 def test_native_decode_gives_the_torch_layers_logits(tmp_path, arch, dtype, chunk):
     model = int4_model(tmp_path, arch, dtype)
     ids = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -90,14 +90,12 @@ def test_engine_runs_decode_steps_natively(tmp_path, smollm2_tokenizer):
     def counted(*args):
         calls.append(args)
         return decoder(*args)
-    counted.MAX_TOKENS = decoder.MAX_TOKENS
     engine.runner.native_decoder = counted
     assert [generate(engine, [p])[0] for p in prompts[:2]] == expected[:2]
     assert len(calls) == 2 * 8  # every step of a lone stream: its whole prompt, then 7 decodes
     calls.clear()
     assert generate(engine, prompts) == expected  # three streams at once
-    # the 48 prompt tokens are one PyTorch step (over MAX_TOKENS); the 7 batched decode steps are native
-    assert [len(c[0]) for c in calls] == [3] * 7
+    assert [len(c[0]) for c in calls] == [48] + [3] * 7  # their prompts in one step, then 7 decode steps
 
 
 def test_without_c_kernels_the_pytorch_twins_run(tmp_path, monkeypatch):
