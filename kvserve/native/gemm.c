@@ -148,7 +148,9 @@ typedef void (*unpack_fn)(const void *, const void *, int64_t, int64_t, int64_t,
 static int64_t gemm(const float *x, int64_t M, const void *w, const void *scales, int64_t N, int64_t K, int64_t G,
                  int64_t block, float *y, unpack_fn unpack)
 {
-    const int64_t KC = G >= 256 ? G : 256 / G * G, MC = 48, NC = 16;
+    /* K in even slices of about 256 columns, whole groups each: a short last slice would pay the
+       tiles' loads and stores of y for little work */
+    const int64_t slices_k = (K + 255) / 256, KC = ((K + slices_k - 1) / slices_k + G - 1) / G * G, MC = 48, NC = 16;
     int64_t failed = 0;
     #pragma omp parallel
     {
