@@ -150,7 +150,7 @@ static int64_t gemm(const float *x, int64_t M, const void *w, const void *scales
 {
     /* K in even slices of about 256 columns, whole groups each: a short last slice would pay the
        tiles' loads and stores of y for little work */
-    const int64_t slices_k = (K + 255) / 256, KC = ((K + slices_k - 1) / slices_k + G - 1) / G * G, MC = 48, NC = 16;
+    const int64_t slices_k = (K + 255) / 256, KC = ((K + slices_k - 1) / slices_k + G - 1) / G * G, MC = 96, NC = 16;
     int64_t failed = 0;
     #pragma omp parallel
     {
