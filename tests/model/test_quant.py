@@ -114,6 +114,16 @@ def _pack_int4(q: torch.Tensor, block: int) -> torch.Tensor:
     return (b[:, 0] | b[:, 1] << 4).to(torch.uint8).contiguous()
 
 
+def _int4_scales(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' bf16 (scale, zero) pairs [K / G, N, 2] of an int4 weight, and the float64 values
+    they give, w = (q - 8) * scale + zero."""
+    zeros = qt.min + 8 * qt.scale
+    scales = torch.stack([qt.scale.t(), zeros.t()], -1).to(torch.bfloat16).contiguous()
+    exact = scales[..., 0].t().double().repeat_interleave(qt.group, 1) * (qt.q.double() - 8) + \
+        scales[..., 1].t().double().repeat_interleave(qt.group, 1)
+    return scales, exact
+
+
 @pytest.mark.parametrize("block", [32, 64])  # the packer's rows per block with AVX2 / with AVX-512
 def test_decode_kernel_matches_dequantized_weights(block):
     """kvserve/native/qmatmul.c, on both packed layouts: its two int8 digits per activation keep the
@@ -124,10 +134,7 @@ def test_decode_kernel_matches_dequantized_weights(block):
     n, k, group = 4 * block, 192, 32
     qt = quantize(torch.randn(n, k, generator=g), "int4", group)
     assert torch.equal(_unpack_int4(_pack_int4(qt.q, block), n, k, block), qt.q)
-    zeros = qt.min + 8 * qt.scale
-    scales = torch.stack([qt.scale.t(), zeros.t()], -1).to(torch.bfloat16).contiguous()
-    exact = scales[..., 0].t().double().repeat_interleave(group, 1) * (qt.q.double() - 8) + \
-        scales[..., 1].t().double().repeat_interleave(group, 1)
+    scales, exact = _int4_scales(qt)
     x = 3 * torch.randn(1, k, generator=g)
     x[0, 5] = 40  # an outlier sets its group's scale
     y = qmatmul.int4_matmul(x, _pack_int4(qt.q, block), scales, group, block)
@@ -138,16 +145,21 @@ def test_decode_kernel_matches_dequantized_weights(block):
         assert rel_err(lin(x), x.double() @ exact.t()) < 1e-4
 
 
+def _int8_table(n: int, k: int, group: int, g: torch.Generator):
+    """Q8_0-style int8 rows (-128 included) with a scale per group, and their float64 values."""
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    scales = torch.rand(n, k // group, generator=g) / 100
+    return q, scales, q.double() * scales.double().repeat_interleave(group, 1)
+
+
 @pytest.mark.parametrize("group", [32, 64])
 def test_int8_logits_kernel_matches_dequantized_weights(group):
     """qmatmul.c's int8 kernel (the logits of one row) on Q8_0-style groups, -128 included."""
     if not qmatmul.int8_available(256, group):
         pytest.skip("int8 kernel not built (no C compiler or no AVX2)")
     g = torch.Generator().manual_seed(group)
-    n, k = 300, 256
-    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
-    scales = torch.rand(n, k // group, generator=g) / 100
-    exact = q.double() * scales.double().repeat_interleave(group, 1)
+    k = 256
+    q, scales, exact = _int8_table(300, k, group, g)
     x = 3 * torch.randn(1, k, generator=g)
     x[0, 5] = 40
     y = qmatmul.int8_matmul(x, q, scales)
@@ -164,10 +176,7 @@ def test_many_rows_kernel_matches_dequantized_weights(block):
     for group in (32, 128):
         n, k = 3 * block, 256
         qt = quantize(torch.randn(n, k, generator=g), "int4", group)
-        zeros = qt.min + 8 * qt.scale
-        scales = torch.stack([qt.scale.t(), zeros.t()], -1).to(torch.bfloat16).contiguous()
-        exact = scales[..., 0].t().double().repeat_interleave(group, 1) * (qt.q.double() - 8) + \
-            scales[..., 1].t().double().repeat_interleave(group, 1)
+        scales, exact = _int4_scales(qt)
         for m in (2, 6, 7, 64):
             x = torch.randn(m, k, generator=g)
             y = qmatmul.int4_gemm(x, _pack_int4(qt.q, block), scales, group, block)
@@ -185,10 +194,8 @@ def test_int8_many_rows_kernel_matches_dequantized_weights(group):
     if not qmatmul.gemm_available(304, 256, group, None):
         pytest.skip("gemm kernels not built (no C compiler or no AVX2)")
     g = torch.Generator().manual_seed(group)
-    n, k = 304, 256
-    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
-    scales = torch.rand(n, k // group, generator=g) / 100
-    exact = q.double() * scales.double().repeat_interleave(group, 1)
+    k = 256
+    q, scales, exact = _int8_table(304, k, group, g)
     table = QuantizedEmbedding(QuantizedTensor("int8", q, scales), torch.float32)
     for m in (qmatmul.INT8_GEMM_MIN_ROWS, 13, 64):
         x = torch.randn(m, k, generator=g)
