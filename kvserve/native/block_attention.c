@@ -6,20 +6,43 @@
 #ifdef __AVX2__
 #define KEYS 16 /* gemm.c's panel width */
 
-/* Keys c0..c0+15 of KV head g as floats: K transposed to kt [D, 16] (when kt), V to vt [16, D] (when
-   vt); keys at n and beyond are zero */
-static void load_keys(const void *k_cache, const void *v_cache, int bf16, int64_t S, int64_t g, int64_t D,
-                      const int32_t *pages, int64_t page_size, int64_t c0, int64_t n, float *kt, float *vt)
+#define V_KEYS 64 /* keys per P V product: each of its tiles loads and stores y once per this many */
+
+/* Element offset of key t's row of KV head g in the caches; -1 from n on */
+static inline int64_t key_row(int64_t S, int64_t g, int64_t D, const int32_t *pages, int64_t page_size, int64_t t,
+                              int64_t n)
 {
-    for (int64_t j = 0; j < KEYS; j++) {
-        const int64_t t = c0 + j;
-        const int64_t row = t < n ? (g * S + (int64_t)pages[t / page_size] * page_size + t % page_size) * D : -1;
-        for (int64_t d = 0; d < D; d++) {
-            if (kt)
-                kt[d * KEYS + j] = row < 0 ? 0 : kv_load(k_cache, row + d, bf16);
-            if (vt)
-                vt[j * D + d] = row < 0 ? 0 : kv_load(v_cache, row + d, bf16);
+    return t < n ? (g * S + (int64_t)pages[t / page_size] * page_size + t % page_size) * D : -1;
+}
+
+/* K of keys c0..c0+15 as floats, transposed to kt [D, 16], 8 keys x 8 dims at a time; zero from n on.
+   D a multiple of 8. */
+static void load_k(const void *k_cache, int bf16, int64_t S, int64_t g, int64_t D, const int32_t *pages,
+                   int64_t page_size, int64_t c0, int64_t n, float *kt)
+{
+    for (int64_t j0 = 0; j0 < KEYS; j0 += 8) {
+        int64_t rows[8];
+        for (int64_t i = 0; i < 8; i++)
+            rows[i] = key_row(S, g, D, pages, page_size, c0 + j0 + i, n);
+        for (int64_t d0 = 0; d0 < D; d0 += 8) {
+            __m256 v[8];
+            for (int64_t i = 0; i < 8; i++)
+                v[i] = rows[i] < 0 ? _mm256_setzero_ps() : kv_load8(k_cache, rows[i] + d0, bf16);
+            transpose8(v);
+            for (int64_t c = 0; c < 8; c++)
+                _mm256_storeu_ps(kt + (d0 + c) * KEYS + j0, v[c]);
         }
+    }
+}
+
+/* V of keys c0..c0+count-1 as floats, vt [count, D]; zero from n on */
+static void load_v(const void *v_cache, int bf16, int64_t S, int64_t g, int64_t D, const int32_t *pages,
+                   int64_t page_size, int64_t c0, int64_t count, int64_t n, float *vt)
+{
+    for (int64_t j = 0; j < count; j++) {
+        const int64_t row = key_row(S, g, D, pages, page_size, c0 + j, n);
+        for (int64_t d0 = 0; d0 < D; d0 += 8)
+            _mm256_storeu_ps(vt + j * D + d0, row < 0 ? _mm256_setzero_ps() : kv_load8(v_cache, row + d0, bf16));
     }
 }
 
@@ -30,7 +53,7 @@ static int64_t attend_block(const float *q, int64_t ldq, int64_t R, int64_t firs
                             float scale, const int32_t *pages, int64_t page_size, float *out, int64_t ldo)
 {
     const int64_t Q = R * group, n = first + R, ns = (n + KEYS - 1) / KEYS * KEYS;
-    float *qs = malloc(sizeof(float) * (Q * D + Q * ns + Q * D + 2 * KEYS * D));
+    float *qs = malloc(sizeof(float) * (Q * D + Q * ns + Q * D + KEYS * D + V_KEYS * D));
     if (!qs)
         return -1;
     float *scores = qs + Q * D, *o = scores + Q * ns, *kt = o + Q * D, *vt = kt + KEYS * D;
@@ -38,7 +61,7 @@ static int64_t attend_block(const float *q, int64_t ldq, int64_t R, int64_t firs
         for (int64_t i = 0; i < group * D; i++)
             qs[r * group * D + i] = q[r * ldq + i] * scale;
     for (int64_t c0 = 0; c0 < n; c0 += KEYS) {
-        load_keys(k_cache, v_cache, bf16, S, g, D, pages, page_size, c0, n, kt, NULL);
+        load_k(k_cache, bf16, S, g, D, pages, page_size, c0, n, kt);
         /* rows before c0 - first see none of these keys: their scores stay unset, masked below */
         const int64_t r0 = c0 > first ? c0 - first : 0;
         tiles(qs + r0 * group * D, Q - r0 * group, D, kt, KEYS, D, scores + r0 * group * ns + c0, ns, 0);
@@ -55,10 +78,11 @@ static int64_t attend_block(const float *q, int64_t ldq, int64_t R, int64_t firs
         for (int64_t t = seen; t < ns; t++)
             s[t] = 0;
     }
-    for (int64_t c0 = 0; c0 < n; c0 += KEYS) {
-        load_keys(k_cache, v_cache, bf16, S, g, D, pages, page_size, c0, n, NULL, vt);
+    for (int64_t c0 = 0; c0 < n; c0 += V_KEYS) {
+        const int64_t count = ns - c0 < V_KEYS ? ns - c0 : V_KEYS;
+        load_v(v_cache, bf16, S, g, D, pages, page_size, c0, count, n, vt);
         for (int64_t c = 0; c < D; c += KEYS)
-            tiles(scores + c0, Q, ns, vt + c, D, KEYS, o + c, D, c0 > 0);
+            tiles(scores + c0, Q, ns, vt + c, D, count, o + c, D, c0 > 0);
     }
     for (int64_t r = 0; r < R; r++)
         memcpy(out + r * ldo, o + r * group * D, sizeof(float) * group * D);
