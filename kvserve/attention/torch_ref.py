@@ -64,6 +64,12 @@ class TorchRefAttention:
     def _plan_decodes(self, decodes, kv_indptr, kv_indices, kv_lens, page, device) -> None:
         """Page rows to gather per decode; pages that every decode shares from the start (a common
         system prompt) are split off and attended once for all of them (cascade attention)."""
+        # reading pages in place (a C kernel) beats gathering them, where it can be built; it needs
+        # none of the gather plan below
+        self.native_decode = (kv_indices.int().contiguous(), kv_indptr[decodes].contiguous(),
+                              kv_lens.contiguous()) if paged_attention.available(self.pool.k) else None
+        if self.native_decode is not None:
+            return
         num_pages = kv_indptr[decodes + 1] - kv_indptr[decodes]
         width = int(num_pages.max())
         col = torch.arange(width)
@@ -86,9 +92,6 @@ class TorchRefAttention:
         run = pages[0, :int(num_pages[0])]
         consecutive = len(decodes) == 1 and bool((run[1:] - run[:-1] == 1).all())
         self.single_decode_start = int(run[0]) * page if consecutive else None
-        # reading pages in place (a C kernel) beats gathering them, where it can be built
-        self.native_decode = (kv_indices.int().contiguous(), kv_indptr[decodes].contiguous(),
-                              kv_lens.contiguous()) if paged_attention.available(self.pool.k) else None
         valid = torch.arange((width - shared) * page) < (kv_lens - shared * page)[:, None]
         bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
         self.decode_bias = bias[None, :, None, :].to(device)  # [1, B, 1, W]
