@@ -111,16 +111,10 @@ static int64_t attend(const Model *m, int64_t layer, int64_t T, const float *q, 
             continue;
         }
 #endif
-        for (int64_t t = t0; t < t0 + R; t++) {
-            float *scores = malloc(group * (pos[t] + 1) * sizeof *scores);
-            if (!scores) {
+        for (int64_t t = t0; t < t0 + R; t++)
+            if (attend_kv_head(q + t * qkv_n + g * group * D, k, v, (int)m->kv_bf16, m->slots, g, group, D, m->scale,
+                               table, page_size, pos[t] + 1, out + (t * H + g * group) * D))
                 failed = 1;
-                break;
-            }
-            attend_kv_head(q + t * qkv_n + g * group * D, k, v, (int)m->kv_bf16, m->slots, g, group, D, m->scale,
-                           table, page_size, pos[t] + 1, scores, out + (t * H + g * group) * D);
-            free(scores);
-        }
     }
     free(starts);
     return failed ? -1 : 0;

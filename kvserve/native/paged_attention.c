@@ -128,14 +128,20 @@ static inline __attribute__((always_inline)) void attend_kv_head_as(
     }
 }
 
-static void attend_kv_head(const float *q, const void *k_cache, const void *v_cache, int bf16, int64_t S,
-                           int64_t g, int64_t group, int64_t D, float scale, const int32_t *pages,
-                           int64_t page_size, int64_t n, float *scores, float *out)
+/* attend_kv_head_as with its scores allocated here; returns 0, or -1 when out of memory */
+static int64_t attend_kv_head(const float *q, const void *k_cache, const void *v_cache, int bf16, int64_t S,
+                              int64_t g, int64_t group, int64_t D, float scale, const int32_t *pages,
+                              int64_t page_size, int64_t n, float *out)
 {
+    float *scores = malloc(group * n * sizeof *scores);
+    if (!scores)
+        return -1;
     if (bf16)
         attend_kv_head_as(q, k_cache, v_cache, 1, S, g, group, D, scale, pages, page_size, n, scores, out);
     else
         attend_kv_head_as(q, k_cache, v_cache, 0, S, g, group, D, scale, pages, page_size, n, scores, out);
+    free(scores);
+    return 0;
 }
 
 /* q [B, H, D] -> out [B, H, D]: sequence b attends positions 0..kv_lens[b]-1, held in pages
@@ -149,15 +155,10 @@ int64_t paged_decode_attention(const float *q, const void *k_cache, const void *
     int64_t failed = 0;
     #pragma omp parallel for schedule(dynamic)
     for (int64_t task = 0; task < B * Hkv; task++) {
-        const int64_t b = task / Hkv, g = task % Hkv, n = kv_lens[b];
-        float *scores = malloc(group * n * sizeof *scores);
-        if (!scores) {
+        const int64_t b = task / Hkv, g = task % Hkv;
+        if (attend_kv_head(q + (b * H + g * group) * D, k_cache, v_cache, (int)bf16, S, g, group, D, scale,
+                           page_table + page_starts[b], page_size, kv_lens[b], out + (b * H + g * group) * D))
             failed = 1;
-            continue;
-        }
-        attend_kv_head(q + (b * H + g * group) * D, k_cache, v_cache, (int)bf16, S, g, group, D, scale,
-                       page_table + page_starts[b], page_size, n, scores, out + (b * H + g * group) * D);
-        free(scores);
     }
     return failed ? -1 : 0;
 }
