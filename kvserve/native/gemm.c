@@ -12,6 +12,8 @@
 #include <stdlib.h>
 #include <omp.h>
 
+#include "int4_scales.h"
+
 #define NR 16
 #define MR 6
 
@@ -61,17 +63,6 @@ static void tiles(const float *x, int64_t M, int64_t ldx, const float *panel, in
     }
 }
 
-/* 16 rows' float (scale, zero - 8 * scale) of group g from their bf16 pairs */
-static inline void int4_scales(const uint16_t *pairs, __m256 scale[2], __m256 zero0[2])
-{
-    for (int h = 0; h < 2; h++) {
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(pairs + 16 * h));
-        scale[h] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-        const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000)));
-        zero0[h] = _mm256_fnmadd_ps(_mm256_set1_ps(8), scale[h], zero);
-    }
-}
-
 /* Columns k0..k1-1 (whole groups) of the int4 weight's rows n0..n0+15: 16 bytes per column k of
    their block, low or high nibbles */
 static void int4_panel(const void *weight, const void *scale_data, int64_t N, int64_t K, int64_t G, int64_t block,
@@ -83,8 +74,9 @@ static void int4_panel(const void *weight, const void *scale_data, int64_t N, in
     const int shift = within >= half ? 4 : 0;
     const uint8_t *bytes = w + nb * K * half + within % half;
     for (int64_t g = k0 / G; g < k1 / G; g++) {
-        __m256 scale[2], zero0[2];
-        int4_scales(scales + (g * N + n0) * 2, scale, zero0);
+        __m256 scale[2], zero0[2];  /* rows n0..n0+7, n0+8..n0+15 */
+        for (int h = 0; h < 2; h++)
+            load_scales(scales + (g * N + n0 + 8 * h) * 2, &scale[h], &zero0[h]);
         for (int64_t k = g * G; k < (g + 1) * G; k++) {
             const __m128i b = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)(bytes + k * half)), shift),
                                             _mm_set1_epi8(15));

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <math.h>
 
+#include "int4_scales.h"
 #include "kv_element.h"
 
 /* The float32 weight of an int4 buffer (int4_matmul's layout), transposed: out [K, N], for
@@ -62,16 +63,6 @@ static void quantize_activations(const float *x, int64_t M, int64_t K, int64_t G
         xd[i] = d / 254;
         xs[i] = xd[i] * sum;
     }
-}
-
-/* 8 rows' float (scale, zero') from their bf16 (scale, zero) pairs: zero' = zero - 8 * scale, the
-   value at q = 0 */
-static inline void load_scales(const uint16_t *pairs, __m256 *scale, __m256 *zero0)
-{
-    const __m256i v = _mm256_loadu_si256((const __m256i *)pairs);
-    *scale = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-    const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000)));
-    *zero0 = _mm256_fnmadd_ps(_mm256_set1_ps(8), *scale, zero);
 }
 
 /* (x[0], x[1]) repeated in every 16-bit lane */
