@@ -70,24 +70,23 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     return _run("int8", x, weight.shape[0], weight.shape[1] // scales.shape[1], weight, scales)
 
 
+def _run_gemm(kind: str, x: torch.Tensor, n: int, group: int, weight: torch.Tensor, scales: torch.Tensor,
+              *extra) -> torch.Tensor:
+    m, k = x.shape
+    x, y = x.float().contiguous(), torch.empty(m, n)
+    if _gemm_kernels()[kind](x.data_ptr(), m, weight.data_ptr(), scales.data_ptr(), n, k, group, *extra, y.data_ptr()):
+        raise MemoryError(f"{kind}_gemm could not allocate its panels")
+    return y
+
+
 def int4_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group: int, block: int) -> torch.Tensor:
     """int4_matmul's product for many rows: x [M, K] (any float dtype) -> [M, N] float32."""
-    m, k = x.shape
-    x, y = x.float().contiguous(), torch.empty(m, scales.shape[1])
-    if _gemm_kernels()["int4"](x.data_ptr(), m, weight.data_ptr(), scales.data_ptr(), y.shape[1], k, group, block,
-                               y.data_ptr()):
-        raise MemoryError("int4_gemm could not allocate its panels")
-    return y
+    return _run_gemm("int4", x, scales.shape[1], group, weight, scales, block)
 
 
 def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """int8_matmul's product for many rows."""
-    (m, k), n = x.shape, weight.shape[0]
-    x, y = x.float().contiguous(), torch.empty(m, n)
-    if _gemm_kernels()["int8"](x.data_ptr(), m, weight.data_ptr(), scales.data_ptr(), n, k, k // scales.shape[1],
-                               y.data_ptr()):
-        raise MemoryError("int8_gemm could not allocate its panels")
-    return y
+    return _run_gemm("int8", x, weight.shape[0], weight.shape[1] // scales.shape[1], weight, scales)
 
 
 def int4_dequantize(weight: torch.Tensor, scales: torch.Tensor, n: int, k: int, group: int, block: int) -> torch.Tensor:
