@@ -241,8 +241,9 @@ class QuantizedEmbedding(nn.Module):
 
 
 class VocabProjection(nn.Module):
-    """x W^T on a QuantizedEmbedding's own int8 groups (qmatmul.c): the lm_head of a quantized
-    model with no second copy of the vocabulary, as PyTorch's int8 kernel wants one scale a row."""
+    """x W^T on a QuantizedEmbedding's own int8 groups (qmatmul.c for a few rows, gemm.c for more):
+    the lm_head of a quantized model with no second copy of the vocabulary, as PyTorch's int8 kernel
+    wants one scale a row."""
 
     def __init__(self, table: QuantizedEmbedding):
         super().__init__()

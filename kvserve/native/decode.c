@@ -1,6 +1,6 @@
-/* A step of decode tokens (one per sequence, or a few prompt tokens of one) of a Llama-family model
-   with int4 weights, all layers in one call: the eager PyTorch step spends a third (a batch) to
-   two thirds (one stream) of its time dispatching ~15 small ops a layer, not in matmuls.
+/* An engine step (decode tokens, prompt chunks, any mix of sequences) of a Llama-family model with
+   int4 weights, all layers in one call: the eager PyTorch step spends a fifth (a batch of decodes)
+   to two thirds (one stream) of its time dispatching ~15 small ops a layer, not in matmuls.
    Same math as kvserve/model/llama.py (rotate-half RoPE, GQA, SiLU-gated MLP) in float32, with
    the int4 matmuls of qmatmul.c (one row) and gemm.c (more); K/V go to the paged cache like
    TorchRefAttention's. */
