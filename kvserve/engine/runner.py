@@ -41,13 +41,14 @@ class ModelRunner:
             for seq, n in scheduled:
                 page_starts.extend([len(page_table)] * n)
                 page_table.extend(seq.pages)
-            hidden = native(ids, positions, page_table, page_starts)
+            hidden = native(ids, positions, page_table, page_starts, last_rows)
         else:
             attention, forward = self._plan(scheduled, sparse, q_lens, kv_lens)
             hidden = forward(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
                              attention)
+            hidden = hidden[torch.tensor(last_rows, dtype=torch.long, device=self.device)]
         self.num_tokens_run += len(ids)
-        logits = self.model.compute_logits(hidden[torch.tensor(last_rows, dtype=torch.long, device=self.device)])
+        logits = self.model.compute_logits(hidden)
         return logits, to_sample
 
     def _plan(self, scheduled, sparse: list[int], q_lens, kv_lens):

@@ -120,21 +120,38 @@ static int64_t attend(const Model *m, int64_t layer, int64_t T, const float *q, 
     return failed ? -1 : 0;
 }
 
+/* Rows keep[0..kept) (ascending) of qkv [T, qkv_n] and x [T, E], their positions and page table
+   starts moved to rows 0..kept-1 */
+static void keep_rows(const int64_t *keep, int64_t kept, float *qkv, int64_t qkv_n, float *x, int64_t E,
+                      const int64_t *pos, const int64_t *page_starts, int64_t *kept_pos, int64_t *kept_starts)
+{
+    for (int64_t i = 0; i < kept; i++) {
+        memmove(qkv + i * qkv_n, qkv + keep[i] * qkv_n, sizeof(float) * qkv_n);
+        memmove(x + i * E, x + keep[i] * E, sizeof(float) * E);
+        kept_pos[i] = pos[keep[i]];
+        kept_starts[i] = page_starts[keep[i]];
+    }
+}
+
 /* T tokens: row t is at position pos[t] of the sequence whose page table starts at
    pages[page_starts[t]]. Every row's K/V is written before any row attends, so the tokens of one
    sequence (a prompt chunk, in order) attend causally. x [T, hidden]: their embeddings, overwritten
-   by the residual stream; out [T, hidden]: the final normed hidden states; cos/sin [T, D / 2]: their
-   positions' rotations. Returns 0, or -1 when out of memory. */
+   by the residual stream; cos/sin [T, D / 2]: their positions' rotations; out [kept, hidden]: the
+   final normed hidden states of rows keep[0..kept) (ascending), the rows whose logits are wanted:
+   the last layer computes no others past their K/V. Returns 0, or -1 when out of memory. */
 int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const float *sin, const int32_t *pages,
-                    const int64_t *page_starts, const int64_t *pos, int64_t page_size, float *out)
+                    const int64_t *page_starts, const int64_t *pos, int64_t page_size, const int64_t *keep,
+                    int64_t kept, float *out)
 {
     const int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, I = m->intermediate, E = m->hidden;
     const int64_t qkv_n = (H + 2 * Hkv) * D, widest = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D);
     float *buf = malloc(sizeof(float) * T * (E + qkv_n + H * D + E + 3 * I));
     void *scratch = malloc(10 * widest);  /* int4_matmul's for one row: 2 K bytes + 8 K / G, G >= 1 */
-    if (!buf || !scratch) {
+    int64_t *kept_pos = malloc(sizeof(int64_t) * 2 * (kept + 1)), *kept_starts = kept_pos + kept + 1;
+    if (!buf || !scratch || !kept_pos) {
         free(buf);
         free(scratch);
+        free(kept_pos);
         return -1;
     }
     float *h = buf, *qkv = h + T * E, *attn = qkv + T * qkv_n, *proj = attn + T * H * D, *gu = proj + T * E;
@@ -160,6 +177,12 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
                 }
             }
         }
+        if (l == m->num_layers - 1) {
+            keep_rows(keep, kept, qkv, qkv_n, x, E, pos, page_starts, kept_pos, kept_starts);
+            T = kept, pos = kept_pos, page_starts = kept_starts;
+            if (T == 0)
+                break;
+        }
         status |= attend(m, l, T, qkv, qkv_n, pages, page_starts, pos, page_size, attn);
         status |= linear(&L->o, attn, T, proj, scratch);
         #pragma omp parallel for if (T >= PARALLEL_ROWS)
@@ -178,9 +201,10 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
         for (int64_t i = 0; i < T * E; i++)
             x[i] += proj[i];
     }
-    for (int64_t t = 0; t < T; t++)
+    for (int64_t t = 0; t < kept && status == 0; t++)
         rms_norm(x + t * E, m->final_norm, E, m->eps, out + t * E);
     free(buf);
     free(scratch);
+    free(kept_pos);
     return status;
 }

@@ -34,7 +34,7 @@ def _kernel():
     if has_avx2 is None or not has_avx2():
         return None
     return native.function("decode", "decode_step", ctypes.c_int64,
-                           [ctypes.POINTER(_Model), _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr])
+                           [ctypes.POINTER(_Model), _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr])
 
 
 class NativeDecoder:
@@ -81,18 +81,21 @@ class NativeDecoder:
                        m.in_features, m.group, m.unpack_block)
 
     def __call__(self, tokens: list[int], positions: list[int], page_table: list[int],
-                 page_starts: list[int]) -> torch.Tensor:
-        """The final normed hidden states [T, hidden] (model dtype) of the step's tokens: token t at
-        position positions[t] of the sequence whose pages start at page_table[page_starts[t]]. Writes
-        their K/V to the cache; tokens of one sequence come in order."""
+                 page_starts: list[int], rows: list[int] | None = None) -> torch.Tensor:
+        """The final normed hidden states [len(rows), hidden] (model dtype) of the step's tokens
+        `rows` (ascending; default all): token t at position positions[t] of the sequence whose pages
+        start at page_table[page_starts[t]]. Writes every token's K/V to the cache; tokens of one
+        sequence come in order."""
         x = self.model.embed_tokens(torch.tensor(tokens)).float().contiguous()
-        out = torch.empty_like(x)
+        keep = torch.arange(len(tokens)) if rows is None else torch.tensor(rows, dtype=torch.int64)
+        out = x.new_empty(len(keep), x.shape[1])
         rope = self.model.rope
         rope.ensure(max(positions) + 1)
         pos = torch.tensor(positions)
         cos, sin = rope.cos[pos].contiguous(), rope.sin[pos].contiguous()
         pages, starts = torch.tensor(page_table, dtype=torch.int32), torch.tensor(page_starts)
         if _kernel()(self._ref, x.data_ptr(), len(tokens), cos.data_ptr(), sin.data_ptr(), pages.data_ptr(),
-                     starts.data_ptr(), pos.data_ptr(), self.pool.page_size, out.data_ptr()):
+                     starts.data_ptr(), pos.data_ptr(), self.pool.page_size, keep.data_ptr(), len(keep),
+                     out.data_ptr()):
             raise MemoryError("decode_step could not allocate its buffers")
         return out.to(self.model.dtype)

@@ -54,10 +54,12 @@ def test_a_batch_of_decodes_gives_each_sequence_s_own_logits(tmp_path):
         for ids, table in zip(seqs, tables):  # each prompt but its last token
             for start in range(0, len(ids) - 1, 8):
                 end = min(start + 8, len(ids) - 1)
-                decoder(ids[start:end], list(range(start, end)), table, [0] * (end - start))
+                # rows=[]: no hidden states wanted, the last layer writes K/V and stops
+                assert decoder(ids[start:end], list(range(start, end)), table, [0] * (end - start), rows=[]).numel() == 0
         flat = [p for t in tables for p in t]
-        hidden = decoder([ids[-1] for ids in seqs], [len(ids) - 1 for ids in seqs], flat, [0, 3, 11])
-        got = model.compute_logits(hidden)
+        last = ([ids[-1] for ids in seqs], [len(ids) - 1 for ids in seqs], flat, [0, 3, 11])
+        got = model.compute_logits(decoder(*last))
+        assert torch.equal(model.compute_logits(decoder(*last, rows=[0, 2])), got[[0, 2]])
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
 
