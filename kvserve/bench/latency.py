@@ -73,7 +73,8 @@ def main(args) -> int:
     results = [median_run([runs[i] for runs in rounds]) for i in range(len(rounds[0]))]
     print(f"\nmedians of {args.rounds} round(s), each engine in a fresh process")
     if len(results) > 1:
-        print("decode ratio by round: " + ", ".join(f"{a['decode_tok_s'] / b['decode_tok_s']:.2f}x" for a, b in rounds))
+        for key, name in (("decode_tok_s", "decode"), ("prefill_tok_s", "prompt processing")):
+            print(f"{name} ratio by round: " + ", ".join(f"{a[key] / b[key]:.2f}x" for a, b in rounds))
     print_table(results, Path(model).stat().st_size / 2**20)
     if args.json:
         print(json.dumps({"results": results}))

@@ -67,14 +67,9 @@ static int64_t attend_block(const float *q, int64_t ldq, int64_t R, int64_t firs
         tiles(qs + r0 * group * D, Q - r0 * group, D, kt, KEYS, D, scores + r0 * group * ns + c0, ns, 0);
     }
     for (int64_t i = 0; i < Q; i++) {  /* query i is row i / group, position first + i / group */
-        float *s = scores + i * ns, best = -INFINITY, total = 0;
+        float *s = scores + i * ns;
         const int64_t seen = first + i / group + 1;
-        for (int64_t t = 0; t < seen; t++)
-            best = s[t] > best ? s[t] : best;
-        for (int64_t t = 0; t < seen; t++)
-            total += s[t] = exp_neg(s[t] - best);
-        for (int64_t t = 0; t < seen; t++)
-            s[t] /= total;
+        softmax(s, seen);
         for (int64_t t = seen; t < ns; t++)
             s[t] = 0;
     }

@@ -80,6 +80,36 @@ static inline float exp_neg(float x)
     return p * scale;
 }
 
+/* s[0..n) -> its softmax, in place (GCC leaves the max and the sum scalar: a float reduction) */
+static inline void softmax(float *s, int64_t n)
+{
+    float best = -INFINITY, total = 0;
+    int64_t t = 0;
+#ifdef __AVX2__
+    __m256 top = _mm256_set1_ps(-INFINITY), sum = _mm256_setzero_ps();
+    for (; t + 8 <= n; t += 8)
+        top = _mm256_max_ps(top, _mm256_loadu_ps(s + t));
+    __m128 top4 = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    top4 = _mm_max_ps(top4, _mm_movehl_ps(top4, top4));
+    best = _mm_cvtss_f32(_mm_max_ss(top4, _mm_shuffle_ps(top4, top4, 1)));
+#endif
+    for (; t < n; t++)
+        best = s[t] > best ? s[t] : best;
+    for (t = 0; t < n; t++)
+        s[t] = exp_neg(s[t] - best);
+    t = 0;
+#ifdef __AVX2__
+    for (; t + 8 <= n; t += 8)
+        sum = _mm256_add_ps(sum, _mm256_loadu_ps(s + t));
+    total = sum8(sum);
+#endif
+    for (; t < n; t++)
+        total += s[t];
+    const float inverse = 1 / total;
+    for (t = 0; t < n; t++)
+        s[t] *= inverse;
+}
+
 /* elements i..i+n of a cache into the CPU's caches */
 static inline void prefetch_rows(const void *cache, int64_t i, int64_t n, int bf16)
 {
@@ -108,17 +138,8 @@ static inline __attribute__((always_inline)) void attend_kv_head_as(
             for (int64_t h = 0; h < group; h++)
                 scores[h * n + t0 + r] = dot_kv(q + h * D, k_cache, first + r * D, D, bf16) * scale;
     }
-    for (int64_t h = 0; h < group; h++) {
-        float *s = scores + h * n, best = -INFINITY, total = 0;
-        for (int64_t t = 0; t < n; t++)
-            best = s[t] > best ? s[t] : best;
-        for (int64_t t = 0; t < n; t++)
-            s[t] = exp_neg(s[t] - best);
-        for (int64_t t = 0; t < n; t++)
-            total += s[t];
-        for (int64_t t = 0; t < n; t++)
-            s[t] /= total;
-    }
+    for (int64_t h = 0; h < group; h++)
+        softmax(scores + h * n, n);
     memset(out, 0, group * D * sizeof *out);
     for (int64_t t0 = 0, p = 0; t0 < n; t0 += page_size, p++) {
         const int64_t first = base + (int64_t)pages[p] * page_size * D, rows = n - t0 < page_size ? n - t0 : page_size;
