@@ -39,7 +39,14 @@ typedef struct {
 static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out)
 {
     float ss = 0;
-    for (int64_t i = 0; i < n; i++)
+    int64_t i = 0;
+#ifdef __AVX2__
+    __m256 squares = _mm256_setzero_ps();  /* GCC keeps a float sum scalar, in order */
+    for (; i + 8 <= n; i += 8)
+        squares = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(x + i), squares);
+    ss = sum8(squares);
+#endif
+    for (; i < n; i++)
         ss += x[i] * x[i];
     const float r = 1 / sqrtf(ss / n + eps);
     for (int64_t i = 0; i < n; i++)
