@@ -67,7 +67,8 @@ class PagePool:
             assert self.ref_counts[p] > 0, f"decref of free page {p}"
             self.ref_counts[p] -= 1
             if self.ref_counts[p] == 0:
-                self.free_pages.append(p)
+                # reused first: a page just freed is already zeroed, in RAM and likely in cache
+                self.free_pages.appendleft(p)
                 freed.append(p)
         return freed
 
