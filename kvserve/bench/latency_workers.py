@@ -10,6 +10,12 @@ import time
 PREFILL_RUNS = 3  # the long prompt's timings in each process, of which the median counts
 
 
+def median_prefill(run_once) -> float:
+    """The median over PREFILL_RUNS of run_once(), which processes the long prompt afresh and
+    returns its seconds."""
+    return statistics.median(run_once() for _ in range(PREFILL_RUNS))
+
+
 def peak_rss_mb() -> float:
     """This process's high-water RSS. Linux's ru_maxrss survives exec, so a child would report
     its parent's peak; /proc's VmHWM starts afresh with the new program."""
@@ -26,14 +32,15 @@ def run_llama_cpp(args, prompt: list[int], long_prompt: list[int]) -> dict:
     llm = Llama(args.model, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=2048,
                 n_batch=512, verbose=False)
     llm.eval(prompt[:8])  # warm-up
-    prefills = []
-    for _ in range(PREFILL_RUNS):
+
+    def prefill_once():
         llm.reset()
         start = time.perf_counter()
         llm.eval(long_prompt)
         llm.sample(temp=0.0)
-        prefills.append(time.perf_counter() - start)
-    prefill = statistics.median(prefills)
+        return time.perf_counter() - start
+
+    prefill = median_prefill(prefill_once)
     llm.reset()
     start = time.perf_counter()
     llm.eval(prompt)
@@ -72,12 +79,13 @@ def run_kvserve(args, prompt: list[int], long_prompt: list[int]) -> dict:
         return stamps
 
     timed(prompt[:8], 4)  # warm-up
-    prefills = []
-    for _ in range(PREFILL_RUNS):
+
+    def prefill_once():
         engine.kv.prefix and engine.kv.prefix.clear()  # no prefix hits between the runs
         stamps = timed(long_prompt, 1)
-        prefills.append(stamps[1] - stamps[0])
-    prefill = statistics.median(prefills)
+        return stamps[1] - stamps[0]
+
+    prefill = median_prefill(prefill_once)
     stamps = timed(prompt, args.output_len)
     kv_mb = engine.pool.k.nbytes * 2 / 2**20
     return dict(engine="kvserve", prefill_s=prefill, ttft_s=stamps[1] - stamps[0], decode_s=stamps[-1] - stamps[1],

@@ -1,9 +1,10 @@
 /* y [M, N] = x [M, K] W^T in float32 for many rows (batched decodes, prompts) on quantized weights:
    each thread unpacks W 16 output columns by up to ~600 of K at a time into a float panel that
-   stays in its cache, then runs a 6 x 16 register-blocked FMA kernel over the rows of x. Unpacking once per
-   panel costs 1/M of the products, and no float copy of the whole weight is ever written (which
-   is what unpacking to a dense matrix for PyTorch's matmul costs), nor are activations emulated
-   in bfloat16 (what PyTorch's int4 kernel does on CPUs without native bfloat16).
+   stays in its cache, then runs a 6 x 16 register-blocked FMA kernel over the rows of x.
+   Unpacking once per panel costs 1/M of the products, and no float copy of the whole weight is
+   ever written (which is what unpacking to a dense matrix for PyTorch's matmul costs), nor are
+   activations emulated in bfloat16 (what PyTorch's int4 kernel does on CPUs without native
+   bfloat16).
    Weight formats, as qmatmul.c reads them:
    - int4: _convert_weight_to_int4pack_for_cpu's blocks of `block` rows, bf16 (scale, zero) pairs
      [K/G, N, 2], w = (q - 8) * scale + zero;
@@ -134,9 +135,9 @@ typedef void (*unpack_fn)(const void *, const void *, int64_t, int64_t, int64_t,
                           float *);
 
 /* Blocked as BLIS/GotoBLAS do: each thread takes a range of 16-column panels, NC of them at a time;
-   for each slice of KC columns of K it unpacks those panels' slice once (KC x 16 floats each, the
-   NC of them in L2), then for each block of MC rows of x (MC x KC floats, also L2) runs the 6 x 16
-   tiles over every panel. */
+   for each slice of KC columns of K it unpacks those panels' slice once (KC x 16 floats each, ~L2
+   size for the NC of them), then for each block of MC rows of x (MC x KC floats, in L2) runs the
+   6 x 16 tiles over every panel. */
 static int64_t gemm(const float *x, int64_t M, const void *w, const void *scales, int64_t N, int64_t K, int64_t G,
                  int64_t block, float *y, unpack_fn unpack)
 {
