@@ -60,12 +60,14 @@ def main(args) -> int:
     if args.peer == "llama.cpp" and not Path(python).exists():
         raise SystemExit(f"no {python}: python -m venv .venv-llamacpp && "
                          ".venv-llamacpp/bin/pip install llama-cpp-python (builds in ~5 min)")
+    engines = {"kvserve": sys.executable} | ({"llama.cpp": python} if args.peer == "llama.cpp" else {})
     rounds = []
     for i in range(args.rounds):
         print(f"round {i + 1}/{args.rounds}", file=sys.stderr, flush=True)
-        runs = [run_worker(sys.executable, "kvserve", args, model, [short, long])]
-        if args.peer == "llama.cpp":
-            runs.append(run_worker(python, "llama.cpp", args, model, [short, long]))
+        # who goes first alternates, so a drift of the machine's speed favours neither engine
+        order = list(engines) if i % 2 == 0 else list(engines)[::-1]
+        done = {engine: run_worker(engines[engine], engine, args, model, [short, long]) for engine in order}
+        runs = [done[engine] for engine in engines]
         for r in runs:
             r["decode_tok_s"] = (args.output_len - 1) / r["decode_s"]
             r["prefill_tok_s"] = args.long_prompt_len / r["prefill_s"]
