@@ -155,6 +155,23 @@ def test_policy_backend_decode_matches_full_when_nothing_is_dropped(page_size):
     assert seqs[0].attn_state is not None and 1 in seqs[0].attn_state.layers
 
 
+@pytest.mark.parametrize("K, L", [(10, 150), (15, 7), (1, 3)])  # K * L: 1500 (padded to 1504), 105, 3
+def test_hash_kernel_gives_the_sign_bits_of_the_projections(K, L):
+    """Codes from the C kernel (panels) and from PyTorch's matmul, against float64 projections:
+    equal wherever no projection of the table is within rounding of zero."""
+    panels = magicpig.projection_panels(proj := magicpig.projections(D, K, L, seed=3, layer=1))
+    if magicpig._kernel("magicpig_hash") is None:
+        pytest.skip("no C compiler or no AVX2: simhash's PyTorch ops run instead")
+    x = torch.randn(HKV, 101, D, generator=torch.Generator().manual_seed(K))  # rows: not a multiple of 48
+    exact = (x.double() @ proj.double()).view(HKV, 101, L, K)
+    expected = ((exact > 0).long() << torch.arange(K)).sum(-1)
+    clear = exact.abs().amin(-1) > 1e-4  # [HKV, 101, L]
+    assert clear.float().mean() > 0.95
+    for codes in (magicpig.simhash(x, proj, K, L, panels), magicpig.simhash(x, proj, K, L)):
+        assert codes.shape == (HKV, 101, L) and codes.dtype == torch.int64
+        assert torch.equal(codes[clear], expected[clear])
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_magicpig_c_kernels_match_their_torch_twins(cache_dtype, monkeypatch):
     """Table building, candidates (with keys outside the tables) and the weighted softmax read in

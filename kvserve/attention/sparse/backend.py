@@ -157,19 +157,21 @@ class PolicyAttention:
         out, lse = topk_attention(q, keys, values, budget, self.scale)
         return out, lse, min(budget, keys.shape[1]) * self.num_heads
 
-    def projections(self, policy: AttentionPolicy, layer: int) -> torch.Tensor:
+    def projections(self, policy: AttentionPolicy, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's hash matrix and its panels for the C hash kernel."""
         key = (policy.K, policy.L, policy.seed, layer)
         if key not in self._proj:
-            self._proj[key] = magicpig.projections(self.head_dim, policy.K, policy.L, policy.seed, layer)
+            proj = magicpig.projections(self.head_dim, policy.K, policy.L, policy.seed, layer)
+            self._proj[key] = proj, magicpig.projection_panels(proj)
         return self._proj[key]
 
     def _magicpig(self, layer: int, d: _SparseDecode, q, k_cache, v_cache):
         p, state = d.policy, d.seq.attn_state
-        proj = self.projections(p, layer)
+        proj, panels = self.projections(p, layer)
         tables = state.layers.get(layer)
         if tables is None:
             tables = state.layers[layer] = self._build(d.sampled_slots[:state.built_end - state.start],
-                                                       k_cache, proj, p)
+                                                       k_cache, proj, panels, p)
         known = tables.tables.num_keys + tables.extra_codes.shape[1]
         if known < len(d.sampled_slots):  # prompt keys that left the window since the build
             new = k_cache.index_select(1, d.sampled_slots[known:]).float() - tables.key_mean[:, None]
@@ -183,11 +185,11 @@ class PolicyAttention:
         return out, lse, len(ids)
 
     @staticmethod
-    def _build(slots: torch.Tensor, k_cache, proj, p: AttentionPolicy) -> _LayerTables:
+    def _build(slots: torch.Tensor, k_cache, proj, panels, p: AttentionPolicy) -> _LayerTables:
         """Tables over the keys at slots: centred per KV head, hashed in chunks, sorted per table."""
         keys = k_cache.index_select(1, slots)
         mean = keys.float().mean(1)
-        codes = torch.cat([magicpig.simhash(keys[:, i:i + HASH_CHUNK].float() - mean[:, None], proj, p.K, p.L)
-                           .to(torch.int16) for i in range(0, keys.shape[1], HASH_CHUNK)], 1)
+        codes = torch.cat([magicpig.simhash(keys[:, i:i + HASH_CHUNK].float() - mean[:, None], proj, p.K, p.L,
+                                            panels).to(torch.int16) for i in range(0, keys.shape[1], HASH_CHUNK)], 1)
         tables = magicpig.BucketTables.build(codes, p.K)
         return _LayerTables(mean, tables, torch.empty(keys.shape[0], 0, p.L, dtype=torch.int16))
