@@ -13,6 +13,7 @@ from kvserve.attention.policy import TOPK_DEFAULT_FRACTION, AttentionPolicy
 from kvserve.attention.sparse import magicpig
 from kvserve.attention.sparse.streaming import kept_positions
 from kvserve.attention.sparse.topk import topk_attention
+from kvserve.native import paged_attention
 
 HASH_CHUNK = 1024  # positions hashed per matmul at build: bounds the [Hkv, rows, K*L] temporaries
 
@@ -108,6 +109,11 @@ class PolicyAttention:
         if d.all_pages is None or sparse_layer:
             out, lse = self._dense(q, *self._gather_slots(k_cache, v_cache, d.dense_slots))
             read = len(d.dense_slots) * h
+        elif paged_attention.available(k_cache):  # a dense layer: read in place, as full attention does
+            out = paged_attention.decode(q.view(1, h, -1), k_cache, v_cache, d.all_pages.to(torch.int32),
+                                         torch.zeros(1, dtype=torch.int64), torch.tensor([kv_len]),
+                                         self.pool.page_size, self.scale).view(h, -1)
+            read = kv_len * h
         else:
             out, lse = self._dense(q, *self._gather_pages(k_cache, v_cache, d.all_pages, kv_len))
             read = kv_len * h
