@@ -36,7 +36,7 @@ def projection_panels(proj: torch.Tensor) -> torch.Tensor:
 
 def simhash(x: torch.Tensor, proj: torch.Tensor, K: int, L: int, panels: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., D] -> bucket codes [..., L] (int64 in [0, 2^K)): the sign bits of K projections each.
-    With `panels` (projection_panels(proj)) a C kernel hashes: ~10x PyTorch's speed on many rows."""
+    With `panels` (projection_panels(proj)) a C kernel hashes: ~5x PyTorch's speed on many rows."""
     kernel = _kernel("magicpig_hash") if panels is not None and x.device.type == "cpu" else None
     if kernel is not None:
         rows = x.reshape(-1, x.shape[-1]).float().contiguous()
