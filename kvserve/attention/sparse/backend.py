@@ -47,7 +47,7 @@ class _SparseDecode:
     kv_len: int
     new_slot: torch.Tensor  # [1]
     dense_slots: torch.Tensor  # slots read densely in a sampled layer (all of them in a dense one)
-    all_pages: torch.Tensor | None  # the pages of every position (magicpig/topk dense layers)
+    all_pages: torch.Tensor | None  # the pages of every position, int32 (magicpig/topk dense layers)
     sampled_slots: torch.Tensor | None  # positions [start, end) sampled by magicpig/topk
 
 
@@ -87,7 +87,8 @@ class PolicyAttention:
             state = seq.attn_state
             if state is None or state.start != start:
                 state = seq.attn_state = MagicPIGState(start, end)
-        return _SparseDecode(row, seq, policy, kv_len, new_slot, slots(dense), pages[:-(-kv_len // page)],
+        return _SparseDecode(row, seq, policy, kv_len, new_slot, slots(dense),
+                             pages[:-(-kv_len // page)].to(torch.int32),
                              slots(torch.arange(start, end)) if end > start else None)
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -110,7 +111,7 @@ class PolicyAttention:
             out, lse = self._dense(q, *self._gather_slots(k_cache, v_cache, d.dense_slots))
             read = len(d.dense_slots) * h
         elif paged_attention.available(k_cache):  # a dense layer: read in place, as full attention does
-            out = paged_attention.decode(q.view(1, h, -1), k_cache, v_cache, d.all_pages.to(torch.int32),
+            out = paged_attention.decode(q.view(1, h, -1), k_cache, v_cache, d.all_pages,
                                          torch.zeros(1, dtype=torch.int64), torch.tensor([kv_len]),
                                          self.pool.page_size, self.scale).view(h, -1)
             read = kv_len * h
