@@ -1,19 +1,17 @@
-/* y [M, N] = x [M, K] W^T in float32 for many rows (batched decodes, prompts) on quantized weights:
-   each thread unpacks W 16 output columns by up to ~600 of K at a time into a float panel that
-   stays in its cache, then runs a 6 x 16 register-blocked FMA kernel over the rows of x.
+/* y [M, N] = x [M, K] W^T for many rows (batched decodes, prompts) on quantized weights, blocked
+   as BLIS/GotoBLAS do: each thread unpacks W 16 output columns by up to ~600 of K at a time into a
+   panel that stays in its cache, then runs a register-blocked kernel over the rows of x.
    Unpacking once per panel costs 1/M of the products, and no float copy of the whole weight is
    ever written (which is what unpacking to a dense matrix for PyTorch's matmul costs), nor are
    activations emulated in bfloat16 (what PyTorch's int4 kernel does on CPUs without native
    bfloat16).
-   Weight formats, as qmatmul.c reads them:
-   - int4: _convert_weight_to_int4pack_for_cpu's blocks of `block` rows, bf16 (scale, zero) pairs
-     [K/G, N, 2], w = (q - 8) * scale + zero;
-   - int8: rows [N, K] with a float scale per group of G, w = q * scale (GGUF's Q8_0). */
+   - int8 (GGUF's Q8_0: rows [N, K] with a float scale per group of G, w = q * scale; the logits):
+     float panels and a 6 x 16 FMA kernel, here; its `tiles` also serve magicpig.c.
+   - int4 (_convert_weight_to_int4pack_for_cpu's blocks of `block` rows, bf16 (scale, zero) pairs
+     [K/G, N, 2], w = (q - 8) * scale + zero; every linear layer): integer products, int4_gemm.c. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <omp.h>
-
-#include "int4_scales.h"
 
 #define NR 16
 #define MR 6
@@ -64,31 +62,6 @@ static void tiles(const float *x, int64_t M, int64_t ldx, const float *panel, in
     }
 }
 
-/* Columns k0..k1-1 (whole groups) of the int4 weight's rows n0..n0+15: 16 bytes per column k of
-   their block, low or high nibbles */
-static void int4_panel(const void *weight, const void *scale_data, int64_t N, int64_t K, int64_t G, int64_t block,
-                       int64_t n0, int64_t k0, int64_t k1, float *panel)
-{
-    const uint8_t *w = weight;
-    const uint16_t *scales = scale_data;
-    const int64_t half = block / 2, nb = n0 / block, within = n0 % block;
-    const int shift = within >= half ? 4 : 0;
-    const uint8_t *bytes = w + nb * K * half + within % half;
-    for (int64_t g = k0 / G; g < k1 / G; g++) {
-        __m256 scale[2], zero0[2];  /* rows n0..n0+7, n0+8..n0+15 */
-        for (int h = 0; h < 2; h++)
-            load_scales(scales + (g * N + n0 + 8 * h) * 2, &scale[h], &zero0[h]);
-        for (int64_t k = g * G; k < (g + 1) * G; k++) {
-            const __m128i b = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)(bytes + k * half)), shift),
-                                            _mm_set1_epi8(15));
-            const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-            const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
-            _mm256_store_ps(panel + (k - k0) * NR, _mm256_fmadd_ps(q0, scale[0], zero0[0]));
-            _mm256_store_ps(panel + (k - k0) * NR + 8, _mm256_fmadd_ps(q1, scale[1], zero0[1]));
-        }
-    }
-}
-
 /* 8 vectors (rows) of 8 floats, transposed in place */
 static inline void transpose8(__m256 v[8])
 {
@@ -112,11 +85,9 @@ static inline void transpose8(__m256 v[8])
 
 /* Columns k0..k1-1 of the int8 weight's rows n0..n0+15, transposed, with their groups' scales, 8
    rows by 8 columns at a time (G a multiple of 8) */
-static void int8_panel(const void *weight, const void *scale_data, int64_t N, int64_t K, int64_t G, int64_t block,
-                       int64_t n0, int64_t k0, int64_t k1, float *panel)
+static void int8_panel(const int8_t *w, const float *scales, int64_t K, int64_t G, int64_t n0, int64_t k0, int64_t k1,
+                       float *panel)
 {
-    const int8_t *w = weight;
-    const float *scales = scale_data;
     for (int64_t k = k0; k < k1; k += 8)
         for (int64_t h = 0; h < 2; h++) {
             __m256 v[8];
@@ -131,15 +102,12 @@ static void int8_panel(const void *weight, const void *scale_data, int64_t N, in
         }
 }
 
-typedef void (*unpack_fn)(const void *, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                          float *);
-
-/* Blocked as BLIS/GotoBLAS do: each thread takes a range of 16-column panels, NC of them at a time;
-   for each slice of KC columns of K it unpacks those panels' slice once (KC x 16 floats each, ~L2
-   size for the NC of them), then for each block of MC rows of x (MC x KC floats, in L2) runs the
-   6 x 16 tiles over every panel. */
-static int64_t gemm(const float *x, int64_t M, const void *w, const void *scales, int64_t N, int64_t K, int64_t G,
-                 int64_t block, float *y, unpack_fn unpack)
+/* Each thread takes a range of 16-column panels, NC of them at a time; for each slice of KC columns
+   of K it unpacks those panels' slice once (KC x 16 floats each, ~L2 size for the NC of them), then
+   for each block of MC rows of x (MC x KC floats, in L2) runs the 6 x 16 tiles over every panel.
+   G a multiple of 8. Returns 0, or -1 when out of memory. */
+int64_t int8_gemm(const float *x, int64_t M, const int8_t *w, const float *scales, int64_t N, int64_t K,
+                  int64_t G, float *y)
 {
     /* K in even slices of at most ~600 columns, whole groups each: each slice costs the tiles a load
        and store of y, and a short last slice would pay them for little work. Slices of 512-576
@@ -159,7 +127,7 @@ static int64_t gemm(const float *x, int64_t M, const void *w, const void *scales
             for (int64_t k0 = 0; k0 < K; k0 += KC) {
                 const int64_t k1 = k0 + KC < K ? k0 + KC : K;
                 for (int64_t p = p0; p < p1; p++)
-                    unpack(w, scales, N, K, G, block, p * NR, k0, k1, slices + (p - p0) * KC * NR);
+                    int8_panel(w, scales, K, G, p * NR, k0, k1, slices + (p - p0) * KC * NR);
                 for (int64_t m0 = 0; m0 < M; m0 += MC)
                     for (int64_t p = p0; p < p1; p++)
                         tiles(x + m0 * K + k0, M - m0 < MC ? M - m0 : MC, K, slices + (p - p0) * KC * NR, NR, k1 - k0,
@@ -171,20 +139,7 @@ static int64_t gemm(const float *x, int64_t M, const void *w, const void *scales
     return failed ? -1 : 0;
 }
 
-/* x [M, K], y [M, N]; N a multiple of 16 (and of `block`, a multiple of 32, for int4); K of G.
-   Returns 0, or -1 when out of memory. */
-int64_t int4_gemm(const float *x, int64_t M, const uint8_t *w, const uint16_t *scales, int64_t N, int64_t K,
-               int64_t G, int64_t block, float *y)
-{
-    return gemm(x, M, w, scales, N, K, G, block, y, int4_panel);
-}
-
-/* G a multiple of 8 */
-int64_t int8_gemm(const float *x, int64_t M, const int8_t *w, const float *scales, int64_t N, int64_t K,
-                  int64_t G, float *y)
-{
-    return gemm(x, M, w, scales, N, K, G, 0, y, int8_panel);
-}
+#include "int4_gemm.c"
 #else
 int64_t gemm_available(void) { return 0; }  /* callers keep PyTorch's kernels */
 

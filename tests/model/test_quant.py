@@ -168,8 +168,8 @@ def test_int8_logits_kernel_matches_dequantized_weights(group):
 
 @pytest.mark.parametrize("block", [32, 64])
 def test_many_rows_kernel_matches_dequantized_weights(block):
-    """gemm.c's int4 kernel on both packed layouts: float32 products, rows in and out of its 6-row
-    tiles, groups of 32 and 128."""
+    """gemm.c's int4 kernel on both packed layouts: int16 activations, rows in and out of its 3-row
+    tiles, groups of 32 and 128, an outlier among the activations."""
     if not qmatmul.gemm_available(block, 128, 32, block):
         pytest.skip("gemm kernels not built (no C compiler or no AVX2)")
     g = torch.Generator().manual_seed(block)
@@ -179,13 +179,14 @@ def test_many_rows_kernel_matches_dequantized_weights(block):
         scales, exact = _int4_scales(qt)
         for m in (2, 6, 7, 64):
             x = torch.randn(m, k, generator=g)
+            x[0, 5] = 40
             y = qmatmul.int4_gemm(x, _pack_int4(qt.q, block), scales, group, block)
-            assert rel_err(y, x.double() @ exact.t()) < 1e-5, (group, m)
+            assert rel_err(y, x.double() @ exact.t()) < 1e-4, (group, m)
     if _int4_pack_block() == block:  # QuantizedLinear takes this path for float32 rows beyond one
         lin = QuantizedLinear(qt)
         assert lin.native_gemm
         x = torch.randn(9, k, generator=g)
-        assert rel_err(lin(x), x.double() @ exact.t()) < 1e-5
+        assert rel_err(lin(x), x.double() @ exact.t()) < 1e-4
 
 
 @pytest.mark.parametrize("group", [32, 64])

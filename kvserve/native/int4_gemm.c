@@ -1,0 +1,171 @@
+/* y [M, N] = x [M, K] W^T on int4 weights for many rows (prompts, batched decodes), as integer
+   products: activations are rounded to int16 per group of the weight (15 bits of its largest
+   value: as precise as qmatmul.c's two int8 digits), weights unpacked to int16, and vpmaddwd does
+   16 multiply-adds where an FMA does 8. With the adds that accumulate them this runs ~1.2x gemm.c's
+   float tiles on SmolLM2's shapes; int8 activations would run faster but cost SmolLM2 3 points of
+   top-1 agreement with transformers. Each group's integer sums then take one float multiply-add
+   for the weights' scales, and one for their zero' times the activations' sum.
+   Included by gemm.c, whose blocking (panels of 16 output columns, K in slices) this follows. */
+#include <math.h>
+#include <string.h>
+
+#include "int4_scales.h"
+
+#define I16_MR 3  /* rows a tile: 3 x 2 int32 sums and 3 x 2 float outputs fit the 16 registers */
+
+/* x [M, K] -> x ~ xq * xd per group of G, and xs = xd * sum(xq) (the sum of the approximations,
+   so the rounding of zero' * sum cancels as in qmatmul.c). Runs on the calling team's threads. */
+static void quantize_int16(const float *x, int64_t M, int64_t K, int64_t G, int16_t *xq, float *xd, float *xs)
+{
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * K / G; i++) {
+        const float *v = x + i * G;
+        float amax = 0;
+        for (int64_t j = 0; j < G; j++)
+            amax = fabsf(v[j]) > amax ? fabsf(v[j]) : amax;
+        const float d = amax / 32767, inv = d > 0 ? 1 / d : 0;
+        int32_t sum = 0;
+        for (int64_t j = 0; j < G; j++) {
+            const int32_t q = (int32_t)nearbyintf(v[j] * inv);
+            xq[i * G + j] = (int16_t)q;
+            sum += q;
+        }
+        xd[i] = d;
+        xs[i] = d * sum;
+    }
+}
+
+/* Columns k0..k1-1 (whole groups) of the weight's rows n0..n0+15: per column pair (k, k+1), 8 rows'
+   (k, k+1) int16 pairs for rows 0-7, then for rows 8-15; and per group, the 16 rows' scales then
+   their zero's (the weight at q = 0) in `group_scales` */
+static void int4_panel16(const uint8_t *w, const uint16_t *scales, int64_t N, int64_t K, int64_t G, int64_t block,
+                         int64_t n0, int64_t k0, int64_t k1, int16_t *panel, float *group_scales)
+{
+    const int64_t half = block / 2, nb = n0 / block, within = n0 % block;
+    const int shift = within >= half ? 4 : 0;
+    const uint8_t *bytes = w + nb * K * half + within % half;
+    const __m128i low4 = _mm_set1_epi8(15);
+    for (int64_t k = k0; k < k1; k += 2) {
+        const __m128i a = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)(bytes + k * half)), shift), low4);
+        const __m128i b = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)(bytes + (k + 1) * half)), shift),
+                                        low4);
+        _mm256_store_si256((__m256i *)(panel + (k - k0) * NR), _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a, b)));
+        _mm256_store_si256((__m256i *)(panel + (k - k0) * NR + 16), _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a, b)));
+    }
+    for (int64_t g = k0 / G; g < k1 / G; g++) {
+        float *s = group_scales + (g - k0 / G) * 2 * NR;
+        for (int h = 0; h < 2; h++) {
+            __m256 scale, zero0;
+            load_scales(scales + (g * N + n0 + 8 * h) * 2, &scale, &zero0);
+            _mm256_store_ps(s + 8 * h, scale);
+            _mm256_store_ps(s + NR + 8 * h, zero0);
+        }
+    }
+}
+
+/* y[r, 0..15] (+)= x[r, 0..K) . panel for `rows` (1..I16_MR) rows; xd and xs: the rows' group
+   scales and sums, ldg apart. G is 32 for every GGUF format, hence the unrolling. */
+static inline __attribute__((always_inline)) void kernel16(const int16_t *x, int64_t ldx, const float *xd,
+                                                          const float *xs, int64_t ldg, const int16_t *panel,
+                                                          const float *group_scales, int64_t K, int64_t G, float *y,
+                                                          int64_t ldy, int rows, int accumulate)
+{
+    __m256 out[I16_MR][2];
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < 2; h++)
+            out[r][h] = accumulate ? _mm256_loadu_ps(y + r * ldy + 8 * h) : _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / G; g++) {
+        /* below G * 15 * 32767 < 2^31 for G up to 4096 */
+        __m256i sum[I16_MR][2];
+        for (int r = 0; r < rows; r++)
+            sum[r][0] = sum[r][1] = _mm256_setzero_si256();
+        #pragma GCC unroll 16
+        for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
+            const __m256i b0 = _mm256_load_si256((const __m256i *)(panel + k * NR));
+            const __m256i b1 = _mm256_load_si256((const __m256i *)(panel + k * NR + 16));
+            for (int r = 0; r < rows; r++) {
+                int32_t both;
+                memcpy(&both, x + r * ldx + k, 4);
+                const __m256i a = _mm256_set1_epi32(both);
+                sum[r][0] = _mm256_add_epi32(sum[r][0], _mm256_madd_epi16(a, b0));
+                sum[r][1] = _mm256_add_epi32(sum[r][1], _mm256_madd_epi16(a, b1));
+            }
+        }
+        const float *s = group_scales + g * 2 * NR;
+        for (int h = 0; h < 2; h++) {
+            const __m256 scale = _mm256_load_ps(s + 8 * h), zero0 = _mm256_load_ps(s + NR + 8 * h);
+            for (int r = 0; r < rows; r++) {
+                const __m256 z = _mm256_fmadd_ps(zero0, _mm256_broadcast_ss(xs + r * ldg + g), out[r][h]);
+                out[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][h]),
+                                            _mm256_mul_ps(scale, _mm256_broadcast_ss(xd + r * ldg + g)), z);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < 2; h++)
+            _mm256_storeu_ps(y + r * ldy + 8 * h, out[r][h]);
+}
+
+/* rows 0..M-1 of y[:, 16 columns] (+)= x[:, k0..k0+kc) . panel */
+static void tiles16(const int16_t *x, int64_t M, int64_t ldx, const float *xd, const float *xs, int64_t ldg,
+                    const int16_t *panel, const float *group_scales, int64_t kc, int64_t G, float *y, int64_t ldy,
+                    int accumulate)
+{
+    int64_t m = 0;
+    for (; m + I16_MR <= M; m += I16_MR)
+        kernel16(x + m * ldx, ldx, xd + m * ldg, xs + m * ldg, ldg, panel, group_scales, kc, G, y + m * ldy, ldy,
+                 I16_MR, accumulate);
+    x += m * ldx, xd += m * ldg, xs += m * ldg, y += m * ldy;
+    if (M - m == 1)
+        kernel16(x, ldx, xd, xs, ldg, panel, group_scales, kc, G, y, ldy, 1, accumulate);
+    else if (M - m == 2)
+        kernel16(x, ldx, xd, xs, ldg, panel, group_scales, kc, G, y, ldy, 2, accumulate);
+}
+
+/* x [M, K], y [M, N]; N a multiple of 16 and of `block` (a multiple of 32), K of G (even). W as
+   qmatmul.c's int4_matmul reads it. Returns 0, or -1 when out of memory. */
+int64_t int4_gemm(const float *x, int64_t M, const uint8_t *w, const uint16_t *scales, int64_t N, int64_t K,
+                  int64_t G, int64_t block, float *y)
+{
+    const int64_t slices_k = (K + 599) / 600, KC = ((K + slices_k - 1) / slices_k + G - 1) / G * G, MC = 48, NC = 16;
+    const int64_t ldg = K / G;
+    int16_t *xq = malloc(M * K * sizeof(int16_t));
+    float *xd = malloc(M * ldg * sizeof(float)), *xs = malloc(M * ldg * sizeof(float));
+    int64_t failed = 0;
+    if (!xq || !xd || !xs) {
+        free(xq);
+        free(xd);
+        free(xs);
+        return -1;
+    }
+    #pragma omp parallel
+    {
+        const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num(), panels = N / NR;
+        const int64_t first = panels * t / threads, end = panels * (t + 1) / threads;
+        int16_t *slices = aligned_alloc(32, NC * KC * NR * sizeof(int16_t));
+        float *slice_scales = aligned_alloc(32, NC * (KC / G) * 2 * NR * sizeof(float));
+        if (!slices || !slice_scales)
+            failed = 1;
+        quantize_int16(x, M, K, G, xq, xd, xs);  /* with its barrier: every row's, for every thread */
+        for (int64_t p0 = first; p0 < end && slices && slice_scales; p0 += NC) {
+            const int64_t p1 = p0 + NC < end ? p0 + NC : end;
+            for (int64_t k0 = 0; k0 < K; k0 += KC) {
+                const int64_t k1 = k0 + KC < K ? k0 + KC : K;
+                for (int64_t p = p0; p < p1; p++)
+                    int4_panel16(w, scales, N, K, G, block, p * NR, k0, k1, slices + (p - p0) * KC * NR,
+                                 slice_scales + (p - p0) * (KC / G) * 2 * NR);
+                for (int64_t m0 = 0; m0 < M; m0 += MC)
+                    for (int64_t p = p0; p < p1; p++)
+                        tiles16(xq + m0 * K + k0, M - m0 < MC ? M - m0 : MC, K, xd + m0 * ldg + k0 / G,
+                                xs + m0 * ldg + k0 / G, ldg, slices + (p - p0) * KC * NR,
+                                slice_scales + (p - p0) * (KC / G) * 2 * NR, k1 - k0, G, y + m0 * N + p * NR, N, k0 > 0);
+            }
+        }
+        free(slices);
+        free(slice_scales);
+    }
+    free(xq);
+    free(xd);
+    free(xs);
+    return failed ? -1 : 0;
+}
