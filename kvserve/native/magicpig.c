@@ -8,7 +8,7 @@
 #include "gemm.c"
 #include "kv_element.h"
 
-#define MIN_COLLISIONS 2
+#define MIN_COLLISIONS 2  /* < 4: counts live in 2 bits of magicpig_candidates' scratch */
 
 /* CSR tables by counting sort: codes [N, T] (table i's bucket of key t, in [0, B)) -> offsets
    [N, B + 1] and sorted_ids [N, T], key ids ascending within each bucket. */
@@ -40,8 +40,16 @@ int64_t magicpig_candidates(const int32_t *sorted_ids, const int64_t *offsets, c
                             const int16_t *extra, int64_t H, int64_t group, int64_t L, int64_t T,
                             int64_t B, int64_t P, uint8_t *seen, int64_t *out_heads, int64_t *out_ids)
 {
+    /* seen[id]: a head's tag in the high 6 bits and its count of collisions in the low 2, so that
+       a new head needs no pass to clear the last one's counts (a stale tag reads as 0) */
     int64_t n = 0, begin[L], end[L];
+    unsigned tag = 0;
     for (int64_t h = 0; h < H; h++) {
+        if (++tag == 64) {
+            memset(seen, 0, T);
+            tag = 1;
+        }
+        const uint8_t fresh = (uint8_t)(tag << 2);
         const int64_t kv = h / group, *qc = qcodes + h * L;
         /* the tables are tens of MB, so each bucket is a cache miss: fetch a few buckets ahead */
         for (int64_t l = 0; l < L; l++)
@@ -52,14 +60,14 @@ int64_t magicpig_candidates(const int32_t *sorted_ids, const int64_t *offsets, c
             end[l] = off[1];
             __builtin_prefetch(sorted_ids + (kv * L + l) * T + begin[l]);
         }
-        for (int pass = 0; pass < 2; pass++) {  /* pass 0 counts, pass 1 clears the scratch */
-            for (int64_t l = 0; l < L; l++) {
-                const int32_t *ids = sorted_ids + (kv * L + l) * T;
-                for (int64_t j = begin[l]; j < end[l]; j++) {
-                    const int32_t id = ids[j];
-                    if (pass) {
-                        seen[id] = 0;
-                    } else if (seen[id] < MIN_COLLISIONS && ++seen[id] == MIN_COLLISIONS) {
+        for (int64_t l = 0; l < L; l++) {
+            const int32_t *ids = sorted_ids + (kv * L + l) * T;
+            for (int64_t j = begin[l]; j < end[l]; j++) {
+                const int32_t id = ids[j];
+                const uint8_t s = (seen[id] & ~3) == fresh ? seen[id] : fresh;
+                if ((s & 3) < MIN_COLLISIONS) {
+                    seen[id] = s + 1;
+                    if ((s & 3) + 1 == MIN_COLLISIONS) {
                         out_heads[n] = h;
                         out_ids[n++] = id;
                     }
@@ -77,6 +85,7 @@ int64_t magicpig_candidates(const int32_t *sorted_ids, const int64_t *offsets, c
             }
         }
     }
+    memset(seen, 0, T);
     return n;
 }
 

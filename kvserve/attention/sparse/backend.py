@@ -182,10 +182,10 @@ class PolicyAttention:
         known = tables.tables.num_keys + tables.extra_codes.shape[1]
         if known < len(d.sampled_slots):  # prompt keys that left the window since the build
             new = k_cache.index_select(1, d.sampled_slots[known:]).float() - tables.key_mean[:, None]
-            codes = magicpig.simhash(new, proj, p.K, p.L).to(torch.int16)
+            codes = magicpig.simhash(new, proj, p.K, p.L, panels).to(torch.int16)
             tables.extra_codes = torch.cat([tables.extra_codes, codes], 1)
         group = self.num_heads // k_cache.shape[0]
-        qcodes = magicpig.simhash(q.float(), proj, p.K, p.L)
+        qcodes = magicpig.simhash(q.float(), proj, p.K, p.L, panels)
         heads, ids = magicpig.candidates(tables.tables, qcodes, group, tables.extra_codes)
         out, lse = magicpig.paged_sampled_attention(q, k_cache, v_cache, d.sampled_slots, heads, ids,
                                                     tables.key_mean, self.scale, p.K, p.L)
