@@ -101,17 +101,39 @@ static inline float log_weight(float cos, const float *table, int64_t n)
     return table[i] + (x - i) * (table[i + 1] - table[i]);
 }
 
+/* One key of head h into its online softmax (top, total, acc): rescale what was summed under the
+   old maximum when the logit is a new one */
+static inline __attribute__((always_inline)) void softmax_add(float logit, const void *v_cache, int64_t row,
+                                                              const int bf16, int64_t D, float *top, float *total,
+                                                              float *acc)
+{
+    if (logit > *top) {
+        const float shrink = expf(*top - logit);
+        *total *= shrink;
+        for (int64_t d = 0; d < D; d++)
+            acc[d] *= shrink;
+        *top = logit;
+    }
+    const float e = expf(logit - *top);
+    *total += e;
+    for (int64_t d = 0; d < D; d++)
+        acc[d] += e * kv_load(v_cache, row + d, bf16);
+}
+
 /* Importance-weighted softmax over n (head, key) pairs: key id i of KV head kv lives at row
-   kv * S + slots[i] of the caches [Hkv, S, D] (float32, or bfloat16 when bf16). q [H, D],
-   key_mean [Hkv, D], log_w: see log_weight; out [H, D] and lse [H] (natural log; -inf for a head with no sample).
+   kv * S + slots[i] of the caches [Hkv, S, D] (float32, or bfloat16 when bf16). The keys at the
+   n_dense dense_slots join every head's softmax with weight 1: what merging a dense attention
+   over them by log-sum-exp gives, without its own pass. q [H, D], key_mean [Hkv, D], log_w: see
+   log_weight; out [H, D] and lse [H] (natural log; -inf for a head with no key).
    Inlined into one copy per cache dtype: with the dtype a variable, GCC leaves the loops over D
    scalar (1.5x the time at 32k). */
 static inline __attribute__((always_inline)) void attention_as(
     const float *q, const void *k_cache, const void *v_cache, const int bf16, int64_t S, const int64_t *slots,
-    const int64_t *heads, const int64_t *ids, int64_t n, const float *key_mean, int64_t H, int64_t group, int64_t D,
-    float scale, const float *log_w, int64_t table_n, float *out, float *lse)
+    const int64_t *heads, const int64_t *ids, int64_t n, const int64_t *dense_slots, int64_t n_dense,
+    const float *key_mean, int64_t H, int64_t group, int64_t D, float scale, const float *log_w, int64_t table_n,
+    float *out, float *lse)
 {
-    float qm[H], qn[H], mm[H], top[H], total[H], key[D];
+    float qm[H], qn[H], mm[H], top[H], total[H];
     for (int64_t h = 0; h < H; h++) {
         const float *qh = q + h * D, *mean = key_mean + h / group * D;
         qm[h] = qn[h] = mm[h] = total[h] = 0;
@@ -123,6 +145,14 @@ static inline __attribute__((always_inline)) void attention_as(
             out[h * D + d] = 0;
         }
         qn[h] = sqrtf(qn[h]);
+        for (int64_t j = 0; j < n_dense; j++) {
+            const int64_t row = (h / group * S + dense_slots[j]) * D;
+            float qk = 0;
+            #pragma omp simd reduction(+:qk)
+            for (int64_t d = 0; d < D; d++)
+                qk += qh[d] * kv_load(k_cache, row + d, bf16);
+            softmax_add(qk * scale, v_cache, row, bf16, D, &top[h], &total[h], out + h * D);
+        }
     }
     const int64_t elem = bf16 ? 2 : 4, ahead = 8;
     for (int64_t i = 0; i < n; i++) {
@@ -139,28 +169,18 @@ static inline __attribute__((always_inline)) void attention_as(
         }
         const int64_t h = heads[i], kv = h / group, row = (kv * S + slots[ids[i]]) * D;
         const float *qh = q + h * D, *mean = key_mean + kv * D;
-        float *acc = out + h * D, qk = 0, km = 0, kk = 0;
+        float qk = 0, km = 0, kk = 0;
         #pragma omp simd reduction(+:qk, km, kk)  /* lets the sums vectorize: -ffast-math not needed */
         for (int64_t d = 0; d < D; d++) {
-            key[d] = kv_load(k_cache, row + d, bf16);
-            qk += qh[d] * key[d];
-            km += key[d] * mean[d];
-            kk += key[d] * key[d];
+            const float key = kv_load(k_cache, row + d, bf16);
+            qk += qh[d] * key;
+            km += key * mean[d];
+            kk += key * key;
         }
         /* the cosine to the centred key k - mean (what was hashed); the raw key gives the score */
         float centred = kk - 2 * km + mm[h], norm = qn[h] * sqrtf(centred > 0 ? centred : 0);
         float logit = qk * scale - log_weight((qk - qm[h]) / (norm > 1e-12f ? norm : 1e-12f), log_w, table_n);
-        if (logit > top[h]) {  /* online softmax: rescale what was summed under the old maximum */
-            float shrink = expf(top[h] - logit);
-            total[h] *= shrink;
-            for (int64_t d = 0; d < D; d++)
-                acc[d] *= shrink;
-            top[h] = logit;
-        }
-        float e = expf(logit - top[h]);
-        total[h] += e;
-        for (int64_t d = 0; d < D; d++)
-            acc[d] += e * kv_load(v_cache, row + d, bf16);
+        softmax_add(logit, v_cache, row, bf16, D, &top[h], &total[h], out + h * D);
     }
     for (int64_t h = 0; h < H; h++) {
         for (int64_t d = 0; d < D; d++)
@@ -171,15 +191,15 @@ static inline __attribute__((always_inline)) void attention_as(
 
 void magicpig_attention(const float *q, const void *k_cache, const void *v_cache, int64_t bf16, int64_t S,
                         const int64_t *slots, const int64_t *heads, const int64_t *ids, int64_t n,
-                        const float *key_mean, int64_t H, int64_t group, int64_t D, float scale,
-                        const float *log_w, int64_t table_n, float *out, float *lse)
+                        const int64_t *dense_slots, int64_t n_dense, const float *key_mean, int64_t H, int64_t group,
+                        int64_t D, float scale, const float *log_w, int64_t table_n, float *out, float *lse)
 {
     if (bf16)
-        attention_as(q, k_cache, v_cache, 1, S, slots, heads, ids, n, key_mean, H, group, D, scale, log_w, table_n,
-                     out, lse);
+        attention_as(q, k_cache, v_cache, 1, S, slots, heads, ids, n, dense_slots, n_dense, key_mean, H, group, D,
+                     scale, log_w, table_n, out, lse);
     else
-        attention_as(q, k_cache, v_cache, 0, S, slots, heads, ids, n, key_mean, H, group, D, scale, log_w, table_n,
-                     out, lse);
+        attention_as(q, k_cache, v_cache, 0, S, slots, heads, ids, n, dense_slots, n_dense, key_mean, H, group, D,
+                     scale, log_w, table_n, out, lse);
 }
 
 #ifdef __AVX2__

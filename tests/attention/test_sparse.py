@@ -176,7 +176,8 @@ def test_hash_kernel_gives_the_sign_bits_of_the_projections(K, L):
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_magicpig_c_kernels_match_their_torch_twins(cache_dtype, monkeypatch):
     """Table building, candidates (with keys outside the tables) and the weighted softmax read in
-    place from a scattered cache, against the PyTorch ops the C kernels replace."""
+    place from a scattered cache, with and without dense keys, against the PyTorch ops the C
+    kernels replace."""
     if magicpig._kernel("magicpig_candidates") is None:
         pytest.skip("no C compiler: the PyTorch twins run instead")
     torch.manual_seed(4)
@@ -191,16 +192,26 @@ def test_magicpig_c_kernels_match_their_torch_twins(cache_dtype, monkeypatch):
 
     k_cache = torch.randn(HKV, slots_total, D).to(cache_dtype)
     v_cache = torch.randn(HKV, slots_total, D).to(cache_dtype)
-    slots = torch.randperm(slots_total)[:t + p]
+    perm = torch.randperm(slots_total)
+    slots, dense = perm[:t + p], perm[t + p:t + p + 30]  # sampled keys, and keys every head reads
     q, mean = 3 * torch.randn(H, D), k_cache.float().mean(1)
-    out, lse = magicpig.paged_sampled_attention(q, k_cache, v_cache, slots, heads, ids, mean, D ** -0.5, K, L)
+    kernel = {}
+    for dense_slots in (None, dense):
+        kernel[dense_slots is None] = magicpig.paged_sampled_attention(q, k_cache, v_cache, slots, heads, ids, mean,
+                                                                       D ** -0.5, K, L, dense_slots)
+    # no candidate at all: nothing, with weight zero when merged; or the dense keys alone
+    out, lse = magicpig.paged_sampled_attention(q, k_cache, v_cache, slots, heads[:0], ids[:0], mean, D ** -0.5, K, L)
+    assert not out.any() and torch.isneginf(lse).all()
+    out, lse = magicpig.paged_sampled_attention(q, k_cache, v_cache, slots, heads[:0], ids[:0], mean, D ** -0.5, K, L,
+                                                dense)
+    full_out, full_lse = _full(q, k_cache[:, dense].float(), v_cache[:, dense].float(), D ** -0.5)
+    assert (out - full_out).abs().max() < 1e-4 and (lse - full_lse).abs().max() < 1e-4
+
     monkeypatch.setattr(magicpig, "_kernel", lambda name: None)
     twin_tables = magicpig.BucketTables.build(codes, K)
     assert torch.equal(tables.sorted_ids, twin_tables.sorted_ids) and torch.equal(tables.offsets, twin_tables.offsets)
-    twin_out, twin_lse = magicpig.paged_sampled_attention(q, k_cache, v_cache, slots, heads, ids, mean,
-                                                          D ** -0.5, K, L)
-    assert (out - twin_out).abs().max() < 1e-4 and (lse - twin_lse).abs().max() < 1e-4
-    # a head with no candidate: nothing, with weight zero when merged
-    out, lse = magicpig.paged_sampled_attention(q, k_cache, v_cache, slots, heads[:0], ids[:0], mean,
-                                                D ** -0.5, K, L)
-    assert not out.any() and torch.isneginf(lse).all()
+    for dense_slots in (None, dense):  # the twin merges a separate dense attention
+        out, lse = kernel[dense_slots is None]
+        twin_out, twin_lse = magicpig.paged_sampled_attention(q, k_cache, v_cache, slots, heads, ids, mean,
+                                                              D ** -0.5, K, L, dense_slots)
+        assert (out - twin_out).abs().max() < 1e-4 and (lse - twin_lse).abs().max() < 1e-4

@@ -107,7 +107,13 @@ class PolicyAttention:
     def _decode(self, layer: int, d: _SparseDecode, q: torch.Tensor, k_cache, v_cache) -> torch.Tensor:
         h, kv_len = self.num_heads, d.kv_len
         sparse_layer = d.sampled_slots is not None and layer not in d.policy.dense_layers
-        if d.all_pages is None or sparse_layer:
+        magicpig_layer = sparse_layer and d.policy.policy == "magicpig"
+        if magicpig_layer:  # one softmax over the dense keys and the sampled ones
+            out, _, n = self._magicpig(layer, d, q, k_cache, v_cache)
+            self.sampled_pairs += n
+            self.sampled_heads += h
+            read = len(d.dense_slots) * h + n
+        elif d.all_pages is None or sparse_layer:
             out, lse = self._dense(q, *self._gather_slots(k_cache, v_cache, d.dense_slots))
             read = len(d.dense_slots) * h
         elif paged_attention.available(k_cache):  # a dense layer: read in place, as full attention does
@@ -118,13 +124,8 @@ class PolicyAttention:
         else:
             out, lse = self._dense(q, *self._gather_pages(k_cache, v_cache, d.all_pages, kv_len))
             read = kv_len * h
-        if sparse_layer:
-            if d.policy.policy == "magicpig":
-                out_s, lse_s, n = self._magicpig(layer, d, q, k_cache, v_cache)
-                self.sampled_pairs += n
-                self.sampled_heads += h
-            else:
-                out_s, lse_s, n = self._topk(d, q, k_cache, v_cache)
+        if sparse_layer and not magicpig_layer:  # topk
+            out_s, lse_s, n = self._topk(d, q, k_cache, v_cache)
             out, lse = merge_state(out, lse, out_s, lse_s)
             read += n
         self.keys_read += read
@@ -188,7 +189,7 @@ class PolicyAttention:
         qcodes = magicpig.simhash(q.float(), proj, p.K, p.L, panels)
         heads, ids = magicpig.candidates(tables.tables, qcodes, group, tables.extra_codes)
         out, lse = magicpig.paged_sampled_attention(q, k_cache, v_cache, d.sampled_slots, heads, ids,
-                                                    tables.key_mean, self.scale, p.K, p.L)
+                                                    tables.key_mean, self.scale, p.K, p.L, d.dense_slots)
         return out, lse, len(ids)
 
     @staticmethod

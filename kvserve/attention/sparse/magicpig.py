@@ -15,6 +15,7 @@ from functools import cache
 import torch
 
 from kvserve import native
+from kvserve.attention.merge import attention_with_lse, merge_state
 
 MIN_COLLISIONS = 2
 W_EPS = 1e-4  # the paper's floor inside ln(w + eps): bounds the weight of rarely sampled keys
@@ -131,7 +132,7 @@ _SIGNATURES = {  # kvserve/native/magicpig.c
     "magicpig_build": (None, [_PTR] + [_INT] * 3 + [_PTR] * 2),
     "magicpig_hash": (_INT, [_PTR] + [_INT] * 2 + [_PTR] + [_INT] * 3 + [_PTR]),
     "magicpig_candidates": (_INT, [_PTR] * 4 + [_INT] * 6 + [_PTR] * 3),
-    "magicpig_attention": (None, [_PTR] * 3 + [_INT] * 2 + [_PTR] * 3 + [_INT, _PTR, _INT, _INT, _INT,
+    "magicpig_attention": (None, [_PTR] * 3 + [_INT] * 2 + [_PTR] * 3 + [_INT, _PTR, _INT, _PTR, _INT, _INT, _INT,
                                                                          ctypes.c_float, _PTR, _INT, _PTR, _PTR]),
 }
 
@@ -204,11 +205,15 @@ def sampled_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 def paged_sampled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                             heads: torch.Tensor, ids: torch.Tensor, key_mean: torch.Tensor, scale: float,
-                            K: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+                            K: int, L: int, dense_slots: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """sampled_attention over candidates() whose key id i of KV head kv sits at k_cache[kv, slots[i]]
-    (caches [Hkv, S, D]), read in place by the C kernel; gathered first by the PyTorch twin."""
+    (caches [Hkv, S, D]), merged with full attention over the keys at dense_slots (every head reads
+    them, unweighted). The C kernel reads both in place, in one softmax; its PyTorch twin gathers
+    them and merges the two parts by log-sum-exp."""
     h, (hkv, s, dim) = q.shape[0], k_cache.shape
     group = h // hkv
+    dense_slots = torch.empty(0, dtype=torch.int64) if dense_slots is None else dense_slots
     kernel = _kernel("magicpig_attention")
     in_place = (kernel is not None and k_cache.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16)
                 and v_cache.dtype == k_cache.dtype and k_cache.is_contiguous() and v_cache.is_contiguous())
@@ -216,13 +221,19 @@ def paged_sampled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         kv_heads = heads // group
         flat = kv_heads * s + slots[ids]
         keys, values = k_cache.reshape(-1, dim).index_select(0, flat), v_cache.reshape(-1, dim).index_select(0, flat)
-        return sampled_attention(q, keys, values, key_mean, heads, kv_heads, scale, K, L, h)
+        out, lse = sampled_attention(q, keys, values, key_mean, heads, kv_heads, scale, K, L, h)
+        if not len(dense_slots):
+            return out, lse
+        kd, vd = k_cache.index_select(1, dense_slots).float(), v_cache.index_select(1, dense_slots).float()
+        # [Hkv, group, D] against [Hkv, n, D]: batched matmuls, no broadcast copies of K/V
+        out_d, lse_d = attention_with_lse(q.float().view(hkv, group, dim), kd, vd, scale)
+        return merge_state(out_d.reshape(h, dim), lse_d.reshape(h), out, lse)
     qf, mean = q.float().contiguous(), key_mean.float().contiguous()
-    slots, heads, ids = (x.to(torch.int64).contiguous() for x in (slots, heads, ids))
+    slots, heads, ids, dense_slots = (x.to(torch.int64).contiguous() for x in (slots, heads, ids, dense_slots))
     out, lse, table = torch.empty(h, dim), torch.empty(h), log_weight_table(K, L)
     kernel(qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16), s,
-           slots.data_ptr(), heads.data_ptr(), ids.data_ptr(), len(ids), mean.data_ptr(), h, group, dim, scale,
-           table.data_ptr(), len(table) - 1, out.data_ptr(), lse.data_ptr())
+           slots.data_ptr(), heads.data_ptr(), ids.data_ptr(), len(ids), dense_slots.data_ptr(), len(dense_slots),
+           mean.data_ptr(), h, group, dim, scale, table.data_ptr(), len(table) - 1, out.data_ptr(), lse.data_ptr())
     return out, lse
 
 
