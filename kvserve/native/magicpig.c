@@ -34,58 +34,84 @@ void magicpig_build(const int16_t *codes, int64_t N, int64_t T, int64_t B, int64
 /* For each query head h (KV head h / group), every key found in its bucket of at least 2 of the
    L tables: sorted_ids [Hkv, L, T] and offsets [Hkv, L, B + 1] are the CSR tables, qcodes [H, L]
    the query's bucket per table, extra [Hkv, P, L] the codes of P keys outside the tables (ids
-   T..T+P-1). Pairs are written grouped by head, each once; returns their count. seen: T zeroed
-   bytes of scratch, zeroed again on return. */
+   T..T+P-1). Pairs are written grouped by head (out_*: room for H * (T + P)), each once; returns
+   their count, or -1 when out of memory. seen: T zeroed bytes of scratch, zeroed again on return. */
 int64_t magicpig_candidates(const int32_t *sorted_ids, const int64_t *offsets, const int64_t *qcodes,
                             const int16_t *extra, int64_t H, int64_t group, int64_t L, int64_t T,
                             int64_t B, int64_t P, uint8_t *seen, int64_t *out_heads, int64_t *out_ids)
 {
-    /* seen[id]: a head's tag in the high 6 bits and its count of collisions in the low 2, so that
-       a new head needs no pass to clear the last one's counts (a stale tag reads as 0) */
-    int64_t n = 0, begin[L], end[L];
-    unsigned tag = 0;
-    for (int64_t h = 0; h < H; h++) {
-        if (++tag == 64) {
-            memset(seen, 0, T);
-            tag = 1;
-        }
-        const uint8_t fresh = (uint8_t)(tag << 2);
-        const int64_t kv = h / group, *qc = qcodes + h * L;
-        /* the tables are tens of MB, so each bucket is a cache miss: fetch a few buckets ahead */
-        for (int64_t l = 0; l < L; l++)
-            __builtin_prefetch(offsets + (kv * L + l) * (B + 1) + qc[l]);
-        for (int64_t l = 0; l < L; l++) {
-            const int64_t *off = offsets + (kv * L + l) * (B + 1) + qc[l];
-            begin[l] = off[0];
-            end[l] = off[1];
-            __builtin_prefetch(sorted_ids + (kv * L + l) * T + begin[l]);
-        }
-        for (int64_t l = 0; l < L; l++) {
-            const int32_t *ids = sorted_ids + (kv * L + l) * T;
-            for (int64_t j = begin[l]; j < end[l]; j++) {
-                const int32_t id = ids[j];
-                const uint8_t s = (seen[id] & ~3) == fresh ? seen[id] : fresh;
-                if ((s & 3) < MIN_COLLISIONS) {
-                    seen[id] = s + 1;
-                    if ((s & 3) + 1 == MIN_COLLISIONS) {
-                        out_heads[n] = h;
-                        out_ids[n++] = id;
+    const int64_t max_threads = omp_get_max_threads();
+    int64_t found[max_threads], first_head[max_threads], ran = 1, failed = 0;
+    /* each thread takes a range of heads and writes their pairs from the first one's room on */
+    #pragma omp parallel
+    {
+        const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t h0 = H * t / threads, h1 = H * (t + 1) / threads;
+        /* mine[id]: a head's tag in the high 6 bits and its count of collisions in the low 2, so
+           that a new head needs no pass to clear the last one's counts (a stale tag reads as 0) */
+        uint8_t *mine = t == 0 ? seen : calloc(T > 0 ? T : 1, 1);
+        int64_t n = 0, begin[L], end[L], *heads_out = out_heads + h0 * (T + P), *ids_out = out_ids + h0 * (T + P);
+        unsigned tag = 0;
+        if (!mine)
+            failed = 1;
+        for (int64_t h = h0; h < h1 && mine; h++) {
+            if (++tag == 64) {
+                memset(mine, 0, T);
+                tag = 1;
+            }
+            const uint8_t fresh = (uint8_t)(tag << 2);
+            const int64_t kv = h / group, *qc = qcodes + h * L;
+            /* the tables are tens of MB, so each bucket is a cache miss: fetch a few buckets ahead */
+            for (int64_t l = 0; l < L; l++)
+                __builtin_prefetch(offsets + (kv * L + l) * (B + 1) + qc[l]);
+            for (int64_t l = 0; l < L; l++) {
+                const int64_t *off = offsets + (kv * L + l) * (B + 1) + qc[l];
+                begin[l] = off[0];
+                end[l] = off[1];
+                __builtin_prefetch(sorted_ids + (kv * L + l) * T + begin[l]);
+            }
+            for (int64_t l = 0; l < L; l++) {
+                const int32_t *ids = sorted_ids + (kv * L + l) * T;
+                for (int64_t j = begin[l]; j < end[l]; j++) {
+                    const int32_t id = ids[j];
+                    const uint8_t s = (mine[id] & ~3) == fresh ? mine[id] : fresh;
+                    if ((s & 3) < MIN_COLLISIONS) {
+                        mine[id] = s + 1;
+                        if ((s & 3) + 1 == MIN_COLLISIONS) {
+                            heads_out[n] = h;
+                            ids_out[n++] = id;
+                        }
                     }
                 }
             }
-        }
-        for (int64_t p = 0; p < P; p++) {
-            const int16_t *codes = extra + (kv * P + p) * L;
-            int64_t hits = 0;
-            for (int64_t l = 0; l < L; l++)
-                hits += codes[l] == qc[l];
-            if (hits >= MIN_COLLISIONS) {
-                out_heads[n] = h;
-                out_ids[n++] = T + p;
+            for (int64_t p = 0; p < P; p++) {
+                const int16_t *codes = extra + (kv * P + p) * L;
+                int64_t hits = 0;
+                for (int64_t l = 0; l < L; l++)
+                    hits += codes[l] == qc[l];
+                if (hits >= MIN_COLLISIONS) {
+                    heads_out[n] = h;
+                    ids_out[n++] = T + p;
+                }
             }
         }
+        if (mine == seen)
+            memset(seen, 0, T);
+        else
+            free(mine);
+        found[t] = n;
+        first_head[t] = h0;
+        if (t == 0)
+            ran = threads;
     }
-    memset(seen, 0, T);
+    if (failed)
+        return -1;
+    int64_t n = 0;  /* the threads' runs of pairs, moved down to follow one another */
+    for (int64_t t = 0; t < ran; t++) {
+        memmove(out_heads + n, out_heads + first_head[t] * (T + P), found[t] * sizeof *out_heads);
+        memmove(out_ids + n, out_ids + first_head[t] * (T + P), found[t] * sizeof *out_ids);
+        n += found[t];
+    }
     return n;
 }
 

@@ -124,6 +124,8 @@ def candidates(tables: BucketTables, qcodes: torch.Tensor, group: int,
     n = kernel(tables.sorted_ids.data_ptr(), tables.offsets.data_ptr(), qcodes.data_ptr(), extra.data_ptr(),
                h, group, L, t, 1 << tables.K, extra.shape[1], seen.data_ptr(), out[0].data_ptr(),
                out[1].data_ptr())
+    if n < 0:
+        raise MemoryError("magicpig_candidates could not allocate its scratch")
     return out[0, :n], out[1, :n]
 
 
