@@ -256,7 +256,8 @@ int64_t magicpig_hash(const float *x, int64_t T, int64_t D, const float *panels,
     int64_t failed = 0;
     #pragma omp parallel
     {
-        float *y = aligned_alloc(32, HASH_ROWS * P * 16 * sizeof(float));
+        /* a decode step hashes a query's few rows: room for those only */
+        float *y = aligned_alloc(32, (T < HASH_ROWS ? T : HASH_ROWS) * P * 16 * sizeof(float));
         uint8_t *bits = calloc(P * 2 + 4, 1);  /* a row's signs, and room for a 4-byte read at the end */
         if (!y || !bits)
             failed = 1;
