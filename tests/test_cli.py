@@ -74,11 +74,12 @@ def test_bench_latency_rounds_must_be_positive():
 
 
 def test_bench_longctx_runs_small():
-    r = kvserve("bench", "longctx", "--lengths", "", "--long-lengths", "320", "--steps", "3")
+    r = kvserve("bench", "longctx", "--lengths", "", "--long-lengths", "320", "--steps", "3", "--rounds", "2")
     assert r.returncode == 0, r.stderr
     rows = {line.split()[2]: line.split() for line in r.stdout.splitlines() if line.startswith("random-2L")}
     assert set(rows) == {"full", "streaming", "magicpig", "topk"}
     assert rows["full"][6] == "100.0%" and float(rows["magicpig"][6].rstrip("%")) < 100
+    assert "(round 2/2)" in r.stderr and r.stdout.count("x | ") == 3  # the medians' ratios, then each round's
 
 
 def test_eval_longctx_runs_small(smollm2_path):

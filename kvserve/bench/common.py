@@ -1,4 +1,5 @@
 """Shared pieces of the benchmarks: the standard workload and the result table."""
+import argparse
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -46,3 +47,11 @@ def print_table(results: list[ThroughputResult], baseline: str) -> None:
 
 def to_json(results: list[ThroughputResult], **extra) -> str:
     return json.dumps({"results": [asdict(r) | {"output_tok_per_s": r.output_tok_per_s} for r in results]} | extra)
+
+
+def at_least_one(value: str) -> int:
+    """argparse type of counts such as --rounds"""
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kvserve.bench.common import random_prompts
+from kvserve.bench.common import at_least_one, random_prompts
 
 WORKERS = Path(__file__).with_name("latency_workers.py")
 
@@ -19,16 +19,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer", choices=["llama.cpp", "none"], default="llama.cpp")
     p.add_argument("--llamacpp-python", default=".venv-llamacpp/bin/python",
                    help="python of a venv with llama-cpp-python (pip install llama-cpp-python)")
-    p.add_argument("--rounds", type=_at_least_one, default=3,
+    p.add_argument("--rounds", type=at_least_one, default=3,
                    help="runs of each engine, alternating (a shared machine's load drifts); medians are printed")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
-
-
-def _at_least_one(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
 
 
 def run_worker(python: str, engine: str, args, model: str, prompts) -> dict:

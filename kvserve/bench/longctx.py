@@ -15,6 +15,7 @@ from statistics import median
 
 import torch
 
+from kvserve.bench.common import at_least_one
 from kvserve.engine.request import SamplingParams
 
 POLICIES = ["full", "streaming", "magicpig", "topk"]
@@ -27,6 +28,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", nargs="+", default=POLICIES,
                    help="policies to compare, each as for --attention (e.g. magicpig:K=10,L=150)")
     p.add_argument("--steps", type=int, default=8, help="decode steps timed per policy and context")
+    p.add_argument("--rounds", type=at_least_one, default=1,
+                   help="times every policy decodes, the policies taking turns, so that a drift of the machine's "
+                        "speed favours none; the table shows medians over the rounds")
 
 
 class _Timed:
@@ -112,7 +116,8 @@ def measure(engine, prompt: list[int], policy, steps: int, timers: list[_Timed])
             "kv_mib": (held * page_bytes + extra) / 2**20}
 
 
-def run_contexts(engine, prompts: dict[int, list[int]], policies, steps: int, model_name: str) -> list[dict]:
+def run_contexts(engine, prompts: dict[int, list[int]], policies, steps: int, model_name: str,
+                 rounds: int = 1) -> list[dict]:
     timers = [_Timed(engine.runner.attention), _Timed(engine.runner.policy_attention)]
     rows = []
     for length, prompt in prompts.items():
@@ -122,9 +127,15 @@ def run_contexts(engine, prompts: dict[int, list[int]], policies, steps: int, mo
         while rid in engine.requests:
             engine.step()
         print(f"  prefill {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
-        for policy in policies:
-            print(f"  {length} tokens, {policy.policy}: {steps} decode steps", file=sys.stderr, flush=True)
-            rows.append({"model": model_name, "context": length} | measure(engine, prompt, policy, steps, timers))
+        runs = [[] for _ in policies]
+        for r in range(rounds):
+            for policy, results in zip(policies, runs):
+                print(f"  {length} tokens, {policy.policy}: {steps} decode steps (round {r + 1}/{rounds})",
+                      file=sys.stderr, flush=True)
+                results.append(measure(engine, prompt, policy, steps, timers))
+        for policy, results in zip(policies, runs):
+            rows.append({"model": model_name, "context": length, "policy": policy.policy, "rounds": results}
+                        | {key: median(x[key] for x in results) for key in results[0] if key != "policy"})
     return rows
 
 
@@ -138,8 +149,13 @@ def print_table(rows: list[dict]) -> None:
     for (model, length), group in _by_context(rows).items():
         if "full" in group and "magicpig" in group:
             f, m = group["full"], group["magicpig"]
+            by_round = ""
+            if len(f["rounds"]) > 1:
+                by_round = "; by round: " + ", ".join(f"{a['attn_ms'] / b['attn_ms']:.2f}x | "
+                                                     f"{a['layer_attn_ms'] / b['layer_attn_ms']:.2f}x"
+                                                     for a, b in zip(f["rounds"], m["rounds"]))
             print(f"  {model} {length}: {f['attn_ms'] / m['attn_ms']:.2f}x | "
-                  f"{f['layer_attn_ms'] / m['layer_attn_ms']:.2f}x")
+                  f"{f['layer_attn_ms'] / m['layer_attn_ms']:.2f}x{by_round}")
 
 
 def _by_context(rows):
@@ -171,7 +187,7 @@ def main(args) -> int:
         # for the decode steps within the model's context
         prompts = {n: [1000 + i] + text[:min(n, engine.max_model_len - args.steps - 2) - 1]
                    for i, n in enumerate(lengths)}
-        rows += run_contexts(engine, prompts, policies, args.steps, "default")
+        rows += run_contexts(engine, prompts, policies, args.steps, "default", args.rounds)
         del engine
     if long_lengths:
         model = random_long_llama(args.long_layers, max(long_lengths) + slack, resolve_dtype(args.dtype, "cpu"))
@@ -181,6 +197,6 @@ def main(args) -> int:
         engine = Engine(cfg, model=model, tokenizer=load_tokenizer(None))
         g = torch.Generator().manual_seed(0)
         prompts = {n: torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in long_lengths}
-        rows += run_contexts(engine, prompts, policies, args.steps, f"random-{args.long_layers}L")
+        rows += run_contexts(engine, prompts, policies, args.steps, f"random-{args.long_layers}L", args.rounds)
     print_table(rows)
     return 0
