@@ -22,3 +22,12 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     lse = torch.logsumexp(scores, -1)
     probs = torch.exp(scores - lse.unsqueeze(-1)).to(q.dtype)
     return torch.matmul(probs, v), lse
+
+
+def grouped_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """One decode token's heads against their KV heads' keys: q [H, D], k/v [Hkv, S, D] (query head h
+    reads KV head h // (H / Hkv)) -> out [H, D] float32, lse [H]. [Hkv, group, D] against [Hkv, S, D]:
+    batched matmuls, no broadcast copies of K/V."""
+    hkv, d = k.shape[0], k.shape[2]
+    out, lse = attention_with_lse(q.view(hkv, -1, d), k.to(q.dtype), v.to(q.dtype), scale)
+    return out.reshape(-1, d).float(), lse.reshape(-1)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvserve.attention.merge import attention_with_lse, merge_state
+from kvserve.attention.merge import grouped_attention_with_lse, merge_state
 from kvserve.attention.policy import TOPK_DEFAULT_FRACTION, AttentionPolicy
 from kvserve.attention.sparse import magicpig
 from kvserve.attention.sparse.streaming import kept_positions
@@ -153,10 +153,7 @@ class PolicyAttention:
                      for c in (k_cache, v_cache))
 
     def _dense(self, q, kd, vd) -> tuple[torch.Tensor, torch.Tensor]:
-        hkv, d = kd.shape[0], kd.shape[2]
-        # [Hkv, group, D] against [Hkv, n, D]: batched matmuls, no broadcast copies of K/V
-        out, lse = attention_with_lse(q.view(hkv, -1, d), kd.to(q.dtype), vd.to(q.dtype), self.scale)
-        return out.reshape(-1, d).float(), lse.reshape(-1)
+        return grouped_attention_with_lse(q, kd, vd, self.scale)
 
     def _topk(self, d: _SparseDecode, q, k_cache, v_cache):
         keys = k_cache.index_select(1, d.sampled_slots)

@@ -15,7 +15,7 @@ from functools import cache
 import torch
 
 from kvserve import native
-from kvserve.attention.merge import attention_with_lse, merge_state
+from kvserve.attention.merge import grouped_attention_with_lse, merge_state
 
 MIN_COLLISIONS = 2
 W_EPS = 1e-4  # the paper's floor inside ln(w + eps): bounds the weight of rarely sampled keys
@@ -226,10 +226,9 @@ def paged_sampled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out, lse = sampled_attention(q, keys, values, key_mean, heads, kv_heads, scale, K, L, h)
         if not len(dense_slots):
             return out, lse
-        kd, vd = k_cache.index_select(1, dense_slots).float(), v_cache.index_select(1, dense_slots).float()
-        # [Hkv, group, D] against [Hkv, n, D]: batched matmuls, no broadcast copies of K/V
-        out_d, lse_d = attention_with_lse(q.float().view(hkv, group, dim), kd, vd, scale)
-        return merge_state(out_d.reshape(h, dim), lse_d.reshape(h), out, lse)
+        out_d, lse_d = grouped_attention_with_lse(q.float(), k_cache.index_select(1, dense_slots),
+                                                  v_cache.index_select(1, dense_slots), scale)
+        return merge_state(out_d, lse_d, out, lse)
     qf, mean = q.float().contiguous(), key_mean.float().contiguous()
     slots, heads, ids, dense_slots = (x.to(torch.int64).contiguous() for x in (slots, heads, ids, dense_slots))
     out, lse, table = torch.empty(h, dim), torch.empty(h), log_weight_table(K, L)
