@@ -67,8 +67,9 @@ def test_bad_attention_is_a_usage_error():
     assert "Traceback" not in r.stderr
 
 
-def test_bench_latency_rounds_must_be_positive():
-    r = kvserve("bench", "latency", "--rounds", "0", "--peer", "none")
+@pytest.mark.parametrize("bench", [["latency", "--peer", "none"], ["longctx"]])
+def test_bench_rounds_must_be_positive(bench):
+    r = kvserve("bench", *bench, "--rounds", "0")
     assert r.returncode == 2 and "--rounds" in r.stderr and "must be >= 1" in r.stderr
     assert "Traceback" not in r.stderr
 
