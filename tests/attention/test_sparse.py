@@ -34,14 +34,39 @@ def _codes(hkv, t, L, K, seed=0):
     return torch.randint(0, 1 << K, (hkv, t, L), generator=g, dtype=torch.int16)
 
 
+def _sampled_pairs(tables, qcodes):
+    """(head, id) pairs that a decode step samples, given the query's codes."""
+    h, n_keys = qcodes.shape[0], tables.num_keys + tables.num_extra
+    found = torch.empty(h, n_keys, dtype=torch.int32)
+    q, cache, K, L = torch.randn(h, D), torch.randn(HKV, n_keys, D), tables.K, qcodes.shape[1]
+    proj = magicpig.projections(D, K, L, seed=0, layer=0)  # unused: the codes are given
+    _, _, n = magicpig.sampled_decode(q, cache, cache, torch.arange(n_keys), torch.arange(0), cache.mean(1), tables,
+                                      proj, magicpig.projection_panels(proj), D ** -0.5, K, L, qcodes, found)
+    heads, ids = torch.nonzero((found < 0).cumsum(1) == 0, as_tuple=True)  # up to each row's -1
+    assert len(ids) == n
+    return heads, found[heads, ids].long()
+
+
+def _native(name):
+    if magicpig._kernel(name) is None:
+        pytest.skip("no C compiler: the PyTorch twins run instead")
+
+
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("K, num_heads", [(2, H), (4, H), (3, 130)])  # 130: the C kernel reuses tags of 63 heads
-def test_bucket_tables_find_every_brute_force_candidate(K, num_heads):
+def test_bucket_tables_find_every_brute_force_candidate(K, num_heads, native, monkeypatch):
     L, t, group = 12, 300, num_heads // HKV
     codes = _codes(HKV, t, L, K)
     extra = _codes(HKV, 9, L, K, seed=1)
     qcodes = torch.randint(0, 1 << K, (num_heads, L))
     tables = magicpig.BucketTables.build(codes, K)
-    heads, ids = magicpig.candidates(tables, qcodes, group, extra)
+    tables.add(extra[:, :4])
+    tables.add(extra[:, 4:])  # the room grows
+    if native:
+        _native("magicpig_decode")
+    else:
+        monkeypatch.setattr(magicpig, "_kernel", lambda name: None)
+    heads, ids = _sampled_pairs(tables, qcodes)
     found = set(zip(heads.tolist(), ids.tolist()))
     every = torch.cat([codes, extra], 1)[torch.arange(num_heads) // group]  # [heads, T + 9, L]
     brute = torch.nonzero((every == qcodes[:, None, :]).sum(-1) >= 2).tolist()
@@ -175,43 +200,52 @@ def test_hash_kernel_gives_the_sign_bits_of_the_projections(K, L):
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_magicpig_c_kernels_match_their_torch_twins(cache_dtype, monkeypatch):
-    """Table building, candidates (with keys outside the tables) and the weighted softmax read in
-    place from a scattered cache, with and without dense keys, against the PyTorch ops the C
-    kernels replace."""
-    if magicpig._kernel("magicpig_candidates") is None:
-        pytest.skip("no C compiler: the PyTorch twins run instead")
+    """Table building, and a decode step (hashing the query and the keys that left the window,
+    candidates with keys outside the tables, and the weighted softmax read in place from a
+    scattered cache, with and without dense keys), against the PyTorch ops the C kernels replace."""
+    _native("magicpig_decode")
     torch.manual_seed(4)
-    K, L, t, p, slots_total = 3, 20, 400, 7, 1000
+    K, L, t, p, new, slots_total = 3, 20, 400, 7, 3, 1000
     codes, extra = _codes(HKV, t, L, K), _codes(HKV, p, L, K, seed=1)
-    qcodes = torch.randint(0, 1 << K, (H, L))
-    tables = magicpig.BucketTables.build(codes, K)
-    heads, ids = magicpig.candidates(tables, qcodes, H // HKV, extra)
-    twin_heads, twin_ids = magicpig._candidates_torch(tables, qcodes, H // HKV, extra)
-    assert sorted(zip(heads.tolist(), ids.tolist())) == sorted(zip(twin_heads.tolist(), twin_ids.tolist()))
-    assert 0 < len(ids) < H * (t + p)
 
+    def fresh_tables():
+        tables = magicpig.BucketTables.build(codes, K)
+        tables.add(extra)
+        return tables
     k_cache = torch.randn(HKV, slots_total, D).to(cache_dtype)
     v_cache = torch.randn(HKV, slots_total, D).to(cache_dtype)
     perm = torch.randperm(slots_total)
-    slots, dense = perm[:t + p], perm[t + p:t + p + 30]  # sampled keys, and keys every head reads
+    slots, dense = perm[:t + p + new], perm[-30:]  # sampled keys (the last 3 new to the tables), keys every head reads
     q, mean = 3 * torch.randn(H, D), k_cache.float().mean(1)
+    proj = magicpig.projections(D, K, L, seed=0, layer=0)
+    panels = magicpig.projection_panels(proj)
+    qcodes = magicpig.simhash(q, proj, K, L, panels)
+    step = dict(key_mean=mean, proj=proj, panels=panels, scale=D ** -0.5, K=K, L=L)
     kernel = {}
-    for dense_slots in (None, dense):
-        kernel[dense_slots is None] = magicpig.paged_sampled_attention(q, k_cache, v_cache, slots, heads, ids, mean,
-                                                                       D ** -0.5, K, L, dense_slots)
-    # no candidate at all: nothing, with weight zero when merged; or the dense keys alone
-    out, lse = magicpig.paged_sampled_attention(q, k_cache, v_cache, slots, heads[:0], ids[:0], mean, D ** -0.5, K, L)
-    assert not out.any() and torch.isneginf(lse).all()
-    out, lse = magicpig.paged_sampled_attention(q, k_cache, v_cache, slots, heads[:0], ids[:0], mean, D ** -0.5, K, L,
-                                                dense)
+    for dense_slots in (torch.arange(0), dense):
+        tables = fresh_tables()
+        kernel[len(dense_slots)] = magicpig.sampled_decode(q, k_cache, v_cache, slots, dense_slots, tables=tables,
+                                                           qcodes=qcodes, **step)
+        assert 0 < kernel[len(dense_slots)][2] < H * len(slots)
+        new_codes = magicpig.simhash(k_cache[:, slots[-new:]].float() - mean[:, None], proj, K, L, panels)
+        assert tables.num_extra == p + new and torch.equal(tables.extra_codes[:, p:].long(), new_codes)
+    if magicpig._kernel("magicpig_hash") is not None and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        hashed = magicpig.sampled_decode(q, k_cache, v_cache, slots, dense, tables=fresh_tables(), **step)
+        assert all(torch.equal(a, b) for a, b in zip(hashed[:2], kernel[30][:2])) and hashed[2] == kernel[30][2]
+    # no candidate at all (no table): nothing, with weight zero when merged; or the dense keys alone
+    out, lse, n = magicpig.sampled_decode(q, k_cache, v_cache, slots[:0], torch.arange(0),
+                                          tables=magicpig.BucketTables.build(codes[:, :0], K), qcodes=qcodes, **step)
+    assert n == 0 and not out.any() and torch.isneginf(lse).all()
+    out, lse, _ = magicpig.sampled_decode(q, k_cache, v_cache, slots[:0], dense,
+                                          tables=magicpig.BucketTables.build(codes[:, :0], K), qcodes=qcodes, **step)
     full_out, full_lse = _full(q, k_cache[:, dense].float(), v_cache[:, dense].float(), D ** -0.5)
     assert (out - full_out).abs().max() < 1e-4 and (lse - full_lse).abs().max() < 1e-4
 
     monkeypatch.setattr(magicpig, "_kernel", lambda name: None)
     twin_tables = magicpig.BucketTables.build(codes, K)
     assert torch.equal(tables.sorted_ids, twin_tables.sorted_ids) and torch.equal(tables.offsets, twin_tables.offsets)
-    for dense_slots in (None, dense):  # the twin merges a separate dense attention
-        out, lse = kernel[dense_slots is None]
-        twin_out, twin_lse = magicpig.paged_sampled_attention(q, k_cache, v_cache, slots, heads, ids, mean,
-                                                              D ** -0.5, K, L, dense_slots)
-        assert (out - twin_out).abs().max() < 1e-4 and (lse - twin_lse).abs().max() < 1e-4
+    for dense_slots in (torch.arange(0), dense):  # the twin merges a separate dense attention
+        out, lse, n = kernel[len(dense_slots)]
+        twin_out, twin_lse, twin_n = magicpig.sampled_decode(q, k_cache, v_cache, slots, dense_slots,
+                                                             tables=fresh_tables(), qcodes=qcodes, **step)
+        assert n == twin_n and (out - twin_out).abs().max() < 1e-4 and (lse - twin_lse).abs().max() < 1e-4

@@ -20,11 +20,10 @@ HASH_CHUNK = 1024  # positions hashed per matmul at build: bounds the [Hkv, rows
 
 @dataclass
 class _LayerTables:
-    """MagicPIG state of one layer of one request: tables over positions [start, built_end),
-    plus directly compared codes of positions [built_end, ...) that left the window later."""
+    """MagicPIG state of one layer of one request: tables over positions [start, built_end), and
+    as extra keys the positions [built_end, ...) that left the window later."""
     key_mean: torch.Tensor  # [Hkv, D] float32
     tables: magicpig.BucketTables
-    extra_codes: torch.Tensor  # [Hkv, P, L] int16
 
 
 @dataclass
@@ -35,8 +34,7 @@ class MagicPIGState:
     layers: dict[int, _LayerTables] = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        return sum(t.tables.nbytes() + t.extra_codes.numel() * 2 + t.key_mean.numel() * 4
-                   for t in self.layers.values())
+        return sum(t.tables.nbytes() + t.key_mean.numel() * 4 for t in self.layers.values())
 
 
 @dataclass
@@ -177,17 +175,8 @@ class PolicyAttention:
         if tables is None:
             tables = state.layers[layer] = self._build(d.sampled_slots[:state.built_end - state.start],
                                                        k_cache, proj, panels, p)
-        known = tables.tables.num_keys + tables.extra_codes.shape[1]
-        if known < len(d.sampled_slots):  # prompt keys that left the window since the build
-            new = k_cache.index_select(1, d.sampled_slots[known:]).float() - tables.key_mean[:, None]
-            codes = magicpig.simhash(new, proj, p.K, p.L, panels).to(torch.int16)
-            tables.extra_codes = torch.cat([tables.extra_codes, codes], 1)
-        group = self.num_heads // k_cache.shape[0]
-        qcodes = magicpig.simhash(q.float(), proj, p.K, p.L, panels)
-        heads, ids = magicpig.candidates(tables.tables, qcodes, group, tables.extra_codes)
-        out, lse = magicpig.paged_sampled_attention(q, k_cache, v_cache, d.sampled_slots, heads, ids,
-                                                    tables.key_mean, self.scale, p.K, p.L, d.dense_slots)
-        return out, lse, len(ids)
+        return magicpig.sampled_decode(q, k_cache, v_cache, d.sampled_slots, d.dense_slots, tables.key_mean,
+                                       tables.tables, proj, panels, self.scale, p.K, p.L)
 
     @staticmethod
     def _build(slots: torch.Tensor, k_cache, proj, panels, p: AttentionPolicy) -> _LayerTables:
@@ -197,4 +186,4 @@ class PolicyAttention:
         codes = torch.cat([magicpig.simhash(keys[:, i:i + HASH_CHUNK].float() - mean[:, None], proj, p.K, p.L,
                                             panels).to(torch.int16) for i in range(0, keys.shape[1], HASH_CHUNK)], 1)
         tables = magicpig.BucketTables.build(codes, p.K)
-        return _LayerTables(mean, tables, torch.empty(keys.shape[0], 0, p.L, dtype=torch.int16))
+        return _LayerTables(mean, tables)

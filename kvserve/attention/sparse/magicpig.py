@@ -51,37 +51,60 @@ def simhash(x: torch.Tensor, proj: torch.Tensor, K: int, L: int, panels: torch.T
 
 @dataclass
 class BucketTables:
-    """CSR hash tables of one layer: sorted_ids [Hkv, L, T] int32, offsets [Hkv, L, 2^K + 1]."""
+    """CSR hash tables of one layer: sorted_ids [Hkv, L, T] int32, offsets [Hkv, L, 2^K + 1]; and
+    the codes of keys added after the build (the few that leave the dense window later), compared
+    directly and numbered after the tables' keys: extra [Hkv, room, L] int16, num_extra in use."""
     sorted_ids: torch.Tensor
     offsets: torch.Tensor
     K: int
+    extra: torch.Tensor
+    num_extra: int = 0
 
     @classmethod
     def build(cls, codes: torch.Tensor, K: int) -> "BucketTables":
         """codes [Hkv, T, L] -> tables; a counting sort per table (C), or one argsort and bincount for all."""
         hkv, t, L = codes.shape
         buckets = 1 << K
+        extra = torch.empty(hkv, 0, L, dtype=torch.int16)
         kernel = _kernel("magicpig_build") if codes.device.type == "cpu" else None
         if kernel is not None:  # a counting sort: ~40x faster than argsort at 32k keys
             c = codes.transpose(1, 2).to(torch.int16).contiguous()  # [Hkv, L, T]
             offsets = torch.empty(hkv, L, buckets + 1, dtype=torch.int64)
             sorted_ids = torch.empty(hkv, L, t, dtype=torch.int32)
             kernel(c.data_ptr(), hkv * L, t, buckets, offsets.data_ptr(), sorted_ids.data_ptr())
-            return cls(sorted_ids, offsets, K)
+            return cls(sorted_ids, offsets, K, extra)
         c = codes.transpose(1, 2).long()  # [Hkv, L, T]
         order = torch.argsort(c, dim=-1, stable=True)
         table = torch.arange(hkv * L).view(hkv, L, 1)
         counts = torch.bincount((table * buckets + c).flatten(), minlength=hkv * L * buckets).view(hkv, L, buckets)
         offsets = torch.zeros(hkv, L, buckets + 1, dtype=torch.int64)
         offsets[..., 1:] = counts.cumsum(-1)
-        return cls(order.to(torch.int32).contiguous(), offsets, K)
+        return cls(order.to(torch.int32).contiguous(), offsets, K, extra)
+
+    @property
+    def extra_codes(self) -> torch.Tensor:
+        return self.extra[:, :self.num_extra]
+
+    def reserve(self, n: int) -> None:
+        """Room for n more extra keys (doubling, so that adding a key a step copies little)."""
+        if self.num_extra + n > self.extra.shape[1]:
+            hkv, room, L = self.extra.shape
+            grown = torch.empty(hkv, max(2 * room, self.num_extra + n, 16), L, dtype=torch.int16)
+            grown[:, :self.num_extra] = self.extra_codes
+            self.extra = grown
+
+    def add(self, codes: torch.Tensor) -> None:
+        """codes [Hkv, n, L] of the next n keys."""
+        self.reserve(codes.shape[1])
+        self.extra[:, self.num_extra:self.num_extra + codes.shape[1]] = codes
+        self.num_extra += codes.shape[1]
 
     @property
     def num_keys(self) -> int:
         return self.sorted_ids.shape[-1]
 
     def nbytes(self) -> int:
-        return self.sorted_ids.numel() * 4 + self.offsets.numel() * self.offsets.element_size()
+        return self.sorted_ids.numel() * 4 + self.offsets.numel() * self.offsets.element_size() + self.extra.numel() * 2
 
     def collisions(self, qcodes: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """qcodes [H, L] (query head h uses KV head h // group) -> (gathered ids, their query heads):
@@ -107,35 +130,12 @@ class BucketTables:
         return ids, heads
 
 
-def candidates(tables: BucketTables, qcodes: torch.Tensor, group: int,
-               extra_codes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys colliding with the query in >= 2 tables -> (query head, key id) pairs, grouped by
-    head. extra_codes [Hkv, P, L] are keys not yet in the tables (the few that left the dense
-    window since the build), compared directly and numbered after the tables' keys."""
-    kernel = _kernel("magicpig_candidates") if qcodes.device.type == "cpu" else None
-    if kernel is None:
-        return _candidates_torch(tables, qcodes, group, extra_codes)
-    h, L, t = qcodes.shape[0], qcodes.shape[1], tables.num_keys
-    extra = extra_codes if extra_codes is not None else torch.empty(0, 0, L, dtype=torch.int16)
-    extra = extra.to(torch.int16).contiguous()
-    qcodes = qcodes.to(torch.int64).contiguous()
-    seen = torch.zeros(t, dtype=torch.uint8)
-    out = torch.empty(2, h * (t + extra.shape[1]), dtype=torch.int64)
-    n = kernel(tables.sorted_ids.data_ptr(), tables.offsets.data_ptr(), qcodes.data_ptr(), extra.data_ptr(),
-               h, group, L, t, 1 << tables.K, extra.shape[1], seen.data_ptr(), out[0].data_ptr(),
-               out[1].data_ptr())
-    if n < 0:
-        raise MemoryError("magicpig_candidates could not allocate its scratch")
-    return out[0, :n], out[1, :n]
-
-
 _PTR, _INT = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {  # kvserve/native/magicpig.c
     "magicpig_build": (None, [_PTR] + [_INT] * 3 + [_PTR] * 2),
     "magicpig_hash": (_INT, [_PTR] + [_INT] * 2 + [_PTR] + [_INT] * 3 + [_PTR]),
-    "magicpig_candidates": (_INT, [_PTR] * 4 + [_INT] * 6 + [_PTR] * 3),
-    "magicpig_attention": (None, [_PTR] * 3 + [_INT] * 2 + [_PTR] * 3 + [_INT, _PTR, _INT, _PTR, _INT, _INT, _INT,
-                                                                         ctypes.c_float, _PTR, _INT, _PTR, _PTR]),
+    "magicpig_decode": (_INT, [_PTR, _PTR, _INT, _INT, _INT, ctypes.c_float, _PTR, _PTR, _INT, _INT, _PTR, _PTR, _INT]
+                        + [_PTR] * 3 + [_INT] * 3 + [_PTR] + [_INT] * 3 + [_PTR, _INT, _PTR, _INT] + [_PTR] * 3),
 }
 
 
@@ -144,9 +144,9 @@ def _kernel(name: str):
     return native.function("magicpig", name, *_SIGNATURES[name])
 
 
-def _candidates_torch(tables: BucketTables, qcodes: torch.Tensor, group: int,
-                      extra_codes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """candidates() in PyTorch ops, where the C kernel can't be built."""
+def candidates(tables: BucketTables, qcodes: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys colliding with the query in >= 2 tables (the extra keys included) -> (query head,
+    key id) pairs, grouped by head."""
     h, t = qcodes.shape[0], tables.num_keys
     ids, heads = tables.collisions(qcodes, group)
     # a count per (head, key) pair: an int32 index_add is ~3x faster than bincount's int64 here
@@ -159,7 +159,8 @@ def _candidates_torch(tables: BucketTables, qcodes: torch.Tensor, group: int,
     owner[hits] = order
     hits = hits[owner[hits] == order]
     hit_h, hit_id = hits // t, hits % t
-    if extra_codes is not None and extra_codes.shape[1]:
+    extra_codes = tables.extra_codes
+    if extra_codes.shape[1]:
         kv = torch.arange(h) // group
         extra = (extra_codes[kv] == qcodes[:, None, :]).sum(-1) >= MIN_COLLISIONS  # [H, P]
         eh, eid = torch.nonzero(extra, as_tuple=True)
@@ -211,31 +212,79 @@ def paged_sampled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """sampled_attention over candidates() whose key id i of KV head kv sits at k_cache[kv, slots[i]]
     (caches [Hkv, S, D]), merged with full attention over the keys at dense_slots (every head reads
-    them, unweighted). The C kernel reads both in place, in one softmax; its PyTorch twin gathers
-    them and merges the two parts by log-sum-exp."""
+    them, unweighted): gathered, and the two parts merged by log-sum-exp. The twin of the C
+    kernel's single softmax over both, in place (sampled_decode)."""
     h, (hkv, s, dim) = q.shape[0], k_cache.shape
     group = h // hkv
-    dense_slots = torch.empty(0, dtype=torch.int64) if dense_slots is None else dense_slots
-    kernel = _kernel("magicpig_attention")
-    in_place = (kernel is not None and k_cache.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16)
-                and v_cache.dtype == k_cache.dtype and k_cache.is_contiguous() and v_cache.is_contiguous())
-    if not in_place:
-        kv_heads = heads // group
-        flat = kv_heads * s + slots[ids]
-        keys, values = k_cache.reshape(-1, dim).index_select(0, flat), v_cache.reshape(-1, dim).index_select(0, flat)
-        out, lse = sampled_attention(q, keys, values, key_mean, heads, kv_heads, scale, K, L, h)
-        if not len(dense_slots):
-            return out, lse
-        out_d, lse_d = grouped_attention_with_lse(q.float(), k_cache.index_select(1, dense_slots),
-                                                  v_cache.index_select(1, dense_slots), scale)
-        return merge_state(out_d, lse_d, out, lse)
-    qf, mean = q.float().contiguous(), key_mean.float().contiguous()
-    slots, heads, ids, dense_slots = (x.to(torch.int64).contiguous() for x in (slots, heads, ids, dense_slots))
-    out, lse, table = torch.empty(h, dim), torch.empty(h), log_weight_table(K, L)
-    kernel(qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16), s,
-           slots.data_ptr(), heads.data_ptr(), ids.data_ptr(), len(ids), dense_slots.data_ptr(), len(dense_slots),
-           mean.data_ptr(), h, group, dim, scale, table.data_ptr(), len(table) - 1, out.data_ptr(), lse.data_ptr())
-    return out, lse
+    kv_heads = heads // group
+    flat = kv_heads * s + slots[ids]
+    keys, values = k_cache.reshape(-1, dim).index_select(0, flat), v_cache.reshape(-1, dim).index_select(0, flat)
+    out, lse = sampled_attention(q, keys, values, key_mean, heads, kv_heads, scale, K, L, h)
+    if dense_slots is None or not len(dense_slots):
+        return out, lse
+    out_d, lse_d = grouped_attention_with_lse(q.float(), k_cache.index_select(1, dense_slots),
+                                              v_cache.index_select(1, dense_slots), scale)
+    return merge_state(out_d, lse_d, out, lse)
+
+
+def sampled_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                   dense_slots: torch.Tensor, key_mean: torch.Tensor, tables: BucketTables, proj: torch.Tensor,
+                   panels: torch.Tensor, scale: float, K: int, L: int, qcodes: torch.Tensor | None = None,
+                   found: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One sampled layer's decode over the keys at slots (key id i at k_cache[kv, slots[i]]): the
+    keys past the tables' (those that left the dense window since) hashed, centred by key_mean
+    [Hkv, D], and added to them; q [H, D] hashed (unless its qcodes [H, L] are given); its
+    candidates(), and paged_sampled_attention() over them and the dense keys -> (out [H, D],
+    lse [H], number of (head, key) pairs sampled). One C call where the caches allow; those
+    functions otherwise. found: None, or int32 [H, len(slots)] to receive each head's candidate
+    ids, -1 after the last (for tests)."""
+    h, (hkv, s, dim) = q.shape[0], k_cache.shape
+    t, new = tables.num_keys, len(slots) - tables.num_keys - tables.num_extra
+    kernel = _kernel("magicpig_decode")
+    if (kernel is not None and k_cache.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16)
+            and v_cache.dtype == k_cache.dtype and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        qf, mean = q.float().contiguous(), key_mean.float().contiguous()
+        slots, dense_slots = slots.to(torch.int64).contiguous(), dense_slots.to(torch.int64).contiguous()
+        out, lse, table = torch.empty(h, dim), torch.empty(h), log_weight_table(K, L)
+        tables.reserve(new)
+
+        def call(codes: torch.Tensor | None, new: int) -> int:
+            n = kernel(qf.data_ptr(), 0 if codes is None else codes.data_ptr(), h, h // hkv, dim, scale,
+                       k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16), s,
+                       slots.data_ptr(), dense_slots.data_ptr(), len(dense_slots), mean.data_ptr(),
+                       tables.sorted_ids.data_ptr(), tables.offsets.data_ptr(), K, L, t, tables.extra.data_ptr(),
+                       tables.num_extra, tables.extra.shape[1], new, panels.data_ptr(), panels.shape[0],
+                       table.data_ptr(), len(table) - 1, 0 if found is None else found.data_ptr(), out.data_ptr(),
+                       lse.data_ptr())
+            if n == -1:
+                raise MemoryError("magicpig_decode could not allocate its scratch")
+            return n
+        codes = None if qcodes is None else qcodes.to(torch.int16).contiguous()
+        n = call(codes, new)
+        if n == -2:  # no AVX2 for the kernel's hashing
+            _add_new_keys(k_cache, slots, key_mean, tables, proj, K, L, panels)
+            n = call(simhash(q, proj, K, L).to(torch.int16).contiguous() if codes is None else codes, 0)
+        else:
+            tables.num_extra += new
+        return out, lse, n
+    _add_new_keys(k_cache, slots, key_mean, tables, proj, K, L, panels)
+    if qcodes is None:
+        qcodes = simhash(q, proj, K, L, panels)
+    heads, ids = candidates(tables, qcodes, h // hkv)
+    if found is not None:
+        found.fill_(-1)
+        for head in range(h):
+            mine = ids[heads == head]
+            found[head, :len(mine)] = mine.to(torch.int32)
+    out, lse = paged_sampled_attention(q, k_cache, v_cache, slots, heads, ids, key_mean, scale, K, L, dense_slots)
+    return out, lse, len(ids)
+
+
+def _add_new_keys(k_cache, slots, key_mean, tables: BucketTables, proj, K: int, L: int, panels) -> None:
+    known = tables.num_keys + tables.num_extra
+    if known < len(slots):
+        new = k_cache.index_select(1, slots[known:]).float() - key_mean[:, None]
+        tables.add(simhash(new, proj, K, L, panels).to(torch.int16))
 
 
 @cache
