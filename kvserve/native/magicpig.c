@@ -50,7 +50,8 @@ static int64_t head_candidates(const int32_t *sorted_ids, const int64_t *offsets
         const int64_t *off = offsets + l * (B + 1) + qc[l];
         begin[l] = off[0];
         end[l] = off[1];
-        __builtin_prefetch(sorted_ids + l * T + begin[l]);
+        for (int64_t j = begin[l]; j < end[l] + 16; j += 16)  /* each 64-byte line of the bucket */
+            __builtin_prefetch(sorted_ids + l * T + j);
     }
     for (int64_t l = 0; l < L; l++) {
         const int32_t *bucket = sorted_ids + l * T;
