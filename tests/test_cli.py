@@ -84,7 +84,12 @@ def test_bench_longctx_runs_small():
 
 
 def test_eval_longctx_runs_small(smollm2_path):
-    r = kvserve("eval", "longctx", "--lengths", "512", "--trials", "1", "--ppl-context", "256",
-                "--ppl-tokens", "4", "--policies", "streaming")
+    r = kvserve("eval", "longctx", "--lengths", "512", "--trials", "1", "--agg-lengths", "256", "--agg-trials", "1",
+                "--ppl-context", "256", "--ppl-tokens", "4", "--policies", "streaming")
     assert r.returncode == 0, r.stderr
-    assert "passkey retrieval" in r.stdout and "top-1 agree" in r.stdout
+    assert "passkey retrieval" in r.stdout and "common word" in r.stdout and "top-1 agree" in r.stdout
+
+
+def test_eval_common_word_share_is_checked():
+    r = kvserve("eval", "longctx", "--agg-share", "1.5")
+    assert r.returncode == 2 and "--agg-share" in r.stderr and "must be in (0, 1]" in r.stderr

@@ -3,6 +3,8 @@
 - passkey retrieval: a 5-digit number hidden at a chosen depth of filler text, asked for at the end;
   exact-match rate per context length (prefill is full under every policy, so the prompt is
   computed once and the policies decode from the same cached pages);
+- a common-word list (aggregation, `eval/common_word.py`): exact-match rate, and how often each
+  policy gives the same answer as full;
 - a long text continued token by token (teacher forcing) under each policy: top-1 agreement
   with full attention and perplexity of the true continuation;
 - on the same steps, each layer's attention output against full attention over the same K/V.
@@ -20,6 +22,7 @@ import torch
 
 from kvserve.attention.policy import parse_attention
 from kvserve.engine.request import SamplingParams, Sequence, now
+from kvserve.eval.common_word import answered_word, common_word_prompt
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -30,9 +33,19 @@ POLICIES = ["full", "magicpig", "topk", "streaming"]
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", default="1024,2048,4096,8192", help="passkey prompt lengths in tokens")
     p.add_argument("--trials", type=int, default=4, help="passkey prompts per length (depths spread evenly)")
+    p.add_argument("--agg-lengths", default="1024,2048", help="common-word (aggregation) prompt lengths in tokens")
+    p.add_argument("--agg-trials", type=int, default=12, help="common-word prompts per length")
+    p.add_argument("--agg-share", type=_share, default=0.33, help="the common word's share of the list's items")
     p.add_argument("--policies", nargs="+", default=POLICIES, help="as for --attention; full is always run")
     p.add_argument("--ppl-context", type=int, default=4096, help="tokens of text before the scored ones (0: skip)")
     p.add_argument("--ppl-tokens", type=int, default=64, help="tokens scored one decode step at a time")
+
+
+def _share(text: str) -> float:
+    x = float(text)
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {x}")
+    return x
 
 
 def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> list[int]:
@@ -72,6 +85,19 @@ def _matched_topk(engine, policies):
     return out
 
 
+def _answers(engine, prompt: list[int], policies, max_tokens: int) -> tuple[dict, int | None]:
+    """Each policy's greedy answer to one prompt, and the k topk ran with."""
+    pa = engine.runner.policy_attention
+    pa.sampled_pairs = pa.sampled_heads = 0
+    answers, k = {}, None
+    for policy in policies:
+        run = _matched_topk(engine, [policy])[0]
+        if run.policy == "topk":
+            k = run.k
+        answers[policy] = _generate(engine, prompt, run, max_tokens)
+    return answers, k
+
+
 def passkey(engine, lengths, trials, policies) -> dict:
     rng = random.Random(0)
     hits = defaultdict(int)
@@ -81,19 +107,38 @@ def passkey(engine, lengths, trials, policies) -> dict:
             key = rng.randrange(10000, 100000)
             prompt = passkey_prompt(engine.tokenizer, length, (t + 0.5) / trials, key)
             start = time.perf_counter()
-            pa = engine.runner.policy_attention
-            pa.sampled_pairs = pa.sampled_heads = 0
-            answers = {}
-            for policy in policies:
-                run = _matched_topk(engine, [policy])[0]
-                if run.policy == "topk":
-                    budgets[length].append(run.k)
-                answers[policy] = _generate(engine, prompt, run, 10)
-                hits[length, policy] += re.sub(r"\D", "", answers[policy]).startswith(str(key))
+            answers, k = _answers(engine, prompt, policies, 10)
+            if k is not None:
+                budgets[length].append(k)
+            for policy, a in answers.items():
+                hits[length, policy] += re.sub(r"\D", "", a).startswith(str(key))
             print(f"passkey {length} tokens (built {len(prompt)}), depth {(t + 0.5) / trials:.2f}, key {key}: "
                   + ", ".join(f"{p.policy}={a.strip()[:12]!r}" for p, a in answers.items())
                   + f" ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
     return {"hits": hits, "budgets": budgets}
+
+
+def common_word(engine, lengths, trials, share, policies) -> dict:
+    """Exact-match rate of the common-word task, and how often each policy gives full's answer."""
+    rng = random.Random(1)
+    hits, same = defaultdict(int), defaultdict(int)
+    budgets = defaultdict(list)
+    for length in lengths:
+        for _ in range(trials):
+            prompt, word = common_word_prompt(engine.tokenizer, length, share, rng)
+            start = time.perf_counter()
+            answers, k = _answers(engine, prompt, policies, 16)
+            if k is not None:
+                budgets[length].append(k)
+            named = {p: answered_word(a) for p, a in answers.items()}
+            full = next(named[p] for p in policies if p.is_full)
+            for p, w in named.items():
+                hits[length, p] += w == word
+                same[length, p] += w == full
+            print(f"common word {length} tokens (built {len(prompt)}), word {word!r}: "
+                  + ", ".join(f"{p.policy}={w!r}" for p, w in named.items())
+                  + f" ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
+    return {"hits": hits, "same": same, "budgets": budgets}
 
 
 def forced_logits(engine, ids: list[int], context: int, policy) -> torch.Tensor:
@@ -170,6 +215,17 @@ def continuation(engine, context: int, tokens: int, policies) -> list[dict]:
     return results
 
 
+def _print_rates(res, lengths, trials, policies) -> None:
+    print(f"{'length':>8}" + "".join(f"{p.policy:>16}" for p in policies) + "   topk k")
+    for n in lengths:
+        budget = res["budgets"].get(n)
+        rates = [f"{100 * res['hits'][n, p] / trials:.0f}%" for p in policies]
+        if "same" in res:
+            rates = [r + ("" if p.is_full else f" ({100 * res['same'][n, p] / trials:.0f}%)")
+                     for r, p in zip(rates, policies)]
+        print(f"{n:>8}" + "".join(f"{r:>16}" for r in rates) + (f"   {sum(budget) / len(budget):.0f}" if budget else ""))
+
+
 def main(args) -> int:
     from kvserve.cli import engine_config
     from kvserve.engine.engine import Engine
@@ -179,7 +235,8 @@ def main(args) -> int:
         policies.insert(0, parse_attention("full"))
     # magicpig before topk, whose default budget copies magicpig's
     policies.sort(key=lambda p: {"full": 0, "magicpig": 1}.get(p.policy, 2))
-    longest = max(lengths + [args.ppl_context + args.ppl_tokens])
+    agg_lengths = [int(x) for x in args.agg_lengths.split(",") if x]
+    longest = max(lengths + agg_lengths + [args.ppl_context + args.ppl_tokens])
     args.num_pages = args.num_pages or 2 * longest // args.page_size + 256
     args.max_num_batched_tokens = max(args.max_num_batched_tokens, longest)
     engine = Engine(engine_config(args))
@@ -188,11 +245,12 @@ def main(args) -> int:
     if lengths and args.trials:
         res = passkey(engine, lengths, args.trials, policies)
         print(f"passkey retrieval, exact match over {args.trials} depths per length:")
-        print(f"{'length':>8}" + "".join(f"{p.policy:>12}" for p in policies) + "   topk k")
-        for n in lengths:
-            budget = res["budgets"].get(n)
-            print(f"{n:>8}" + "".join(f"{100 * res['hits'][n, p] / args.trials:>11.0f}%" for p in policies)
-                  + (f"   {sum(budget) / len(budget):.0f}" if budget else ""))
+        _print_rates(res, lengths, args.trials, policies)
+    if agg_lengths and args.agg_trials:
+        res = common_word(engine, agg_lengths, args.agg_trials, args.agg_share, policies)
+        print(f"common word ({100 * args.agg_share:.0f}% of a word list), exact match over {args.agg_trials} "
+              "lists per length (in brackets: the same answer as full):")
+        _print_rates(res, agg_lengths, args.agg_trials, policies)
     if args.ppl_context:
         rows = continuation(engine, args.ppl_context, args.ppl_tokens, policies)
         print(f"continuation of {args.ppl_tokens} tokens after {args.ppl_context} tokens of text (teacher forced):")
