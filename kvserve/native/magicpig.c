@@ -11,21 +11,34 @@
 
 #define MIN_COLLISIONS 2  /* < 4: counts live in 2 bits of head_candidates' scratch */
 
+/* Key ids in the tables are uint16 when T <= 65536 ("narrow"), else int32: the tables are L ids
+   per key, more than the key's K/V, and half the bytes are also half the cache lines to read. */
+static inline __attribute__((always_inline)) int64_t id_at(const void *ids, int64_t j, const int narrow)
+{
+    return narrow ? ((const uint16_t *)ids)[j] : ((const int32_t *)ids)[j];
+}
+
 /* CSR tables by counting sort: codes [N, T] (table i's bucket of key t, in [0, B)) -> offsets
-   [N, B + 1] and sorted_ids [N, T], key ids ascending within each bucket. */
-void magicpig_build(const int16_t *codes, int64_t N, int64_t T, int64_t B, int64_t *offsets, int32_t *sorted_ids)
+   [N, B + 1] and sorted_ids [N, T] (uint16 when narrow, else int32), key ids ascending within
+   each bucket. */
+void magicpig_build(const int16_t *codes, int64_t N, int64_t T, int64_t B, int64_t *offsets, void *sorted_ids,
+                    int64_t narrow)
 {
     for (int64_t i = 0; i < N; i++) {
         const int16_t *c = codes + i * T;
         int64_t *off = offsets + i * (B + 1);
-        int32_t *ids = sorted_ids + i * T;
         memset(off, 0, (B + 1) * sizeof *off);
         for (int64_t t = 0; t < T; t++)
             off[c[t] + 1]++;
         for (int64_t b = 0; b < B; b++)
             off[b + 1] += off[b];
-        for (int64_t t = 0; t < T; t++)  /* off[b] walks to the end of bucket b ... */
-            ids[off[c[t]]++] = (int32_t)t;
+        for (int64_t t = 0; t < T; t++) {  /* off[b] walks to the end of bucket b ... */
+            const int64_t j = i * T + off[c[t]]++;
+            if (narrow)
+                ((uint16_t *)sorted_ids)[j] = (uint16_t)t;
+            else
+                ((int32_t *)sorted_ids)[j] = (int32_t)t;
+        }
         for (int64_t b = B; b > 0; b--)  /* ... which is where bucket b - 1 ended: shift back */
             off[b] = off[b - 1];
         off[0] = 0;
@@ -33,14 +46,16 @@ void magicpig_build(const int16_t *codes, int64_t N, int64_t T, int64_t B, int64
 }
 
 /* One query head's candidates: every key found in its bucket (qc [L]) of at least 2 of the L
-   tables of its KV head (sorted_ids [L, T] and offsets [L, B + 1], CSR), and every one of the P
-   keys outside the tables (extra [P, L] codes, ids T..T+P-1) with 2 equal codes -> ids, each once.
+   tables of its KV head (sorted_ids [L, T], see id_at, and offsets [L, B + 1], CSR), and every
+   one of the P keys outside the tables (extra [P, L] codes, ids T..T+P-1) with 2 equal codes ->
+   ids, each once.
    mine: T bytes of counts, a head's tag in the high 6 bits and its count in the low 2, so that a
    new head (a new `tag`, 1..63) needs no pass to clear the last one's (a stale tag reads as 0). */
-static int64_t head_candidates(const int32_t *sorted_ids, const int64_t *offsets, const int16_t *qc,
-                               const int16_t *extra, int64_t L, int64_t T, int64_t B, int64_t P, uint8_t *mine,
-                               unsigned tag, int32_t *ids)
+static inline __attribute__((always_inline)) int64_t head_candidates(
+    const void *sorted_ids, const int narrow, const int64_t *offsets, const int16_t *qc, const int16_t *extra,
+    int64_t L, int64_t T, int64_t B, int64_t P, uint8_t *mine, unsigned tag, int32_t *ids)
 {
+    const int64_t id_bytes = narrow ? 2 : 4;
     const uint8_t fresh = (uint8_t)(tag << 2);
     int64_t n = 0, begin[L], end[L];
     /* the tables are tens of MB, so each bucket is a cache miss: fetch them all first */
@@ -50,18 +65,19 @@ static int64_t head_candidates(const int32_t *sorted_ids, const int64_t *offsets
         const int64_t *off = offsets + l * (B + 1) + qc[l];
         begin[l] = off[0];
         end[l] = off[1];
-        for (int64_t j = begin[l]; j < end[l] + 16; j += 16)  /* each 64-byte line of the bucket */
-            __builtin_prefetch(sorted_ids + l * T + j);
+        const char *bucket = (const char *)sorted_ids + (l * T + begin[l]) * id_bytes;
+        for (int64_t b = 0; b < (end[l] - begin[l]) * id_bytes + 64; b += 64)  /* each 64-byte line of it */
+            __builtin_prefetch(bucket + b);
     }
     for (int64_t l = 0; l < L; l++) {
-        const int32_t *bucket = sorted_ids + l * T;
+        const void *table = (const char *)sorted_ids + l * T * id_bytes;
         for (int64_t j = begin[l]; j < end[l]; j++) {
-            const int32_t id = bucket[j];
+            const int64_t id = id_at(table, j, narrow);
             const uint8_t s = (mine[id] & ~3) == fresh ? mine[id] : fresh;
             if ((s & 3) < MIN_COLLISIONS) {
                 mine[id] = s + 1;
                 if ((s & 3) + 1 == MIN_COLLISIONS)
-                    ids[n++] = id;
+                    ids[n++] = (int32_t)id;
             }
         }
     }
@@ -171,7 +187,7 @@ static int64_t hash_rows(const float *x, int64_t T, int64_t D, const float *pane
 
 /* A MagicPIG decode step of one layer: the query q [H, D] hashed (or its codes given, qcodes
    [H, L]), each head's candidates (head_candidates; query head h reads KV head h / group, whose
-   tables are sorted_ids [Hkv, L, T] and offsets [Hkv, L, B + 1]) and their softmax with the dense
+   tables are sorted_ids [Hkv, L, T], uint16 when narrow, and offsets [Hkv, L, B + 1]) and their softmax with the dense
    keys (head_softmax; caches [Hkv, S, D]) -> out [H, D], lse [H]. extra [Hkv, cap, L] holds the
    codes of P keys outside the tables (ids T..T+P-1); the n_new keys after them (ids up to
    T+P+n_new-1, n_new <= cap - P) are hashed, centred by key_mean [Hkv, D], and written there
@@ -180,8 +196,8 @@ static int64_t hash_rows(const float *x, int64_t T, int64_t D, const float *pane
    head's candidate ids, -1 after the last. */
 int64_t magicpig_decode(const float *q, const int16_t *qcodes, int64_t H, int64_t group, int64_t D, float scale,
                         const void *k_cache, const void *v_cache, int64_t bf16, int64_t S, const int64_t *slots,
-                        const int64_t *dense_slots, int64_t n_dense, const float *key_mean, const int32_t *sorted_ids,
-                        const int64_t *offsets, int64_t K, int64_t L, int64_t T, int16_t *extra, int64_t P,
+                        const int64_t *dense_slots, int64_t n_dense, const float *key_mean, const void *sorted_ids,
+                        int64_t narrow, const int64_t *offsets, int64_t K, int64_t L, int64_t T, int16_t *extra, int64_t P,
                         int64_t cap, int64_t n_new, const float *panels, int64_t n_panels, const float *log_w,
                         int64_t table_n, int32_t *found, float *out, float *lse)
 {
@@ -228,8 +244,12 @@ int64_t magicpig_decode(const float *q, const int16_t *qcodes, int64_t H, int64_
                 tag = 1;
             }
             const int64_t kv = h / group;
-            const int64_t n = head_candidates(sorted_ids + kv * L * T, offsets + kv * L * (B + 1), codes + h * L,
-                                              extra + kv * cap * L, L, T, B, P, mine, tag, ids);
+            const int64_t *off = offsets + kv * L * (B + 1);
+            const int16_t *qc = codes + h * L, *ex = extra + kv * cap * L;
+            const int64_t n = narrow ? head_candidates((const uint16_t *)sorted_ids + kv * L * T, 1, off, qc, ex, L, T,
+                                                       B, P, mine, tag, ids)
+                                     : head_candidates((const int32_t *)sorted_ids + kv * L * T, 0, off, qc, ex, L, T,
+                                                       B, P, mine, tag, ids);
             pairs += n;
             if (found) {
                 memcpy(found + h * (T + P), ids, n * sizeof *ids);

@@ -53,19 +53,24 @@ def _native(name):
 
 
 @pytest.mark.parametrize("native", [False, True])
-@pytest.mark.parametrize("K, num_heads", [(2, H), (4, H), (3, 130)])  # 130: the C kernel reuses tags of 63 heads
-def test_bucket_tables_find_every_brute_force_candidate(K, num_heads, native, monkeypatch):
-    L, t, group = 12, 300, num_heads // HKV
+@pytest.mark.parametrize("K, num_heads, t, L", [(2, H, 300, 12), (4, H, 300, 12), (3, 130, 300, 12),  # 130: the C
+                                                (2, H, 40_000, 3)])  # kernel reuses tags of 63 heads; 40k: 16-bit ids
+@pytest.mark.parametrize("narrow", [True, False])
+def test_bucket_tables_find_every_brute_force_candidate(K, num_heads, t, L, native, narrow, monkeypatch):
+    group = num_heads // HKV
     codes = _codes(HKV, t, L, K)
     extra = _codes(HKV, 9, L, K, seed=1)
     qcodes = torch.randint(0, 1 << K, (num_heads, L))
-    tables = magicpig.BucketTables.build(codes, K)
-    tables.add(extra[:, :4])
-    tables.add(extra[:, 4:])  # the room grows
     if native:
         _native("magicpig_decode")
     else:
         monkeypatch.setattr(magicpig, "_kernel", lambda name: None)
+    if not narrow:
+        monkeypatch.setattr(magicpig, "MAX_NARROW_KEYS", 0)
+    tables = magicpig.BucketTables.build(codes, K)
+    assert tables.narrow == narrow
+    tables.add(extra[:, :4])
+    tables.add(extra[:, 4:])  # the room grows
     heads, ids = _sampled_pairs(tables, qcodes)
     found = set(zip(heads.tolist(), ids.tolist()))
     every = torch.cat([codes, extra], 1)[torch.arange(num_heads) // group]  # [heads, T + 9, L]

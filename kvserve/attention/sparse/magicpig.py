@@ -18,6 +18,7 @@ from kvserve import native
 from kvserve.attention.merge import grouped_attention_with_lse, merge_state
 
 MIN_COLLISIONS = 2
+MAX_NARROW_KEYS = 1 << 16  # tables of up to this many keys store ids as 16 bits: half the memory
 W_EPS = 1e-4  # the paper's floor inside ln(w + eps): bounds the weight of rarely sampled keys
 
 
@@ -51,9 +52,11 @@ def simhash(x: torch.Tensor, proj: torch.Tensor, K: int, L: int, panels: torch.T
 
 @dataclass
 class BucketTables:
-    """CSR hash tables of one layer: sorted_ids [Hkv, L, T] int32, offsets [Hkv, L, 2^K + 1]; and
+    """CSR hash tables of one layer: sorted_ids [Hkv, L, T], offsets [Hkv, L, 2^K + 1]; and
     the codes of keys added after the build (the few that leave the dense window later), compared
-    directly and numbered after the tables' keys: extra [Hkv, room, L] int16, num_extra in use."""
+    directly and numbered after the tables' keys: extra [Hkv, room, L] int16, num_extra in use.
+    sorted_ids are int32, or, when narrow (T <= MAX_NARROW_KEYS), uint16 bits in an int16 tensor
+    (PyTorch indexes few ops of uint16)."""
     sorted_ids: torch.Tensor
     offsets: torch.Tensor
     K: int
@@ -66,12 +69,13 @@ class BucketTables:
         hkv, t, L = codes.shape
         buckets = 1 << K
         extra = torch.empty(hkv, 0, L, dtype=torch.int16)
+        narrow = t <= MAX_NARROW_KEYS
         kernel = _kernel("magicpig_build") if codes.device.type == "cpu" else None
         if kernel is not None:  # a counting sort: ~40x faster than argsort at 32k keys
             c = codes.transpose(1, 2).to(torch.int16).contiguous()  # [Hkv, L, T]
             offsets = torch.empty(hkv, L, buckets + 1, dtype=torch.int64)
-            sorted_ids = torch.empty(hkv, L, t, dtype=torch.int32)
-            kernel(c.data_ptr(), hkv * L, t, buckets, offsets.data_ptr(), sorted_ids.data_ptr())
+            sorted_ids = torch.empty(hkv, L, t, dtype=torch.int16 if narrow else torch.int32)
+            kernel(c.data_ptr(), hkv * L, t, buckets, offsets.data_ptr(), sorted_ids.data_ptr(), int(narrow))
             return cls(sorted_ids, offsets, K, extra)
         c = codes.transpose(1, 2).long()  # [Hkv, L, T]
         order = torch.argsort(c, dim=-1, stable=True)
@@ -79,6 +83,9 @@ class BucketTables:
         counts = torch.bincount((table * buckets + c).flatten(), minlength=hkv * L * buckets).view(hkv, L, buckets)
         offsets = torch.zeros(hkv, L, buckets + 1, dtype=torch.int64)
         offsets[..., 1:] = counts.cumsum(-1)
+        if narrow:  # ids past 32767 as their uint16 bits
+            return cls(torch.where(order < 1 << 15, order, order - (1 << 16)).to(torch.int16).contiguous(),
+                       offsets, K, extra)
         return cls(order.to(torch.int32).contiguous(), offsets, K, extra)
 
     @property
@@ -103,8 +110,12 @@ class BucketTables:
     def num_keys(self) -> int:
         return self.sorted_ids.shape[-1]
 
+    @property
+    def narrow(self) -> bool:
+        return self.sorted_ids.dtype == torch.int16
+
     def nbytes(self) -> int:
-        return self.sorted_ids.numel() * 4 + self.offsets.numel() * self.offsets.element_size() + self.extra.numel() * 2
+        return sum(x.numel() * x.element_size() for x in (self.sorted_ids, self.offsets, self.extra))
 
     def collisions(self, qcodes: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """qcodes [H, L] (query head h uses KV head h // group) -> (gathered ids, their query heads):
@@ -125,17 +136,19 @@ class BucketTables:
         seg = nonempty[torch.cumsum(marks, 0) - 1]
         # entry j of bucket s sits at flat (table, starts[s] + j - seg_start[s]) in the sorted ids
         pos = (table.flatten() * t + starts - seg_start)[seg] + torch.arange(total)
-        ids = self.sorted_ids.view(-1)[pos]
+        ids = self.sorted_ids.view(-1)[pos].long()
+        if self.narrow:
+            ids &= 0xFFFF
         heads = seg // L
         return ids, heads
 
 
 _PTR, _INT = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {  # kvserve/native/magicpig.c
-    "magicpig_build": (None, [_PTR] + [_INT] * 3 + [_PTR] * 2),
+    "magicpig_build": (None, [_PTR] + [_INT] * 3 + [_PTR] * 2 + [_INT]),
     "magicpig_hash": (_INT, [_PTR] + [_INT] * 2 + [_PTR] + [_INT] * 3 + [_PTR]),
     "magicpig_decode": (_INT, [_PTR, _PTR, _INT, _INT, _INT, ctypes.c_float, _PTR, _PTR, _INT, _INT, _PTR, _PTR, _INT]
-                        + [_PTR] * 3 + [_INT] * 3 + [_PTR] + [_INT] * 3 + [_PTR, _INT, _PTR, _INT] + [_PTR] * 3),
+                        + [_PTR] * 2 + [_INT, _PTR] + [_INT] * 3 + [_PTR] + [_INT] * 3 + [_PTR, _INT, _PTR, _INT] + [_PTR] * 3),
 }
 
 
@@ -252,7 +265,7 @@ def sampled_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             n = kernel(qf.data_ptr(), 0 if codes is None else codes.data_ptr(), h, h // hkv, dim, scale,
                        k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16), s,
                        slots.data_ptr(), dense_slots.data_ptr(), len(dense_slots), mean.data_ptr(),
-                       tables.sorted_ids.data_ptr(), tables.offsets.data_ptr(), K, L, t, tables.extra.data_ptr(),
+                       tables.sorted_ids.data_ptr(), int(tables.narrow), tables.offsets.data_ptr(), K, L, t, tables.extra.data_ptr(),
                        tables.num_extra, tables.extra.shape[1], new, panels.data_ptr(), panels.shape[0],
                        table.data_ptr(), len(table) - 1, 0 if found is None else found.data_ptr(), out.data_ptr(),
                        lse.data_ptr())
