@@ -223,7 +223,8 @@ def _print_rates(res, lengths, trials, policies) -> None:
         if "same" in res:
             rates = [r + ("" if p.is_full else f" ({100 * res['same'][n, p] / trials:.0f}%)")
                      for r, p in zip(rates, policies)]
-        print(f"{n:>8}" + "".join(f"{r:>16}" for r in rates) + (f"   {sum(budget) / len(budget):.0f}" if budget else ""))
+        print(f"{n:>8}" + "".join(f"{r:>16}" for r in rates)
+              + (f"   {sum(budget) / len(budget):.0f}" if budget else ""))
 
 
 def main(args) -> int:

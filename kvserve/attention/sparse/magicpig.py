@@ -148,7 +148,8 @@ _SIGNATURES = {  # kvserve/native/magicpig.c
     "magicpig_build": (None, [_PTR] + [_INT] * 3 + [_PTR] * 2 + [_INT]),
     "magicpig_hash": (_INT, [_PTR] + [_INT] * 2 + [_PTR] + [_INT] * 3 + [_PTR]),
     "magicpig_decode": (_INT, [_PTR, _PTR, _INT, _INT, _INT, ctypes.c_float, _PTR, _PTR, _INT, _INT, _PTR, _PTR, _INT]
-                        + [_PTR] * 2 + [_INT, _PTR] + [_INT] * 3 + [_PTR] + [_INT] * 3 + [_PTR, _INT, _PTR, _INT] + [_PTR] * 3),
+                        + [_PTR] * 2 + [_INT, _PTR] + [_INT] * 3 + [_PTR] + [_INT] * 3 + [_PTR, _INT, _PTR, _INT]
+                        + [_PTR] * 3),
 }
 
 
@@ -265,10 +266,10 @@ def sampled_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             n = kernel(qf.data_ptr(), 0 if codes is None else codes.data_ptr(), h, h // hkv, dim, scale,
                        k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16), s,
                        slots.data_ptr(), dense_slots.data_ptr(), len(dense_slots), mean.data_ptr(),
-                       tables.sorted_ids.data_ptr(), int(tables.narrow), tables.offsets.data_ptr(), K, L, t, tables.extra.data_ptr(),
-                       tables.num_extra, tables.extra.shape[1], new, panels.data_ptr(), panels.shape[0],
-                       table.data_ptr(), len(table) - 1, 0 if found is None else found.data_ptr(), out.data_ptr(),
-                       lse.data_ptr())
+                       tables.sorted_ids.data_ptr(), int(tables.narrow), tables.offsets.data_ptr(), K, L, t,
+                       tables.extra.data_ptr(), tables.num_extra, tables.extra.shape[1], new, panels.data_ptr(),
+                       panels.shape[0], table.data_ptr(), len(table) - 1, 0 if found is None else found.data_ptr(),
+                       out.data_ptr(), lse.data_ptr())
             if n == -1:
                 raise MemoryError("magicpig_decode could not allocate its scratch")
             return n
