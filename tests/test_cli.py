@@ -90,6 +90,13 @@ def test_eval_longctx_runs_small(smollm2_path):
     assert "passkey retrieval" in r.stdout and "common word" in r.stdout and "top-1 agree" in r.stdout
 
 
-def test_eval_common_word_share_is_checked():
-    r = kvserve("eval", "longctx", "--agg-share", "1.5")
-    assert r.returncode == 2 and "--agg-share" in r.stderr and "must be in (0, 1]" in r.stderr
+@pytest.mark.parametrize("args, error", [
+    (["eval", "longctx", "--agg-share", "1.5"], "must be in (0, 1]"),
+    (["eval", "longctx", "--agg-trials", "0"], "must be >= 1"),
+    (["eval", "longctx", "--agg-lengths", "1024,abc"], "comma-separated counts >= 1"),
+    (["eval", "longctx", "--lengths", "512,0"], "comma-separated counts >= 1"),
+    (["bench", "longctx", "--long-lengths", "32k"], "comma-separated counts >= 1")])
+def test_longctx_bad_options_are_usage_errors(args, error):
+    r = kvserve(*args)
+    assert r.returncode == 2 and args[2] in r.stderr and error in r.stderr
+    assert "Traceback" not in r.stderr

@@ -55,3 +55,11 @@ def at_least_one(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
     return n
+
+
+def token_lengths(value: str) -> list[int]:
+    """argparse type of comma-separated context lengths such as --lengths ('' for none)"""
+    try:
+        return [at_least_one(x) for x in value.split(",") if x]
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"must be comma-separated counts >= 1, got {value!r}") from None

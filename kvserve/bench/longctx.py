@@ -15,15 +15,17 @@ from statistics import median
 
 import torch
 
-from kvserve.bench.common import at_least_one
+from kvserve.bench.common import at_least_one, token_lengths
 from kvserve.engine.request import SamplingParams
 
 POLICIES = ["full", "streaming", "magicpig", "topk"]
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lengths", default="2048,4096,8192", help="contexts on the default model ('' for none)")
-    p.add_argument("--long-lengths", default="16384,32768", help="contexts on the random long-rope Llama")
+    p.add_argument("--lengths", type=token_lengths, default="2048,4096,8192",
+                   help="contexts on the default model ('' for none)")
+    p.add_argument("--long-lengths", type=token_lengths, default="16384,32768",
+                   help="contexts on the random long-rope Llama")
     p.add_argument("--long-layers", type=int, default=2, help="layers of the random Llama (layer 0 stays dense)")
     p.add_argument("--policies", nargs="+", default=POLICIES,
                    help="policies to compare, each as for --attention (e.g. magicpig:K=10,L=150)")
@@ -172,8 +174,7 @@ def main(args) -> int:
     from kvserve.engine.engine import Engine, load_tokenizer, resolve_dtype
     from kvserve.eval.texts import long_text
     policies = [parse_attention(p) for p in args.policies]
-    lengths = [int(x) for x in args.lengths.split(",") if x]
-    long_lengths = [int(x) for x in args.long_lengths.split(",") if x]
+    lengths, long_lengths = args.lengths, args.long_lengths
     page, slack = args.page_size, 4 * args.steps + 64
     rows = []
     if lengths:

@@ -21,6 +21,7 @@ from collections import defaultdict
 import torch
 
 from kvserve.attention.policy import parse_attention
+from kvserve.bench.common import at_least_one, token_lengths
 from kvserve.engine.request import SamplingParams, Sequence, now
 from kvserve.eval.common_word import answered_word, common_word_prompt
 
@@ -31,10 +32,12 @@ POLICIES = ["full", "magicpig", "topk", "streaming"]
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lengths", default="1024,2048,4096,8192", help="passkey prompt lengths in tokens")
+    p.add_argument("--lengths", type=token_lengths, default="1024,2048,4096,8192",
+                   help="passkey prompt lengths in tokens")
     p.add_argument("--trials", type=int, default=4, help="passkey prompts per length (depths spread evenly)")
-    p.add_argument("--agg-lengths", default="1024,2048", help="common-word (aggregation) prompt lengths in tokens")
-    p.add_argument("--agg-trials", type=int, default=12, help="common-word prompts per length")
+    p.add_argument("--agg-lengths", type=token_lengths, default="1024,2048",
+                   help="common-word (aggregation) prompt lengths in tokens ('' for none)")
+    p.add_argument("--agg-trials", type=at_least_one, default=12, help="common-word prompts per length")
     p.add_argument("--agg-share", type=_share, default=0.33, help="the common word's share of the list's items")
     p.add_argument("--policies", nargs="+", default=POLICIES, help="as for --attention; full is always run")
     p.add_argument("--ppl-context", type=int, default=4096, help="tokens of text before the scored ones (0: skip)")
@@ -230,13 +233,12 @@ def _print_rates(res, lengths, trials, policies) -> None:
 def main(args) -> int:
     from kvserve.cli import engine_config
     from kvserve.engine.engine import Engine
-    lengths = [int(x) for x in args.lengths.split(",") if x]
+    lengths, agg_lengths = args.lengths, args.agg_lengths
     policies = [parse_attention(p) for p in args.policies]
     if not any(p.is_full for p in policies):
         policies.insert(0, parse_attention("full"))
     # magicpig before topk, whose default budget copies magicpig's
     policies.sort(key=lambda p: {"full": 0, "magicpig": 1}.get(p.policy, 2))
-    agg_lengths = [int(x) for x in args.agg_lengths.split(",") if x]
     longest = max(lengths + agg_lengths + [args.ppl_context + args.ppl_tokens])
     args.num_pages = args.num_pages or 2 * longest // args.page_size + 256
     args.max_num_batched_tokens = max(args.max_num_batched_tokens, longest)
@@ -247,7 +249,7 @@ def main(args) -> int:
         res = passkey(engine, lengths, args.trials, policies)
         print(f"passkey retrieval, exact match over {args.trials} depths per length:")
         _print_rates(res, lengths, args.trials, policies)
-    if agg_lengths and args.agg_trials:
+    if agg_lengths:
         res = common_word(engine, agg_lengths, args.agg_trials, args.agg_share, policies)
         print(f"common word ({100 * args.agg_share:.0f}% of a word list), exact match over {args.agg_trials} "
               "lists per length (in brackets: the same answer as full):")
