@@ -17,6 +17,7 @@ from kvserve.engine.request import (CompletionOutput, FinishReason, Logprob, Req
 from kvserve.engine.runner import ModelRunner
 from kvserve.engine.sampler import Sampler, SamplingRow
 from kvserve.engine.scheduler import Scheduler
+from kvserve.engine.structured import BitmaskApplier, GrammarCache
 from kvserve.kv.manager import KVCacheManager
 from kvserve.kv.pool import PagePool
 from kvserve.model.llama import LlamaForCausalLM
@@ -76,6 +77,8 @@ class Engine:
         if NativeDecoder.supports(model):
             self.runner.native_decoder = NativeDecoder(model, self.pool)
         self.sampler = Sampler()
+        self.grammars = GrammarCache(tokenizer, mc.vocab_size, self.eos_token_ids)
+        self._bitmasks = BitmaskApplier(mc.vocab_size)
         self.requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
@@ -97,9 +100,11 @@ class Engine:
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(ids, params)
+        grammar = self.grammars.matcher(params.structured) if params.structured is not None else None
         state = _RequestState(request_id, text, ids, params, arrival=now())
         seq = Sequence(next(self._seq_ids), request_id, 0, ids, params, state.arrival, priority)
         self._init_seq(seq)
+        seq.grammar = grammar
         state.seqs.append(seq)
         self.requests[request_id] = state
         self.scheduler.add(seq)
@@ -191,6 +196,16 @@ class Engine:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], failed: dict) -> list:
         rows = [SamplingRow(s.params, s.token_ids[:s.num_prompt_tokens], s.output_token_ids, s.generator,
                             self.eos_token_ids) for s in seqs]
+        constrained = [i for i, s in enumerate(seqs) if s.grammar is not None and s.request_id not in failed]
+        if constrained:  # logits is this step's own copy (indexed by rows): masked in place
+            try:
+                self._bitmasks.apply(logits, constrained, [seqs[i].grammar for i in constrained])
+            except Exception:
+                for i in constrained:  # isolate the matcher that fails
+                    try:
+                        self._bitmasks.apply(logits, [i], [seqs[i].grammar])
+                    except Exception as e:
+                        failed[seqs[i].request_id] = e
         try:
             return self.sampler(logits, rows)
         except Exception:
@@ -229,6 +244,8 @@ class Engine:
             child = Sequence(next(self._seq_ids), parent.request_id, i, state.prompt_token_ids,
                              parent.params, parent.arrival, parent.priority)
             self._init_seq(child)
+            # the parent has no output yet: its matcher's copy is the child's start
+            child.grammar = parent.grammar.fork() if parent.grammar is not None else None
             state.seqs.append(child)
             if self.kv.fork(parent, child):
                 self.scheduler.add_running(child)
@@ -242,6 +259,8 @@ class Engine:
         if state.first_token_time is None:
             state.first_token_time = now()
         seq.token_ids.append(tok.token_id)
+        if seq.grammar is not None and not seq.grammar.accept_token(tok.token_id):
+            raise RuntimeError(f"the grammar rejected token {tok.token_id}")  # a masking bug: this request fails
         if seq.params.logprobs is not None:
             seq.logprobs.append(Logprob(tok.token_id, tok.logprob, tok.top_logprobs or []))
         delta = seq.detokenizer.add([tok.token_id])

@@ -4,6 +4,7 @@ import time
 from dataclasses import dataclass, field
 
 from kvserve.attention.policy import FULL, AttentionPolicy, parse_attention
+from kvserve.engine.structured import StructuredOutputs
 
 
 class FinishReason(str, enum.Enum):
@@ -34,8 +35,14 @@ class SamplingParams:
     # decode attention: a policy name, "name:key=value,...", a dict or an AttentionPolicy; None: the
     # engine's default (see kvserve.attention.policy)
     attention: AttentionPolicy | str | dict | None = None
+    # constrained output: a StructuredOutputs or its fields as a dict (kvserve.engine.structured)
+    structured: StructuredOutputs | dict | None = None
 
     def __post_init__(self):
+        if self.structured is not None:
+            self.structured = StructuredOutputs.coerce(self.structured)
+            if self.ignore_eos or self.min_tokens:  # both would hold back the EOS the grammar ends with
+                raise ValueError("structured outputs cannot be combined with ignore_eos or min_tokens")
         if self.attention is not None:
             self.attention = parse_attention(self.attention)
         if isinstance(self.stop, str):
@@ -103,6 +110,7 @@ class Sequence:
         self.generator = None
         self.detokenizer = None
         self.attn_state = None  # per-request state of a sparse attention policy (MagicPIG's tables)
+        self.grammar = None  # xgrammar matcher of a structured request: it has accepted every output token
 
     @property
     def policy(self) -> AttentionPolicy:

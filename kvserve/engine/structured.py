@@ -1,0 +1,267 @@
+"""Structured outputs: a request's output constrained to a JSON schema, any JSON object, a regex,
+a choice among strings or an EBNF grammar, enforced token by token with xgrammar.
+
+A spec is compiled once per (spec, tokenizer) into a bounded LRU cache; each constrained sequence
+holds its own matcher, which advances on every token appended to it. Each step the matchers fill
+a bitmask of allowed tokens (CPU) that is applied to those rows' logits before sampling; EOS is
+allowed only where the grammar can end.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+DEFAULT_COMPILE_TIMEOUT_S = 5.0
+_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """Exactly one of the constraints (vLLM's StructuredOutputsParams, minus backends)."""
+    json: dict | str | None = None  # a JSON schema (dict or its JSON text)
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | list[str] | None = None
+    grammar: str | None = None  # EBNF, xgrammar/GBNF dialect, start rule `root`
+    any_whitespace: bool = False  # JSON: compact separators unless True (small models loop on blanks)
+    _key: str = field(default="", init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        given = [k for k in _KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured outputs take exactly one of {', '.join(_KINDS)}; got "
+                             f"{', '.join(given) or 'none'}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError("structured json must be a JSON schema (an object or its JSON text)")
+        if isinstance(self.json, str):
+            try:
+                object.__setattr__(self, "json", json.loads(self.json))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"structured json is not valid JSON: {e}") from None
+            if not isinstance(self.json, dict):
+                raise ValueError("a JSON schema must be a JSON object")
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise ValueError("structured regex must be a string")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise ValueError("structured grammar must be a non-empty EBNF string")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not self.choice or not all(isinstance(c, str) for c in self.choice):
+                raise ValueError("structured choice must be a non-empty list of strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        spec = {k: getattr(self, k) for k in _KINDS} | {"ws": self.any_whitespace}
+        object.__setattr__(self, "_key", json.dumps(spec, sort_keys=True, separators=(",", ":")))
+
+    @classmethod
+    def coerce(cls, value) -> StructuredOutputs:
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            try:
+                return cls(**value)
+            except TypeError as e:  # an unknown key
+                raise ValueError(f"structured outputs: {e}") from None
+        raise ValueError(f"structured must be StructuredOutputs or a dict, got {type(value).__name__}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+
+# ---- the vocabulary as raw bytes --------------------------------------------------------------
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's printable character -> byte map of byte-level BPE vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table, extra = {chr(b): b for b in printable}, 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def encoded_vocab(tokenizer, vocab_size: int) -> list[bytes]:
+    """The bytes each token id stands for, `vocab_size` long (the model's logits width). Special
+    tokens and ids the tokenizer lacks are b"": xgrammar never allows those (stop tokens aside)."""
+    pieces = tokenizer._tk.get_vocab(with_added_tokens=True)
+    alphabet = _byte_level_alphabet()
+    # decided for the whole vocabulary: "é" is byte 0xE9 in a byte-level one, two UTF-8 bytes elsewhere
+    byte_fallback = sum(f"<0x{b:02X}>" in pieces for b in range(256)) >= 128
+    byte_level = not byte_fallback and sum(c in pieces for c in alphabet) >= 128
+    special = tokenizer.special_ids
+    out = [b""] * vocab_size
+    for piece, i in pieces.items():
+        if i >= vocab_size or i in special:
+            continue
+        if byte_level and all(c in alphabet for c in piece):
+            out[i] = bytes(alphabet[c] for c in piece)
+        elif byte_fallback and (m := _BYTE_PIECE.fullmatch(piece)):
+            out[i] = bytes([int(m.group(1), 16)])
+        else:
+            out[i] = piece.replace("\u2581", " ").encode()
+    return out
+
+
+# ---- compiling ------------------------------------------------------------------------------
+
+def _ebnf_literal(s: str) -> str:
+    # JSON string escapes are the EBNF parser's escapes (\" \\ \n \uXXXX)
+    return json.dumps(s, ensure_ascii=True)
+
+
+def _parser_message(e: Exception) -> str:
+    """xgrammar's message without its '[time] /path/file.cc:123: ' prefix."""
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).strip()) or type(e).__name__
+
+
+class _Pending:
+    """One compile running on its own thread; later requests for the same spec wait on it."""
+
+    def __init__(self, fn):
+        self.done = threading.Event()
+        self.result = self.error = None
+        threading.Thread(target=self._run, args=(fn,), name="kvserve-grammar", daemon=True).start()
+
+    def _run(self, fn):
+        try:
+            self.result = fn()
+        except Exception as e:  # noqa: BLE001 - handed to the waiter
+            self.error = e
+        self.done.set()
+
+
+class GrammarCache:
+    """Compiled grammars of one tokenizer, LRU-bounded; thread-safe (the server compiles ahead on
+    its own threads, the engine looks them up). A compile runs on a thread of its own so a
+    pathological grammar is refused after `timeout_s` instead of holding the caller."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: list[int], capacity: int = 256,
+                 timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S, max_pending: int = 8):
+        self.tokenizer, self.vocab_size, self.eos_token_ids = tokenizer, vocab_size, list(eos_token_ids)
+        self.capacity, self.timeout_s, self.max_pending = capacity, timeout_s, max_pending
+        self._cache: OrderedDict[str, object] = OrderedDict()
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()
+        self._compiler = None
+        self.compiles = 0  # compiles started: tests count cache hits with it
+        self.compile_seconds = 0.0
+
+    def compiler(self):
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar as xgr
+                info = xgr.TokenizerInfo(encoded_vocab(self.tokenizer, self.vocab_size), xgr.VocabType.RAW,
+                                         vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids)
+                # our own LRU holds compiled grammars; xgrammar's cache would be a second, unbounded one
+                self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+            return self._compiler
+
+    def compile(self, spec: StructuredOutputs):
+        """The compiled grammar of spec; ValueError with the parser's message if it does not
+        compile, or if compiling takes longer than the time limit."""
+        key = spec.key
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+            pending = self._pending.get(key)
+            if pending is None:
+                if len(self._pending) >= self.max_pending:
+                    raise ValueError("too many grammars are compiling; try again later")
+                compiler = self._compiler
+        if pending is None:
+            compiler = compiler or self.compiler()
+            with self._lock:
+                pending = self._pending.get(key)
+                if pending is None:
+                    self.compiles += 1
+                    pending = self._pending[key] = _Pending(lambda: self._timed(compiler, spec))
+        if not pending.done.wait(self.timeout_s):
+            raise ValueError(f"compiling the {spec.kind} grammar took longer than {self.timeout_s:g} s")
+        with self._lock:
+            if self._pending.get(key) is pending:
+                del self._pending[key]
+                if pending.error is None:
+                    self._cache[key] = pending.result
+                    while len(self._cache) > self.capacity:
+                        self._cache.popitem(last=False)
+        if pending.error is not None:
+            raise ValueError(f"invalid {spec.kind} for structured output: {_parser_message(pending.error)}") \
+                from None
+        return pending.result
+
+    def _timed(self, compiler, spec):
+        start = time.perf_counter()
+        try:
+            return _compile(compiler, spec)
+        finally:
+            self.compile_seconds += time.perf_counter() - start
+
+    def matcher(self, spec: StructuredOutputs):
+        import xgrammar as xgr
+        return xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=self.eos_token_ids)
+
+
+def _compile(compiler, spec: StructuredOutputs):
+    separators = None if spec.any_whitespace else (", ", ": ")
+    if spec.json is not None:
+        return compiler.compile_json_schema(json.dumps(spec.json), any_whitespace=spec.any_whitespace,
+                                            separators=separators)
+    if spec.json_object:
+        return compiler.compile_json_schema('{"type": "object"}', any_whitespace=spec.any_whitespace,
+                                            separators=separators, strict_mode=False)
+    if spec.regex is not None:
+        return compiler.compile_regex(spec.regex)
+    if spec.choice is not None:
+        return compiler.compile_grammar("root ::= " + " | ".join(_ebnf_literal(c) for c in spec.choice))
+    return compiler.compile_grammar(spec.grammar)
+
+
+# ---- each step ------------------------------------------------------------------------------
+
+class BitmaskApplier:
+    """Fills the bitmasks of a step's constrained rows and sets their disallowed logits to -inf."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self._bitmask = None
+        self._batch = None
+
+    def apply(self, logits: torch.Tensor, rows: list[int], matchers: list) -> None:
+        import xgrammar as xgr
+        if self._bitmask is None or self._bitmask.shape[0] < len(rows):
+            self._bitmask = xgr.allocate_token_bitmask(max(len(rows), 8), self.vocab_size)
+        bitmask = self._bitmask[:len(rows)]
+        if len(matchers) >= 8:  # xgrammar's threads pay off on larger batches
+            if self._batch is None:
+                self._batch = xgr.BatchGrammarMatcher(max_threads=2)
+            self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
+        else:
+            for i, m in enumerate(matchers):
+                m.fill_next_token_bitmask(bitmask, i)
+        width = min(self.vocab_size, logits.shape[1])
+        sub = logits[rows, :width]
+        if logits.device.type == "cpu" and logits.dtype == torch.float32:
+            xgr.apply_token_bitmask_inplace(sub, bitmask, vocab_size=width)
+        else:  # unpack the bits with torch: any device, any dtype
+            bits = bitmask.to(logits.device, non_blocking=True)
+            shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+            allowed = ((bits.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, :width].bool()
+            sub.masked_fill_(~allowed, float("-inf"))
+        logits[rows, :width] = sub
+        if logits.shape[1] > width:  # logits wider than the vocabulary: padding ids are never allowed
+            logits[rows, width:] = float("-inf")
