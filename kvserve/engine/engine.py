@@ -78,7 +78,7 @@ class Engine:
             self.runner.native_decoder = NativeDecoder(model, self.pool)
         self.sampler = Sampler()
         self.grammars = GrammarCache(tokenizer, mc.vocab_size, self.eos_token_ids)
-        self._bitmasks = BitmaskApplier(mc.vocab_size)
+        self._bitmasks = BitmaskApplier(mc.vocab_size, self.grammars.json_safe)
         self.requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()

@@ -12,6 +12,7 @@ import json
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -156,17 +157,14 @@ class GrammarCache:
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._compiler = None
+        self._json_safe = None
         self.compiles = 0  # compiles started: tests count cache hits with it
         self.compile_seconds = 0.0
 
     def compiler(self):
         with self._lock:
             if self._compiler is None:
-                import xgrammar as xgr
-                info = xgr.TokenizerInfo(encoded_vocab(self.tokenizer, self.vocab_size), xgr.VocabType.RAW,
-                                         vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids)
-                # our own LRU holds compiled grammars; xgrammar's cache would be a second, unbounded one
-                self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+                self._compiler = _compiler_for(self.tokenizer, self.vocab_size, tuple(self.eos_token_ids))
             return self._compiler
 
     def compile(self, spec: StructuredOutputs):
@@ -211,9 +209,72 @@ class GrammarCache:
         finally:
             self.compile_seconds += time.perf_counter() - start
 
-    def matcher(self, spec: StructuredOutputs):
+    def matcher(self, spec: StructuredOutputs) -> Constraint:
         import xgrammar as xgr
-        return xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=self.eos_token_ids)
+        compiled = self.compile(spec)
+        strict = spec.kind in ("json", "json_object") and not spec.any_whitespace
+        return Constraint(xgr.GrammarMatcher(compiled, override_stop_tokens=self.eos_token_ids), strict)
+
+    def json_safe(self) -> torch.Tensor:
+        """Bitmask row of the tokens that cannot break strict JSON inside a string: none with a
+        control byte (< 0x20), none ending in a lone 0xED (xgrammar then lets a UTF-16 surrogate's
+        bytes through, which is not UTF-8)."""
+        if self._json_safe is None:
+            vocab = _vocab_for(self.tokenizer, self.vocab_size)
+            ok = torch.tensor([not any(b < 0x20 for b in p) and not _ends_in_lone_ed(p) for p in vocab] +
+                              [False] * (-len(vocab) % 32), dtype=torch.int64).view(-1, 32)
+            packed = (ok << torch.arange(32, dtype=torch.int64)).sum(-1)
+            self._json_safe = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+        return self._json_safe
+
+
+def _ends_in_lone_ed(piece: bytes) -> bool:
+    return piece.endswith(b"\xed") and not (len(piece) > 1 and 0xE0 <= piece[-2] <= 0xEF)
+
+
+class Constraint:
+    """A sequence's matcher. `strict_json`: compact JSON, where a raw control character could only
+    sit inside a string, which JSON forbids but xgrammar lets through: GrammarCache.json_safe."""
+    __slots__ = ("matcher", "strict_json")
+
+    def __init__(self, matcher, strict_json: bool):
+        self.matcher, self.strict_json = matcher, strict_json
+
+    def accept_token(self, token_id: int) -> bool:
+        return self.matcher.accept_token(token_id)
+
+    def fork(self) -> Constraint:
+        return Constraint(self.matcher.fork(), self.strict_json)
+
+    def is_terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+
+_VOCABS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COMPILERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def _vocab_for(tokenizer, vocab_size: int) -> list[bytes]:
+    # engines of one tokenizer (tests make many) share its vocabulary and compiler: building them
+    # costs ~100 ms of Python
+    with _SHARED_LOCK:
+        per = _VOCABS.setdefault(tokenizer, {})
+        if vocab_size not in per:
+            per[vocab_size] = encoded_vocab(tokenizer, vocab_size)
+        return per[vocab_size]
+
+
+def _compiler_for(tokenizer, vocab_size: int, eos: tuple[int, ...]):
+    import xgrammar as xgr
+    vocab = _vocab_for(tokenizer, vocab_size)
+    with _SHARED_LOCK:
+        per = _COMPILERS.setdefault(tokenizer, {})
+        if (vocab_size, eos) not in per:
+            info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=list(eos))
+            # GrammarCache's LRU holds compiled grammars; xgrammar's cache would be a second, unbounded one
+            per[vocab_size, eos] = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+        return per[vocab_size, eos]
 
 
 def _compile(compiler, spec: StructuredOutputs):
@@ -236,32 +297,37 @@ def _compile(compiler, spec: StructuredOutputs):
 class BitmaskApplier:
     """Fills the bitmasks of a step's constrained rows and sets their disallowed logits to -inf."""
 
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, json_safe=None):
         self.vocab_size = vocab_size
+        self.json_safe = json_safe  # () -> the bitmask row of GrammarCache.json_safe
         self._bitmask = None
         self._batch = None
 
-    def apply(self, logits: torch.Tensor, rows: list[int], matchers: list) -> None:
+    def apply(self, logits: torch.Tensor, rows: list[int], constraints: list[Constraint]) -> None:
+        """Masks logits[rows[i]] by constraints[i], in place."""
         import xgrammar as xgr
-        if self._bitmask is None or self._bitmask.shape[0] < len(rows):
-            self._bitmask = xgr.allocate_token_bitmask(max(len(rows), 8), self.vocab_size)
-        bitmask = self._bitmask[:len(rows)]
+        matchers = [c.matcher for c in constraints]
+        if self._bitmask is None or self._bitmask.shape[0] < logits.shape[0]:
+            self._bitmask = xgr.allocate_token_bitmask(max(logits.shape[0], 8), self.vocab_size)
+        bitmask = self._bitmask  # row r is logits row r: xgrammar's kernel then masks in place
         if len(matchers) >= 8:  # xgrammar's threads pay off on larger batches
             if self._batch is None:
                 self._batch = xgr.BatchGrammarMatcher(max_threads=2)
-            self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
+            self._batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
         else:
-            for i, m in enumerate(matchers):
-                m.fill_next_token_bitmask(bitmask, i)
+            for r, m in zip(rows, matchers):
+                m.fill_next_token_bitmask(bitmask, r)
+        strict = [r for r, c in zip(rows, constraints) if c.strict_json]
+        if strict and self.json_safe is not None:
+            bitmask[strict] &= self.json_safe()
         width = min(self.vocab_size, logits.shape[1])
-        sub = logits[rows, :width]
-        if logits.device.type == "cpu" and logits.dtype == torch.float32:
-            xgr.apply_token_bitmask_inplace(sub, bitmask, vocab_size=width)
+        if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+            xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=width, indices=rows)
         else:  # unpack the bits with torch: any device, any dtype
-            bits = bitmask.to(logits.device, non_blocking=True)
+            bits = bitmask[rows].to(logits.device, non_blocking=True)
             shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
             allowed = ((bits.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, :width].bool()
-            sub.masked_fill_(~allowed, float("-inf"))
-        logits[rows, :width] = sub
+            index = torch.tensor(rows, device=logits.device)
+            logits[index, :width] = logits[index, :width].masked_fill(~allowed, float("-inf"))
         if logits.shape[1] > width:  # logits wider than the vocabulary: padding ids are never allowed
             logits[rows, width:] = float("-inf")

@@ -1,0 +1,164 @@
+"""Structured outputs in the engine, on the tiny random model: its tokens are arbitrary, which is
+what stresses the grammar (every token it would pick is likely invalid JSON)."""
+import json
+import re
+
+import jsonschema
+import pytest
+
+from kvserve.bench.schemas import SCHEMAS
+from kvserve.engine.request import SamplingParams
+from kvserve.engine.structured import StructuredOutputs
+from kvserve.llm import LLM
+
+PROMPTS = ["Give me JSON:", "Hello there", "1 2 3", "The weather today"]
+
+
+@pytest.fixture
+def llm(make_engine):
+    return LLM(engine=make_engine())
+
+
+def _run(llm, prompts, params):
+    return [o.outputs for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def _valid(text: str, schema: dict) -> None:
+    # the format checker's "time" wants no offset, while RFC 3339's (and xgrammar's) requires one
+    checker = jsonschema.FormatChecker([f for f in jsonschema.FormatChecker.checkers if f != "time"])
+    jsonschema.validate(json.loads(text), schema, format_checker=checker)
+
+
+def test_corpus_is_large_and_varied():
+    assert len(SCHEMAS) >= 30
+    text = json.dumps(SCHEMAS)
+    for feature in ("anyOf", "oneOf", "enum", "pattern", "format", "minItems", "maxItems", "minimum",
+                    "additionalProperties", "$ref", "const"):
+        assert feature in text, feature
+
+
+def test_every_schema_of_the_corpus_validates_greedy_and_sampled_in_a_mixed_batch(llm):
+    prompts, params = [], []
+    for i, schema in enumerate(SCHEMAS):
+        for temperature in (0.0, 1.0):
+            prompts.append(PROMPTS[i % len(PROMPTS)])
+            params.append(SamplingParams(temperature=temperature, max_tokens=96,
+                                         structured=StructuredOutputs(json=schema)))
+        prompts.append(PROMPTS[i % len(PROMPTS)])  # an unconstrained row between them
+        params.append(SamplingParams(temperature=0.0, max_tokens=8))
+    outs = _run(llm, prompts, params)
+    for k, (out, p) in enumerate(zip(outs, params)):
+        if p.structured is None:
+            continue
+        o = out[0]
+        assert o.finish_reason == "stop", (k, o.text)
+        _valid(o.text, p.structured.json)
+
+
+def test_json_object_regex_choice_and_ebnf_match(llm):
+    specs = [StructuredOutputs(json_object=True), StructuredOutputs(regex=r"[a-c]{2,5}-\d{2}"),
+             StructuredOutputs(choice=["yes", "no", 'maybe "so"', "ünï"]),
+             StructuredOutputs(grammar='root ::= "(" [0-9] ("+" [0-9])? ")"')]
+    params = [SamplingParams(temperature=t, seed=1, max_tokens=200, structured=s) for s in specs for t in (0, 1)]
+    outs = _run(llm, ["Hi"] * len(params), params)
+    texts = [o[0].text for o in outs]
+    for text, p in zip(texts, params):
+        spec = p.structured
+        if spec.kind == "json_object":
+            assert outs[params.index(p)][0].finish_reason in ("stop", "length")
+            if outs[params.index(p)][0].finish_reason == "stop":
+                assert isinstance(json.loads(text), dict)
+        elif spec.kind == "regex":
+            assert re.fullmatch(spec.regex, text), text
+        elif spec.kind == "choice":
+            assert text in spec.choice
+        else:
+            assert re.fullmatch(r"\([0-9](\+[0-9])?\)", text), text
+
+
+def test_a_constrained_row_does_not_change_unconstrained_greedy_tokens(llm):
+    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = _run(llm, PROMPTS, [plain] * len(PROMPTS))
+    constrained = SamplingParams(temperature=0, max_tokens=40, structured={"json": SCHEMAS[0]})
+    mixed = _run(llm, PROMPTS + ["JSON please"] * 3, [plain] * len(PROMPTS) + [constrained] * 3)
+    assert [o[0].token_ids for o in mixed[:len(PROMPTS)]] == [o[0].token_ids for o in alone]
+    for o in mixed[len(PROMPTS):]:
+        _valid(o[0].text, SCHEMAS[0])
+
+
+def test_n_forks_each_child_its_own_matcher(llm):
+    schema = SCHEMAS[19]  # nested
+    out = _run(llm, ["Go"], SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=96,
+                                           structured={"json": schema}))[0]
+    assert len(out) == 4 and len({o.text for o in out}) > 1
+    for o in out:
+        assert o.finish_reason == "stop"
+        _valid(o.text, schema)
+
+
+def test_preemption_and_recompute_keep_matcher_state(make_engine):
+    """A pool so small that sequences are preempted and recomputed mid-output: the matcher, which
+    followed the accepted tokens, is still right, and greedy outputs equal a roomy run's."""
+    params = [SamplingParams(temperature=0, max_tokens=96, structured={"json": s}) for s in SCHEMAS[:4]]
+    prompts = [f"Record number {i}: " + "x " * 20 for i in range(len(params))]
+    roomy = _run(LLM(engine=make_engine()), prompts, params)
+    tight_engine = make_engine(num_pages=12, page_size=8)
+    preempted = []
+    original = tight_engine.scheduler.preempt
+    tight_engine.scheduler.preempt = lambda seq: (preempted.append(seq.seq_id), original(seq))
+    tight = _run(LLM(engine=tight_engine), prompts, params)
+    assert preempted, "the pool was not tight enough to preempt"
+    assert [o[0].text for o in tight] == [o[0].text for o in roomy]
+    for o, schema in zip(tight, SCHEMAS):
+        _valid(o[0].text, schema)
+
+
+def test_stop_string_abort_and_length(make_engine):
+    engine = make_engine()
+    schema = SCHEMAS[0]
+    stop = engine.add_request("a", SamplingParams(temperature=0, max_tokens=64, stop=['"age"'],
+                                                  structured={"json": schema}))
+    short = engine.add_request("b", SamplingParams(temperature=0, max_tokens=3, structured={"json": schema}))
+    gone = engine.add_request("c", SamplingParams(temperature=0, max_tokens=64, structured={"json": schema}))
+    other = engine.add_request("d", SamplingParams(temperature=0, max_tokens=64, structured={"json": schema}))
+    done, steps = {}, 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.error is None
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+        steps += 1
+        if steps == 2:
+            engine.abort(gone)
+    assert done[stop].finish_reason == "stop" and '"age"' not in done[stop].text
+    assert done[stop].text.startswith('{"name": ')
+    assert done[short].finish_reason == "length" and len(done[short].token_ids) == 3
+    assert gone not in done
+    _valid(done[other].text, schema)
+
+
+def test_compile_once_per_spec_bad_specs_and_time_limit(make_engine):
+    engine = make_engine()
+    good = SamplingParams(temperature=0, max_tokens=64, structured={"json": SCHEMAS[2]})
+    for _ in range(3):
+        engine.add_request("hi", good)
+    assert engine.grammars.compiles == 1
+    bad = [({"regex": "(ab"}, "parenthesis"), ({"grammar": "root ::= foo"}, "foo"),
+           ({"json": {"type": "nope"}}, "nope"), ({"json": "{not json"}, "not valid JSON"),
+           ({"choice": []}, "non-empty"), ({"regex": "a", "choice": ["a"]}, "exactly one")]
+    for spec, words in bad:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            engine.add_request("hi", SamplingParams(max_tokens=8, structured=spec))
+    with pytest.raises(ValueError, match="ignore_eos"):
+        SamplingParams(ignore_eos=True, structured={"json_object": True})
+    engine.grammars.timeout_s = 0.001
+    huge = {"type": "object", "properties": {f"k{i}": {"type": "string", "pattern": f"[a-z]{{2,30}}{i}"}
+                                             for i in range(40)}}
+    with pytest.raises(ValueError, match="took longer"):
+        engine.add_request("hi", SamplingParams(max_tokens=8, structured={"json": huge}))
+    engine.grammars.timeout_s = 5.0
+    while engine.has_unfinished():  # the good requests still complete
+        for out in engine.step():
+            assert out.error is None
+            if out.finished:
+                _valid(out.outputs[0].text, SCHEMAS[2])
