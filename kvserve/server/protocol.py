@@ -1,8 +1,8 @@
 """Pydantic models of the OpenAI API the server speaks, with vLLM's extensions where OpenAI has none.
 
 Requests forbid unknown fields, as OpenAI does: a misspelt `max_token` is an error, not a default
-silently used. OpenAI fields this server cannot honour (tools, JSON mode, suffix) are declared so
-that they get a precise "not supported" error instead of "unrecognized".
+silently used. OpenAI fields this server cannot honour (suffix) are declared so that they get a
+precise "not supported" error instead of "unrecognized".
 """
 import time
 from typing import Annotated, Literal
@@ -45,6 +45,12 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool = True
     # kvserve's extension: decode attention policy, a name or {"policy": "magicpig", "K": 10, ...}
     attention: str | dict | None = None
+    # vLLM's structured outputs (read by kvserve.server.structured_protocol)
+    structured_outputs: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class TextPart(_Request):
@@ -52,10 +58,23 @@ class TextPart(_Request):
     text: str
 
 
+class ToolCallFunction(_Request):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None: an assistant's tool calls only (kvserve.server.tools)
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -64,11 +83,11 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    # declared so that they are refused as unsupported, or accepted where they change nothing
-    response_format: dict | None = None
-    tools: list[dict] | None = None
+    response_format: dict | None = None  # read by kvserve.server.structured_protocol
+    tools: list[dict] | None = None  # these three by kvserve.server.tools
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
+    # declared so that they are accepted where they change nothing
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
@@ -143,6 +162,7 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[dict] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -165,10 +185,12 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict] | None = None
 
     @model_serializer
     def _only_set(self) -> dict:  # OpenAI's deltas leave out what does not change
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        return {k: v for k, v in (("role", self.role), ("content", self.content), ("tool_calls", self.tool_calls))
+                if v is not None}
 
 
 class ChatChunkChoice(BaseModel):

@@ -5,7 +5,9 @@ Everything a request can get wrong is checked here, before the engine sees it, s
 gets its own status, parameter name and code; the engine's own checks remain the last line.
 """
 import asyncio
+import dataclasses
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,6 +23,9 @@ from kvserve.engine.request import RequestOutput, SamplingParams
 from kvserve.server.errors import OpenAIError
 from kvserve.server.logprobs import TokenStrings, chat_logprobs, completion_logprobs
 from kvserve.server.metrics import ServerMetrics
+from kvserve.server.structured_protocol import request_spec
+from kvserve.server.tools import ToolPlan, ToolStream, finish_choice, plan_tools, template_messages, \
+    template_renders_tools
 from kvserve.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                      ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
                                      CompletionChoice, CompletionRequest, CompletionResponse, DeltaMessage,
@@ -141,6 +146,8 @@ class Serving:
         self.vocab_size = engine.engine.model.config.vocab_size
         self.max_model_len = min(config.max_model_len or engine.engine.max_model_len, engine.engine.max_model_len)
         self.strings = TokenStrings(self.tokenizer)
+        # xgrammar's import and the vocabulary take seconds: not on the first structured request
+        threading.Thread(target=engine.engine.grammars.compiler, name="kvserve-grammar-warmup", daemon=True).start()
 
     # ---- checks -----------------------------------------------------------------------------
 
@@ -209,6 +216,24 @@ class Serving:
         except ValueError as e:
             raise OpenAIError(str(e), code="invalid_value") from None
 
+    async def _constrain(self, params: SamplingParams, spec, tools: ToolPlan | None = None) -> SamplingParams:
+        """params with the request's output constraint, compiled here (off the engine's thread,
+        within the compile time limit) so that a bad or slow grammar is a 400 before the engine."""
+        changes, param = {}, "tools"
+        if tools is not None and tools.skip_special_tokens is not None:
+            changes["skip_special_tokens"] = tools.skip_special_tokens
+        if spec is not None:
+            spec, param = spec
+            try:
+                await asyncio.to_thread(self.engine.engine.grammars.compile, spec)
+            except ValueError as e:
+                raise OpenAIError(str(e), param=param, code="invalid_value") from None
+            changes["structured"] = spec
+        try:
+            return dataclasses.replace(params, **changes) if changes else params
+        except ValueError as e:
+            raise OpenAIError(str(e), param=param, code="invalid_value") from None
+
     def _usage(self, outs: list[RequestOutput]) -> Usage:
         prompt = sum(len(o.prompt_token_ids) for o in outs)
         completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
@@ -217,46 +242,58 @@ class Serving:
 
     # ---- chat ------------------------------------------------------------------------------
 
-    def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        plain = [{"role": "system" if m.role == "developer" else m.role,
-                  "content": m.content if isinstance(m.content, str) else [p.model_dump() for p in m.content]}
+    def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                     tools: ToolPlan | None = None) -> list[int]:
+        plain = [{**m.model_dump(exclude_none=True), "role": "system" if m.role == "developer" else m.role}
                  for m in messages]  # the tokenizer joins text parts
+        in_template = template_renders_tools(self.tokenizer.chat_template)
+        plain = template_messages(plain, tools, in_template)
+        extra = {"tools": tools.tools} if tools is not None and tools.in_template else {}
         try:
-            return self.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tokenize=True)
+            return self.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                                      **extra)
         except (ValueError, jinja2.TemplateError) as e:
             raise OpenAIError(f"cannot apply the chat template: {e}", param="messages") from None
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(req.model)
-        if req.response_format is not None and req.response_format.get("type") != "text":
-            raise OpenAIError("response_format other than 'text' is not supported", param="response_format")
-        if req.tools:
-            raise OpenAIError("tools are not supported by this server", param="tools")
-        if req.tool_choice not in (None, "none", "auto"):
-            raise OpenAIError("tool_choice is not supported by this server", param="tool_choice")
+        tools = plan_tools(req, self.tokenizer.chat_template)
+        spec = request_spec(req, req.response_format)
+        if tools is not None and tools.structured is not None:
+            if spec is not None:
+                raise OpenAIError(f"tool_choice {tools.mode!r} cannot be combined with {spec[1]}", param=spec[1],
+                                  code="invalid_value")
+            spec = (tools.structured, "tools")
         if req.top_logprobs is not None and not req.logprobs:
             raise OpenAIError("top_logprobs requires logprobs to be true", param="top_logprobs")
-        prompt = await asyncio.to_thread(self._chat_prompt, req.messages)
+        prompt = await asyncio.to_thread(self._chat_prompt, req.messages, True, tools)
         request.state.prompt_tokens = len(prompt)
         attention = self._attention(req)
         max_tokens = self._max_tokens(req.max_completion_tokens or req.max_tokens, len(prompt), "messages",
                                       unbounded=attention.unbounded)
         params = self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, attention)
+        params = await self._constrain(params, spec, tools)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         job = Job(self.engine, [prompt], params, rid, self.metrics)
-        return await self._respond(request, job, req.stream, lambda first: self._chat_chunks(req, rid, job, first),
-                                   lambda outs: self._chat_response(req, rid, outs))
+        return await self._respond(request, job, req.stream,
+                                   lambda first: self._chat_chunks(req, rid, job, first, tools),
+                                   lambda outs: self._chat_response(req, rid, outs, tools))
 
-    def _chat_response(self, req: ChatCompletionRequest, rid: str, outs: list[RequestOutput]):
-        choices = [ChatChoice(index=o.index, message=AssistantMessage(content=o.text),
-                              logprobs=ChatLogprobs(content=chat_logprobs(self.strings, o.logprobs or []))
-                              if req.logprobs else None, finish_reason=o.finish_reason)
-                   for o in outs[0].outputs]
+    def _chat_response(self, req: ChatCompletionRequest, rid: str, outs: list[RequestOutput],
+                       tools: ToolPlan | None = None):
+        choices = []
+        for o in outs[0].outputs:
+            content, calls, reason = finish_choice(o.text, o.finish_reason, tools) if tools else \
+                (o.text, None, o.finish_reason)
+            choices.append(ChatChoice(index=o.index, message=AssistantMessage(content=content, tool_calls=calls),
+                                      logprobs=ChatLogprobs(content=chat_logprobs(self.strings, o.logprobs or []))
+                                      if req.logprobs else None, finish_reason=reason))
         return ChatCompletionResponse(id=rid, model=self.config.model_name, choices=choices, usage=self._usage(outs))
 
     async def _chat_chunks(self, req: ChatCompletionRequest, rid: str, job: Job,
-                           first: tuple[int, RequestOutput]) -> AsyncIterator[str]:
+                           first: tuple[int, RequestOutput], tools: ToolPlan | None = None) -> AsyncIterator[str]:
         created, n = int(time.time()), req.n
+        streams = [ToolStream(tools) for _ in range(n)] if tools else None
 
         def chunk(choices, usage=None) -> str:
             return ChatCompletionChunk(id=rid, created=created, model=self.config.model_name, choices=choices,
@@ -275,10 +312,19 @@ class Serving:
                     continue
                 chars[o.index], tokens[o.index] = len(o.text), len(o.logprobs or [])
                 done[o.index] = o.finish_reason is not None
+                calls, reason = None, o.finish_reason
+                if streams:  # tool calls: content until a call may begin, the calls at the end
+                    delta = streams[o.index].feed(delta)
+                    if done[o.index]:
+                        rest, calls = streams[o.index].finish(o.finish_reason)
+                        delta, reason = delta + rest, "tool_calls" if calls else reason
+                    if not (delta or new or done[o.index]):
+                        continue
                 choices.append(ChatChunkChoice(
-                    index=o.index, delta=DeltaMessage(content=delta if delta or not done[o.index] else None),
+                    index=o.index, delta=DeltaMessage(content=delta if delta or not done[o.index] else None,
+                                                      tool_calls=calls or None),
                     logprobs=ChatLogprobs(content=chat_logprobs(self.strings, new)) if req.logprobs else None,
-                    finish_reason=o.finish_reason))
+                    finish_reason=reason))
             if choices:
                 yield chunk(choices)
             item = await job.next()
@@ -319,6 +365,7 @@ class Serving:
         max_tokens = self._max_tokens(req.max_tokens if given else None, max(map(len, prompts)), "prompt",
                                       default=None if given else req.max_tokens, unbounded=attention.unbounded)
         params = self._params(req, max_tokens, req.logprobs, attention)
+        params = await self._constrain(params, request_spec(req))
         echoes = [(t if t is not None else self.tokenizer.decode(p, req.skip_special_tokens)) if req.echo else ""
                   for p, t in zip(prompts, texts)]
         rid = f"cmpl-{uuid.uuid4().hex}"
