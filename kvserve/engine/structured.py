@@ -8,6 +8,7 @@ allowed only where the grammar can end.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import re
 import threading
@@ -128,12 +129,24 @@ def _parser_message(e: Exception) -> str:
     return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).strip()) or type(e).__name__
 
 
+_RUNNING: set[threading.Event] = set()
+
+
+@atexit.register
+def _wait_for_compiles(limit_s: float = 60.0) -> None:
+    # a compile still running in C++ when the interpreter exits aborts the process
+    deadline = time.monotonic() + limit_s
+    for done in list(_RUNNING):
+        done.wait(max(0.0, deadline - time.monotonic()))
+
+
 class _Pending:
     """One compile running on its own thread; later requests for the same spec wait on it."""
 
     def __init__(self, fn):
         self.done = threading.Event()
         self.result = self.error = None
+        _RUNNING.add(self.done)
         threading.Thread(target=self._run, args=(fn,), name="kvserve-grammar", daemon=True).start()
 
     def _run(self, fn):
@@ -142,6 +155,7 @@ class _Pending:
         except Exception as e:  # noqa: BLE001 - handed to the waiter
             self.error = e
         self.done.set()
+        _RUNNING.discard(self.done)
 
 
 class GrammarCache:
@@ -166,6 +180,11 @@ class GrammarCache:
             if self._compiler is None:
                 self._compiler = _compiler_for(self.tokenizer, self.vocab_size, tuple(self.eos_token_ids))
             return self._compiler
+
+    def warm_up(self) -> None:
+        """Imports xgrammar and builds the vocabulary's compiler on a thread (seconds), so that
+        the first structured request does not wait for it."""
+        _Pending(lambda: (self.compiler(), self.json_safe()))
 
     def compile(self, spec: StructuredOutputs):
         """The compiled grammar of spec; ValueError with the parser's message if it does not

@@ -7,7 +7,6 @@ gets its own status, parameter name and code; the engine's own checks remain the
 import asyncio
 import dataclasses
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -147,7 +146,7 @@ class Serving:
         self.max_model_len = min(config.max_model_len or engine.engine.max_model_len, engine.engine.max_model_len)
         self.strings = TokenStrings(self.tokenizer)
         # xgrammar's import and the vocabulary take seconds: not on the first structured request
-        threading.Thread(target=engine.engine.grammars.compiler, name="kvserve-grammar-warmup", daemon=True).start()
+        engine.engine.grammars.warm_up()
 
     # ---- checks -----------------------------------------------------------------------------
 
