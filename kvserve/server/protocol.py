@@ -7,7 +7,7 @@ precise "not supported" error instead of "unrecognized".
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer, model_validator
 
 SEED_MAX = 2**63 - 1  # torch generators take 64 bits; the engine adds an offset per choice
 MAX_TOP_LOGPROBS = 20
@@ -75,6 +75,12 @@ class ChatMessage(_Request):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _content_given(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"content is required for a {self.role} message without tool_calls")
+        return self
 
 
 class ChatCompletionRequest(_SamplingRequest):
