@@ -1,0 +1,102 @@
+"""Tool-call formats, parsed whole and streamed, and tools through chat templates (no model)."""
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from kvserve.server.errors import OpenAIError
+from kvserve.server.tools import (ToolStream, finish_choice, plan_tools, template_messages, template_parser,
+                                  template_renders_tools)
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+
+# a Qwen-2.5-like template: tools in the system prompt, calls as <tool_call> blocks, results as tool turns
+HERMES = """{%- if tools %}<|im_start|>system
+# Tools
+<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>
+Return calls as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
+{% endif %}{%- for m in messages %}<|im_start|>{{ m.role }}
+{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ {"name": c.function.name, "arguments": c.function.arguments} | tojson }}</tool_call>{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>
+{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+LLAMA3 = "{% if tools %}Given the following functions {{ tools | tojson }} respond with {\"name\", \"parameters\"} " \
+         "<|python_tag|>{% endif %}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+MISTRAL = "{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}" \
+          "{% for m in messages %}{{ m.content }}{% endfor %}[TOOL_CALLS]"
+CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def req(**kw):
+    return SimpleNamespace(**({"tools": TOOLS, "tool_choice": "auto", "parallel_tool_calls": None} | kw))
+
+
+def test_templates_and_their_parsers():
+    assert template_renders_tools(HERMES) and template_parser(HERMES) == "hermes"
+    assert template_renders_tools(LLAMA3) and template_parser(LLAMA3) == "llama3"
+    assert template_renders_tools(MISTRAL) and template_parser(MISTRAL) == "mistral"
+    assert not template_renders_tools(CHATML) and template_parser(CHATML) is None
+    assert plan_tools(req(), HERMES).parser == "hermes"
+    assert plan_tools(req(), MISTRAL).skip_special_tokens is False
+    with pytest.raises(OpenAIError, match="auto"):
+        plan_tools(req(), CHATML)
+    assert plan_tools(req(tool_choice="required"), CHATML).structured is not None
+    assert plan_tools(req(tool_choice="none"), CHATML) is None
+
+
+@pytest.mark.parametrize("template, text, content", [
+    (HERMES, 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
+             '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', "Let me check."),
+    (LLAMA3, '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}; '
+             '{"name": "get_time", "parameters": {}}', None),
+    (MISTRAL, '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Oslo"}}, '
+              '{"name": "get_time", "arguments": {}}]', None),
+    (MISTRAL, '[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}[TOOL_CALLS]get_time[ARGS]{}', None),
+])
+def test_each_format_parses_whole_and_streamed(template, text, content):
+    plan = plan_tools(req(), template)
+    got_content, calls, reason = finish_choice(text, "stop", plan)
+    assert reason == "tool_calls" and got_content == content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("get_weather", {"city": "Oslo"}), ("get_time", {})]
+    assert len({c["id"] for c in calls}) == 2
+    for size in (1, 3, 7):  # any split of the text into deltas
+        stream = ToolStream(plan)
+        sent = "".join(stream.feed(text[i:i + size]) for i in range(0, len(text), size))
+        rest, deltas = stream.finish("stop")
+        assert (sent + rest).strip() == (content or "") and "<tool" not in sent and "[TOOL" not in sent
+        args = {}
+        for d in deltas:
+            args[d["index"]] = args.get(d["index"], "") + d["function"]["arguments"]
+        assert [json.loads(a) for a in args.values()] == [{"city": "Oslo"}, {}]
+
+
+def test_text_without_calls_stays_content():
+    for template in (HERMES, LLAMA3, MISTRAL):
+        plan = plan_tools(req(), template)
+        for text in ("Just an answer.", "<tool_call>{broken", '{"name": "unknown_fn", "arguments": {}}'):
+            assert finish_choice(text, "stop", plan) == (text, None, "stop")
+            stream = ToolStream(plan)
+            sent = stream.feed(text)
+            assert sent + stream.finish("stop")[0] == text
+    plan = plan_tools(req(tool_choice="required"), CHATML)
+    assert finish_choice('[{"name": "get_time", "para', "length", plan) == ('[{"name": "get_time", "para', None,
+                                                                           "length")
+
+
+def test_messages_for_templates_with_and_without_tools():
+    history = [{"role": "user", "content": "Weather?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                                     "arguments": '{"city": "Oslo"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "3 C"}]
+    hermes = template_messages(history, plan_tools(req(), HERMES), True)
+    assert hermes[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}  # an object, as templates want
+    assert hermes[2]["name"] == "get_weather"
+    plan = plan_tools(req(tool_choice="required"), CHATML)
+    plain = template_messages(history, plan, False)
+    assert plain[0]["role"] == "system" and "get_weather" in plain[0]["content"]
+    assert json.loads(plain[2]["content"]) == [{"name": "get_weather", "parameters": {"city": "Oslo"}}]
+    with pytest.raises(OpenAIError, match="tool_call_id"):
+        template_messages([{"role": "tool", "content": "x"}], None, False)
