@@ -140,9 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=rag_commands.cmd_ask)
     bench = sub.add_parser("bench", help="benchmarks that run a peer engine beside kvserve")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from kvserve.bench import latency, longctx, rag as bench_rag, throughput
+    from kvserve.bench import latency, longctx, rag as bench_rag, structured, throughput
     for name, module, help_text, positional_model in (
             ("throughput", throughput, "offline batch throughput vs transformers or vLLM", True),
+            ("structured", structured, "JSON-schema-constrained batch vs the same batch unconstrained", True),
             ("latency", latency, "single-stream decode, prompt processing, TTFT and RSS vs llama.cpp", True),
             ("rag", bench_rag, "HyDE RAG latency with lookahead prefetching on vs off", False),
             ("longctx", longctx, "decode cost of each attention policy at 2k-32k contexts", True)):

@@ -162,3 +162,15 @@ def test_compile_once_per_spec_bad_specs_and_time_limit(make_engine):
             assert out.error is None
             if out.finished:
                 _valid(out.outputs[0].text, SCHEMAS[2])
+
+
+def test_offline_chat_with_tools(llm):
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Oslo", "Rome"]}}, "required": ["city"],
+        "additionalProperties": False}}}
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    prompt = llm.tokenizer.decode(llm._chat_prompt(messages, True, [tool]), skip_special_tokens=False)
+    assert "get_weather" in prompt and prompt.index("get_weather") < prompt.index("Weather in Oslo?")
+    out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=32, structured={"json": tool["function"][
+        "parameters"]}), use_tqdm=False, tools=[tool])[0].outputs[0]
+    assert json.loads(out.text)["city"] in ("Oslo", "Rome")
