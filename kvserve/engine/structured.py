@@ -143,17 +143,19 @@ def _wait_for_compiles(limit_s: float = 60.0) -> None:
 class _Pending:
     """One compile running on its own thread; later requests for the same spec wait on it."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, on_done=None):
         self.done = threading.Event()
         self.result = self.error = None
         _RUNNING.add(self.done)
-        threading.Thread(target=self._run, args=(fn,), name="kvserve-grammar", daemon=True).start()
+        threading.Thread(target=self._run, args=(fn, on_done), name="kvserve-grammar", daemon=True).start()
 
-    def _run(self, fn):
+    def _run(self, fn, on_done):
         try:
             self.result = fn()
         except Exception as e:  # noqa: BLE001 - handed to the waiter
             self.error = e
+        if on_done is not None:  # even when every waiter gave up: the result is cached, the slot freed
+            on_done(self)
         self.done.set()
         _RUNNING.discard(self.done)
 
@@ -206,20 +208,23 @@ class GrammarCache:
                 pending = self._pending.get(key)
                 if pending is None:
                     self.compiles += 1
-                    pending = self._pending[key] = _Pending(lambda: self._timed(compiler, spec))
+                    pending = self._pending[key] = _Pending(lambda: self._timed(compiler, spec),
+                                                            lambda done: self._settle(key, done))
         if not pending.done.wait(self.timeout_s):
             raise ValueError(f"compiling the {spec.kind} grammar took longer than {self.timeout_s:g} s")
-        with self._lock:
-            if self._pending.get(key) is pending:
-                del self._pending[key]
-                if pending.error is None:
-                    self._cache[key] = pending.result
-                    while len(self._cache) > self.capacity:
-                        self._cache.popitem(last=False)
         if pending.error is not None:
             raise ValueError(f"invalid {spec.kind} for structured output: {_parser_message(pending.error)}") \
                 from None
         return pending.result
+
+    def _settle(self, key: str, pending: _Pending) -> None:
+        with self._lock:
+            if self._pending.get(key) is pending:
+                del self._pending[key]
+            if pending.error is None:
+                self._cache[key] = pending.result
+                while len(self._cache) > self.capacity:
+                    self._cache.popitem(last=False)
 
     def _timed(self, compiler, spec):
         start = time.perf_counter()

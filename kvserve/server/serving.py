@@ -22,14 +22,14 @@ from kvserve.engine.request import RequestOutput, SamplingParams
 from kvserve.server.errors import OpenAIError
 from kvserve.server.logprobs import TokenStrings, chat_logprobs, completion_logprobs
 from kvserve.server.metrics import ServerMetrics
-from kvserve.server.structured_protocol import request_spec
-from kvserve.server.tools import ToolPlan, ToolStream, finish_choice, plan_tools, template_messages, \
-    template_renders_tools
 from kvserve.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                      ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
                                      CompletionChoice, CompletionRequest, CompletionResponse, DeltaMessage,
                                      DetokenizeRequest, DetokenizeResponse, ErrorResponse, PromptTokensDetails,
                                      TokenizeRequest, TokenizeResponse, Usage)
+from kvserve.server.structured_protocol import request_spec
+from kvserve.server.tools import ToolPlan, ToolStream, finish_choice, plan_tools, template_messages, \
+    template_renders_tools
 
 log = logging.getLogger("kvserve.server")
 

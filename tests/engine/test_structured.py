@@ -174,3 +174,22 @@ def test_offline_chat_with_tools(llm):
     out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=32, structured={"json": tool["function"][
         "parameters"]}), use_tqdm=False, tools=[tool])[0].outputs[0]
     assert json.loads(out.text)["city"] in ("Oslo", "Rome")
+
+
+def test_a_timed_out_compile_still_lands_in_the_cache_and_frees_its_slot(make_engine):
+    import time
+    grammars = make_engine().grammars
+    grammars.timeout_s, grammars.max_pending = 0.0001, 1
+    spec = StructuredOutputs(json={"type": "object", "properties": {
+        f"k{i}": {"type": "string", "pattern": f"[a-z]{{2,20}}{i}"} for i in range(12)}})
+    with pytest.raises(ValueError, match="took longer"):
+        grammars.compile(spec)
+    deadline = time.monotonic() + 30
+    while grammars._pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not grammars._pending
+    grammars.timeout_s = 5.0
+    compiles = grammars.compiles
+    grammars.compile(spec)
+    grammars.compile(StructuredOutputs(regex="a+"))
+    assert grammars.compiles == compiles + 1  # the first was a hit
