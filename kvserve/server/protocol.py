@@ -75,6 +75,11 @@ class ChatMessage(_Request):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    # what clients echo back of an assistant message of ours; not shown to the model
+    refusal: str | None = Field(None, exclude=True)
+    annotations: list | None = Field(None, exclude=True)
+    function_call: dict | None = Field(None, exclude=True)
+    audio: dict | None = Field(None, exclude=True)
 
     @model_validator(mode="after")
     def _content_given(self):

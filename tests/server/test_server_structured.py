@@ -105,7 +105,7 @@ def test_tool_call_round_trip(client):
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=64, temperature=0, tools=[WEATHER],
                                        tool_choice={"type": "function", "function": {"name": "get_weather"}})
     call = r.choices[0].message.tool_calls[0]
-    messages += [r.choices[0].message.model_dump(exclude_none=True),
+    messages += [r.choices[0].message.model_dump(),  # as clients send it back: refusal, annotations, ... too
                  {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 3}'}]
     answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
                                             tools=[WEATHER], tool_choice="none")
