@@ -149,6 +149,9 @@ class Engine:
         if not out.scheduled:
             return []
         failed: dict[str, Exception] = {}
+        # grammar masks of the rows sampled this step: filled on a thread while the model runs
+        self._bitmasks.fill_ahead([s.grammar for s, n in out.scheduled
+                                   if s.grammar is not None and s.num_computed_tokens + n == len(s.token_ids)])
         logits, sampled = self._execute(out.scheduled, failed)
         for seq, n in out.scheduled:
             if seq.request_id not in failed:

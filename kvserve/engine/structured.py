@@ -319,28 +319,50 @@ def _compile(compiler, spec: StructuredOutputs):
 # ---- each step ------------------------------------------------------------------------------
 
 class BitmaskApplier:
-    """Fills the bitmasks of a step's constrained rows and sets their disallowed logits to -inf."""
+    """Fills the bitmasks of a step's constrained rows and sets their disallowed logits to -inf.
+
+    `fill_ahead` fills the masks of the sequences a step will sample on a worker thread while the
+    model runs (a matcher only changes when a token is appended, after sampling); `apply` then
+    takes those rows and fills only what was not known ahead (children forked this step)."""
 
     def __init__(self, vocab_size: int, json_safe=None):
         self.vocab_size = vocab_size
         self.json_safe = json_safe  # () -> the bitmask row of GrammarCache.json_safe
         self._bitmask = None
-        self._batch = None
+        self._worker = None
+        self._ahead = None  # future of (constraint id -> row, bitmask) filled during the forward
+
+    def fill_ahead(self, constraints: list[Constraint]) -> None:
+        if self._ahead is not None:
+            self._ahead.result()  # a step that sampled nothing constrained: its fill is dropped
+            self._ahead = None
+        if not constraints:
+            return
+        if self._worker is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="kvserve-bitmask")
+        self._ahead = self._worker.submit(self._fill, constraints)
+
+    def _fill(self, constraints: list[Constraint]):
+        import xgrammar as xgr
+        bitmask = xgr.allocate_token_bitmask(len(constraints), self.vocab_size)
+        for i, c in enumerate(constraints):
+            c.matcher.fill_next_token_bitmask(bitmask, i)
+        return {id(c): i for i, c in enumerate(constraints)}, bitmask
 
     def apply(self, logits: torch.Tensor, rows: list[int], constraints: list[Constraint]) -> None:
         """Masks logits[rows[i]] by constraints[i], in place."""
         import xgrammar as xgr
-        matchers = [c.matcher for c in constraints]
         if self._bitmask is None or self._bitmask.shape[0] < logits.shape[0]:
             self._bitmask = xgr.allocate_token_bitmask(max(logits.shape[0], 8), self.vocab_size)
         bitmask = self._bitmask  # row r is logits row r: xgrammar's kernel then masks in place
-        if len(matchers) >= 8:  # xgrammar's threads pay off on larger batches
-            if self._batch is None:
-                self._batch = xgr.BatchGrammarMatcher(max_threads=2)
-            self._batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
-        else:
-            for r, m in zip(rows, matchers):
-                m.fill_next_token_bitmask(bitmask, r)
+        known, ahead = self._ahead.result() if self._ahead is not None else ({}, None)
+        self._ahead = None
+        for r, c in zip(rows, constraints):
+            if id(c) in known:
+                bitmask[r] = ahead[known[id(c)]]
+            else:
+                c.matcher.fill_next_token_bitmask(bitmask, r)
         strict = [r for r, c in zip(rows, constraints) if c.strict_json]
         if strict and self.json_safe is not None:
             bitmask[strict] &= self.json_safe()
