@@ -81,17 +81,6 @@ class StructuredOutputs:
 
 # ---- the vocabulary as raw bytes --------------------------------------------------------------
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's printable character -> byte map of byte-level BPE vocabularies."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    table, extra = {chr(b): b for b in printable}, 0
-    for b in range(256):
-        if b not in printable:
-            table[chr(256 + extra)] = b
-            extra += 1
-    return table
-
-
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -99,7 +88,8 @@ def encoded_vocab(tokenizer, vocab_size: int) -> list[bytes]:
     """The bytes each token id stands for, `vocab_size` long (the model's logits width). Special
     tokens and ids the tokenizer lacks are b"": xgrammar never allows those (stop tokens aside)."""
     pieces = tokenizer._tk.get_vocab(with_added_tokens=True)
-    alphabet = _byte_level_alphabet()
+    from kvserve.model.tokenizer import _bytes_to_unicode
+    alphabet = {c: b for b, c in _bytes_to_unicode().items()}  # byte-level BPE's character -> byte
     # decided for the whole vocabulary: "é" is byte 0xE9 in a byte-level one, two UTF-8 bytes elsewhere
     byte_fallback = sum(f"<0x{b:02X}>" in pieces for b in range(256)) >= 128
     byte_level = not byte_fallback and sum(c in pieces for c in alphabet) >= 128
@@ -253,7 +243,7 @@ class GrammarCache:
 
 
 def _ends_in_lone_ed(piece: bytes) -> bool:
-    return piece.endswith(b"\xed") and not (len(piece) > 1 and 0xE0 <= piece[-2] <= 0xEF)
+    return piece.endswith(b"\xed")  # 0xED is never a continuation byte: a 3-byte character begins
 
 
 class Constraint:
