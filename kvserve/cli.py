@@ -17,7 +17,7 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
     p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
                    help="weights held quantized in memory (CPU); auto = the GGUF's own (4-bit -> int4, "
                         "other quantized types -> int8), none for float checkpoints and other devices")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda where a GPU is visible, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder: faster steps after a compile of ~1 min at the first requests")
@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_args(p, positional_model=positional_model)
         module.add_args(p)
         p.set_defaults(func=module.main)
+    from kvserve.bench import overhead
+    p = bench_sub.add_parser("overhead", help="host time per engine step over a null model, by stage")
+    overhead.add_args(p)
+    p.set_defaults(func=overhead.main)
     p = bench_sub.add_parser("serve", help="load generator for any OpenAI-compatible server")
     from kvserve.bench import serve as bench_serve
     bench_serve.add_args(p)

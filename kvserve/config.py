@@ -43,7 +43,7 @@ class EngineConfig:
     model: str | None = None  # path; None = the packaged SmolLM2
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     quantization: str = "auto"  # auto (a GGUF's own) | none | int8 | int4; weight-only, CPU
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA where a GPU is visible, else the CPU
     threads: int | None = None
     compile: bool = False  # torch.compile the decoder (CPU); the first steps compile it
     seed: int = 0

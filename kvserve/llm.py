@@ -10,7 +10,7 @@ Messages = list[dict]
 
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", quantization: str = "auto",
-                 device: str = "cpu",
+                 device: str = "auto",
                  threads: int | None = None, page_size: int = 16, num_pages: int | None = None,
                  kv_cache_gb: float | None = None, enable_prefix_caching: bool = True,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,

@@ -45,14 +45,14 @@ def run_vllm(args, prompts) -> ThroughputResult:
 
 
 def main(args) -> int:
-    from kvserve.engine.engine import resolve_dtype
+    from kvserve.engine.engine import resolve_device, resolve_dtype
     if args.threads:
         torch.set_num_threads(args.threads)
     vocab = _vocab_size(args.model)
     prompts = random_prompts(args.num_prompts, args.input_len, vocab, shared_prefix=args.shared_prefix)
     print(f"workload: {args.num_prompts} prompts x {args.shared_prefix + args.input_len} input tokens "
           f"({args.shared_prefix} shared) x {args.output_len} output tokens, ignore_eos; "
-          f"dtype {resolve_dtype(args.dtype, args.device)}, {torch.get_num_threads()} threads")
+          f"dtype {resolve_dtype(args.dtype, resolve_device(args.device))}, {torch.get_num_threads()} threads")
     results = []
     ours, hit_rate = run_kvserve(args, prompts)
     results.append(ours)

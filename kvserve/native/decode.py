@@ -62,7 +62,10 @@ class NativeDecoder:
     def supports(model) -> bool:
         """Every linear layer on the int4 kernel, activations (and so the KV cache) float32 or
         bfloat16 on the CPU."""
+        from kvserve.model.llama import LlamaForCausalLM
         from kvserve.model.quant import QuantizedLinear
+        if not isinstance(model, LlamaForCausalLM):
+            return False
         linears = [m for layer in model.layers
                    for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
         return (_kernel() is not None and model.norm.weight.device.type == "cpu"
