@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kvserve.bench.common import at_least_one, random_prompts
+from kvserve.args import at_least_one
+from kvserve.bench.common import random_prompts
 
 WORKERS = Path(__file__).with_name("latency_workers.py")
 

@@ -10,7 +10,8 @@ from contextlib import contextmanager
 
 import torch
 
-from kvserve.bench.common import at_least_one, random_prompts
+from kvserve.args import at_least_one
+from kvserve.bench.common import random_prompts
 
 STAGES = ("schedule", "inputs", "model", "sample", "append", "outputs")
 

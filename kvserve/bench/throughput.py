@@ -20,10 +20,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_kvserve(args, prompts, enable_prefix_caching=True, label="kvserve") -> tuple[ThroughputResult, float]:
+    from kvserve.args import engine_config
     from kvserve.engine.engine import Engine
     from kvserve.engine.request import SamplingParams
     from kvserve.llm import LLM
-    from kvserve.cli import engine_config
     args.no_prefix_caching = not enable_prefix_caching
     llm = LLM(engine=Engine(engine_config(args)))
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
