@@ -159,12 +159,13 @@ class Engine:
         for seq, tok in zip(seqs, tokens):
             if seq.request_id in failed or seq.request_id not in self.requests:
                 continue
+            state = self.requests[seq.request_id]
             try:
-                self._append(seq, tok)
+                self._append(seq, tok, state)
             except Exception as e:  # e.g. a detokenizer error: this request only
                 touched[seq.request_id] = self._fail(seq.request_id, e)
                 continue
-            touched[seq.request_id] = self.requests[seq.request_id]
+            touched[seq.request_id] = state
         self._release_streamed_pages(out.scheduled)
         return [t if isinstance(t, RequestOutput) else self._output(t) for t in touched.values()]
 
@@ -206,8 +207,9 @@ class Engine:
         """Streaming requests give back the pages between their sinks and window once their
         prompt is in (a prefill chunk still reads every earlier page)."""
         for seq, _ in scheduled:
-            p = seq.policy
-            if p.policy == "streaming" and not seq.finished and seq.num_computed_tokens >= seq.num_prompt_tokens:
+            p = seq.params.attention
+            if p is not None and p.policy == "streaming" and not seq.finished \
+                    and seq.num_computed_tokens >= seq.num_prompt_tokens:
                 pages = droppable_pages(seq.num_computed_tokens + 1, p.sink, p.window, self.pool.page_size)
                 self.kv.release_pages(seq, pages)
 
@@ -236,8 +238,7 @@ class Engine:
                 self.scheduler.add(child)
         return children
 
-    def _append(self, seq: Sequence, tok) -> None:
-        state = self.requests[seq.request_id]
+    def _append(self, seq: Sequence, tok, state: _RequestState) -> None:
         if state.first_token_time is None:
             state.first_token_time = now()
         seq.token_ids.append(tok.token_id)

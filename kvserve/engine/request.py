@@ -121,7 +121,7 @@ class Sequence:
         return self.status == SequenceStatus.FINISHED
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     index: int
     text: str
@@ -135,7 +135,7 @@ class CompletionOutput:
         return sum(lp.logprob for lp in self.logprobs) if self.logprobs else None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt: str | None

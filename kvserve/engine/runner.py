@@ -39,7 +39,7 @@ class ModelRunner:
             if n == 1:
                 ids.append(seq.token_ids[start])
                 positions.append(start)
-                if not seq.policy.is_full:
+                if seq.params.attention is not None and not seq.params.attention.is_full:
                     sparse.append(i)
             else:
                 ids.extend(seq.token_ids[start:start + n])

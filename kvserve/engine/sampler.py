@@ -14,7 +14,7 @@ from kvserve.engine.request import SamplingParams
 _MIN_TEMPERATURE = 1e-5
 
 
-@dataclass
+@dataclass(slots=True)
 class SamplingRow:
     """One sequence in this step's batch. Its ids are sliced only by the options that read them."""
     params: SamplingParams
@@ -32,7 +32,7 @@ class SamplingRow:
         return self.token_ids[self.num_prompt_tokens:]
 
 
-@dataclass
+@dataclass(slots=True)
 class SampledToken:
     token_id: int
     logprob: float | None  # of the chosen token, when params.logprobs is not None
