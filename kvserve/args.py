@@ -20,6 +20,8 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder: faster steps after a compile of ~1 min at the first requests")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run every step op by op instead of replaying CUDA graphs for decode steps")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size (default: from free memory)")
     p.add_argument("--num-pages", type=int, default=None, help="KV cache size in pages (overrides --kv-cache-gb)")
@@ -43,7 +45,7 @@ def engine_config(args):
     from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
     return EngineConfig(
         model=args.model, dtype=args.dtype, quantization=args.quantization, device=args.device,
-        threads=args.threads, compile=args.compile, attention=args.attention,
+        threads=args.threads, compile=args.compile, enforce_eager=args.enforce_eager, attention=args.attention,
         cache=CacheConfig(args.page_size, args.num_pages, args.kv_cache_gb, not args.no_prefix_caching),
         scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs))
 

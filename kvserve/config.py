@@ -46,6 +46,7 @@ class EngineConfig:
     device: str = "auto"  # auto: CUDA where a GPU is visible, else the CPU
     threads: int | None = None
     compile: bool = False  # torch.compile the decoder (CPU); the first steps compile it
+    enforce_eager: bool = False  # CUDA: no graphs, every step runs op by op
     seed: int = 0
     attention: object = "full"  # default decode attention policy (kvserve.attention.policy)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -72,8 +72,9 @@ class Engine:
         attention = TorchRefAttention(self.pool, mc.num_heads, mc.head_dim)
         policy_attention = PolicyAttention(TorchRefAttention(self.pool, mc.num_heads, mc.head_dim), self.pool,
                                            mc.num_heads, mc.head_dim)
-        self.runner = ModelRunner(model, select_executor(model, self.pool, attention, policy_attention,
-                                                         self.device, config.compile))
+        self.runner = ModelRunner(model, select_executor(model, self.pool, attention, policy_attention, self.device,
+                                                         config.compile, config.scheduler.max_num_seqs,
+                                                         config.enforce_eager))
         self.sampler = Sampler()
         self.requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
@@ -122,7 +123,8 @@ class Engine:
     def _init_seq(self, seq: Sequence) -> None:
         if seq.params.seed is not None:
             # child i of a seeded request draws from its own stream; child 0 uses the seed itself
-            seq.generator = torch.Generator().manual_seed(seq.params.seed + 1_000_003 * seq.index)
+            # on the logits' device: a seeded row's noise is drawn there, with no copy
+            seq.generator = torch.Generator(self.device).manual_seed(seq.params.seed + 1_000_003 * seq.index)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.params.skip_special_tokens,
                                                  prompt_ids=seq.token_ids[:seq.num_prompt_tokens])
 

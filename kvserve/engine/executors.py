@@ -5,6 +5,8 @@
   decodes through PolicyAttention, optionally torch.compile'd.
 - `NativeExecutor`: the CPU with int4 weights: a step with full attention only is one C call
   (kvserve/native/decode.c); a step with a sparse-policy decode goes to its TorchExecutor.
+- `StaticDecodeExecutor` (static_executor.py): CUDA, unless enforce_eager: decode-only steps
+  replay a CUDA graph captured per batch bucket; other steps go to its TorchExecutor.
 """
 from dataclasses import dataclass
 
@@ -90,9 +92,14 @@ class NativeExecutor:
         return self.decoder(batch.ids, batch.positions, page_table, page_starts, batch.last_rows)
 
 
-def select_executor(model, pool, attention, policy_attention, device, compile: bool = False):
+def select_executor(model, pool, attention, policy_attention, device, compile: bool = False,
+                    max_batch: int = 64, enforce_eager: bool = False):
     """The fastest executor this model runs on, on this device."""
     torch_executor = TorchExecutor(model, attention, policy_attention, pool.page_size, device, compile)
     if NativeDecoder.supports(model):
         return NativeExecutor(NativeDecoder(model, pool), torch_executor)
+    if str(device).startswith("cuda") and not enforce_eager:
+        from kvserve.engine.static_executor import StaticDecodeExecutor
+        return StaticDecodeExecutor(model, pool, torch_executor, max_batch, model.config.max_position_embeddings,
+                                    use_graphs=True)
     return torch_executor

@@ -98,5 +98,7 @@ class KVCacheManager:
         if self.prefix:
             for p in self.prefix.pages.values():
                 expected[p] += 1
+        for p in self.pool.reserved:
+            expected[p] += 1
         assert expected == self.pool.ref_counts, "page ref counts do not match their holders"
         assert sorted(self.pool.free_pages) == [p for p, c in enumerate(expected) if c == 0]
