@@ -11,6 +11,8 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
         p.add_argument("model", nargs="?", default=None, help=model_help)
     else:
         p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--random-weights", default=None, choices=["llama-1b", "llama-8b", "qwen2-7b", "tiny"],
+                   help="instead of a model file: random weights of this shape, made on the device")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="activations and KV cache; auto = bfloat16 where the hardware has it, else float32")
     p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
@@ -44,7 +46,7 @@ def _attention_arg(value: str):
 def engine_config(args):
     from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
     return EngineConfig(
-        model=args.model, dtype=args.dtype, quantization=args.quantization, device=args.device,
+        model=args.model, random_weights=args.random_weights, dtype=args.dtype, quantization=args.quantization, device=args.device,
         threads=args.threads, compile=args.compile, enforce_eager=args.enforce_eager, attention=args.attention,
         cache=CacheConfig(args.page_size, args.num_pages, args.kv_cache_gb, not args.no_prefix_caching),
         scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs))

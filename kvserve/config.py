@@ -41,6 +41,7 @@ class SchedulerConfig:
 @dataclass
 class EngineConfig:
     model: str | None = None  # path; None = the packaged SmolLM2
+    random_weights: str | None = None  # a shape of kvserve.model.random_weights.SHAPES instead of a file
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     quantization: str = "auto"  # auto (a GGUF's own) | none | int8 | int4; weight-only, CPU
     device: str = "auto"  # auto: CUDA where a GPU is visible, else the CPU

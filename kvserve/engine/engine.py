@@ -12,9 +12,9 @@ from kvserve.attention.sparse.backend import PolicyAttention
 from kvserve.attention.sparse.streaming import droppable_pages
 from kvserve.attention.torch_ref import TorchRefAttention
 from kvserve.config import EngineConfig
+from kvserve.engine.executors import select_executor
 from kvserve.engine.request import (CompletionOutput, FinishReason, Logprob, RequestOutput,
                                     SamplingParams, Sequence, SequenceStatus, now)
-from kvserve.engine.executors import select_executor
 from kvserve.engine.runner import ModelRunner
 from kvserve.engine.sampler import Sampler, SamplingRow
 from kvserve.engine.scheduler import Scheduler
@@ -22,6 +22,7 @@ from kvserve.kv.manager import KVCacheManager
 from kvserve.kv.pool import PagePool
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.model.loader import ModelLoadError, load_checkpoint, read_gguf, release_free_memory, resolve_model_path
+from kvserve.model.random_weights import RandomWeights, shape_config, token_tokenizer
 from kvserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,14 +47,18 @@ class Engine:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device, model)
         if model is None:
-            # the packed kernels are CPU-only: elsewhere "auto" keeps float weights
-            quantization = "none" if config.quantization == "auto" and self.device != "cpu" else config.quantization
-            model_cfg, weights = load_checkpoint(config.model, quantization)
-            model = LlamaForCausalLM.from_weights(model_cfg, weights, resolve_dtype(config.dtype, self.device),
-                                                  self.device)
+            dtype = resolve_dtype(config.dtype, self.device)
+            if config.random_weights:
+                model_cfg = shape_config(config.random_weights)
+                weights = RandomWeights(model_cfg, dtype, self.device, config.seed)
+            else:
+                # the packed kernels are CPU-only: elsewhere "auto" keeps float weights
+                quantization = "none" if config.quantization == "auto" and self.device != "cpu" else config.quantization
+                model_cfg, weights = load_checkpoint(config.model, quantization)
+            model = LlamaForCausalLM.from_weights(model_cfg, weights, dtype, self.device)
             del weights
         if tokenizer is None:
-            tokenizer = load_tokenizer(config.model)
+            tokenizer = token_tokenizer(model.config.vocab_size) if config.random_weights else load_tokenizer(config.model)
         read_gguf.cache_clear()
         release_free_memory()
         self.model, self.tokenizer = model, tokenizer
