@@ -66,3 +66,18 @@ def test_padding_rows_touch_no_request_page(make_engine):
     page = engine.pool.page_size
     changed = {s // page for s in torch.nonzero((engine.pool.k != before).any(-1).any(0)).flatten().tolist()}
     assert changed <= owned | {scratch} and scratch in changed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_graphs_give_the_eager_tokens():
+    from kvserve.config import EngineConfig, SchedulerConfig
+    from kvserve.engine.engine import Engine
+    prompts = [[5 + i + j for j in range(4 + 9 * i)] for i in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = []
+    for eager in (True, False):
+        engine = Engine(EngineConfig(random_weights="tiny", dtype="float32", device="cuda", enforce_eager=eager,
+                                     scheduler=SchedulerConfig(max_num_seqs=8)))
+        assert isinstance(engine.runner.executor, StaticDecodeExecutor) != eager
+        outs.append(run(engine, prompts, params))
+    assert outs[0] == outs[1]
