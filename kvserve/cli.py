@@ -7,7 +7,8 @@ import sys
 
 from kvserve import terminal
 from kvserve.args import add_engine_args
-from kvserve.bench import latency, longctx, overhead, rag as bench_rag, serve as bench_serve, throughput
+from kvserve.bench import (latency, longctx, overhead, rag as bench_rag, serve as bench_serve, step_profile,
+                           throughput)
 from kvserve.eval import longctx as eval_longctx
 from kvserve.model.loader import ModelLoadError
 from kvserve.process import tune_malloc
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("throughput", throughput, "offline batch throughput vs transformers or vLLM", True),
             ("latency", latency, "single-stream decode, prompt processing, TTFT and RSS vs llama.cpp", True),
             ("rag", bench_rag, "HyDE RAG latency with lookahead prefetching on vs off", False),
-            ("longctx", longctx, "decode cost of each attention policy at 2k-32k contexts", True)):
+            ("longctx", longctx, "decode cost of each attention policy at 2k-32k contexts", True),
+            ("profile", step_profile, "where a decode step's time goes (GPU busy share, kernels)", True)):
         p = bench_sub.add_parser(name, help=help_text)
         add_engine_args(p, positional_model=positional_model)
         module.add_args(p)

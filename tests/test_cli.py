@@ -121,3 +121,6 @@ def test_random_weight_benchmarks_run_small():
                 "--dtype", "float32")
     assert r.returncode == 0, r.stderr
     assert "bandwidth floor" in r.stdout and "kvserve / transformers" in r.stdout
+    r = kvserve("bench", "profile", "--random-weights", "tiny", "--batch", "2", "--input-len", "4", "--steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert "2 decode steps" in r.stdout and "aten::" in r.stdout
