@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_args(p, positional_model=positional_model)
         module.add_args(p)
         p.set_defaults(func=module.main)
+    p = bench_sub.add_parser("attention", help="Triton paged attention vs torch SDPA: decode GB/s, prefill TFLOP/s")
+    from kvserve.bench import attention as bench_attention
+    bench_attention.add_args(p)
+    p.set_defaults(func=bench_attention.main)
     p = bench_sub.add_parser("serve", help="load generator for any OpenAI-compatible server")
     from kvserve.bench import serve as bench_serve
     bench_serve.add_args(p)
