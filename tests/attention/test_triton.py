@@ -94,6 +94,13 @@ def test_mixed_step(group, d, page_size, dtype):
     assert_close(out, step.expected(), dtype)
 
 
+def test_head_dim_not_a_power_of_two():
+    """Head dim 80 (Phi-2's) runs in 128-wide tiles with the extra columns masked off."""
+    step = Step(MIXED, 16, 2, 4, 80, torch.float32)
+    _, out = step.run(kv_chunk_size=32, **SMALL)
+    assert_close(out, step.expected(), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_split_kv_decodes(page_size, dtype):

@@ -7,6 +7,8 @@ output and its log-sum-exp; `merge_kernel` combines them."""
 import triton
 import triton.language as tl
 
+from kvserve.attention.triton.tiles import attend_range
+
 
 @triton.jit
 def decode_kernel(Q, KCache, VCache, Out, Lse,
@@ -34,26 +36,19 @@ def decode_kernel(Q, KCache, VCache, Out, Lse,
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
     k_base = KCache + kvh.to(tl.int64) * stride_ch
     v_base = VCache + kvh.to(tl.int64) * stride_ch
+    pages = KvIndices + page0
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        nmask = pos < end
-        page = tl.load(KvIndices + page0 + pos // PAGE_SIZE, mask=nmask, other=0).to(tl.int64)
-        off = (page * PAGE_SIZE + pos % PAGE_SIZE)[:, None] * stride_cs + d[None, :]
-        kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_base + off, mask=kv_mask, other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + off, mask=kv_mask, other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+    # whole blocks without masks, then the ragged tail
+    full_end = start + (end - start) // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, pages, start, full_end, end, g,
+                                 stride_cs, scale_log2, D, BLOCK_D, BLOCK_N, PAGE_SIZE,
+                                 MASKED=False, CAUSAL=False, DOT_PREC=DOT_PREC)
+    acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, pages, full_end, end, end, g,
+                                 stride_cs, scale_log2, D, BLOCK_D, BLOCK_N, PAGE_SIZE,
+                                 MASKED=True, CAUSAL=False, DOT_PREC=DOT_PREC)
 
     out = acc / l_i[:, None]
     mask = gmask[:, None] & dmask[None, :]

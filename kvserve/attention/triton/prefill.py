@@ -8,6 +8,8 @@ prefix shared by all decodes once for all of them (cascade) and leaves a state t
 import triton
 import triton.language as tl
 
+from kvserve.attention.triton.tiles import attend_range
+
 
 @triton.jit
 def prefill_kernel(Q, KCache, VCache, Out, Lse,
@@ -35,35 +37,27 @@ def prefill_kernel(Q, KCache, VCache, Out, Lse,
                 mask=rmask[:, None] & dmask[None, :], other=0.0)
     k_base = KCache + kvh.to(tl.int64) * stride_ch
     v_base = VCache + kvh.to(tl.int64) * stride_ch
+    pages = KvIndices + page0
 
-    offset = kv_len - q_len  # the cached prefix before this chunk
-    if CAUSAL:  # nothing past the tile's last row is visible
-        hi = tl.minimum(kv_len, offset + m0 + BLOCK_M)
+    q_pos = kv_len - q_len + rows  # after the cached prefix before this chunk
+    if CAUSAL:
+        # blocks wholly at or before the tile's first row need no mask; the diagonal ones do, and
+        # nothing past the tile's last row is read
+        full_end = (kv_len - q_len + m0 + 1) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(kv_len, kv_len - q_len + m0 + BLOCK_M)
     else:
+        full_end = kv_len // BLOCK_N * BLOCK_N
         hi = kv_len
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(0, hi, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        nmask = pos < kv_len
-        page = tl.load(KvIndices + page0 + pos // PAGE_SIZE, mask=nmask, other=0).to(tl.int64)
-        off = (page * PAGE_SIZE + pos % PAGE_SIZE)[:, None] * stride_cs + d[None, :]
-        kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_base + off, mask=kv_mask, other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-        visible = nmask[None, :]
-        if CAUSAL:
-            visible = visible & (pos[None, :] <= (offset + rows)[:, None])
-        # every row sees position 0, so no row is all -inf after the first block
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + off, mask=kv_mask, other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+    acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, pages, 0, full_end, kv_len, q_pos,
+                                 stride_cs, scale_log2, D, BLOCK_D, BLOCK_N, PAGE_SIZE,
+                                 MASKED=False, CAUSAL=CAUSAL, DOT_PREC=DOT_PREC)
+    # every row sees position 0 (or all of the first range), so none is all -inf
+    acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, pages, full_end, hi, kv_len, q_pos,
+                                 stride_cs, scale_log2, D, BLOCK_D, BLOCK_N, PAGE_SIZE,
+                                 MASKED=True, CAUSAL=CAUSAL, DOT_PREC=DOT_PREC)
 
     out = acc / l_i[:, None]
     out_rows = q0 + rows
