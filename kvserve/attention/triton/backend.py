@@ -11,6 +11,7 @@ import triton
 
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.attention.triton.cache_write import write_kv
+from kvserve.attention.triton.config import Tiles
 from kvserve.attention.triton.decode import decode_kernel, merge_kernel
 from kvserve.attention.triton.plan import StepPlan, plan_step
 from kvserve.attention.triton.prefill import prefill_kernel
@@ -22,7 +23,7 @@ DEFAULT_NUM_SMS = 132  # an H100/H200; the real count is read where a GPU is pre
 class TritonAttention:
     def __init__(self, pool: PagePool, num_heads: int, head_dim: int, scale: float | None = None, *,
                  num_sms: int | None = None, kv_chunk_size: int | None = None, cascade_min_len: int = 256,
-                 block_m: int = 64, block_n: int = 64):
+                 tiles: Tiles | None = None):
         self.pool = pool
         self.num_heads = num_heads
         self.num_kv_heads = pool.k.shape[1]
@@ -37,14 +38,15 @@ class TritonAttention:
         self.num_sms = num_sms
         self.kv_chunk_size = kv_chunk_size
         self.cascade_min_len = cascade_min_len
-        self.block_m, self.block_n = block_m, block_n
+        self.tiles = tiles or Tiles.default(pool.k.dtype, head_dim)
         self.block_d = triton.next_power_of_2(head_dim)
         self._part_out = self._part_lse = None
         self.plan_info: StepPlan | None = None
 
     def plan(self, meta: AttentionMetadata) -> None:
         assert meta.page_size == self.pool.page_size
-        p = plan_step(meta, self.num_kv_heads, self.num_sms, block_m=self.block_m, block_n=self.block_n,
+        p = plan_step(meta, self.num_kv_heads, self.num_sms, block_m=self.tiles.prefill_block_m,
+                      block_n=self.tiles.decode_block_n,
                       kv_chunk_size=self.kv_chunk_size, cascade_min_len=self.cascade_min_len)
         self.plan_info = p
         device = self.pool.k.device
@@ -77,15 +79,16 @@ class TritonAttention:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         prec = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 only ever applies to fp32 dots
         scale_log2 = self.scale * math.log2(math.e)
-        d, bd = self.head_dim, self.block_d
+        d, bd, t = self.head_dim, self.block_d, self.tiles
         cache_strides = (k_cache.stride(0), k_cache.stride(1))
         if p.num_prefill_tiles:
             prefill_kernel[(p.num_prefill_tiles, self.num_heads)](
                 q, k_cache, v_cache, out, out, b["tile_req"], b["tile_m0"], b["pre_q0"], b["pre_qlen"],
                 b["pre_kv"], b["pre_page0"], b["kv_indices"], q.stride(0), q.stride(1), *cache_strides,
                 out.stride(0), out.stride(1), 0, scale_log2, GROUP=self.group, D=d, BLOCK_D=bd,
-                BLOCK_M=self.block_m, BLOCK_N=self.block_n, PAGE_SIZE=self.pool.page_size,
-                CAUSAL=True, WRITE_LSE=False, DOT_PREC=prec, num_warps=4, num_stages=2)
+                BLOCK_M=t.prefill_block_m, BLOCK_N=t.prefill_block_n, PAGE_SIZE=self.pool.page_size,
+                CAUSAL=True, WRITE_LSE=False, DOT_PREC=prec, num_warps=t.prefill_warps,
+                num_stages=t.prefill_stages)
         if not p.num_decodes:
             return out
         block_g = max(16, triton.next_power_of_2(self.group))
@@ -98,8 +101,8 @@ class TritonAttention:
             q, k_cache, v_cache, dst, part_lse, b["item_req"], b["item_start"], b["item_end"],
             b["dec_row"], b["dec_page0"], b["kv_indices"], q.stride(0), q.stride(1), *cache_strides,
             *dst_strides, scale_log2, GROUP=self.group, BLOCK_G=block_g, D=d, BLOCK_D=bd,
-            BLOCK_N=self.block_n, PAGE_SIZE=self.pool.page_size, SPLIT=p.split, DOT_PREC=prec,
-            num_warps=4, num_stages=2)
+            BLOCK_N=t.decode_block_n, PAGE_SIZE=self.pool.page_size, SPLIT=p.split, DOT_PREC=prec,
+            num_warps=t.decode_warps, num_stages=t.decode_stages)
         if not p.split:
             return out
         if p.shared_len:  # the shared prefix, once for all decodes, into partial rows num_items + i
@@ -110,8 +113,9 @@ class TritonAttention:
                 b["pre_q0"], b["pre_qlen"], b["pre_kv"], b["pre_page0"], b["kv_indices"],
                 q.stride(0), q.stride(1), *cache_strides, shared_out.stride(0), shared_out.stride(1),
                 shared_lse.stride(0), scale_log2, GROUP=self.group, D=d, BLOCK_D=bd,
-                BLOCK_M=self.block_m, BLOCK_N=self.block_n, PAGE_SIZE=self.pool.page_size,
-                CAUSAL=False, WRITE_LSE=True, DOT_PREC=prec, num_warps=4, num_stages=2)
+                BLOCK_M=t.prefill_block_m, BLOCK_N=t.prefill_block_n, PAGE_SIZE=self.pool.page_size,
+                CAUSAL=False, WRITE_LSE=True, DOT_PREC=prec, num_warps=t.prefill_warps,
+                num_stages=t.prefill_stages)
         merge_kernel[(p.num_decodes, self.num_heads)](
             part_out, part_lse, out, b["dec_row"], b["merge_indptr"], part_out.stride(0),
             part_out.stride(1), part_lse.stride(0), out.stride(0), out.stride(1), p.num_items,
