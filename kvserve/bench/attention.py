@@ -36,6 +36,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-kv-tokens", type=at_least_one, default=1 << 22,
                    help="skip decode cases with more KV tokens than this (memory)")
     p.add_argument("--iters", type=at_least_one, default=None, help="timed calls per case (default 20; cpu 1)")
+    p.add_argument("--tiles", default="", help="kernel settings to change, e.g. prefill_block_m=64,decode_warps=8 "
+                   "(fields of kvserve.attention.triton.config.Tiles)")
+    p.add_argument("--sweep", action="store_true",
+                   help="time alternative tile settings on the first decode and prefill cases instead")
 
 
 def main(args) -> int:
@@ -58,13 +62,22 @@ def main(args) -> int:
     if h % hkv:
         print("kvserve bench attention: --num-heads must be a multiple of --num-kv-heads", file=sys.stderr)
         return 2
-    shape = dict(h=h, hkv=hkv, d=d, page=args.page_size, dtype=dtype, device=args.device, iters=iters)
+    from kvserve.attention.triton.config import Tiles
+    try:
+        tiles = Tiles.default(dtype, d).with_(args.tiles)
+    except ValueError as e:
+        print(f"kvserve bench attention: {e}", file=sys.stderr)
+        return 2
+    shape = dict(h=h, hkv=hkv, d=d, page=args.page_size, dtype=dtype, device=args.device, iters=iters, tiles=tiles)
     dtype_name = str(dtype).removeprefix("torch.")
     print(f"attention: {h} query heads, {hkv} KV heads, head dim {d}, {dtype_name}, "
           f"page {args.page_size}, {torch.cuda.get_device_name() if not cpu else 'cpu (interpreter)'}")
     if not cpu:
         print(f"device copy bandwidth: {copy_bandwidth() / 1e9:.0f} GB/s (read + write)")
     print("speedup: SDPA's time over Triton's (above 1: Triton is faster)")
+    if args.sweep:
+        return sweep(batches[0], kv_lens[0], prefill_lens[0], shape)
+    print(f"tiles: {tiles}")
     print(f"\n{'decode':<8}{'batch':>6}{'kv len':>8}{'triton us':>11}{'GB/s':>8}{'sdpa us':>10}{'GB/s':>8}"
           f"{'speedup':>9}{'max err':>9}")
     for batch in batches:
@@ -86,7 +99,7 @@ def main(args) -> int:
     return 0
 
 
-def paged_case(q_lens, kv_lens, h, hkv, d, page, dtype, device):
+def paged_case(q_lens, kv_lens, h, hkv, d, page, dtype, device, tiles):
     """A one-layer pool holding the K/V of kv_lens over shuffled pages, the planned backend, and the
     same K/V dense [batch, Hkv, S, D] (all kv_lens equal)."""
     from kvserve.attention.metadata import AttentionMetadata
@@ -99,7 +112,7 @@ def paged_case(q_lens, kv_lens, h, hkv, d, page, dtype, device):
     tables = [pages[i * per_seq:(i + 1) * per_seq] for i in range(len(kv_lens))]
     pool.k.normal_(), pool.v.normal_()
     meta = AttentionMetadata.build(q_lens, tables, kv_lens, page)
-    attn = TritonAttention(pool, h, d)
+    attn = TritonAttention(pool, h, d, tiles=tiles)
     attn.plan(meta)
     slots = torch.cat([meta.token_slots(i, 0, n) for i, n in enumerate(kv_lens)]).to(device)
     dense = [c[0][:, slots].view(hkv, len(kv_lens), kv_lens[0], d).transpose(0, 1).contiguous()
@@ -107,8 +120,8 @@ def paged_case(q_lens, kv_lens, h, hkv, d, page, dtype, device):
     return attn, dense
 
 
-def bench_decode(batch, kv_len, h, hkv, d, page, dtype, device, iters):
-    attn, (k, v) = paged_case([1] * batch, [kv_len] * batch, h, hkv, d, page, dtype, device)
+def bench_decode(batch, kv_len, h, hkv, d, page, dtype, device, iters, tiles):
+    attn, (k, v) = paged_case([1] * batch, [kv_len] * batch, h, hkv, d, page, dtype, device, tiles)
     q = torch.randn(batch, h, d, dtype=dtype, device=device)
     qg = q.view(batch, hkv, h // hkv, d)  # a KV head's query heads as SDPA's query rows
     out = attn.attend(0, q)
@@ -118,8 +131,8 @@ def bench_decode(batch, kv_len, h, hkv, d, page, dtype, device, iters):
             timeit(lambda: F.scaled_dot_product_attention(qg, k, v), iters, device), err)
 
 
-def bench_prefill(length, h, hkv, d, page, dtype, device, iters):
-    attn, (k, v) = paged_case([length], [length], h, hkv, d, page, dtype, device)
+def bench_prefill(length, h, hkv, d, page, dtype, device, iters, tiles):
+    attn, (k, v) = paged_case([length], [length], h, hkv, d, page, dtype, device, tiles)
     q = torch.randn(length, h, d, dtype=dtype, device=device)
     # SDPA's flash kernel wants K/V with every query head: expanded once, outside the timing
     qs = q.transpose(0, 1)[None]
@@ -129,6 +142,41 @@ def bench_prefill(length, h, hkv, d, page, dtype, device, iters):
     err = (out.float() - ref.float()).abs().max().item()
     return (timeit(lambda: attn.attend(0, q), iters, device),
             timeit(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True), iters, device), err)
+
+
+# alternatives --sweep times: (block_n, warps, stages) of decode; (block_m, block_n, warps, stages) of prefill
+DECODE_SWEEP = [(n, w, st) for n in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+PREFILL_SWEEP = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3),
+                 (128, 128, 8, 2), (64, 32, 4, 3), (128, 64, 4, 3)]
+
+
+def sweep(batch, kv_len, length, shape) -> int:
+    """Each alternative on one decode and one prefill case; a setting that fails to compile
+    (shared memory) is reported and skipped."""
+    from dataclasses import replace
+    base, h, hkv, d, itemsize = shape["tiles"], shape["h"], shape["hkv"], shape["d"], shape["dtype"].itemsize
+    print(f"decode sweep, batch {batch} x {kv_len}:")
+    for n, w, st in DECODE_SWEEP:
+        tiles = replace(base, decode_block_n=n, decode_warps=w, decode_stages=st)
+        label = f"  block_n={n:<4} warps={w} stages={st}"
+        try:
+            t, _, err = bench_decode(batch, kv_len, **shape | {"tiles": tiles})
+        except Exception as e:  # noqa: BLE001 - out of resources and the like: next setting
+            print(f"{label}  failed: {type(e).__name__}: {str(e)[:100]}")
+            continue
+        print(f"{label}  {t * 1e6:9.1f} us  {2 * batch * kv_len * hkv * d * itemsize / t / 1e9:6.0f} GB/s"
+              f"  err {err:.1e}")
+    print(f"prefill sweep, causal {length}:")
+    for m, n, w, st in PREFILL_SWEEP:
+        tiles = replace(base, prefill_block_m=m, prefill_block_n=n, prefill_warps=w, prefill_stages=st)
+        label = f"  block_m={m:<4} block_n={n:<4} warps={w} stages={st}"
+        try:
+            t, _, err = bench_prefill(length, **shape | {"tiles": tiles})
+        except Exception as e:  # noqa: BLE001
+            print(f"{label}  failed: {type(e).__name__}: {str(e)[:100]}")
+            continue
+        print(f"{label}  {t * 1e3:8.3f} ms  {2 * length * length * d * h / t / 1e12:6.1f} TFLOP/s  err {err:.1e}")
+    return 0
 
 
 def timeit(fn, iters: int, device: str) -> float:

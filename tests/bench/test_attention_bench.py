@@ -31,3 +31,9 @@ def test_bench_attention_imports_only_torch_and_triton():
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_bench_attention_rejects_unknown_tiles(capsys):
+    from kvserve.cli import main
+    assert main(["bench", "attention", "--device", "cpu", "--tiles", "block_q=64"]) == 2
+    assert "tiles: expected name=int" in capsys.readouterr().err
