@@ -161,6 +161,29 @@ def test_writes_the_pool_as_the_reference_does():
     assert (out.float() - expected).abs().max() < 3e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_fused_into_the_kv_write(dtype):
+    """run_with_rope over unrotated q/k heads equals RotaryEmbedding.apply then run, pool included."""
+    from kvserve.model.layers import RotaryEmbedding, rope_inv_freq
+    step = Step(MIXED, 16, 2, 4, 64, dtype)
+    rope = RotaryEmbedding(256, rope_inv_freq(64, 10000.0, None, None))
+    positions = torch.cat([torch.arange(c, c + q) for c, q in MIXED])
+    cos, signed_sin = rope.table(positions, dtype)
+    qk = torch.cat([step.q, step.k], 1)
+    before_k, before_v = step.pool.k.clone(), step.pool.v.clone()
+    attn = TritonAttention(step.pool, step.h, step.d, **SMALL)
+    attn.plan(step.meta)
+    q, k = RotaryEmbedding.apply(qk, cos, signed_sin).split([step.h, step.hkv], 1)
+    expected = attn.run(0, q, k, step.v)
+    expected_k, expected_v = step.pool.k.clone(), step.pool.v.clone()
+    step.pool.k.copy_(before_k), step.pool.v.copy_(before_v)
+    out = attn.run_with_rope(0, qk, step.v, cos, signed_sin)
+    tol = TOL[dtype] if dtype == torch.float32 else 1e-2  # fp32 math here, fp16 ops in apply()
+    assert (step.pool.k.float() - expected_k.float()).abs().max() < tol
+    assert torch.equal(step.pool.v, expected_v)
+    assert (out.float() - expected.float()).abs().max() < tol
+
+
 def random_llama(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=128):
     """Random weights under Hugging Face names (no transformers import: it takes seconds)."""
     from kvserve.model.llama import LlamaForCausalLM

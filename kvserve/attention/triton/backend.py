@@ -10,7 +10,7 @@ import torch
 import triton
 
 from kvserve.attention.metadata import AttentionMetadata
-from kvserve.attention.triton.cache_write import write_kv
+from kvserve.attention.triton.cache_write import rope_write_kv, write_kv
 from kvserve.attention.triton.config import Tiles
 from kvserve.attention.triton.decode import decode_kernel, merge_kernel
 from kvserve.attention.triton.plan import StepPlan, plan_step
@@ -66,6 +66,14 @@ class TritonAttention:
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] of this step's tokens -> attention output [T, H, D]."""
         self.write_kv(layer, k, v)
+        return self.attend(layer, q)
+
+    def run_with_rope(self, layer: int, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      signed_sin: torch.Tensor) -> torch.Tensor:
+        """run() with the rotary embedding fused into the K/V write: qk [T, H + Hkv, D] are the q
+        then k heads before RoPE, cos/signed_sin what RotaryEmbedding.table gives."""
+        q = rope_write_kv(_rows(qk), _rows(v), cos, signed_sin, self.pool.k[layer], self.pool.v[layer],
+                          self.buf["slots"], self.num_heads)
         return self.attend(layer, q)
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

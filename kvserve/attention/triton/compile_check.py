@@ -20,7 +20,7 @@ INT_ARGS = ("ItemReq", "ItemStart", "ItemEnd", "ReqRow", "ReqPageStart", "KvIndi
 def variants(dtype: str, head_dim: int = 128, group: int = 4, page_size: int = 16, num_kv_heads: int = 8):
     """(kernel, pointer types, constexprs, launch options) of every launch the backend makes."""
     import triton
-    from kvserve.attention.triton.cache_write import write_kv_kernel
+    from kvserve.attention.triton.cache_write import rope_write_kv_kernel, write_kv_kernel
     from kvserve.attention.triton.config import Tiles
     from kvserve.attention.triton.decode import decode_kernel, merge_kernel
     from kvserve.attention.triton.prefill import prefill_kernel
@@ -45,6 +45,9 @@ def variants(dtype: str, head_dim: int = 128, group: int = 4, page_size: int = 1
     yield (write_kv_kernel, {n: f"*{dtype}" for n in ("K", "V", "KCache", "VCache")} | {"Slots": "*i32"},
            dict(HKV=num_kv_heads, BLOCK_H=triton.next_power_of_2(num_kv_heads), D=head_dim, BLOCK_D=bd),
            dict(num_warps=4))
+    yield (rope_write_kv_kernel, {n: f"*{dtype}" for n in ("QK", "V", "Cos", "SignedSin", "QOut", "KCache", "VCache")}
+           | {"Slots": "*i32"}, dict(H=group * num_kv_heads, HKV=num_kv_heads, BLOCK_HQ=triton.next_power_of_2(
+               group * num_kv_heads), BLOCK_HKV=triton.next_power_of_2(num_kv_heads), D=head_dim), dict(num_warps=4))
 
 
 def compile_variant(kernel, types, constexprs, options, arch: int):
