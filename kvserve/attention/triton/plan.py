@@ -60,6 +60,8 @@ def shared_prefix_pages(kv_indptr: torch.Tensor, kv_indices: torch.Tensor) -> in
     width = int(num_pages.min()) - 1
     if len(num_pages) < 2 or width < 1:
         return 0
+    if not bool((kv_indices[kv_indptr[:-1]] == kv_indices[0]).all()):  # the usual case, cheaply
+        return 0
     pages = kv_indices[kv_indptr[:-1, None] + torch.arange(width)]
     same = (pages == pages[:1]).all(0)
     return int(same.long().cumprod(0).sum())
@@ -67,7 +69,7 @@ def shared_prefix_pages(kv_indptr: torch.Tensor, kv_indices: torch.Tensor) -> in
 
 @dataclass
 class StepPlan:
-    """Host int tensors (int64) of one step; the backend packs them into one device buffer."""
+    """Host int tensors of one step; the backend packs them into one int32 device buffer."""
     arrays: dict
     num_tokens: int
     num_decodes: int
@@ -85,17 +87,18 @@ def plan_step(meta: AttentionMetadata, num_kv_heads: int, num_sms: int, *, block
     where every request is a decode and they share at least cascade_min_len tokens of pages."""
     page = meta.page_size
     q_lens, kv_lens = meta.q_lens(), meta.kv_lens()
-    qo_indptr, kv_indptr, kv_indices = meta.qo_indptr.long(), meta.kv_indptr.long(), meta.kv_indices.long()
+    # kv_indices stays int32: it is the largest array, uploaded as it is
+    qo_indptr, kv_indptr, kv_indices = meta.qo_indptr.long(), meta.kv_indptr.long(), meta.kv_indices
     b = meta.batch_size
     # pool slot of every new token: its request's page at its position
     req = torch.repeat_interleave(torch.arange(b), q_lens)
     pos = kv_lens[req] - q_lens[req] + torch.arange(len(req)) - qo_indptr[:-1][req]
-    slots = kv_indices[kv_indptr[req] + pos // page] * page + pos % page
+    slots = kv_indices[kv_indptr[req] + pos // page].long() * page + pos % page
     arrays = {"slots": slots, "kv_indices": kv_indices}
 
     dec = torch.nonzero(q_lens == 1).flatten()
     shared_len = 0
-    if len(dec) == b and b > 1:
+    if len(dec) == b and b > 1 and int(kv_lens.min()) > cascade_min_len:
         shared = shared_prefix_pages(kv_indptr, kv_indices) * page
         shared_len = shared if shared >= cascade_min_len else 0
     dec_kv = kv_lens[dec]
