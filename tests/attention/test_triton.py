@@ -116,6 +116,8 @@ def test_split_kv_in_a_mixed_step():
     step = Step(MIXED, 16, 2, 4, 64, torch.float16, seed=1)
     attn, out = step.run(kv_chunk_size=32, **SMALL)
     assert attn.plan_info.split
+    # the step's int arrays are views of one buffer, each 128-byte aligned (no new kernel variants)
+    assert all((v.data_ptr() - attn._ints.data_ptr()) % 128 == 0 for v in attn.buf.values())
     assert_close(out, step.expected(), torch.float16)
 
 

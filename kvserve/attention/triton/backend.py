@@ -18,6 +18,7 @@ from kvserve.attention.triton.prefill import prefill_kernel
 from kvserve.kv.pool import PagePool
 
 DEFAULT_NUM_SMS = 132  # an H100/H200; the real count is read where a GPU is present
+ALIGN = 32  # int32 elements: 128 bytes
 
 
 class TritonAttention:
@@ -40,7 +41,7 @@ class TritonAttention:
         self.cascade_min_len = cascade_min_len
         self.tiles = tiles or Tiles.default(pool.k.dtype, head_dim)
         self.block_d = triton.next_power_of_2(head_dim)
-        self._part_out = self._part_lse = None
+        self._part_out = self._part_lse = self._ints = None
         self.plan_info: StepPlan | None = None
 
     def plan(self, meta: AttentionMetadata) -> None:
@@ -50,14 +51,21 @@ class TritonAttention:
                       kv_chunk_size=self.kv_chunk_size, cascade_min_len=self.cascade_min_len)
         self.plan_info = p
         device = self.pool.k.device
-        # one host buffer, one upload: every int array of the step as a view of it
+        # one host buffer, one upload into a device buffer kept across steps: every int array of
+        # the step a view of it, each starting on a 128-byte boundary (triton specializes kernels
+        # on pointer alignment; unaligned views would compile new variants mid-serving)
         names = list(p.arrays)
-        sizes = [len(p.arrays[n]) for n in names]
-        host = torch.cat([p.arrays[n].to(torch.int32) for n in names])
-        if device.type == "cuda":
-            host = host.pin_memory()
-        packed = host.to(device, non_blocking=True)
-        self.buf = dict(zip(names, packed.split(sizes)))
+        starts, total = [], 0
+        for n in names:
+            starts.append(total)
+            total += -(-len(p.arrays[n]) // ALIGN) * ALIGN
+        host = torch.zeros(total, dtype=torch.int32, pin_memory=device.type == "cuda")
+        for n, start in zip(names, starts):
+            host[start:start + len(p.arrays[n])] = p.arrays[n]
+        self._ints = _grow(self._ints, (total,), torch.int32, device)
+        self._ints[:total].copy_(host, non_blocking=True)
+        self._host_ints = host  # alive until the next plan: the copy may still be reading it
+        self.buf = {n: self._ints[start:start + len(p.arrays[n])] for n, start in zip(names, starts)}
         if p.split:  # partial states: the decode items, then one per decode for a shared prefix
             rows = p.num_items + (p.num_decodes if p.shared_len else 0)
             self._part_out = _grow(self._part_out, (rows, self.num_heads, self.head_dim), torch.float32, device)
