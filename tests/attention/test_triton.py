@@ -21,7 +21,7 @@ from kvserve.attention.triton.plan import choose_kv_chunk, split_kv  # noqa: E40
 from kvserve.kv.pool import PagePool  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 # small tiles: the interpreter's time goes with the number of programs and loop trips
 SMALL = dict(tiles=Tiles(decode_block_n=16, prefill_block_m=16, prefill_block_n=16))
 
