@@ -95,9 +95,10 @@ def test_mixed_step(group, d, page_size, dtype):
     assert_close(out, step.expected(), dtype)
 
 
-def test_head_dim_not_a_power_of_two():
-    """Head dim 80 (Phi-2's) runs in 128-wide tiles with the extra columns masked off."""
-    step = Step(MIXED, 16, 2, 4, 80, torch.float32)
+def test_head_dim_and_group_not_powers_of_two():
+    """Head dim 80 (Phi-2's) runs in 128-wide tiles with the extra columns masked off; a group of
+    3 query heads per KV head (Qwen2-7B has 7) packs into tile rows all the same."""
+    step = Step(MIXED, 16, 2, 3, 80, torch.float32)
     _, out = step.run(kv_chunk_size=32, **SMALL)
     assert_close(out, step.expected(), torch.float32)
 

@@ -46,7 +46,7 @@ class TritonAttention:
 
     def plan(self, meta: AttentionMetadata) -> None:
         assert meta.page_size == self.pool.page_size
-        p = plan_step(meta, self.num_kv_heads, self.num_sms, block_m=self.tiles.prefill_block_m,
+        p = plan_step(meta, self.num_kv_heads, self.group, self.num_sms, block_m=self.tiles.prefill_block_m,
                       block_n=self.tiles.decode_block_n,
                       kv_chunk_size=self.kv_chunk_size, cascade_min_len=self.cascade_min_len)
         self.plan_info = p
@@ -98,7 +98,7 @@ class TritonAttention:
         d, bd, t = self.head_dim, self.block_d, self.tiles
         cache_strides = (k_cache.stride(0), k_cache.stride(1))
         if p.num_prefill_tiles:
-            prefill_kernel[(p.num_prefill_tiles, self.num_heads)](
+            prefill_kernel[(p.num_prefill_tiles, self.num_kv_heads)](
                 q, k_cache, v_cache, out, out, b["tile_req"], b["tile_m0"], b["pre_q0"], b["pre_qlen"],
                 b["pre_kv"], b["pre_page0"], b["kv_indices"], q.stride(0), q.stride(1), *cache_strides,
                 out.stride(0), out.stride(1), 0, scale_log2, GROUP=self.group, D=d, BLOCK_D=bd,
@@ -124,7 +124,7 @@ class TritonAttention:
         if p.shared_len:  # the shared prefix, once for all decodes, into partial rows num_items + i
             shared_out, shared_lse = part_out[p.num_items:], part_lse[p.num_items:]
             t0 = p.num_prefill_tiles
-            prefill_kernel[(p.num_cascade_tiles, self.num_heads)](
+            prefill_kernel[(p.num_cascade_tiles, self.num_kv_heads)](
                 q, k_cache, v_cache, shared_out, shared_lse, b["tile_req"][t0:], b["tile_m0"][t0:],
                 b["pre_q0"], b["pre_qlen"], b["pre_kv"], b["pre_page0"], b["kv_indices"],
                 q.stride(0), q.stride(1), *cache_strides, shared_out.stride(0), shared_out.stride(1),

@@ -81,7 +81,7 @@ class StepPlan:
     num_cascade_tiles: int
 
 
-def plan_step(meta: AttentionMetadata, num_kv_heads: int, num_sms: int, *, block_m: int,
+def plan_step(meta: AttentionMetadata, num_kv_heads: int, group: int, num_sms: int, *, block_m: int,
               block_n: int, kv_chunk_size: int | None = None, cascade_min_len: int = 256) -> StepPlan:
     """kv_chunk_size forces decode splits of that many tokens (tests, benchmarks); cascade is used
     where every request is a decode and they share at least cascade_min_len tokens of pages."""
@@ -113,17 +113,18 @@ def plan_step(meta: AttentionMetadata, num_kv_heads: int, num_sms: int, *, block
     # whose rows are all the decodes (rows 0..b-1 of an all-decode step)
     pre = torch.nonzero(q_lens > 1).flatten()
     pre_q0, pre_qlen, pre_kv, pre_page0 = qo_indptr[pre], q_lens[pre], kv_lens[pre], kv_indptr[pre]
-    tiles = cdiv(pre_qlen, block_m)
+    # a tile is block_m rows of (token, query head of one KV head) pairs
+    tiles = cdiv(pre_qlen * group, block_m)
     tile_req = torch.repeat_interleave(torch.arange(len(pre)), tiles)
     first = torch.cumsum(tiles, 0) - tiles
     tile_m0 = (torch.arange(len(tile_req)) - first[tile_req]) * block_m
     # the tiles with the most KV to read go first, so the last wave is short ones
-    work = torch.minimum(pre_kv[tile_req], (pre_kv - pre_qlen)[tile_req] + tile_m0 + block_m)
+    work = torch.minimum(pre_kv[tile_req], (pre_kv - pre_qlen)[tile_req] + (tile_m0 + block_m) // group)
     order = torch.argsort(work, descending=True, stable=True)
     tile_req, tile_m0 = tile_req[order], tile_m0[order]
     num_cascade_tiles = 0
     if shared_len:
-        num_cascade_tiles = cdiv(b, block_m)
+        num_cascade_tiles = cdiv(b * group, block_m)
         tile_req = torch.cat([tile_req, torch.full((num_cascade_tiles,), len(pre))])
         tile_m0 = torch.cat([tile_m0, torch.arange(num_cascade_tiles) * block_m])
         pre_q0 = torch.cat([pre_q0, torch.zeros(1, dtype=torch.long)])

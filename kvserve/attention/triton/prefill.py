@@ -1,5 +1,5 @@
 """Prefill and append attention over paged K/V: a tile of BLOCK_M query rows of one request and one
-query head against that request's pages, through tl.dot.
+KV head (its tokens x the KV head's query heads) against that request's pages, through tl.dot.
 
 A chunk of q_len rows whose request holds kv_len tokens (its own included) is causal with an
 offset: row r sees KV positions <= kv_len - q_len + r, which covers whole prompts (offset 0),
@@ -20,8 +20,7 @@ def prefill_kernel(Q, KCache, VCache, Out, Lse,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PREC: tl.constexpr):
     tile = tl.program_id(0)
-    h = tl.program_id(1)
-    kvh = h // GROUP
+    kvh = tl.program_id(1)
     req = tl.load(TileReq + tile)
     m0 = tl.load(TileM0 + tile)
     q0 = tl.load(ReqQStart + req)
@@ -29,22 +28,26 @@ def prefill_kernel(Q, KCache, VCache, Out, Lse,
     kv_len = tl.load(ReqKvLen + req)
     page0 = tl.load(ReqPageStart + req)
 
-    rows = m0 + tl.arange(0, BLOCK_M)
-    rmask = rows < q_len
+    # rows pack (token, query head of this KV head) pairs, token-major: a KV head's query heads
+    # share each K/V tile, and a short chunk still fills the tile's rows
+    r = m0 + tl.arange(0, BLOCK_M)
+    tok = r // GROUP
+    head = kvh * GROUP + r % GROUP
+    rmask = tok < q_len
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    q = tl.load(Q + (q0 + rows)[:, None] * stride_qt + h * stride_qh + d[None, :],
+    q = tl.load(Q + (q0 + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=rmask[:, None] & dmask[None, :], other=0.0)
     k_base = KCache + kvh.to(tl.int64) * stride_ch
     v_base = VCache + kvh.to(tl.int64) * stride_ch
     pages = KvIndices + page0
 
-    q_pos = kv_len - q_len + rows  # after the cached prefix before this chunk
+    q_pos = kv_len - q_len + tok  # after the cached prefix before this chunk
     if CAUSAL:
-        # blocks wholly at or before the tile's first row need no mask; the diagonal ones do, and
-        # nothing past the tile's last row is read
-        full_end = (kv_len - q_len + m0 + 1) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(kv_len, kv_len - q_len + m0 + BLOCK_M)
+        # blocks wholly at or before the tile's first token need no mask; the diagonal ones do,
+        # and nothing past the tile's last token is read
+        full_end = (kv_len - q_len + m0 // GROUP + 1) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(kv_len, kv_len - q_len + (m0 + BLOCK_M - 1) // GROUP + 1)
     else:
         full_end = kv_len // BLOCK_N * BLOCK_N
         hi = kv_len
@@ -60,8 +63,8 @@ def prefill_kernel(Q, KCache, VCache, Out, Lse,
                                  MASKED=True, CAUSAL=CAUSAL, DOT_PREC=DOT_PREC)
 
     out = acc / l_i[:, None]
-    out_rows = q0 + rows
-    tl.store(Out + out_rows[:, None] * stride_ot + h * stride_oh + d[None, :],
+    out_rows = q0 + tok
+    tl.store(Out + out_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              out.to(Out.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
     if WRITE_LSE:
-        tl.store(Lse + out_rows * stride_lt + h, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rmask)
+        tl.store(Lse + out_rows * stride_lt + head, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rmask)
