@@ -7,8 +7,8 @@ import sys
 
 from kvserve import terminal
 from kvserve.args import add_engine_args
-from kvserve.bench import (latency, longctx, overhead, rag as bench_rag, serve as bench_serve, step_profile,
-                           throughput)
+from kvserve.bench import attention as bench_attention, latency, longctx, overhead, rag as bench_rag
+from kvserve.bench import serve as bench_serve, step_profile, throughput
 from kvserve.eval import longctx as eval_longctx
 from kvserve.model.loader import ModelLoadError
 from kvserve.process import tune_malloc
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("overhead", help="host time per engine step over a null model, by stage")
     overhead.add_args(p)
     p.set_defaults(func=overhead.main)
+    p = bench_sub.add_parser("attention", help="Triton paged attention vs torch SDPA: decode GB/s, prefill TFLOP/s")
+    bench_attention.add_args(p)
+    p.set_defaults(func=bench_attention.main)
     p = bench_sub.add_parser("serve", help="load generator for any OpenAI-compatible server")
     bench_serve.add_args(p)
     p.set_defaults(func=bench_serve.main)
