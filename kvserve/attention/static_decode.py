@@ -11,7 +11,11 @@ import torch
 
 class StaticDecodeAttention:
     """One query token per sequence. `plan()` fills the buffers from host lists (one copy each);
-    `run()` launches only fixed-shape work for the planned bucket."""
+    `run()` launches only fixed-shape work for the planned bucket. This one gathers every row's
+    max_pages pages in PyTorch ops: the CPU's reference of the static path, and a GPU's without
+    triton (see kvserve.attention.triton.static for the kernel that reads pages in place)."""
+
+    index_dtype = torch.long  # of the page table, lengths and slots
 
     def __init__(self, pool, num_heads: int, head_dim: int, max_batch: int, max_pages: int, scratch_page: int,
                  scale: float | None = None):
@@ -19,9 +23,10 @@ class StaticDecodeAttention:
         self.scale = scale if scale is not None else head_dim ** -0.5
         self.max_pages, self.scratch_page = max_pages, scratch_page
         device, page = pool.k.device, pool.page_size
-        self.block_table = torch.full((max_batch, max_pages), scratch_page, dtype=torch.long, device=device)
-        self.kv_lens = torch.ones(max_batch, dtype=torch.long, device=device)
-        self.slots = torch.full((max_batch,), scratch_page * page, dtype=torch.long, device=device)
+        ints = dict(dtype=self.index_dtype, device=device)
+        self.block_table = torch.full((max_batch, max_pages), scratch_page, **ints)
+        self.kv_lens = torch.ones(max_batch, **ints)
+        self.slots = torch.full((max_batch,), scratch_page * page, **ints)
         self.token_offsets = torch.arange(page, device=device)
         self.key_positions = torch.arange(max_pages * page, device=device)
 
@@ -40,6 +45,10 @@ class StaticDecodeAttention:
         self.block_table[:bucket].copy_(table, non_blocking=True)
         self.kv_lens[:bucket].copy_(lens, non_blocking=True)
         self.slots[:bucket].copy_(slots, non_blocking=True)
+
+    def prefers_eager(self, kv_lens: list[int]) -> bool:
+        """Whether a dynamic backend would run this step better (e.g. by splitting long sequences)."""
+        return False
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [B, H, D], k/v [B, Hkv, D] of the bucket's rows -> [B, H, D]."""

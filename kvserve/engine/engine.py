@@ -8,9 +8,7 @@ from pathlib import Path
 import torch
 
 from kvserve.attention.policy import parse_attention
-from kvserve.attention.sparse.backend import PolicyAttention
 from kvserve.attention.sparse.streaming import droppable_pages
-from kvserve.attention.torch_ref import TorchRefAttention
 from kvserve.config import EngineConfig
 from kvserve.engine.executors import select_executor
 from kvserve.engine.request import (CompletionOutput, FinishReason, Logprob, RequestOutput,
@@ -74,12 +72,8 @@ class Engine:
                              kv_dtype, self.device)
         self.kv = KVCacheManager(self.pool, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        attention = TorchRefAttention(self.pool, mc.num_heads, mc.head_dim)
-        policy_attention = PolicyAttention(TorchRefAttention(self.pool, mc.num_heads, mc.head_dim), self.pool,
-                                           mc.num_heads, mc.head_dim)
-        self.runner = ModelRunner(model, select_executor(model, self.pool, attention, policy_attention, self.device,
-                                                         config.compile, config.scheduler.max_num_seqs,
-                                                         config.enforce_eager))
+        self.runner = ModelRunner(model, select_executor(model, self.pool, self.device, config.compile,
+                                                         config.scheduler.max_num_seqs, config.enforce_eager))
         self.sampler = Sampler()
         self.requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()

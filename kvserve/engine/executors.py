@@ -5,14 +5,18 @@
   decodes through PolicyAttention, optionally torch.compile'd.
 - `NativeExecutor`: the CPU with int4 weights: a step with full attention only is one C call
   (kvserve/native/decode.c); a step with a sparse-policy decode goes to its TorchExecutor.
-- `StaticDecodeExecutor` (static_executor.py): CUDA, unless enforce_eager: decode-only steps
-  replay a CUDA graph captured per batch bucket; other steps go to its TorchExecutor.
+- `StaticDecodeExecutor` (static_executor.py): CUDA with triton, unless enforce_eager:
+  decode-only steps replay a CUDA graph captured per batch bucket (Triton decode over static
+  buffers); other steps go to its TorchExecutor, whose dense attention is TritonAttention.
 """
 from dataclasses import dataclass
 
 import torch
 
 from kvserve.attention.metadata import AttentionMetadata
+from kvserve.attention.sparse.backend import PolicyAttention
+from kvserve.attention.torch_ref import TorchRefAttention
+from kvserve.attention.triton import available as triton_available
 from kvserve.engine.request import Sequence
 from kvserve.native.decode import NativeDecoder
 
@@ -92,14 +96,24 @@ class NativeExecutor:
         return self.decoder(batch.ids, batch.positions, page_table, page_starts, batch.last_rows)
 
 
-def select_executor(model, pool, attention, policy_attention, device, compile: bool = False,
-                    max_batch: int = 64, enforce_eager: bool = False):
-    """The fastest executor this model runs on, on this device."""
+def select_executor(model, pool, device, compile: bool = False, max_batch: int = 64, enforce_eager: bool = False):
+    """The fastest executor this model runs on, on this device, with its attention backends."""
+    cfg = model.config
+    cuda_kernels = str(device).startswith("cuda") and triton_available()
+    if cuda_kernels:
+        from kvserve.attention.triton import TritonAttention
+        attention = TritonAttention(pool, cfg.num_heads, cfg.head_dim)
+    else:
+        attention = TorchRefAttention(pool, cfg.num_heads, cfg.head_dim)
+    # sparse policies run in PyTorch ops everywhere (their index work is on the CPU for now)
+    policy_attention = PolicyAttention(TorchRefAttention(pool, cfg.num_heads, cfg.head_dim), pool, cfg.num_heads,
+                                       cfg.head_dim)
     torch_executor = TorchExecutor(model, attention, policy_attention, pool.page_size, device, compile)
     if NativeDecoder.supports(model):
         return NativeExecutor(NativeDecoder(model, pool), torch_executor)
-    if str(device).startswith("cuda") and not enforce_eager:
+    if cuda_kernels and not enforce_eager:
+        from kvserve.attention.triton.static import TritonStaticDecode
         from kvserve.engine.static_executor import StaticDecodeExecutor
-        return StaticDecodeExecutor(model, pool, torch_executor, max_batch, model.config.max_position_embeddings,
-                                    use_graphs=True)
+        return StaticDecodeExecutor(model, pool, torch_executor, max_batch, cfg.max_position_embeddings,
+                                    use_graphs=True, attention_cls=TritonStaticDecode)
     return torch_executor

@@ -22,14 +22,14 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 
 class StaticDecodeExecutor:
-    def __init__(self, model, pool, fallback, max_batch: int, max_len: int, use_graphs: bool = False):
+    def __init__(self, model, pool, fallback, max_batch: int, max_len: int, use_graphs: bool = False,
+                 attention_cls=StaticDecodeAttention):
         self.model, self.fallback = model, fallback
         self.buckets = bucket_sizes(max_batch)
         cfg, device = model.config, pool.k.device
         self.scratch_page = pool.reserve()  # padding rows write here
         self.max_pages = -(-max_len // pool.page_size)
-        self.attention = StaticDecodeAttention(pool, cfg.num_heads, cfg.head_dim, max_batch, self.max_pages,
-                                               self.scratch_page)
+        self.attention = attention_cls(pool, cfg.num_heads, cfg.head_dim, max_batch, self.max_pages, self.scratch_page)
         self.ids = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.graphs, self.outputs = {}, {}
@@ -39,7 +39,8 @@ class StaticDecodeExecutor:
     def takes(self, batch: StepBatch) -> bool:
         n = len(batch.ids)
         return (not batch.sparse and len(batch.scheduled) == n == len(batch.last_rows)
-                and n <= self.buckets[-1] and max(batch.kv_lens) <= self.max_pages * self.attention.pool.page_size)
+                and n <= self.buckets[-1] and max(batch.kv_lens) <= self.max_pages * self.attention.pool.page_size
+                and not self.attention.prefers_eager(batch.kv_lens))
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         if not self.takes(batch):

@@ -1,6 +1,12 @@
 """The static-buffer decode path (what CUDA graphs replay) against the dynamic path, on the CPU."""
+import importlib.util
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # the Triton kernel's CPU run, set before triton is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kvserve.engine.request import SamplingParams
 from kvserve.engine.static_executor import StaticDecodeExecutor, bucket_sizes
@@ -14,9 +20,14 @@ def run(engine, prompts, params):
     return [done[i] for i in ids]
 
 
-def static(engine, max_batch):
+def static(engine, max_batch, kernel="torch"):
+    from kvserve.attention.static_decode import StaticDecodeAttention
+    if kernel == "triton":
+        from kvserve.attention.triton.static import TritonStaticDecode as attention_cls
+    else:
+        attention_cls = StaticDecodeAttention
     executor = StaticDecodeExecutor(engine.model, engine.pool, engine.runner.executor, max_batch,
-                                    engine.max_model_len)
+                                    engine.max_model_len, attention_cls=attention_cls)
     calls = []
     take = executor.takes
     executor.takes = lambda batch: calls.append(take(batch)) or calls[-1]
@@ -30,8 +41,11 @@ def test_bucket_sizes():
     assert bucket_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
 
 
-@pytest.mark.parametrize("page_size", [1, 16])
-def test_static_decodes_give_the_dynamic_tokens(make_engine, page_size):
+KERNELS = [("torch", 1), ("torch", 16)] + ([("triton", 16)] if importlib.util.find_spec("triton") else [])
+
+
+@pytest.mark.parametrize("kernel,page_size", KERNELS)
+def test_static_decodes_give_the_dynamic_tokens(make_engine, kernel, page_size):
     """Ragged lengths (pages partly filled), batches padded to buckets of 4 and 8 and one past
     the largest bucket (run by the fallback), and sequences that finish while others go on."""
     prompts = [[100 + 7 * i + j for j in range(3 + 5 * i)] for i in range(11)]
@@ -39,7 +53,7 @@ def test_static_decodes_give_the_dynamic_tokens(make_engine, page_size):
     expected = [run(make_engine(page_size=page_size, num_pages=512), [p], q)[0] for p, q in zip(prompts, params)]
 
     engine = make_engine(page_size=page_size, num_pages=512)
-    calls = static(engine, max_batch=8)
+    calls = static(engine, max_batch=8, kernel=kernel)
     ids = [engine.add_request(p, q) for p, q in zip(prompts, params)]
     done = {}
     while engine.has_unfinished():
