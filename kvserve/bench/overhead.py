@@ -27,6 +27,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=at_least_one, default=3,
                    help="runs per batch size; the fastest is shown (other load on the machine only adds time)")
     p.add_argument("--threads", type=at_least_one, default=1, help="torch threads (the host's work is serial)")
+    p.add_argument("--static", action="store_true",
+                   help="decode steps through the static-buffer executor (what a GPU replays as CUDA graphs)")
     p.add_argument("--tokenizer", default=None, help="model whose tokenizer detokenizes (default: the packaged one)")
 
 
@@ -67,7 +69,12 @@ def build_engine(batch: int, args, tokenizer):
     # sampled tokens are whole characters, as most of a real text's are (a byte token alone is not)
     text_like = [i for i in range(args.vocab_size) if tokenizer.piece(i) is not None] or None
     model = NullModel(args.vocab_size, max_len=args.input_len + steps + 8, allowed=text_like)
-    return Engine(config, model=model, tokenizer=tokenizer)
+    engine = Engine(config, model=model, tokenizer=tokenizer)
+    if args.static:
+        from kvserve.engine.static_executor import StaticDecodeExecutor
+        engine.runner.executor = StaticDecodeExecutor(model, engine.pool, engine.runner.executor, batch,
+                                                      model.config.max_position_embeddings)
+    return engine
 
 
 def measure(batch: int, args, tokenizer) -> dict[str, float]:
@@ -114,7 +121,8 @@ def main(args) -> int:
         print(f"no tokenizer ({e}); tokens are spelled <id>", file=sys.stderr)
         tokenizer = token_tokenizer(args.vocab_size)
     print(f"host time per decode step (ms), null model, vocab {args.vocab_size}, prompts of {args.input_len} "
-          f"tokens, temperature {args.temperature}, {args.steps} steps, fastest of {args.rounds} rounds")
+          f"tokens, temperature {args.temperature}, {args.steps} steps, fastest of {args.rounds} rounds"
+          + (", static-buffer executor" if args.static else ""))
     cols = (*STAGES, "other", "total")
     print(f"{'batch':>6}" + "".join(f"{c:>10}" for c in cols) + f"{'us/seq':>10}")
     torch.set_num_threads(args.threads)

@@ -145,10 +145,12 @@ class Engine:
             return []
         failed: dict[str, Exception] = {}
         logits, sampled = self._execute(out.scheduled, failed)
+        page_size = self.pool.page_size
         for seq, n in out.scheduled:
-            if seq.request_id not in failed:
+            if not failed or seq.request_id not in failed:
                 seq.num_computed_tokens += n
-                self.kv.cache_computed_pages(seq)
+                if seq.num_computed_tokens // page_size > len(seq.page_hashes):  # a page was filled
+                    self.kv.cache_computed_pages(seq)
         rows, seqs = list(range(len(sampled))), list(sampled)
         for row, seq in enumerate(sampled):
             if seq.params.n > 1:
@@ -158,9 +160,9 @@ class Engine:
         tokens = self._sample(logits[rows] if len(rows) > len(sampled) else logits, seqs, failed)
         touched = {rid: self._fail(rid, e) for rid, e in failed.items()}
         for seq, tok in zip(seqs, tokens):
-            if seq.request_id in failed or seq.request_id not in self.requests:
+            state = self.requests.get(seq.request_id)
+            if state is None or (failed and seq.request_id in failed):
                 continue
-            state = self.requests[seq.request_id]
             try:
                 self._append(seq, tok, state)
             except Exception as e:  # e.g. a detokenizer error: this request only

@@ -43,6 +43,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
+        if all(r.params.plain for r in rows):  # nothing to process: sampling reads the logits only
+            return [SampledToken(t, None, None) for t in _sample(logits.float(), rows).tolist()]
         logits = logits.to(torch.float32, copy=True)  # processed in place; the caller's tensor stays intact
         _put(logits, [(i, t, b) for i, r in enumerate(rows) for t, b in (r.params.logit_bias or {}).items()],
              accumulate=True)
