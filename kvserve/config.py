@@ -41,11 +41,13 @@ class SchedulerConfig:
 @dataclass
 class EngineConfig:
     model: str | None = None  # path; None = the packaged SmolLM2
+    random_weights: str | None = None  # a shape of kvserve.model.random_weights.SHAPES instead of a file
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     quantization: str = "auto"  # auto (a GGUF's own) | none | int8 | int4; weight-only, CPU
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA where a GPU is visible, else the CPU
     threads: int | None = None
     compile: bool = False  # torch.compile the decoder (CPU); the first steps compile it
+    enforce_eager: bool = False  # CUDA: no graphs, every step runs op by op
     seed: int = 0
     attention: object = "full"  # default decode attention policy (kvserve.attention.policy)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -10,14 +10,15 @@ Messages = list[dict]
 
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", quantization: str = "auto",
-                 device: str = "cpu",
+                 device: str = "auto",
                  threads: int | None = None, page_size: int = 16, num_pages: int | None = None,
                  kv_cache_gb: float | None = None, enable_prefix_caching: bool = True,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
-                 enable_chunked_prefill: bool = True, attention="full", engine: Engine | None = None):
+                 enable_chunked_prefill: bool = True, attention="full", enforce_eager: bool = False,
+                 engine: Engine | None = None):
         self.engine = engine or Engine(EngineConfig(
             model=model, dtype=dtype, quantization=quantization, device=device, threads=threads,
-            attention=attention,
+            attention=attention, enforce_eager=enforce_eager,
             cache=CacheConfig(page_size, num_pages, kv_cache_gb, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, enable_chunked_prefill)))
         self.tokenizer = self.engine.tokenizer

@@ -100,3 +100,27 @@ def test_longctx_bad_options_are_usage_errors(args, error):
     r = kvserve(*args)
     assert r.returncode == 2 and args[2] in r.stderr and error in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_bench_overhead_runs_small():
+    r = kvserve("bench", "overhead", "--batch-sizes", "1,4", "--steps", "3", "--rounds", "1", "--input-len", "8")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.split()[:1] in (["1"], ["4"])]
+    assert [row[0] for row in rows] == ["1", "4"] and all(float(x) >= 0 for row in rows for x in row[1:5])
+    r = kvserve("bench", "overhead", "--batch-sizes", "1,x")
+    assert r.returncode != 0 and "--batch-sizes" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_random_weight_benchmarks_run_small():
+    """What a GPU host runs (--device cuda --random-weights llama-8b), at the tiny shape on the CPU."""
+    r = kvserve("bench", "throughput", "--random-weights", "tiny", "--num-prompts", "4", "--input-len", "8",
+                "--output-len", "4", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert "transformers generate" in r.stdout and "of the floor" in r.stdout
+    r = kvserve("bench", "latency", "--random-weights", "tiny", "--prompt-len", "8", "--output-len", "4",
+                "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert "bandwidth floor" in r.stdout and "kvserve / transformers" in r.stdout
+    r = kvserve("bench", "profile", "--random-weights", "tiny", "--batch", "2", "--input-len", "4", "--steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert "2 decode steps" in r.stdout and "aten::" in r.stdout

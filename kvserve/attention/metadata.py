@@ -1,5 +1,6 @@
 """The page table of one step in FlashInfer's CSR layout: four flat int32 tensors anyone can print."""
 from dataclasses import dataclass
+from itertools import accumulate, chain
 
 import torch
 
@@ -19,17 +20,14 @@ class AttentionMetadata:
     def build(cls, q_lens: list[int], page_tables: list[list[int]], kv_lens: list[int],
               page_size: int) -> "AttentionMetadata":
         """From per-request query lengths, page lists and total KV lengths (new tokens included)."""
-        qo, kv, indices, last = [0], [0], [], []
-        for q_len, pages, kv_len in zip(q_lens, page_tables, kv_lens):
-            n = -(-kv_len // page_size)
-            assert q_len <= kv_len and n <= len(pages), "page table shorter than the KV length"
-            qo.append(qo[-1] + q_len)
-            indices.extend(pages[:n])
-            kv.append(kv[-1] + n)
-            last.append(kv_len - (n - 1) * page_size)
+        num_pages = [-(-kv_len // page_size) for kv_len in kv_lens]
+        if any(q > k or n > len(p) for q, k, n, p in zip(q_lens, kv_lens, num_pages, page_tables)):
+            raise ValueError("a page table is shorter than its KV length, or a query longer than it")
+        indices = list(chain.from_iterable(pages[:n] for pages, n in zip(page_tables, num_pages)))
+        last = [kv_len - (n - 1) * page_size for kv_len, n in zip(kv_lens, num_pages)]
         i32 = dict(dtype=torch.int32)
-        return cls(torch.tensor(qo, **i32), torch.tensor(kv, **i32), torch.tensor(indices, **i32),
-                   torch.tensor(last, **i32), page_size)
+        return cls(torch.tensor([0, *accumulate(q_lens)], **i32), torch.tensor([0, *accumulate(num_pages)], **i32),
+                   torch.tensor(indices, **i32), torch.tensor(last, **i32), page_size)
 
     @property
     def batch_size(self) -> int:

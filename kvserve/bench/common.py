@@ -1,5 +1,4 @@
 """Shared pieces of the benchmarks: the standard workload and the result table."""
-import argparse
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -47,19 +46,3 @@ def print_table(results: list[ThroughputResult], baseline: str) -> None:
 
 def to_json(results: list[ThroughputResult], **extra) -> str:
     return json.dumps({"results": [asdict(r) | {"output_tok_per_s": r.output_tok_per_s} for r in results]} | extra)
-
-
-def at_least_one(value: str) -> int:
-    """argparse type of counts such as --rounds"""
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
-
-
-def token_lengths(value: str) -> list[int]:
-    """argparse type of comma-separated context lengths such as --lengths ('' for none)"""
-    try:
-        return [at_least_one(x) for x in value.split(",") if x]
-    except (ValueError, argparse.ArgumentTypeError):
-        raise argparse.ArgumentTypeError(f"must be comma-separated counts >= 1, got {value!r}") from None

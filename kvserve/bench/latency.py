@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kvserve.bench.common import at_least_one, random_prompts
+from kvserve.args import at_least_one
+from kvserve.bench.common import random_prompts
 
 WORKERS = Path(__file__).with_name("latency_workers.py")
 
@@ -16,7 +17,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=16, help="the short prompt before decoding")
     p.add_argument("--long-prompt-len", type=int, default=512, help="the prompt-processing prompt")
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--peer", choices=["llama.cpp", "none"], default="llama.cpp")
+    p.add_argument("--peer", choices=["llama.cpp", "none"], default="llama.cpp",
+                   help="with --random-weights the peer is transformers in the same process")
     p.add_argument("--llamacpp-python", default=".venv-llamacpp/bin/python",
                    help="python of a venv with llama-cpp-python (pip install llama-cpp-python)")
     p.add_argument("--rounds", type=at_least_one, default=3,
@@ -37,6 +39,9 @@ def run_worker(python: str, engine: str, args, model: str, prompts) -> dict:
 
 
 def main(args) -> int:
+    if args.random_weights:  # no GGUF, so no llama.cpp: in-process, against transformers
+        from kvserve.bench import random_latency
+        return random_latency.main(args)
     import torch
 
     from kvserve.engine.engine import load_tokenizer

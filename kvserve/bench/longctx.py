@@ -15,7 +15,7 @@ from statistics import median
 
 import torch
 
-from kvserve.bench.common import at_least_one, token_lengths
+from kvserve.args import at_least_one, token_lengths
 from kvserve.engine.request import SamplingParams
 
 POLICIES = ["full", "streaming", "magicpig", "topk"]
@@ -168,8 +168,8 @@ def _by_context(rows):
 
 
 def main(args) -> int:
+    from kvserve.args import engine_config
     from kvserve.attention.policy import parse_attention
-    from kvserve.cli import engine_config
     from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
     from kvserve.engine.engine import Engine, load_tokenizer, resolve_dtype
     from kvserve.eval.texts import long_text

@@ -33,7 +33,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     from kvserve.bench.rag_collection import QUESTIONS, build_bench_collection
-    from kvserve.cli import engine_config
+    from kvserve.args import engine_config
     from kvserve.engine.async_engine import AsyncEngine
     from kvserve.engine.engine import Engine
     from kvserve.rag.collections import CollectionRegistry

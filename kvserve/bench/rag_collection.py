@@ -44,7 +44,7 @@ QUESTIONS = [
 
 
 def repo_documents(repo: Path) -> list[tuple[str, str]]:
-    files = [repo / "README.md", repo / "BENCHMARKS.md", repo.parent / "shared" / "DESIGN.md"]
+    files = [repo / "README.md", repo / "BENCHMARKS.md", *sorted((repo / "docs").glob("*.md"))]
     files += sorted((repo / "kvserve").rglob("*.py"))
     return [(str(f.relative_to(repo.parent)), f.read_text(errors="replace")) for f in files if f.is_file()]
 

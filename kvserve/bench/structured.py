@@ -47,7 +47,7 @@ def compile_times(engine, schemas) -> list[float]:
 
 def main(args) -> int:
     from kvserve.bench.schemas import SCHEMAS
-    from kvserve.cli import engine_config
+    from kvserve.args import engine_config
     from kvserve.engine.engine import Engine
     from kvserve.engine.request import SamplingParams
     from kvserve.llm import LLM

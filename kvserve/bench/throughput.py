@@ -5,6 +5,7 @@ import time
 import torch
 
 from kvserve.bench.common import ThroughputResult, print_table, random_prompts, to_json
+from kvserve.model.random_weights import shape_config
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -20,10 +21,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_kvserve(args, prompts, enable_prefix_caching=True, label="kvserve") -> tuple[ThroughputResult, float]:
+    from kvserve.args import engine_config
     from kvserve.engine.engine import Engine
     from kvserve.engine.request import SamplingParams
     from kvserve.llm import LLM
-    from kvserve.cli import engine_config
     args.no_prefix_caching = not enable_prefix_caching
     llm = LLM(engine=Engine(engine_config(args)))
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
@@ -45,17 +46,21 @@ def run_vllm(args, prompts) -> ThroughputResult:
 
 
 def main(args) -> int:
-    from kvserve.engine.engine import resolve_dtype
+    from kvserve.engine.engine import resolve_device, resolve_dtype
     if args.threads:
         torch.set_num_threads(args.threads)
-    vocab = _vocab_size(args.model)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    shape = shape_config(args.random_weights) if args.random_weights else None
+    vocab = shape.vocab_size if shape else _vocab_size(args.model)
     prompts = random_prompts(args.num_prompts, args.input_len, vocab, shared_prefix=args.shared_prefix)
     print(f"workload: {args.num_prompts} prompts x {args.shared_prefix + args.input_len} input tokens "
           f"({args.shared_prefix} shared) x {args.output_len} output tokens, ignore_eos; "
-          f"dtype {resolve_dtype(args.dtype, args.device)}, {torch.get_num_threads()} threads")
+          f"{args.random_weights or 'model file'} on {device}, dtype {dtype}, {torch.get_num_threads()} threads")
     results = []
     ours, hit_rate = run_kvserve(args, prompts)
     results.append(ours)
+    release_device_memory()  # the engine's KV cache took most of a GPU's memory
     extra = {}
     if args.shared_prefix:
         off, _ = run_kvserve(args, prompts, enable_prefix_caching=False, label="kvserve (no prefix cache)")
@@ -63,7 +68,7 @@ def main(args) -> int:
         extra = {"prefix_hit_rate": hit_rate, "prefix_cache_speedup": off.seconds / ours.seconds}
     if args.peer == "transformers":
         from kvserve.bench.transformers_peer import run_transformers
-        results.append(run_transformers(args, prompts, resolve_dtype(args.dtype, "cpu")))
+        results.append(run_transformers(args, prompts, dtype, device))
     elif args.peer == "vllm":
         results.append(run_vllm(args, prompts))
     print()
@@ -71,9 +76,29 @@ def main(args) -> int:
     if args.shared_prefix:
         print(f"prefix cache hit rate {hit_rate:.1%}; end-to-end speedup with prefix caching "
               f"{extra['prefix_cache_speedup']:.2f}x")
+    if shape is not None:
+        extra |= print_floor(shape, dtype, device, args, ours)
     if args.json:
         print(to_json(results, **extra))
     return 0
+
+
+def print_floor(shape, dtype, device, args, ours: ThroughputResult) -> dict:
+    from kvserve.bench.floor import batch_floor, measure_peaks
+    peaks = measure_peaks(device, dtype)
+    floor = batch_floor(shape, dtype, args.num_prompts, args.shared_prefix + args.input_len, args.output_len,
+                        args.max_num_seqs, peaks)
+    print(f"hardware floor {floor:.3f} s (matmuls at {peaks.flops / 1e12:.2f} TFLOP/s, weights and KV at "
+          f"{peaks.bytes_per_s / 1e9:.0f} GB/s, measured here); kvserve {ours.seconds:.3f} s = "
+          f"{floor / ours.seconds:.0%} of the floor")
+    return {"floor_s": floor, "share_of_floor": floor / ours.seconds}
+
+
+def release_device_memory() -> None:
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _vocab_size(model) -> int:

@@ -28,31 +28,45 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     }
 
 
-def load_transformers_model(model: str | None, dtype: torch.dtype):
+def load_transformers_model(model: str | None, dtype: torch.dtype, device="cpu", random_weights: str | None = None,
+                            seed: int = 0):  # seed 0: EngineConfig's default
+    """The checkpoint's weights, or the same random weights kvserve made (same shape, seed and device)."""
     import transformers
-    from kvserve.model.loader import load_checkpoint
-    cfg, weights = load_checkpoint(model)
+    if random_weights:
+        from kvserve.model.random_weights import RandomWeights, shape_config
+        cfg = shape_config(random_weights)
+        weights = RandomWeights(cfg, dtype, device, seed)
+    else:
+        from kvserve.model.loader import load_checkpoint
+        cfg, weights = load_checkpoint(model)
     config = transformers.AutoConfig.for_model(**hf_config_dict(cfg, dtype))
-    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    hf.load_state_dict({k: v for k, v in weights.items() if k != "rope_freqs.weight"}, strict=False)
+    with torch.device(device):  # initialised where it runs: a CPU init of 8B parameters takes minutes
+        hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for name in weights:  # one tensor at a time
+            if name in params:
+                params[name].copy_(weights[name])
     if cfg.tie_word_embeddings:
         hf.tie_weights()
     return hf.to(dtype).eval()
 
 
-def run_transformers(args, prompts, dtype: torch.dtype) -> ThroughputResult:
+def run_transformers(args, prompts, dtype: torch.dtype, device="cpu") -> ThroughputResult:
     from tqdm import tqdm
-    model = load_transformers_model(args.model, dtype)
+    model = load_transformers_model(args.model, dtype, device, args.random_weights)
     out_tokens = 0
     start = time.perf_counter()
     for i in tqdm(range(0, len(prompts), args.peer_batch_size), desc="transformers generate", unit="batch"):
         batch = prompts[i:i + args.peer_batch_size]
         width = max(map(len, batch))  # left padding, as generate() expects
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.output_len,
                                  min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
         out_tokens += (out.shape[1] - width) * len(batch)
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
     return ThroughputResult(f"transformers generate (bs {args.peer_batch_size})", len(prompts),
                             sum(map(len, prompts)), out_tokens, time.perf_counter() - start)

@@ -8,12 +8,11 @@ from pathlib import Path
 import torch
 
 from kvserve.attention.policy import parse_attention
-from kvserve.attention.sparse.backend import PolicyAttention
 from kvserve.attention.sparse.streaming import droppable_pages
-from kvserve.attention.torch_ref import TorchRefAttention
 from kvserve.config import EngineConfig
+from kvserve.engine.executors import select_executor
 from kvserve.engine.request import (CompletionOutput, FinishReason, Logprob, RequestOutput,
-                                    SamplingParams, Sequence, now)
+                                    SamplingParams, Sequence, SequenceStatus, now)
 from kvserve.engine.runner import ModelRunner
 from kvserve.engine.sampler import Sampler, SamplingRow
 from kvserve.engine.scheduler import Scheduler
@@ -22,8 +21,8 @@ from kvserve.kv.manager import KVCacheManager
 from kvserve.kv.pool import PagePool
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.model.loader import ModelLoadError, load_checkpoint, read_gguf, release_free_memory, resolve_model_path
+from kvserve.model.random_weights import RandomWeights, shape_config, token_tokenizer
 from kvserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
-from kvserve.native.decode import NativeDecoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,15 +44,20 @@ class Engine:
         self.default_attention = parse_attention(config.attention)
         if config.threads:
             torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device, model)
         if model is None:
-            # the packed kernels are CPU-only: elsewhere "auto" keeps float weights
-            quantization = "none" if config.quantization == "auto" and config.device != "cpu" else config.quantization
-            model_cfg, weights = load_checkpoint(config.model, quantization)
-            model = LlamaForCausalLM.from_weights(model_cfg, weights, resolve_dtype(config.dtype, config.device),
-                                                  config.device)
+            dtype = resolve_dtype(config.dtype, self.device)
+            if config.random_weights:
+                model_cfg = shape_config(config.random_weights)
+                weights = RandomWeights(model_cfg, dtype, self.device, config.seed)
+            else:
+                # the packed kernels are CPU-only: elsewhere "auto" keeps float weights
+                quantization = "none" if config.quantization == "auto" and self.device != "cpu" else config.quantization
+                model_cfg, weights = load_checkpoint(config.model, quantization)
+            model = LlamaForCausalLM.from_weights(model_cfg, weights, dtype, self.device)
             del weights
         if tokenizer is None:
-            tokenizer = load_tokenizer(config.model)
+            tokenizer = token_tokenizer(model.config.vocab_size) if config.random_weights else load_tokenizer(config.model)
         read_gguf.cache_clear()
         release_free_memory()
         self.model, self.tokenizer = model, tokenizer
@@ -63,19 +67,14 @@ class Engine:
         cache = config.cache
         kv_dtype = model.dtype
         page_bytes = PagePool.bytes_per_page(mc.num_layers, cache.page_size, mc.num_kv_heads, mc.head_dim, kv_dtype)
-        num_pages = cache.num_pages or default_num_pages(cache.kv_cache_gb, page_bytes, config.device,
+        num_pages = cache.num_pages or default_num_pages(cache.kv_cache_gb, page_bytes, self.device,
                                                          config.scheduler.max_num_seqs * self.max_model_len // cache.page_size)
         self.pool = PagePool(mc.num_layers, num_pages, cache.page_size, mc.num_kv_heads, mc.head_dim,
-                             kv_dtype, config.device)
+                             kv_dtype, self.device)
         self.kv = KVCacheManager(self.pool, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        attention = TorchRefAttention(self.pool, mc.num_heads, mc.head_dim)
-        policy_attention = PolicyAttention(TorchRefAttention(self.pool, mc.num_heads, mc.head_dim), self.pool,
-                                           mc.num_heads, mc.head_dim)
-        self.runner = ModelRunner(model, attention, cache.page_size, config.device, config.compile,
-                                  policy_attention)
-        if NativeDecoder.supports(model):
-            self.runner.native_decoder = NativeDecoder(model, self.pool)
+        self.runner = ModelRunner(model, select_executor(model, self.pool, self.device, config.compile,
+                                                         config.scheduler.max_num_seqs, config.enforce_eager))
         self.sampler = Sampler()
         self.grammars = GrammarCache(tokenizer, mc.vocab_size, self.eos_token_ids)
         self._bitmasks = BitmaskApplier(mc.vocab_size, self.grammars.json_safe)
@@ -128,7 +127,8 @@ class Engine:
     def _init_seq(self, seq: Sequence) -> None:
         if seq.params.seed is not None:
             # child i of a seeded request draws from its own stream; child 0 uses the seed itself
-            seq.generator = torch.Generator().manual_seed(seq.params.seed + 1_000_003 * seq.index)
+            # on the logits' device: a seeded row's noise is drawn there, with no copy
+            seq.generator = torch.Generator(self.device).manual_seed(seq.params.seed + 1_000_003 * seq.index)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.params.skip_special_tokens,
                                                  prompt_ids=seq.token_ids[:seq.num_prompt_tokens])
 
@@ -153,26 +153,30 @@ class Engine:
         self._bitmasks.fill_ahead([s.grammar for s, n in out.scheduled
                                    if s.grammar is not None and s.num_computed_tokens + n == len(s.token_ids)])
         logits, sampled = self._execute(out.scheduled, failed)
+        page_size = self.pool.page_size
         for seq, n in out.scheduled:
-            if seq.request_id not in failed:
+            if not failed or seq.request_id not in failed:
                 seq.num_computed_tokens += n
-                self.kv.cache_computed_pages(seq)
-        rows, seqs = [], []
+                if seq.num_computed_tokens // page_size > len(seq.page_hashes):  # a page was filled
+                    self.kv.cache_computed_pages(seq)
+        rows, seqs = list(range(len(sampled))), list(sampled)
         for row, seq in enumerate(sampled):
-            for s in [seq] + self._fork_children(seq):
-                rows.append(row)
-                seqs.append(s)
-        tokens = self._sample(logits[rows], seqs, failed)
+            if seq.params.n > 1:
+                children = self._fork_children(seq)
+                rows += [row] * len(children)
+                seqs += children
+        tokens = self._sample(logits[rows] if len(rows) > len(sampled) else logits, seqs, failed)
         touched = {rid: self._fail(rid, e) for rid, e in failed.items()}
         for seq, tok in zip(seqs, tokens):
-            if seq.request_id in failed or seq.request_id not in self.requests:
+            state = self.requests.get(seq.request_id)
+            if state is None or (failed and seq.request_id in failed):
                 continue
             try:
-                self._append(seq, tok)
+                self._append(seq, tok, state)
             except Exception as e:  # e.g. a detokenizer error: this request only
                 touched[seq.request_id] = self._fail(seq.request_id, e)
                 continue
-            touched[seq.request_id] = self.requests[seq.request_id]
+            touched[seq.request_id] = state
         self._release_streamed_pages(out.scheduled)
         return [t if isinstance(t, RequestOutput) else self._output(t) for t in touched.values()]
 
@@ -197,10 +201,9 @@ class Engine:
         return (torch.cat(logits) if logits else torch.empty(0, self.model.config.vocab_size)), sampled
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], failed: dict) -> list:
-        rows = [SamplingRow(s.params, s.token_ids[:s.num_prompt_tokens], s.output_token_ids, s.generator,
-                            self.eos_token_ids) for s in seqs]
+        rows = [SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator, self.eos_token_ids) for s in seqs]
         constrained = [i for i, s in enumerate(seqs) if s.grammar is not None and s.request_id not in failed]
-        if constrained:  # logits is this step's own copy (indexed by rows): masked in place
+        if constrained:  # masked in place: this step's logits are read only by this sampling
             try:
                 self._bitmasks.apply(logits, constrained, [seqs[i].grammar for i in constrained])
             except Exception:
@@ -225,8 +228,9 @@ class Engine:
         """Streaming requests give back the pages between their sinks and window once their
         prompt is in (a prefill chunk still reads every earlier page)."""
         for seq, _ in scheduled:
-            p = seq.policy
-            if p.policy == "streaming" and not seq.finished and seq.num_computed_tokens >= seq.num_prompt_tokens:
+            p = seq.params.attention
+            if p is not None and p.policy == "streaming" and not seq.finished \
+                    and seq.num_computed_tokens >= seq.num_prompt_tokens:
                 pages = droppable_pages(seq.num_computed_tokens + 1, p.sink, p.window, self.pool.page_size)
                 self.kv.release_pages(seq, pages)
 
@@ -257,8 +261,7 @@ class Engine:
                 self.scheduler.add(child)
         return children
 
-    def _append(self, seq: Sequence, tok) -> None:
-        state = self.requests[seq.request_id]
+    def _append(self, seq: Sequence, tok, state: _RequestState) -> None:
         if state.first_token_time is None:
             state.first_token_time = now()
         seq.token_ids.append(tok.token_id)
@@ -298,21 +301,35 @@ class Engine:
         return None
 
     def _output(self, state: _RequestState) -> RequestOutput:
-        outs = []
-        for seq in sorted(state.seqs, key=lambda s: s.index):
-            text = seq.text
-            if not seq.finished and seq.params.stop:  # hold back what may become a stop string
-                text = text[:max(0, len(text) - max(len(s) for s in seq.params.stop) + 1)]
-            outs.append(CompletionOutput(seq.index, text, seq.output_token_ids,
-                                         seq.finish_reason.value if seq.finish_reason else None,
-                                         seq.stop_reason, seq.logprobs if seq.params.logprobs is not None else None))
-        finished = len(state.seqs) == state.params.n and all(s.finished for s in state.seqs)
+        seqs = state.seqs if len(state.seqs) == 1 else sorted(state.seqs, key=lambda s: s.index)
+        outs = [self._completion(seq) for seq in seqs]
+        finished = len(seqs) == state.params.n and all(s.status is SequenceStatus.FINISHED for s in seqs)
         if finished:
             self.requests.pop(state.request_id, None)
         metrics = {"arrival": state.arrival, "first_token": state.first_token_time,
                    "finished": now() if finished else None}
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outs, finished,
-                             state.seqs[0].num_cached_tokens, metrics)
+                             seqs[0].num_cached_tokens, metrics)
+
+    @staticmethod
+    def _completion(seq: Sequence) -> CompletionOutput:
+        text, p = seq.text, seq.params
+        if p.stop and seq.status is not SequenceStatus.FINISHED:  # hold back what may become a stop string
+            text = text[:max(0, len(text) - max(len(s) for s in p.stop) + 1)]
+        return CompletionOutput(seq.index, text, seq.token_ids[seq.num_prompt_tokens:],
+                                seq.finish_reason.value if seq.finish_reason else None,
+                                seq.stop_reason, seq.logprobs if p.logprobs is not None else None)
+
+
+def resolve_device(device: str, model=None) -> str:
+    """`auto`: a given model's own device, else CUDA where a GPU is visible, else the CPU."""
+    if device != "auto":
+        return device
+    if model is not None:
+        tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+        if tensor is not None:
+            return str(tensor.device)
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:

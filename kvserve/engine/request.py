@@ -70,6 +70,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def plain(self) -> bool:
+        """No logit processing before sampling: no bias, penalty, min_tokens or logprobs."""
+        return (not self.logit_bias and not self.min_tokens and self.repetition_penalty == 1
+                and not self.presence_penalty and not self.frequency_penalty and self.logprobs is None)
+
 
 class SequenceStatus(str, enum.Enum):
     WAITING = "waiting"
@@ -129,7 +135,7 @@ class Sequence:
         return self.status == SequenceStatus.FINISHED
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     index: int
     text: str
@@ -143,7 +149,7 @@ class CompletionOutput:
         return sum(lp.logprob for lp in self.logprobs) if self.logprobs else None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt: str | None

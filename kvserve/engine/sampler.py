@@ -14,17 +14,25 @@ from kvserve.engine.request import SamplingParams
 _MIN_TEMPERATURE = 1e-5
 
 
-@dataclass
+@dataclass(slots=True)
 class SamplingRow:
-    """One sequence in this step's batch."""
+    """One sequence in this step's batch. Its ids are sliced only by the options that read them."""
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]  # generated so far: penalties and min_tokens look at them
+    token_ids: list[int]  # prompt, then what was generated so far
+    num_prompt_tokens: int
     generator: torch.Generator | None  # the request's seeded stream, or None for the global RNG
     eos_token_ids: list[int]  # masked while the output is shorter than min_tokens, unless ignore_eos
 
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
 
-@dataclass
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+
+@dataclass(slots=True)
 class SampledToken:
     token_id: int
     logprob: float | None  # of the chosen token, when params.logprobs is not None
@@ -35,6 +43,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
+        if all(r.params.plain for r in rows):  # nothing to process: sampling reads the logits only
+            return [SampledToken(t, None, None) for t in _sample(logits.float(), rows).tolist()]
         logits = logits.to(torch.float32, copy=True)  # processed in place; the caller's tensor stays intact
         _put(logits, [(i, t, b) for i, r in enumerate(rows) for t, b in (r.params.logit_bias or {}).items()],
              accumulate=True)
@@ -71,7 +81,7 @@ def _put(logits: torch.Tensor, entries: list[tuple[int, int, float]], accumulate
 
 
 def _min_tokens_masked(row: SamplingRow) -> list[int]:
-    if len(row.output_token_ids) >= row.params.min_tokens:
+    if len(row.token_ids) - row.num_prompt_tokens >= row.params.min_tokens:
         return []
     # with ignore_eos the EOS does not end the sequence, so it need not be held back (vLLM's rule)
     return row.params.stop_token_ids + ([] if row.params.ignore_eos else row.eos_token_ids)
@@ -80,7 +90,7 @@ def _min_tokens_masked(row: SamplingRow) -> list[int]:
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1]
     if rep:  # HF / vLLM: over prompt and output, positive logits shrink by division, negative by multiplication
-        seen = _counts([rows[i].prompt_token_ids + rows[i].output_token_ids for i in rep], logits) > 0
+        seen = _counts([rows[i].token_ids for i in rep], logits) > 0
         penalty = _column([rows[i].params.repetition_penalty for i in rep], logits)
         sub = logits[rep]
         logits[rep] = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)

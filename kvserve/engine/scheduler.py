@@ -62,13 +62,15 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         # decodes first, so that an unfinished long prefill never starves them of the budget
-        for seq in sorted(self.running, key=lambda s: s.num_uncomputed > 1):
+        room = self.kv.page_size
+        for seq in sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed_tokens > 1):
             if budget == 0:
                 break
-            if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_uncomputed, budget)
-            while not self.kv.allocate(seq, seq.num_computed_tokens + n):
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            fits = seq.num_computed_tokens + n <= len(seq.pages) * room  # most decode steps
+            while not fits and not self.kv.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self.preempt(victim)
                 out.preempted.append(victim)

@@ -20,8 +20,8 @@ from collections import defaultdict
 
 import torch
 
+from kvserve.args import at_least_one, token_lengths
 from kvserve.attention.policy import parse_attention
-from kvserve.bench.common import at_least_one, token_lengths
 from kvserve.engine.request import SamplingParams, Sequence, now
 from kvserve.eval.common_word import answered_word, common_word_prompt
 
@@ -231,7 +231,7 @@ def _print_rates(res, lengths, trials, policies) -> None:
 
 
 def main(args) -> int:
-    from kvserve.cli import engine_config
+    from kvserve.args import engine_config
     from kvserve.engine.engine import Engine
     lengths, agg_lengths = args.lengths, args.agg_lengths
     policies = [parse_attention(p) for p in args.policies]

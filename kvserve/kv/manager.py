@@ -34,6 +34,8 @@ class KVCacheManager:
         """Grows seq's pages to hold num_tokens tokens; False (and nothing changed) if the pool
         cannot, even after evicting unused cached pages."""
         need = self.pages_needed(seq, num_tokens)
+        if need == 0:  # most decode steps
+            return True
         if need > self.pool.num_free and self.prefix is not None:
             self.prefix.evict(need - self.pool.num_free)
         if need > self.pool.num_free:
@@ -96,5 +98,7 @@ class KVCacheManager:
         if self.prefix:
             for p in self.prefix.pages.values():
                 expected[p] += 1
+        for p in self.pool.reserved:
+            expected[p] += 1
         assert expected == self.pool.ref_counts, "page ref counts do not match their holders"
         assert sorted(self.pool.free_pages) == [p for p, c in enumerate(expected) if c == 0]

@@ -30,6 +30,7 @@ class PagePool:
         self.ref_counts = [0] * num_pages
         self.free_pages = deque(range(num_pages))
         self.zeroed = [False] * num_pages
+        self.reserved: list[int] = []  # held for good by the engine itself (a scratch page), never freed
 
     @staticmethod
     def bytes_per_page(num_layers, page_size, num_kv_heads, head_dim, dtype=torch.float32) -> int:
@@ -48,6 +49,12 @@ class PagePool:
             if not self.zeroed[p]:
                 self._zero(p)
         return pages
+
+    def reserve(self) -> int:
+        """A page for the engine's own use, e.g. the slot that padding rows of a static batch write."""
+        page = self.allocate(1)[0]
+        self.reserved.append(page)
+        return page
 
     def _zero(self, page: int) -> None:
         s, n = page * self.page_size, self.page_size

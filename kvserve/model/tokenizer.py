@@ -114,10 +114,14 @@ class Tokenizer:
         self.add_eos = bool(add_eos) and self.eos_token_id is not None
         self.chat_template = chat_template or None
         self.vocab_size = vocab_size or backend.get_vocab_size(with_added_tokens=True)
-        self.special_ids = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        added = backend.get_added_tokens_decoder()
+        self.special_ids = {i for i, t in added.items() if t.special}
         self.special_ids |= {i for i in [bos_token_id, *self.eos_token_ids] if i is not None}
         self.bos_token = self.id_to_token(bos_token_id) if bos_token_id is not None else None
         self.eos_token = self.id_to_token(self.eos_token_id) if self.eos_token_id is not None else None
+        # Byte-level BPE decodes by joining its tokens' bytes, so after whole characters a token whose
+        # bytes are whole characters adds exactly its own text: one dict lookup instead of two decodes.
+        self._pieces = {i: None for i in added} if isinstance(backend.decoder, decoders.ByteLevel) else None
 
     @classmethod
     def from_gguf(cls, reader_or_path) -> Tokenizer:
@@ -191,6 +195,16 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def piece(self, token_id: int) -> str | None:
+        """The text token_id adds after whole characters, where that is always its own text; else None."""
+        if self._pieces is None:
+            return None
+        text = self._pieces.get(token_id, False)
+        if text is False:
+            text = self._tk.decode([token_id], skip_special_tokens=False)
+            text = self._pieces[token_id] = text if text and "\ufffd" not in text else None
+        return text
+
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
 
@@ -234,6 +248,13 @@ class IncrementalDetokenizer:
         self._parts: list[str] = []
 
     def add(self, token_ids: list[int]) -> str:
+        if len(token_ids) == 1 and self._read == len(self._ids):  # nothing held back
+            piece = self._tok.piece(token_ids[0])
+            if piece is not None:
+                self._ids.append(token_ids[0])
+                self._prefix, self._read = self._read, len(self._ids)
+                self._parts.append(piece)
+                return piece
         self._ids.extend(token_ids)
         prefix_text = self._tok.decode(self._ids[self._prefix:self._read], self._skip)
         new_text = self._tok.decode(self._ids[self._prefix:], self._skip)

@@ -61,13 +61,14 @@ class NativeDecoder:
     @staticmethod
     def supports(model) -> bool:
         """Every linear layer on the int4 kernel, activations (and so the KV cache) float32 or
-        bfloat16 on the CPU."""
-        from kvserve.model.quant import QuantizedLinear
+        bfloat16 on the CPU. Asked of the modules, not by type: native sits below kvserve.model."""
+        if not hasattr(model, "layers"):  # e.g. the null model of `bench overhead`
+            return False
         linears = [m for layer in model.layers
                    for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
         return (_kernel() is not None and model.norm.weight.device.type == "cpu"
                 and model.dtype in (torch.float32, torch.bfloat16)
-                and all(isinstance(m, QuantizedLinear) and m.native_int4 for m in linears))
+                and all(getattr(m, "native_int4", False) for m in linears))
 
     def _fp32(self, t: torch.Tensor | None) -> int | None:
         if t is None:

@@ -70,7 +70,7 @@ def add_ask_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_ask(args) -> int:
-    from kvserve.cli import engine_config
+    from kvserve.args import engine_config
     from kvserve.engine.async_engine import AsyncEngine
     from kvserve.engine.engine import Engine
     from kvserve.rag.collections import CollectionNotFound, CollectionRegistry

@@ -67,6 +67,7 @@ def test_a_batch_of_decodes_gives_each_sequence_s_own_logits(tmp_path):
 def test_engine_runs_decode_steps_natively(tmp_path, smollm2_tokenizer):
     from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
     from kvserve.engine.engine import Engine
+    from kvserve.engine.executors import NativeExecutor
     from kvserve.engine.request import SamplingParams
     model = int4_model(tmp_path)
 
@@ -81,18 +82,18 @@ def test_engine_runs_decode_steps_natively(tmp_path, smollm2_tokenizer):
     # the reference: PyTorch layers, a token a step
     reference = Engine(EngineConfig(cache=CacheConfig(num_pages=64), scheduler=SchedulerConfig(1, 64)),
                        model=model, tokenizer=smollm2_tokenizer)
-    reference.runner.native_decoder = None
+    reference.runner.executor = reference.runner.executor.fallback  # the PyTorch executor
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 60))]
     expected = [generate(reference, [p])[0] for p in prompts]
 
     engine = Engine(EngineConfig(cache=CacheConfig(num_pages=64)), model=model, tokenizer=smollm2_tokenizer)
-    decoder, calls = engine.runner.native_decoder, []
-    assert decoder is not None
+    assert isinstance(engine.runner.executor, NativeExecutor)
+    decoder, calls = engine.runner.executor.decoder, []
 
     def counted(*args):
         calls.append(args)
         return decoder(*args)
-    engine.runner.native_decoder = counted
+    engine.runner.executor.decoder = counted
     assert [generate(engine, [p])[0] for p in prompts[:2]] == expected[:2]
     assert len(calls) == 2 * 8  # every step of a lone stream: its whole prompt, then 7 decodes
     calls.clear()

@@ -14,7 +14,7 @@ EOS = 9
 
 def row(params=None, prompt=(), output=(), seed=None, eos=(EOS,)):
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    return SamplingRow(params or SamplingParams(), list(prompt), list(output), gen, list(eos))
+    return SamplingRow(params or SamplingParams(), list(prompt) + list(output), len(prompt), gen, list(eos))
 
 
 # ---- references ----------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def test_processing_matches_reference_per_row():
                SamplingParams(repetition_penalty=1.5, logprobs=V)]
     rows = [row(p, prompt=torch.randint(V, (7,), generator=g).tolist(),
                 output=torch.randint(V, (i * 2,), generator=g).tolist()) for i, p in enumerate(paramss)]
-    rows[5].output_token_ids = []  # an empty output next to non-empty ones
+    del rows[5].token_ids[rows[5].num_prompt_tokens:]  # an empty output next to non-empty ones
     for r, l, out in zip(rows, logits, Sampler()(logits, rows)):
         ref = torch.tensor(ref_processed(l, r), dtype=torch.float64).log_softmax(-1)
         got = torch.full((V,), math.nan, dtype=torch.float64)
@@ -208,10 +208,10 @@ def test_seeded_row_is_independent_of_batch_composition():
             rows, logits = [], []
             for (k, _), other_gen in zip(layout, other_gens):
                 if k is None:
-                    rows.append(SamplingRow(target, [1, 2, 3], out, gen, [EOS]))
+                    rows.append(SamplingRow(target, [1, 2, 3] + out, 3, gen, [EOS]))
                     logits.append(step_logits[s])
                 else:
-                    rows.append(SamplingRow(others[k], [4], [], other_gen, [EOS]))
+                    rows.append(SamplingRow(others[k], [4], 1, other_gen, [EOS]))
                     logits.append(torch.randn(V))
             out = out + [sampler(torch.stack(logits), rows)[[k for k, _ in layout].index(None)].token_id]
         return out

@@ -241,3 +241,32 @@ def test_stream_is_incremental_and_flushes(smollm, monkeypatch):
     det, chunks = stream(smollm, ids)
     held, rest = det.text, det.flush()
     assert chunks[-1] == "" and rest.endswith("\ufffd") and held + rest == det.text == decode(ids)
+
+
+def test_stream_pieces_match_full_decodes(smollm, monkeypatch):
+    """The byte-level shortcut (a token's own text after whole characters) gives what decoding the
+    growing stream twice per token gives, on random ids: byte tokens that split characters, special
+    tokens, both skip modes."""
+    import random
+    assert smollm.piece(smollm.encode(" hello", add_special_tokens=False)[0]) == " hello"
+    rng = random.Random(0)
+    multibyte = smollm.encode("😀中é👍🏽", add_special_tokens=False)
+    cases = []
+    for _ in range(200):
+        ids = [rng.choice([rng.randrange(smollm.vocab_size), rng.randrange(256), rng.choice(multibyte),
+                           rng.choice(sorted(smollm.special_ids))]) for _ in range(rng.randrange(1, 40))]
+        cases.append(([rng.randrange(smollm.vocab_size) for _ in range(rng.randrange(0, 6))], ids))
+
+    def streamed(skip):
+        out = []
+        for prompt, ids in cases:
+            det = IncrementalDetokenizer(smollm, skip, prompt_ids=prompt)
+            out.append([det.add([i]) for i in ids] + [det.flush()])
+            if smollm.decode(prompt, skip) == smollm.decode(prompt[:-1], skip) + smollm.decode(prompt[-1:], skip):
+                assert "".join(out[-1]) == smollm.decode(prompt + ids, skip)[len(smollm.decode(prompt, skip)):]
+        return out
+    for skip in (True, False):
+        fast = streamed(skip)
+        with monkeypatch.context() as m:
+            m.setattr(smollm, "piece", lambda token_id: None)
+            assert fast == streamed(skip)

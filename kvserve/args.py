@@ -1,0 +1,82 @@
+"""Command-line flags shared by the subcommands, and the configs built from them.
+
+Below every subcommand module (bench, eval, rag, server) so that each imports downward;
+`kvserve.cli` only assembles the parser tree and dispatches."""
+import argparse
+
+
+def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -> None:
+    model_help = "GGUF file or Hugging Face directory (default: the packaged SmolLM2-135M-Instruct)"
+    if positional_model:
+        p.add_argument("model", nargs="?", default=None, help=model_help)
+    else:
+        p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--random-weights", default=None, choices=["llama-1b", "llama-8b", "qwen2-7b", "tiny"],
+                   help="instead of a model file: random weights of this shape, made on the device")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="activations and KV cache; auto = bfloat16 where the hardware has it, else float32")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weights held quantized in memory (CPU); auto = the GGUF's own (4-bit -> int4, "
+                        "other quantized types -> int8), none for float checkpoints and other devices")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda where a GPU is visible, else cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoder: faster steps after a compile of ~1 min at the first requests")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run every step op by op instead of replaying CUDA graphs for decode steps")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size (default: from free memory)")
+    p.add_argument("--num-pages", type=int, default=None, help="KV cache size in pages (overrides --kv-cache-gb)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--attention", type=_attention_arg, default="full",
+                   help="default decode attention: full | streaming | magicpig | topk, optionally with "
+                        "parameters, e.g. magicpig:K=10,L=150,sink=4,window=64 or a JSON object")
+
+
+def _attention_arg(value: str):
+    from kvserve.attention.policy import parse_attention
+    try:
+        return parse_attention(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def engine_config(args):
+    from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
+    return EngineConfig(
+        model=args.model, random_weights=args.random_weights, dtype=args.dtype, quantization=args.quantization, device=args.device,
+        threads=args.threads, compile=args.compile, enforce_eager=args.enforce_eager, attention=args.attention,
+        cache=CacheConfig(args.page_size, args.num_pages, args.kv_cache_gb, not args.no_prefix_caching),
+        scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs))
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def sampling_params(args):
+    from kvserve.engine.request import SamplingParams
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          seed=args.seed, max_tokens=args.max_tokens)
+
+
+def at_least_one(value: str) -> int:
+    """argparse type of counts such as --rounds"""
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def token_lengths(value: str) -> list[int]:
+    """argparse type of comma-separated context lengths such as --lengths ('' for none)"""
+    try:
+        return [at_least_one(x) for x in value.split(",") if x]
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"must be comma-separated counts >= 1, got {value!r}") from None

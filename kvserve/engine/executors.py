@@ -1,0 +1,119 @@
+"""Executors: how one device runs a step's forward. The engine picks one at start
+(`select_executor`) rather than branching inside every step.
+
+- `TorchExecutor`: PyTorch ops on any device; attention through the planned backend, non-full
+  decodes through PolicyAttention, optionally torch.compile'd.
+- `NativeExecutor`: the CPU with int4 weights: a step with full attention only is one C call
+  (kvserve/native/decode.c); a step with a sparse-policy decode goes to its TorchExecutor.
+- `StaticDecodeExecutor` (static_executor.py): CUDA with triton, unless enforce_eager:
+  decode-only steps replay a CUDA graph captured per batch bucket (Triton decode over static
+  buffers); other steps go to its TorchExecutor, whose dense attention is TritonAttention.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from kvserve.attention.metadata import AttentionMetadata
+from kvserve.attention.sparse.backend import PolicyAttention
+from kvserve.attention.torch_ref import TorchRefAttention
+from kvserve.attention.triton import available as triton_available
+from kvserve.engine.request import Sequence
+from kvserve.native.decode import NativeDecoder
+
+
+@dataclass
+class StepBatch:
+    """The step's tokens flattened in schedule order, built once for whichever executor runs it."""
+    scheduled: list[tuple[Sequence, int]]  # (sequence, tokens run this step)
+    ids: list[int]
+    positions: list[int]
+    q_lens: list[int]
+    kv_lens: list[int]  # per sequence, this step's tokens included
+    last_rows: list[int]  # rows whose hidden states are returned: each sampled sequence's last token
+    sampled: list[Sequence]  # the sequences of last_rows
+    sparse: list[int]  # indices into scheduled of decodes under a non-full attention policy
+
+
+class TorchExecutor:
+    def __init__(self, model, attention, policy_attention, page_size: int, device, compile: bool = False):
+        self.model = model
+        if compile:
+            from kvserve.engine.compiled_forward import compile_forward
+            self.forward = compile_forward(model)
+        else:
+            self.forward = model
+        self.attention = attention
+        self.policy_attention = policy_attention
+        self.page_size = page_size
+        self.device = device
+
+    def execute(self, batch: StepBatch) -> torch.Tensor:
+        """The final hidden states of batch.last_rows."""
+        attention, forward = self._plan(batch)
+        hidden = forward(torch.tensor(batch.ids, device=self.device),
+                         torch.tensor(batch.positions, device=self.device), attention)
+        return hidden[torch.tensor(batch.last_rows, dtype=torch.long, device=self.device)]
+
+    def _plan(self, batch: StepBatch):
+        """The step's planned attention backend and the forward to run it with."""
+        if batch.sparse and self.policy_attention is not None:
+            self.model.rope.ensure(max(batch.kv_lens))  # streaming runs past the context length
+            return self._plan_policies(batch), self.model
+        meta = AttentionMetadata.build(batch.q_lens, [s.pages for s, _ in batch.scheduled], batch.kv_lens,
+                                       self.page_size)
+        self.attention.plan(meta)
+        return self.attention, self.forward
+
+    def _plan_policies(self, batch: StepBatch):
+        """Full requests and prefills through the dense backend, each non-full decode by its policy.
+        Runs eagerly: the compiled graph is for the full-attention path only."""
+        scheduled, q_lens, kv_lens = batch.scheduled, batch.q_lens, batch.kv_lens
+        row_starts = [0]
+        for n in q_lens:
+            row_starts.append(row_starts[-1] + n)
+        sparse_set = set(batch.sparse)
+        dense = [i for i in range(len(scheduled)) if i not in sparse_set]
+        meta = AttentionMetadata.build([q_lens[i] for i in dense], [scheduled[i][0].pages for i in dense],
+                                       [kv_lens[i] for i in dense], self.page_size) if dense else None
+        rows = [r for i in dense for r in range(row_starts[i], row_starts[i + 1])]
+        decodes = [(row_starts[i], scheduled[i][0], kv_lens[i]) for i in batch.sparse]
+        self.policy_attention.plan(meta, torch.tensor(rows, dtype=torch.long, device=self.device), decodes)
+        return self.policy_attention
+
+
+class NativeExecutor:
+    def __init__(self, decoder: NativeDecoder, fallback: TorchExecutor):
+        self.decoder = decoder
+        self.fallback = fallback
+
+    def execute(self, batch: StepBatch) -> torch.Tensor:
+        if batch.sparse:
+            return self.fallback.execute(batch)
+        page_table, page_starts = [], []
+        for seq, n in batch.scheduled:
+            page_starts.extend([len(page_table)] * n)
+            page_table.extend(seq.pages)
+        return self.decoder(batch.ids, batch.positions, page_table, page_starts, batch.last_rows)
+
+
+def select_executor(model, pool, device, compile: bool = False, max_batch: int = 64, enforce_eager: bool = False):
+    """The fastest executor this model runs on, on this device, with its attention backends."""
+    cfg = model.config
+    cuda_kernels = str(device).startswith("cuda") and triton_available()
+    if cuda_kernels:
+        from kvserve.attention.triton import TritonAttention
+        attention = TritonAttention(pool, cfg.num_heads, cfg.head_dim)
+    else:
+        attention = TorchRefAttention(pool, cfg.num_heads, cfg.head_dim)
+    # sparse policies run in PyTorch ops everywhere (their index work is on the CPU for now)
+    policy_attention = PolicyAttention(TorchRefAttention(pool, cfg.num_heads, cfg.head_dim), pool, cfg.num_heads,
+                                       cfg.head_dim)
+    torch_executor = TorchExecutor(model, attention, policy_attention, pool.page_size, device, compile)
+    if NativeDecoder.supports(model):
+        return NativeExecutor(NativeDecoder(model, pool), torch_executor)
+    if cuda_kernels and not enforce_eager:
+        from kvserve.attention.triton.static import TritonStaticDecode
+        from kvserve.engine.static_executor import StaticDecodeExecutor
+        return StaticDecodeExecutor(model, pool, torch_executor, max_batch, cfg.max_position_embeddings,
+                                    use_graphs=True, attention_cls=TritonStaticDecode)
+    return torch_executor

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole GPU check in one run, for a GPU host with torch, triton and transformers only:
+# the CUDA tests, the GPU benchmarks (each against its peer in the same run) and a decode-step
+# profile. About 5 minutes on an H200. Usage: bash scripts/gpu_check.sh [quick]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD
+bench="python3 -m kvserve.bench.standalone"
+big=$([ "${1:-}" = quick ] && echo llama-1b || echo llama-8b)
+step() { echo; echo "=== $*"; "$@" || echo "=== FAILED ($?): $*"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+step python3 -m pytest -q -p no:cacheprovider tests/attention/test_triton.py tests/attention/test_static_decode.py \
+    tests/engine/test_static_executor.py -k "cuda or static_decode_matches"
+step $bench attention --device cuda
+for shape in llama-1b $big; do
+    step $bench latency --device cuda --random-weights $shape --prompt-len 128 --output-len 128
+    step $bench throughput --device cuda --random-weights $shape --num-prompts 256 --input-len 128 --output-len 128 \
+        --max-num-seqs 256 --max-num-batched-tokens 8192 --peer-batch-size 64
+done
+step $bench profile --device cuda --random-weights llama-1b --batch 256 --steps 8
+step $bench overhead
