@@ -193,3 +193,25 @@ def test_a_timed_out_compile_still_lands_in_the_cache_and_frees_its_slot(make_en
     grammars.compile(spec)
     grammars.compile(StructuredOutputs(regex="a+"))
     assert grammars.compiles == compiles + 1  # the first was a hit
+
+
+def test_bitmask_paths_agree_for_any_dtype_and_padded_logits(make_engine):
+    """xgrammar's CPU kernel (float32) and the torch unpacking (other dtypes, GPUs) mask the same
+    tokens; logits wider than the vocabulary get their padding masked."""
+    import torch
+    from kvserve.engine.structured import BitmaskApplier
+    engine = make_engine()
+    vocab = engine.model.config.vocab_size
+    specs = [StructuredOutputs(json=SCHEMAS[0]), StructuredOutputs(regex="[0-9]+"), StructuredOutputs(choice=["a"])]
+    base = torch.randn(4, vocab + 64)
+    masked = {}
+    for dtype, width in ((torch.float32, vocab), (torch.bfloat16, vocab), (torch.float32, vocab + 64)):
+        logits = base[:, :width].to(dtype).contiguous()
+        BitmaskApplier(vocab, engine.grammars.json_safe).apply(
+            logits, [0, 2, 3], [engine.grammars.matcher(s) for s in specs])
+        assert torch.isinf(logits[[0, 2, 3], vocab:]).all() and not torch.isinf(logits[1]).any()
+        masked[dtype, width] = torch.isinf(logits[:, :vocab])
+    first = masked[torch.float32, vocab]
+    assert all(torch.equal(m, first) for m in masked.values())
+    digits = [engine.tokenizer.token_to_id(str(d)) for d in range(10)]
+    assert not first[2, digits].any() and first[2].sum() > vocab - 2000
