@@ -1,4 +1,6 @@
 """LLM: the offline API, shaped like vLLM's (`LLM(model).generate(prompts, SamplingParams(...))`)."""
+import dataclasses
+
 from tqdm import tqdm
 
 from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -32,6 +34,8 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        # only finished outputs are read here: the engine need not build one per request per step
+        params = [dataclasses.replace(p or SamplingParams(), output_kind="final_only") for p in params]
         ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
         done: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm or None) as bar:

@@ -4,8 +4,6 @@ A captured graph reads the same tensors (addresses and shapes) at every replay, 
 table is copied into buffers sized once for the largest batch and the longest sequence, and a
 batch is padded to a bucket size. Padding rows read and write a scratch page that no request owns.
 """
-from itertools import chain
-
 import torch
 
 
@@ -32,19 +30,20 @@ class StaticDecodeAttention:
 
     def plan(self, page_tables: list[list[int]], kv_lens: list[int], bucket: int) -> None:
         """Sequence i (of len(kv_lens) <= bucket) has kv_lens[i] tokens, its new one included, in
-        page_tables[i]; rows past them up to bucket are padding."""
-        page, n = self.pool.page_size, len(kv_lens)
-        used = torch.tensor([-(-length // page) for length in kv_lens], dtype=torch.long)
-        table = torch.full((bucket, self.max_pages), self.scratch_page, dtype=torch.long)
-        table[:n][torch.arange(self.max_pages) < used[:, None]] = torch.tensor(
-            list(chain.from_iterable(pages[:u] for pages, u in zip(page_tables, used.tolist()))), dtype=torch.long)
-        lens = torch.ones(bucket, dtype=torch.long)
-        lens[:n] = torch.tensor(kv_lens, dtype=torch.long)
-        last = lens - 1  # the new token's position; padding rows write the scratch page's first slot
-        slots = table.gather(1, (last // page)[:, None]).squeeze(1) * page + last % page
-        self.block_table[:bucket].copy_(table, non_blocking=True)
-        self.kv_lens[:bucket].copy_(lens, non_blocking=True)
-        self.slots[:bucket].copy_(slots, non_blocking=True)
+        page_tables[i]; rows past them up to bucket are padding. Only the columns in use are
+        written: those past a row's length keep earlier (valid) page ids, which no kernel reads
+        unmasked."""
+        page, n, scratch = self.pool.page_size, len(kv_lens), self.scratch_page
+        used = [-(-length // page) for length in kv_lens]
+        width = max(used, default=1)
+        pad = [scratch] * width
+        table = [pages[:u] + pad[u:] for pages, u in zip(page_tables, used)] + [pad] * (bucket - n)
+        slots = [pages[(length - 1) // page] * page + (length - 1) % page for pages, length in zip(page_tables, kv_lens)]
+        self.block_table[:bucket, :width].copy_(torch.tensor(table, dtype=self.index_dtype), non_blocking=True)
+        self.kv_lens[:bucket].copy_(torch.tensor(kv_lens + [1] * (bucket - n), dtype=self.index_dtype),
+                                    non_blocking=True)
+        self.slots[:bucket].copy_(torch.tensor(slots + [scratch * page] * (bucket - n), dtype=self.index_dtype),
+                                  non_blocking=True)
 
     def prefers_eager(self, kv_lens: list[int]) -> bool:
         """Whether a dynamic backend would run this step better (e.g. by splitting long sequences)."""

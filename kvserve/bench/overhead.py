@@ -27,6 +27,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=at_least_one, default=3,
                    help="runs per batch size; the fastest is shown (other load on the machine only adds time)")
     p.add_argument("--threads", type=at_least_one, default=1, help="torch threads (the host's work is serial)")
+    p.add_argument("--final-only", action="store_true",
+                   help="requests read only when finished (as LLM.generate and non-streaming API calls do): "
+                        "no per-step outputs")
     p.add_argument("--static", action="store_true",
                    help="decode steps through the static-buffer executor (what a GPU replays as CUDA graphs)")
     p.add_argument("--tokenizer", default=None, help="model whose tokenizer detokenizes (default: the packaged one)")
@@ -81,7 +84,8 @@ def measure(batch: int, args, tokenizer) -> dict[str, float]:
     """Milliseconds per decode step, by stage, at this batch size."""
     from kvserve.engine.request import SamplingParams
     engine = build_engine(batch, args, tokenizer)
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.steps + 4, ignore_eos=True)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.steps + 4, ignore_eos=True,
+                            output_kind="final_only" if args.final_only else "cumulative")
     for p in random_prompts(batch, args.input_len, args.vocab_size, seed=batch):
         engine.add_request(p, params)
     for _ in range(3):  # the prompts, then two decode steps of warm-up
@@ -100,7 +104,7 @@ def measure(batch: int, args, tokenizer) -> dict[str, float]:
             start = time.perf_counter()
             outs = engine.step()
             total += time.perf_counter() - start
-        assert len(outs) == batch, f"a decode step returned {len(outs)} outputs for {batch} requests"
+        assert len(outs) == (0 if args.final_only else batch), f"a decode step returned {len(outs)} outputs"
     ms = {s: 1000 * timer.seconds[s] / args.steps for s in STAGES}
     ms["other"] = 1000 * total / args.steps - sum(ms.values())
     ms["total"] = 1000 * total / args.steps
@@ -122,7 +126,7 @@ def main(args) -> int:
         tokenizer = token_tokenizer(args.vocab_size)
     print(f"host time per decode step (ms), null model, vocab {args.vocab_size}, prompts of {args.input_len} "
           f"tokens, temperature {args.temperature}, {args.steps} steps, fastest of {args.rounds} rounds"
-          + (", static-buffer executor" if args.static else ""))
+          + (", static-buffer executor" if args.static else "") + (", final outputs only" if args.final_only else ""))
     cols = (*STAGES, "other", "total")
     print(f"{'batch':>6}" + "".join(f"{c:>10}" for c in cols) + f"{'us/seq':>10}")
     torch.set_num_threads(args.threads)

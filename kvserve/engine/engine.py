@@ -178,7 +178,8 @@ class Engine:
                 continue
             touched[seq.request_id] = state
         self._release_streamed_pages(out.scheduled)
-        return [t if isinstance(t, RequestOutput) else self._output(t) for t in touched.values()]
+        return [t if isinstance(t, RequestOutput) else self._output(t) for t in touched.values()
+                if isinstance(t, RequestOutput) or t.params.output_kind == "cumulative" or self._finished(t)]
 
     def _execute(self, scheduled, failed: dict) -> tuple[torch.Tensor, list[Sequence]]:
         """Runs the step; if it raises, runs each sequence alone (rewriting the same K/V slots is
@@ -303,13 +304,17 @@ class Engine:
     def _output(self, state: _RequestState) -> RequestOutput:
         seqs = state.seqs if len(state.seqs) == 1 else sorted(state.seqs, key=lambda s: s.index)
         outs = [self._completion(seq) for seq in seqs]
-        finished = len(seqs) == state.params.n and all(s.status is SequenceStatus.FINISHED for s in seqs)
+        finished = self._finished(state)
         if finished:
             self.requests.pop(state.request_id, None)
         metrics = {"arrival": state.arrival, "first_token": state.first_token_time,
                    "finished": now() if finished else None}
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outs, finished,
                              seqs[0].num_cached_tokens, metrics)
+
+    @staticmethod
+    def _finished(state: _RequestState) -> bool:
+        return len(state.seqs) == state.params.n and all(s.status is SequenceStatus.FINISHED for s in state.seqs)
 
     @staticmethod
     def _completion(seq: Sequence) -> CompletionOutput:

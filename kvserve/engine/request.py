@@ -37,6 +37,9 @@ class SamplingParams:
     attention: AttentionPolicy | str | dict | None = None
     # constrained output: a StructuredOutputs or its fields as a dict (kvserve.engine.structured)
     structured: StructuredOutputs | dict | None = None
+    # "cumulative": an output every step (streaming); "final_only": one when the request finishes,
+    # which spares a batch's host the per-step outputs (vLLM's RequestOutputKind)
+    output_kind: str = "cumulative"
 
     def __post_init__(self):
         if self.structured is not None:
@@ -49,6 +52,8 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.output_kind not in ("cumulative", "final_only"):
+            raise ValueError(f"output_kind must be 'cumulative' or 'final_only', got {self.output_kind!r}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.temperature < 0:

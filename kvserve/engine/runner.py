@@ -33,6 +33,14 @@ class ModelRunner:
 
     @staticmethod
     def batch(scheduled: list[tuple[Sequence, int]]) -> StepBatch:
+        if all(n == 1 for _, n in scheduled):  # decodes only: comprehensions, no per-row appends
+            seqs = [seq for seq, _ in scheduled]
+            positions = [seq.num_computed_tokens for seq in seqs]
+            last = [i for i, seq in enumerate(seqs) if seq.num_computed_tokens + 1 == len(seq.token_ids)]
+            return StepBatch(scheduled, [seq.token_ids[p] for seq, p in zip(seqs, positions)], positions,
+                             [1] * len(seqs), [p + 1 for p in positions], last, [seqs[i] for i in last],
+                             [i for i, seq in enumerate(seqs)
+                              if seq.params.attention is not None and not seq.params.attention.is_full])
         ids, positions, q_lens, kv_lens, last_rows, sampled, sparse = [], [], [], [], [], [], []
         for i, (seq, n) in enumerate(scheduled):
             start = seq.num_computed_tokens

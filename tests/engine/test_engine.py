@@ -212,3 +212,19 @@ def test_llm_refuses_mismatched_sampling_params(make_engine):
     with pytest.raises(ValueError, match="2 sampling params for 3 prompts"):
         llm.generate(prompts(3), [GREEDY, GREEDY], use_tqdm=False)
     assert not llm.engine.has_unfinished()
+
+
+def test_final_only_outputs_come_once_and_match_cumulative(make_engine):
+    ps = prompts(4, seed=11)
+    cumulative = run(make_engine(), ps, GREEDY)
+    engine = make_engine()
+    final = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, output_kind="final_only")
+    ids = [engine.add_request(p, final) for p in ps]
+    seen = []
+    while engine.has_unfinished():
+        seen += engine.step()
+    assert sorted(o.request_id for o in seen) == sorted(ids) and all(o.finished for o in seen)
+    by_id = {o.request_id: o for o in seen}
+    assert [by_id[i].outputs[0].token_ids for i in ids] == [o.outputs[0].token_ids for o in cumulative]
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind="delta")
