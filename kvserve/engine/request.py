@@ -34,6 +34,8 @@ class SamplingParams:
     # decode attention: a policy name, "name:key=value,...", a dict or an AttentionPolicy; None: the
     # engine's default (see kvserve.attention.policy)
     attention: AttentionPolicy | str | dict | None = None
+    # prefix-cache isolation: requests share cached pages only when their salts are equal
+    cache_salt: str | None = None
 
     def __post_init__(self):
         if self.attention is not None:
@@ -92,7 +94,9 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache
         self.pages: list[int] = []
-        self.page_hashes: list[int] = []  # hash chain of this sequence's full pages
+        self.page_hashes: list[bytes] = []  # keys of the full pages published to the prefix cache
+        self.page_keys: list[bytes] = []  # keys of full pages computed so far (kv/page_keys.py)
+        self.cache_salt = params.cache_salt
         self.status = SequenceStatus.WAITING
         self.arrival = arrival
         self.priority = priority

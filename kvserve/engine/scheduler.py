@@ -117,4 +117,4 @@ class Scheduler:
     def _first_page(self, seq: Sequence):
         if self.kv.prefix is None or seq.num_prompt_tokens <= self.kv.page_size:
             return None
-        return tuple(seq.token_ids[:self.kv.page_size])
+        return seq.cache_salt, tuple(seq.token_ids[:self.kv.page_size])
