@@ -99,6 +99,7 @@ class Sequence:
         self.cache_salt = params.cache_salt
         self.status = SequenceStatus.WAITING
         self.arrival = arrival
+        self.first_scheduled: float | None = None  # when first admitted to the running batch
         self.priority = priority
         self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None

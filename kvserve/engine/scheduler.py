@@ -10,7 +10,7 @@ import bisect
 from dataclasses import dataclass, field
 
 from kvserve.config import SchedulerConfig
-from kvserve.engine.request import Sequence, SequenceStatus
+from kvserve.engine.request import Sequence, SequenceStatus, now
 from kvserve.kv.manager import KVCacheManager
 
 
@@ -108,6 +108,8 @@ class Scheduler:
                 break
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled is None:
+                seq.first_scheduled = now()
             self.running.append(seq)
             out.scheduled.append((seq, n))
             budget -= n

@@ -45,6 +45,8 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool = True
     # kvserve's extension: decode attention policy, a name or {"policy": "magicpig", "K": 10, ...}
     attention: str | dict | None = None
+    # vLLM's: requests share prefix-cache pages only when their salts are equal
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)
 
 
 class TextPart(_Request):
