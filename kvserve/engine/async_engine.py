@@ -41,10 +41,9 @@ class AsyncEngine:
         request_id = request_id or f"areq-{next(self._ids)}"
         stream: asyncio.Queue = asyncio.Queue()
         accepted = loop.create_future()
-        if isinstance(prompt, str):
-            prompt = self.engine.tokenizer.encode(prompt)
-        self.queue.reserve(len(prompt))  # released by the engine thread; nothing awaits in between
-        self._commands.put(("add", (prompt, params, request_id, priority), (loop, stream, accepted)))
+        tokens = len(self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
+        self.queue.reserve(tokens)  # released by the engine thread; nothing awaits in between
+        self._commands.put(("add", (prompt, params, request_id, priority, tokens), (loop, stream, accepted)))
         self._wake.set()
         await accepted
         finished = False
@@ -131,10 +130,10 @@ class AsyncEngine:
             try:
                 self.engine.add_request(arg[0], arg[1], request_id=arg[2], priority=arg[3])
             except Exception as e:
-                self.queue.release(len(arg[0]))
+                self.queue.release(arg[4])
                 loop.call_soon_threadsafe(_settle, accepted, e)
                 continue
-            self._queued[arg[2]] = len(arg[0])
+            self._queued[arg[2]] = arg[4]
             self._streams[arg[2]] = (loop, stream)
             loop.call_soon_threadsafe(_settle, accepted, None)
 

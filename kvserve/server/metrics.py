@@ -81,8 +81,10 @@ class ServerMetrics:
 
     def load(self, queue) -> dict:
         """What /health reports: the admission queue's counts and the engine's batch."""
+        running, waiting = _retrying(self._running)(), _retrying(self._waiting)()
         return {"queued_requests": queue.requests, "queued_tokens": queue.tokens,
-                "running": _retrying(self._running)(), "waiting": _retrying(self._waiting)()}
+                "running": int(running) if running == running else None,  # NaN: a torn read
+                "waiting": int(waiting) if waiting == waiting else None}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

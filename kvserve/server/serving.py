@@ -86,9 +86,7 @@ class Job:
         if isinstance(item, ValueError):
             raise OpenAIError(str(item), 400)
         if isinstance(item, (Overloaded, QueueTimeout)):
-            self.metrics.rejected.labels(item.reason).inc()
-            status, code = (429, "server_busy") if isinstance(item, Overloaded) else (503, "queue_timeout")
-            raise OpenAIError(str(item), status, code=code, retry_after=item.retry_after)
+            raise load_error(item, self.metrics)
         if isinstance(item, Exception):
             log.error("request failed in the engine: %s", item)
             raise OpenAIError(f"the engine failed on this request: {item}", 500, code="engine_error")
@@ -111,6 +109,13 @@ class Job:
     @property
     def completion_tokens(self) -> int:
         return sum(len(o.token_ids) for out in self.last.values() for o in out.outputs)
+
+
+def load_error(e: Overloaded | QueueTimeout, metrics: ServerMetrics) -> OpenAIError:
+    """A request refused for load: 429 (queue full) or 503 (waited too long), counted by reason."""
+    metrics.rejected.labels(e.reason).inc()
+    status, code = (429, "server_busy") if isinstance(e, Overloaded) else (503, "queue_timeout")
+    return OpenAIError(str(e), status, code=code, retry_after=e.retry_after)
 
 
 async def until_disconnect(request: Request, awaitable):
