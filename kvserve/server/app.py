@@ -27,6 +27,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, shutdown_engine: bool =
     """With shutdown_engine, the app stops the engine's thread when it shuts down (the CLI);
     tests that share one engine between apps pass False."""
     metrics = ServerMetrics(engine.engine)
+    metrics.watch_queue(engine.queue)
     serving = Serving(engine, config, metrics)
     rag = RagServing(serving, config.rag_registry(), config.rag_nprobe, config.rag_prefetch_nprobe)
 

@@ -79,6 +79,13 @@ class ServerMetrics:
         self.rag_misses.inc(cache["misses"])
         self.rag_prefetched.inc(cache.get("prefetched") or 0)
 
+    def watch_queue(self, queue) -> None:
+        """Gauges of the admission queue (kvserve.engine.admission) of the server's engine."""
+        Gauge("kvserve_queued_requests", "Requests submitted and not yet scheduled",
+              registry=self.registry).set_function(lambda: queue.requests)
+        Gauge("kvserve_queued_tokens", "Prompt tokens of the queued requests",
+              registry=self.registry).set_function(lambda: queue.tokens)
+
     def load(self, queue) -> dict:
         """What /health reports: the admission queue's counts and the engine's batch."""
         running, waiting = _retrying(self._running)(), _retrying(self._waiting)()

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from server_util import API_KEY, MODEL, start_uvicorn, wait_idle
+from server_util import API_KEY, MODEL, metrics, start_uvicorn, wait_idle
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about a cat."}]
 
@@ -83,6 +83,7 @@ def test_past_the_queue_limit_429_with_retry_after_and_admitted_requests_finish(
         assert load["queued_requests"] == 2 and load["queued_tokens"] > 0
         assert [r.choices[0].message.content for r in admitted] == [expected] * 3
         assert rejected(url) == {"queued_requests": 1.0}
+        assert metrics(httpx.Client(base_url=url))["kvserve_queued_requests"] <= 2
         wait_idle(engine)
         assert httpx.get(f"{url}/health").json()["load"] == {"queued_requests": 0, "queued_tokens": 0,
                                                              "running": 0, "waiting": 0}
@@ -168,3 +169,18 @@ def test_per_key_isolation_separates_tenants(tiny_model, smollm2_tokenizer):
     assert salt("k1", None) != salt("k2", None)
     assert salt("k1", "x") == salt("k1", "x") != salt("k2", "x")
     assert "k1" not in salt("k1", None) and tenant_digest("Bearer k1") in salt("k1", None)
+
+
+def test_flags_parse_and_refuse_nonsense():
+    from kvserve.cli import build_parser
+    from kvserve.engine.admission import QueueLimits
+    from kvserve.server.isolation_args import queue_limits
+    args = build_parser().parse_args(["serve", "--prefix-cache-isolation", "per-key", "--max-queued-requests", "8",
+                                      "--max-queued-tokens", "4096", "--queue-timeout", "2.5"])
+    assert args.prefix_cache_isolation == "per-key"
+    assert queue_limits(args) == QueueLimits(8, 4096, 2.5)
+    assert queue_limits(build_parser().parse_args(["serve"])).max_requests is None
+    for bad in (["--max-queued-requests", "0"], ["--queue-timeout", "-1"], ["--max-queued-tokens", "x"],
+                ["--prefix-cache-isolation", "per-user"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", *bad])
