@@ -51,3 +51,11 @@ def test_duplicate_and_missing_tensors_are_reported(tmp_path):
     (tmp_path / "short.gguf").write_bytes(data[:-100])
     with pytest.raises(ModelLoadError, match="run past the end"):
         load(tmp_path / "short.gguf")
+
+
+def test_a_huge_token_does_not_make_merge_derivation_quadratic():
+    import time
+    from kvserve.model.tokenizer import _merges_from_scores
+    start = time.perf_counter()
+    merges = _merges_from_scores(["a", "b", "ab", "a" * 300_000], [0.0, -1.0, -2.0, -3.0])
+    assert merges == [("a", "b")] and time.perf_counter() - start < 1.0
