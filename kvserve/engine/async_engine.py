@@ -62,6 +62,8 @@ class AsyncEngine:
 
     async def call(self, fn):
         """fn(engine) run on the engine thread, between steps: a consistent view of its state."""
+        if not self.alive:
+            raise RuntimeError("the engine thread has stopped")
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         self._commands.put(("call", fn, (loop, done)))
