@@ -199,11 +199,11 @@ class Soak:
         by_kind = {k: dict(Counter(r.outcome for r in self.records if r.kind == k)) for k in
                    sorted({r.kind for r in self.records})}
         unexpected = {k: v for k, v in outcomes.items() if k.startswith("error") or k == "no_answer"}
-        warm = [(m, n) for t, m, n in self.rss if t >= window]  # after the first window
+        span = min(300.0, seconds / 3)  # the goal's first and last 5 minutes, in shorter runs a third
+        warm = [(m, n) for t, m, n in self.rss if t >= span]  # after warm-up: the first span
 
         def growth(i):
             return round((warm[-1][i] - warm[0][i]) / warm[0][i], 4) if len(warm) > 1 else None
-        span = min(300.0, seconds / 3)  # the goal's first and last 5 minutes, in shorter runs a third
         first = [r.tpot for r in self.records if r.tpot is not None and r.start < span]
         last = [r.tpot for r in self.records if r.tpot is not None and r.start >= seconds - span]
         checks = {
@@ -217,7 +217,8 @@ class Soak:
         }
         return {"seconds": seconds, "clients": self.args.clients, "requests": len(self.records),
                 "outcomes": dict(outcomes), "by_kind": by_kind, "unexpected": unexpected, "windows": rows,
-                "kv": kv, "health": health, "checks": checks}
+                "kv": kv, "health": health, "checks": checks,
+                "rss_samples": [[round(t, 1), round(m, 1), round(n, 1)] for t, m, n in self.rss]}
 
 
 def _outcome(status: int) -> str:
