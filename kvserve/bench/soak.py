@@ -126,6 +126,8 @@ class Soak:
             rec.outcome = "no_answer"
         except httpx.HTTPError as e:
             rec.outcome = f"error_{type(e).__name__}"
+        except ValueError:  # a body or event that is not the JSON it should be
+            rec.outcome = "error_bad_json"
         return rec
 
     async def client(self, i: int, deadline: float) -> None:
