@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("serve", help="load generator for any OpenAI-compatible server")
     bench_serve.add_args(p)
     p.set_defaults(func=bench_serve.main)
+    from kvserve.bench import fuzz_gguf, soak
+    for name, module, help_text in (("fuzz-gguf", fuzz_gguf, "corrupted GGUF files against the loader"),
+                                    ("soak", soak, "long mixed traffic with faults against a running server")):
+        p = bench_sub.add_parser(name, help=help_text)
+        module.add_args(p)
+        p.set_defaults(func=module.main)
     ev = sub.add_parser("eval", help="quality evaluations on the real model")
     ev_sub = ev.add_subparsers(dest="eval", required=True)
     p = ev_sub.add_parser("longctx", help="passkey retrieval, agreement and perplexity of each attention policy")

@@ -12,15 +12,18 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from kvserve.engine.admission import AdmissionQueue, QueueLimits, QueueTimeout
 from kvserve.engine.engine import Engine
-from kvserve.engine.request import RequestOutput, SamplingParams
+from kvserve.engine.request import RequestOutput, SamplingParams, now
 
 log = logging.getLogger("kvserve.engine")
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, limits: QueueLimits | None = None):
         self.engine = engine
+        self.queue = AdmissionQueue(limits)
+        self._queued: dict[str, int] = {}  # engine thread only: request id -> prompt tokens, never scheduled
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
@@ -32,12 +35,15 @@ class AsyncEngine:
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields cumulative outputs until finished. Bad input raises ValueError before the first
-        yield; leaving the loop early (client gone, task cancelled) aborts the request."""
+        yield, a full queue raises Overloaded, a wait past the queue timeout QueueTimeout; leaving
+        the loop early (client gone, task cancelled) aborts the request."""
         loop = asyncio.get_running_loop()
         request_id = request_id or f"areq-{next(self._ids)}"
         stream: asyncio.Queue = asyncio.Queue()
         accepted = loop.create_future()
-        self._commands.put(("add", (prompt, params, request_id, priority), (loop, stream, accepted)))
+        tokens = len(self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
+        self.queue.reserve(tokens)  # released by the engine thread; nothing awaits in between
+        self._commands.put(("add", (prompt, params, request_id, priority, tokens), (loop, stream, accepted)))
         self._wake.set()
         await accepted
         finished = False
@@ -53,6 +59,16 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    async def call(self, fn):
+        """fn(engine) run on the engine thread, between steps: a consistent view of its state."""
+        if not self.alive:
+            raise RuntimeError("the engine thread has stopped")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._commands.put(("call", fn, (loop, done)))
+        self._wake.set()
+        return await done
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))
@@ -73,6 +89,7 @@ class AsyncEngine:
         torch.set_num_threads(torch.get_num_threads())
         while not self._stopping:
             self._drain_commands()
+            self._update_queue()
             if not self.engine.has_unfinished():
                 self._wake.wait(0.5)
                 self._wake.clear()
@@ -103,14 +120,38 @@ class AsyncEngine:
                 self.engine.abort(arg)
                 self._streams.pop(arg, None)
                 continue
+            if kind == "call":
+                loop, done = reply
+                try:
+                    result, error = arg(self.engine), None
+                except Exception as e:  # noqa: BLE001 - the caller's to handle
+                    result, error = None, e
+                loop.call_soon_threadsafe(_settle, done, error, result)
+                continue
             loop, stream, accepted = reply
             try:
                 self.engine.add_request(arg[0], arg[1], request_id=arg[2], priority=arg[3])
             except Exception as e:
+                self.queue.release(arg[4])
                 loop.call_soon_threadsafe(_settle, accepted, e)
                 continue
+            self._queued[arg[2]] = arg[4]
             self._streams[arg[2]] = (loop, stream)
             loop.call_soon_threadsafe(_settle, accepted, None)
+
+    def _update_queue(self) -> None:
+        """Releases the queue slots of requests scheduled or gone; drops those past the timeout."""
+        timeout = self.queue.limits.timeout
+        for rid, tokens in list(self._queued.items()):
+            state = self.engine.requests.get(rid)
+            if state is not None and all(s.first_scheduled is None for s in state.seqs):
+                if timeout is None or now() - state.arrival <= timeout:
+                    continue
+                self.engine.abort(rid)
+                self._deliver(rid, QueueTimeout(f"the request waited {timeout:g} s in the queue without "
+                                                f"being scheduled; retry later"))
+            del self._queued[rid]
+            self.queue.release(tokens)
 
     def _deliver(self, request_id: str, item) -> None:
         entry = self._streams.get(request_id)
@@ -125,10 +166,10 @@ class AsyncEngine:
             pass
 
 
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future, error: BaseException | None, result=None) -> None:
     if future.done():
         return
     if error is None:
-        future.set_result(None)
+        future.set_result(result)
     else:
         future.set_exception(error)

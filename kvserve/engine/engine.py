@@ -54,7 +54,11 @@ class Engine:
                 # the packed kernels are CPU-only: elsewhere "auto" keeps float weights
                 quantization = "none" if config.quantization == "auto" and self.device != "cpu" else config.quantization
                 model_cfg, weights = load_checkpoint(config.model, quantization)
-            model = LlamaForCausalLM.from_weights(model_cfg, weights, dtype, self.device)
+            try:
+                model = LlamaForCausalLM.from_weights(model_cfg, weights, dtype, self.device)
+            except ValueError as e:  # a checkpoint whose tensors do not make this model
+                raise ModelLoadError(f"cannot build the model from {config.model or 'the default model'}: {e}") \
+                    from None
             del weights
         if tokenizer is None:
             tokenizer = token_tokenizer(model.config.vocab_size) if config.random_weights else load_tokenizer(config.model)

@@ -40,6 +40,8 @@ class SamplingParams:
     # "cumulative": an output every step (streaming); "final_only": one when the request finishes,
     # which spares a batch's host the per-step outputs (vLLM's RequestOutputKind)
     output_kind: str = "cumulative"
+    # prefix-cache isolation: requests share cached pages only when their salts are equal
+    cache_salt: str | None = None
 
     def __post_init__(self):
         if self.structured is not None:
@@ -110,9 +112,12 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache
         self.pages: list[int] = []
-        self.page_hashes: list[int] = []  # hash chain of this sequence's full pages
+        self.page_hashes: list[bytes] = []  # keys of the full pages published to the prefix cache
+        self.page_keys: list[bytes] = []  # keys of full pages computed so far (kv/page_keys.py)
+        self.cache_salt = params.cache_salt
         self.status = SequenceStatus.WAITING
         self.arrival = arrival
+        self.first_scheduled: float | None = None  # when first admitted to the running batch
         self.priority = priority
         self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None

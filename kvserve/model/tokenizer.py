@@ -32,12 +32,17 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
+_MAX_MERGED_TOKEN = 1024  # characters: each split of a token copies it, so the work is quadratic
+
+
 def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
     # SentencePiece files list no merges: every split of a token into two vocab pieces is a merge, ranked
     # by the score of the token it makes (same order as transformers' `generate_merges`).
     vocab = {t: i for i, t in enumerate(tokens)}
     found = []
     for tok, score in dict(zip(tokens, scores)).items():
+        if len(tok) > _MAX_MERGED_TOKEN:  # no real vocabulary has one; a hostile file's would take hours
+            continue
         local = [(tok[:k], tok[k:], score) for k in range(1, len(tok)) if tok[:k] in vocab and tok[k:] in vocab]
         found += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
     found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)

@@ -9,6 +9,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from kvserve.engine.async_engine import AsyncEngine
+from kvserve.server.debug import kv_report
 from kvserve.server.errors import OpenAIError, install_error_handlers
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.middleware import ServerMiddleware
@@ -26,6 +27,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, shutdown_engine: bool =
     """With shutdown_engine, the app stops the engine's thread when it shuts down (the CLI);
     tests that share one engine between apps pass False."""
     metrics = ServerMetrics(engine.engine)
+    metrics.watch_queue(engine.queue)
     serving = Serving(engine, config, metrics)
     rag = RagServing(serving, config.rag_registry(), config.rag_nprobe, config.rag_prefetch_nprobe)
 
@@ -43,7 +45,11 @@ def build_app(engine: AsyncEngine, config: ServerConfig, shutdown_engine: bool =
     async def health() -> dict:
         if not engine.alive:
             raise OpenAIError("the engine thread has stopped", 503, code="engine_dead")
-        return {"status": "ok"}
+        return {"status": "ok", "load": metrics.load(engine.queue)}
+
+    @app.get("/debug/kv")
+    async def debug_kv() -> dict:
+        return await engine.call(kv_report)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

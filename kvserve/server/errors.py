@@ -13,17 +13,22 @@ log = logging.getLogger("kvserve.server")
 
 
 class OpenAIError(Exception):
-    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None):
         super().__init__(message)
         self.message, self.status, self.param, self.code = message, status, param, code
+        self.retry_after = retry_after  # seconds, sent as Retry-After (429, 503)
 
     def info(self) -> ErrorInfo:
-        kind = "server_error" if self.status >= 500 else "invalid_request_error"
+        kind = {429: "rate_limit_error"}.get(self.status, "server_error" if self.status >= 500
+                                            else "invalid_request_error")
         return ErrorInfo(message=self.message, type=kind, param=self.param, code=self.code)
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(ErrorResponse(error=self.info()).model_dump(), self.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        return JSONResponse(ErrorResponse(error=self.info()).model_dump(), self.status, headers=headers or None)
 
 
 def validation_error(errors: list[dict]) -> OpenAIError:

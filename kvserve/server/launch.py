@@ -12,12 +12,15 @@ import signal
 import sys
 from contextlib import contextmanager
 
+from kvserve.server import isolation_args
+
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $KVSERVE_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on /v1; several keys comma-separated "
+                        "(default: $KVSERVE_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the file name)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit below the model's own")
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")
@@ -30,6 +33,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rag-nprobe", type=int, default=8, help="IVF clusters searched per retrieval")
     p.add_argument("--rag-prefetch-nprobe", type=int, default=16, help="clusters the lookahead prefetches")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    isolation_args.add_args(p)
 
 
 def main(args) -> int:
@@ -48,8 +52,9 @@ def main(args) -> int:
                           max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
                           max_body_bytes=args.max_request_bytes, index_dir=args.index_dir,
                           rag_cache_mb=args.rag_cache_mb, rag_nprobe=args.rag_nprobe,
-                          rag_prefetch_nprobe=args.rag_prefetch_nprobe)
-    app = build_app(AsyncEngine(engine), config)
+                          rag_prefetch_nprobe=args.rag_prefetch_nprobe,
+                          prefix_cache_isolation=args.prefix_cache_isolation)
+    app = build_app(AsyncEngine(engine, isolation_args.queue_limits(args)), config)
     with _signals_end_cleanly():
         run(app, args.host, args.port, name, args.shutdown_timeout, args.log_level)
     return 0

@@ -15,6 +15,8 @@ class ServerMetrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("kvserve_http_requests", "HTTP requests by endpoint and status",
                                 ["method", "endpoint", "status"], registry=r)
+        self.rejected = Counter("kvserve_requests_rejected", "Requests refused for load: queued_requests, "
+                                "queued_tokens (429) or queue_timeout (503)", ["reason"], registry=r)
         self.prompt_tokens = Counter("kvserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("kvserve_generation_tokens", "Generated tokens", registry=r)
         self.ttft = Histogram("kvserve_time_to_first_token_seconds", "Time to first token",
@@ -76,6 +78,20 @@ class ServerMetrics:
         self.rag_hits.inc(cache["hits"])
         self.rag_misses.inc(cache["misses"])
         self.rag_prefetched.inc(cache.get("prefetched") or 0)
+
+    def watch_queue(self, queue) -> None:
+        """Gauges of the admission queue (kvserve.engine.admission) of the server's engine."""
+        Gauge("kvserve_queued_requests", "Requests submitted and not yet scheduled",
+              registry=self.registry).set_function(lambda: queue.requests)
+        Gauge("kvserve_queued_tokens", "Prompt tokens of the queued requests",
+              registry=self.registry).set_function(lambda: queue.tokens)
+
+    def load(self, queue) -> dict:
+        """What /health reports: the admission queue's counts and the engine's batch."""
+        running, waiting = _retrying(self._running)(), _retrying(self._waiting)()
+        return {"queued_requests": queue.requests, "queued_tokens": queue.tokens,
+                "running": int(running) if running == running else None,  # NaN: a torn read
+                "waiting": int(waiting) if waiting == waiting else None}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

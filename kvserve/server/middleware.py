@@ -13,14 +13,17 @@ from kvserve.server.metrics import ServerMetrics
 
 log = logging.getLogger("kvserve.server")
 
-PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # /health and /metrics stay open for probes
+PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/debug/")  # /health and /metrics stay open for probes
 
 
 class ServerMiddleware:
     def __init__(self, app, metrics: ServerMetrics, known_paths: set[str], api_key: str | None,
                  max_body_bytes: int):
         self.app, self.metrics, self.known_paths = app, metrics, known_paths
-        self.api_key, self.max_body_bytes = api_key, max_body_bytes
+        self.max_body_bytes = max_body_bytes
+        # several keys, comma-separated: one per tenant (see --prefix-cache-isolation per-key)
+        self.api_keys = None if api_key is None else \
+            [k.strip().encode() for k in api_key.split(",") if k.strip()] or [api_key.encode()]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -50,14 +53,16 @@ class ServerMiddleware:
             self._record(scope, state, status, time.perf_counter() - start)
 
     def _auth_error(self, scope) -> OpenAIError | None:
-        if self.api_key is None or not scope["path"].startswith(PROTECTED):
+        if self.api_keys is None or not scope["path"].startswith(PROTECTED):
             return None
         given = ""
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
                 given = value.decode("latin-1")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        token = token.strip().encode()
+        # every key compared, so the time taken does not tell which one nearly matched
+        if scheme.lower() == "bearer" and sum(hmac.compare_digest(token, k) for k in self.api_keys):
             return None
         what = "No API key provided" if not given else "Incorrect API key provided"
         return OpenAIError(f"{what}; send it as 'Authorization: Bearer <key>'.", 401, code="invalid_api_key")

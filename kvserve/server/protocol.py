@@ -51,6 +51,8 @@ class _SamplingRequest(_Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # vLLM's: requests share prefix-cache pages only when their salts are equal
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)
 
 
 class TextPart(_Request):

@@ -8,13 +8,14 @@ import json
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
+from kvserve.engine.admission import Overloaded, QueueTimeout
 from kvserve.rag.collections import Collection, CollectionNotFound, CollectionRegistry
 from kvserve.rag.pipeline import RagOptions, engine_generate, last_user_text, retrieve, with_context
 from kvserve.server.errors import OpenAIError
 from kvserve.server.protocol import ErrorResponse
 from kvserve.server.rag_protocol import (RagChatCompletionRequest, RetrievedChunk, RetrieveRequest,
                                          RetrieveResponse)
-from kvserve.server.serving import Serving
+from kvserve.server.serving import Serving, load_error
 
 
 class RagServing:
@@ -57,6 +58,8 @@ class RagServing:
             got = await retrieve(coll, question, opts, self.generate)
         except ValueError as e:  # the engine refused the HyDE prompt (too long, ...)
             raise OpenAIError(str(e), param="messages") from None
+        except (Overloaded, QueueTimeout) as e:  # the HyDE passage found the queue full
+            raise load_error(e, self.serving.metrics) from None
         self.serving.metrics.observe_retrieval(got.timings, got.cache)
         augmented = body.model_copy(update={"rag": None, "messages": [
             type(body.messages[0]).model_validate(m) for m in with_context(messages, got.chunks)]})

@@ -6,6 +6,7 @@ gets its own status, parameter name and code; the engine's own checks remain the
 """
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import time
 import uuid
@@ -17,6 +18,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from kvserve.attention.policy import AttentionPolicy, parse_attention
+from kvserve.engine.admission import Overloaded, QueueTimeout
 from kvserve.engine.async_engine import AsyncEngine
 from kvserve.engine.request import RequestOutput, SamplingParams
 from kvserve.server.errors import OpenAIError
@@ -47,6 +49,7 @@ class ServerConfig:
     rag_cache_mb: float = 256.0  # cluster cache of each collection
     rag_nprobe: int = 8
     rag_prefetch_nprobe: int = 16
+    prefix_cache_isolation: str = "none"  # none | per-key: each API key gets its own prefix cache
 
     def rag_registry(self):
         from kvserve.rag.collections import CollectionRegistry
@@ -86,6 +89,8 @@ class Job:
         i, item = await self._queue.get()
         if isinstance(item, ValueError):
             raise OpenAIError(str(item), 400)
+        if isinstance(item, (Overloaded, QueueTimeout)):
+            raise load_error(item, self.metrics)
         if isinstance(item, Exception):
             log.error("request failed in the engine: %s", item)
             raise OpenAIError(f"the engine failed on this request: {item}", 500, code="engine_error")
@@ -110,6 +115,13 @@ class Job:
         return sum(len(o.token_ids) for out in self.last.values() for o in out.outputs)
 
 
+def load_error(e: Overloaded | QueueTimeout, metrics: ServerMetrics) -> OpenAIError:
+    """A request refused for load: 429 (queue full) or 503 (waited too long), counted by reason."""
+    metrics.rejected.labels(e.reason).inc()
+    status, code = (429, "server_busy") if isinstance(e, Overloaded) else (503, "queue_timeout")
+    return OpenAIError(str(e), status, code=code, retry_after=e.retry_after)
+
+
 async def until_disconnect(request: Request, awaitable):
     """Awaits `awaitable` unless the client goes away first (then it is cancelled)."""
     task = asyncio.ensure_future(awaitable)
@@ -128,6 +140,13 @@ async def until_disconnect(request: Request, awaitable):
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def tenant_digest(authorization: str) -> str:
+    """A tenant's name in cache salts: a digest of its bearer token, never the token itself."""
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 def _json(model) -> Response:
@@ -185,7 +204,15 @@ class Serving:
                               param=param, code="context_length_exceeded")
         return requested if requested is not None else min(default or room, room, limit or room)
 
-    def _params(self, req, max_tokens: int, logprobs: int | None, attention: AttentionPolicy) -> SamplingParams:
+    def _cache_salt(self, req, request: Request) -> str | None:
+        """The request's cache_salt; under per-key isolation prefixed by a digest of its API key,
+        so that no salt a tenant picks reaches another tenant's cached pages."""
+        if self.config.prefix_cache_isolation != "per-key":
+            return req.cache_salt
+        return f"{tenant_digest(request.headers.get('authorization', ''))}/{req.cache_salt or ''}"
+
+    def _params(self, req, max_tokens: int, logprobs: int | None, attention: AttentionPolicy,
+                cache_salt: str | None = None) -> SamplingParams:
         if req.n > self.config.max_n:
             raise OpenAIError(f"n ({req.n}) is above this server's limit of {self.config.max_n}", param="n",
                               code="invalid_value")
@@ -211,7 +238,7 @@ class Serving:
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                 logit_bias=bias or None, seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
                 stop=stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
-                skip_special_tokens=req.skip_special_tokens, attention=attention)
+                skip_special_tokens=req.skip_special_tokens, attention=attention, cache_salt=cache_salt)
         except ValueError as e:
             raise OpenAIError(str(e), code="invalid_value") from None
 
@@ -270,7 +297,8 @@ class Serving:
         attention = self._attention(req)
         max_tokens = self._max_tokens(req.max_completion_tokens or req.max_tokens, len(prompt), "messages",
                                       unbounded=attention.unbounded)
-        params = self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, attention)
+        params = self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, attention,
+                              self._cache_salt(req, request))
         params = await self._constrain(params, spec, tools)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         job = Job(self.engine, [prompt], params, rid, self.metrics)
@@ -363,7 +391,7 @@ class Serving:
         attention = self._attention(req)
         max_tokens = self._max_tokens(req.max_tokens if given else None, max(map(len, prompts)), "prompt",
                                       default=None if given else req.max_tokens, unbounded=attention.unbounded)
-        params = self._params(req, max_tokens, req.logprobs, attention)
+        params = self._params(req, max_tokens, req.logprobs, attention, self._cache_salt(req, request))
         params = await self._constrain(params, request_spec(req))
         echoes = [(t if t is not None else self.tokenizer.decode(p, req.skip_special_tokens)) if req.echo else ""
                   for p, t in zip(prompts, texts)]

@@ -7,8 +7,9 @@ from kvserve.kv.manager import KVCacheManager
 from kvserve.kv.pool import OutOfPagesError, PagePool
 
 
-def seq(tokens):
-    return SimpleNamespace(token_ids=list(tokens), pages=[], page_hashes=[], num_computed_tokens=0)
+def seq(tokens, salt=None):
+    return SimpleNamespace(token_ids=list(tokens), pages=[], page_hashes=[], page_keys=[], num_computed_tokens=0,
+                           cache_salt=salt)
 
 
 def manager(num_pages=8, page_size=4, prefix=True):
