@@ -238,7 +238,9 @@ class Serving:
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                 logit_bias=bias or None, seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
                 stop=stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
-                skip_special_tokens=req.skip_special_tokens, attention=attention, cache_salt=cache_salt)
+                skip_special_tokens=req.skip_special_tokens, attention=attention, cache_salt=cache_salt,
+                # a response that is not streamed reads the final output only
+                output_kind="cumulative" if req.stream else "final_only")
         except ValueError as e:
             raise OpenAIError(str(e), code="invalid_value") from None
 
