@@ -13,7 +13,8 @@ def kv_report(engine) -> dict:
     except AssertionError:
         consistent = False
     return {"pages_total": pool.num_pages, "pages_free": pool.num_free, "pages_cached": len(cached),
-            "pages_active": len(active), "pages_leaked": pool.num_pages - pool.num_free - len(active | cached),
+            "pages_active": len(active), "pages_reserved": len(pool.reserved),
+            "pages_leaked": pool.num_pages - pool.num_free - len(active | cached | set(pool.reserved)),
             "ref_counts_consistent": consistent, "requests": len(engine.requests),
             # KV memory is allocated untouched and first written when a page is first handed out, so
             # RSS grows with these until every page has been used once: growth, not a leak
