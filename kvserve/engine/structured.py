@@ -291,11 +291,33 @@ def _compiler_for(tokenizer, vocab_size: int, eos: tuple[int, ...]):
         return per[vocab_size, eos]
 
 
+# Formats xgrammar admits too much of, as exact patterns: its "ipv4" takes leading zeros
+# ("01.2.3.4") and its "date" any day up to 31 in any month, which the standards (and jsonschema's
+# checker) refuse. February stops at the 28th: a pattern cannot tell leap years cheaply.
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_YEAR = r"([0-9]{3}[1-9]|[0-9]{2}[1-9][0-9]|[0-9][1-9][0-9]{2}|[1-9][0-9]{3})"
+_MONTH_DAY = (r"((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+              r"|02-(0[1-9]|1[0-9]|2[0-8]))")
+_STRICT_FORMATS = {"ipv4": rf"^{_OCTET}(\.{_OCTET}){{3}}$", "date": rf"^{_YEAR}-{_MONTH_DAY}$"}
+
+
+def _strict_formats(schema):
+    """The schema with the formats xgrammar enforces too loosely replaced by exact patterns."""
+    if isinstance(schema, list):
+        return [_strict_formats(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict_formats(v) for k, v in schema.items()}
+    if out.get("format") in _STRICT_FORMATS and "pattern" not in out:
+        out["pattern"] = _STRICT_FORMATS[out.pop("format")]
+    return out
+
+
 def _compile(compiler, spec: StructuredOutputs):
     separators = None if spec.any_whitespace else (", ", ": ")
     if spec.json is not None:
-        return compiler.compile_json_schema(json.dumps(spec.json), any_whitespace=spec.any_whitespace,
-                                            separators=separators)
+        return compiler.compile_json_schema(json.dumps(_strict_formats(spec.json)),
+                                            any_whitespace=spec.any_whitespace, separators=separators)
     if spec.json_object:
         return compiler.compile_json_schema('{"type": "object"}', any_whitespace=spec.any_whitespace,
                                             separators=separators, strict_mode=False)
