@@ -8,17 +8,18 @@ import sys
 
 from kvserve.args import add_engine_args
 
-MODULES = {"throughput": True, "latency": True, "profile": True, "overhead": None, "attention": None}
-FILES = {"profile": "step_profile"}
+MODULES = {"throughput": "throughput", "latency": "latency", "profile": "step_profile", "overhead": "overhead",
+           "attention": "attention"}
+WITH_ENGINE_ARGS = {"throughput", "latency", "profile"}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvserve.bench.standalone")
     sub = parser.add_subparsers(dest="bench", required=True)
-    for name, engine_args in MODULES.items():
-        module = importlib.import_module(f"kvserve.bench.{FILES.get(name, name)}")
+    for name, file in MODULES.items():
+        module = importlib.import_module(f"kvserve.bench.{file}")
         p = sub.add_parser(name)
-        if engine_args:
+        if name in WITH_ENGINE_ARGS:
             add_engine_args(p)
         module.add_args(p)
         p.set_defaults(func=module.main)
