@@ -9,6 +9,7 @@
   decode-only steps replay a CUDA graph captured per batch bucket (Triton decode over static
   buffers); other steps go to its TorchExecutor, whose dense attention is TritonAttention.
 """
+import os
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +100,9 @@ class NativeExecutor:
 def select_executor(model, pool, device, compile: bool = False, max_batch: int = 64, enforce_eager: bool = False):
     """The fastest executor this model runs on, on this device, with its attention backends."""
     cfg = model.config
-    cuda_kernels = str(device).startswith("cuda") and triton_available()
+    # KVSERVE_ATTENTION_BACKEND=torch keeps a GPU on the PyTorch reference (as vLLM's variable of that name)
+    cuda_kernels = (str(device).startswith("cuda") and triton_available()
+                    and os.environ.get("KVSERVE_ATTENTION_BACKEND", "triton") == "triton")
     if cuda_kernels:
         from kvserve.attention.triton import TritonAttention
         attention = TritonAttention(pool, cfg.num_heads, cfg.head_dim)
