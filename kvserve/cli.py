@@ -49,18 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_args(p, positional_model=positional_model)
         module.add_args(p)
         p.set_defaults(func=module.main)
-    p = bench_sub.add_parser("overhead", help="host time per engine step over a null model, by stage")
-    overhead.add_args(p)
-    p.set_defaults(func=overhead.main)
-    p = bench_sub.add_parser("attention", help="Triton paged attention vs torch SDPA: decode GB/s, prefill TFLOP/s")
-    bench_attention.add_args(p)
-    p.set_defaults(func=bench_attention.main)
-    p = bench_sub.add_parser("serve", help="load generator for any OpenAI-compatible server")
-    bench_serve.add_args(p)
-    p.set_defaults(func=bench_serve.main)
     from kvserve.bench import fuzz_gguf, soak
-    for name, module, help_text in (("fuzz-gguf", fuzz_gguf, "corrupted GGUF files against the loader"),
-                                    ("soak", soak, "long mixed traffic with faults against a running server")):
+    for name, module, help_text in (  # no engine flags: no model, or a server's
+            ("overhead", overhead, "host time per engine step over a null model, by stage"),
+            ("attention", bench_attention, "Triton paged attention vs torch SDPA: decode GB/s, prefill TFLOP/s"),
+            ("serve", bench_serve, "load generator for any OpenAI-compatible server"),
+            ("fuzz-gguf", fuzz_gguf, "corrupted GGUF files against the loader"),
+            ("soak", soak, "long mixed traffic with faults against a running server")):
         p = bench_sub.add_parser(name, help=help_text)
         module.add_args(p)
         p.set_defaults(func=module.main)

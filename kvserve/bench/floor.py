@@ -14,14 +14,19 @@ class Peaks:
     bytes_per_s: float  # device-memory copy bandwidth (read + write)
 
 
+def synchronize(device) -> None:
+    """Waits for a GPU's queued work, so a timer read after it covers that work; no-op on the CPU."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def _time(fn, device, repeat: int) -> float:
     fn()
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    sync()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeat):
         fn()
-    sync()
+    synchronize(device)
     return (time.perf_counter() - start) / repeat
 
 
@@ -36,18 +41,20 @@ def measure_peaks(device, dtype: torch.dtype) -> Peaks:
     return Peaks(flops, bandwidth)
 
 
+def _layer_params(cfg: ModelConfig) -> int:
+    """Weights of one decoder layer's linear layers (q, k, v, o, gate, up, down)."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    return h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d + cfg.num_heads * d * h + 3 * h * cfg.intermediate_size
+
+
 def weight_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    h, layers, d = cfg.hidden_size, cfg.num_layers, cfg.head_dim
-    per_layer = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d + cfg.num_heads * d * h + 3 * h * cfg.intermediate_size
-    vocab = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-    return (layers * per_layer + vocab) * torch.finfo(dtype).bits // 8
+    vocab = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    return (cfg.num_layers * _layer_params(cfg) + vocab) * torch.finfo(dtype).bits // 8
 
 
 def matmul_flops_per_token(cfg: ModelConfig) -> int:
     """Linear layers and the lm_head (the embedding lookup is free)."""
-    h, d = cfg.hidden_size, cfg.head_dim
-    per_layer = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d + cfg.num_heads * d * h + 3 * h * cfg.intermediate_size
-    return 2 * (cfg.num_layers * per_layer + cfg.vocab_size * h)
+    return 2 * (cfg.num_layers * _layer_params(cfg) + cfg.vocab_size * cfg.hidden_size)
 
 
 def batch_floor(cfg: ModelConfig, dtype: torch.dtype, num_prompts: int, input_len: int, output_len: int,

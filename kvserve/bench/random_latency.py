@@ -6,14 +6,9 @@ import time
 import torch
 
 from kvserve.bench.common import random_prompts
-from kvserve.bench.floor import measure_peaks, token_floor
+from kvserve.bench.floor import measure_peaks, synchronize, token_floor
 from kvserve.bench.throughput import release_device_memory
 from kvserve.model.random_weights import shape_config
-
-
-def _sync(device) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def kvserve_latency(args, prompt: list[int]) -> tuple[float, float]:
@@ -42,12 +37,12 @@ def transformers_latency(args, prompt: list[int], dtype, device) -> tuple[float,
     ids = torch.tensor([prompt], device=device)
 
     def generate(n: int) -> float:
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=0)
-        _sync(device)
+        synchronize(device)
         return time.perf_counter() - start
     generate(2)  # warm-up
     ttft, total = generate(1), generate(args.output_len)

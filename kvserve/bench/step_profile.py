@@ -10,6 +10,7 @@ import torch
 
 from kvserve.args import at_least_one
 from kvserve.bench.common import random_prompts
+from kvserve.bench.floor import synchronize
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -45,14 +46,13 @@ def main(args) -> int:
         engine.add_request(prompt, params)
     for _ in range(3):  # the prompts, then decode steps that warm up (and capture nothing new)
         engine.step()
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
-    sync()
+    synchronize(engine.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(args.steps):
             engine.step()
-        sync()
+        synchronize(engine.device)
         wall = (time.perf_counter() - start) / args.steps
     print(f"{engine.model.config.num_layers}-layer model on {engine.device}, batch {args.batch}, "
           f"{args.steps} decode steps: {wall * 1e3:.2f} ms a step")

@@ -7,6 +7,7 @@ import time
 import torch
 
 from kvserve.bench.common import ThroughputResult
+from kvserve.bench.floor import synchronize
 from kvserve.config import ModelConfig
 
 HF_ARCHITECTURE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -66,7 +67,6 @@ def run_transformers(args, prompts, dtype: torch.dtype, device="cpu") -> Through
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.output_len,
                                  min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
         out_tokens += (out.shape[1] - width) * len(batch)
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+    synchronize(device)
     return ThroughputResult(f"transformers generate (bs {args.peer_batch_size})", len(prompts),
                             sum(map(len, prompts)), out_tokens, time.perf_counter() - start)

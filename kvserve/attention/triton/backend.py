@@ -33,10 +33,7 @@ class TritonAttention:
         self.group = num_heads // self.num_kv_heads
         self.scale = scale if scale is not None else head_dim ** -0.5
         device = pool.k.device
-        if num_sms is None:
-            num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
-                       if device.type == "cuda" else DEFAULT_NUM_SMS)
-        self.num_sms = num_sms
+        self.num_sms = num_sms or device_sm_count(device)
         self.kv_chunk_size = kv_chunk_size
         self.cascade_min_len = cascade_min_len
         self.tiles = tiles or Tiles.default(pool.k.dtype, head_dim)
@@ -138,6 +135,12 @@ class TritonAttention:
             D=d, BLOCK_D=bd, MAX_PARTS=triton.next_power_of_2(p.max_parts), HAS_SHARED=p.shared_len > 0,
             num_warps=1)
         return out
+
+
+def device_sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors the kernels' work is spread over (a default without a GPU)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" \
+        else DEFAULT_NUM_SMS
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import triton
 
 from kvserve.attention.static_decode import StaticDecodeAttention
-from kvserve.attention.triton.backend import DEFAULT_NUM_SMS, _rows
+from kvserve.attention.triton.backend import _rows, device_sm_count
 from kvserve.attention.triton.cache_write import write_kv
 from kvserve.attention.triton.config import Tiles
 from kvserve.attention.triton.decode import decode_kernel
@@ -29,8 +29,7 @@ class TritonStaticDecode(StaticDecodeAttention):
         self.num_kv_heads = pool.k.shape[1]
         self.group = num_heads // self.num_kv_heads
         self.tiles = Tiles.default(pool.k.dtype, head_dim)
-        self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
-                        else DEFAULT_NUM_SMS)
+        self.num_sms = device_sm_count(device)
 
     def prefers_eager(self, kv_lens: list[int]) -> bool:
         """Where TritonAttention would split the sequences (few and long), its eager step beats a
