@@ -101,8 +101,10 @@ def select_executor(model, pool, device, compile: bool = False, max_batch: int =
     """The fastest executor this model runs on, on this device, with its attention backends."""
     cfg = model.config
     # KVSERVE_ATTENTION_BACKEND=torch keeps a GPU on the PyTorch reference (as vLLM's variable of that name)
-    cuda_kernels = (str(device).startswith("cuda") and triton_available()
-                    and os.environ.get("KVSERVE_ATTENTION_BACKEND", "triton") == "triton")
+    backend = os.environ.get("KVSERVE_ATTENTION_BACKEND", "triton")
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"KVSERVE_ATTENTION_BACKEND must be 'triton' or 'torch', got {backend!r}")
+    cuda_kernels = str(device).startswith("cuda") and triton_available() and backend == "triton"
     if cuda_kernels:
         from kvserve.attention.triton import TritonAttention
         attention = TritonAttention(pool, cfg.num_heads, cfg.head_dim)

@@ -97,3 +97,13 @@ def test_cuda_graphs_give_the_eager_tokens():
         assert isinstance(engine.runner.executor, StaticDecodeExecutor) != eager
         outs.append(run(engine, prompts, params))
     assert outs[0] == outs[1]
+
+
+def test_an_unknown_attention_backend_is_refused(monkeypatch):
+    from kvserve.config import EngineConfig
+    from kvserve.engine.engine import Engine
+    monkeypatch.setenv("KVSERVE_ATTENTION_BACKEND", "flash")
+    with pytest.raises(ValueError, match="KVSERVE_ATTENTION_BACKEND must be 'triton' or 'torch', got 'flash'"):
+        Engine(EngineConfig(random_weights="tiny", device="cpu"))
+    monkeypatch.setenv("KVSERVE_ATTENTION_BACKEND", "torch")
+    assert Engine(EngineConfig(random_weights="tiny", device="cpu")).runner.executor is not None
