@@ -110,7 +110,7 @@ def select_executor(model, pool, device, compile: bool = False, max_batch: int =
         attention = TritonAttention(pool, cfg.num_heads, cfg.head_dim)
     else:
         attention = TorchRefAttention(pool, cfg.num_heads, cfg.head_dim)
-    # sparse policies run in PyTorch ops everywhere (their index work is on the CPU for now)
+    # sparse policies run in PyTorch ops on any device (indices made on the host, moved once per plan)
     policy_attention = PolicyAttention(TorchRefAttention(pool, cfg.num_heads, cfg.head_dim), pool, cfg.num_heads,
                                        cfg.head_dim)
     torch_executor = TorchExecutor(model, attention, policy_attention, pool.page_size, device, compile)

@@ -38,15 +38,34 @@ class MagicPIGState:
 
 
 @dataclass
+class SlotSet:
+    """Pool slots a decode reads, indexed on the pool's device; `start` where they fill a range
+    (a fresh pool's pages), read as a view. Worked out on the host once per plan: no device sync per layer."""
+    index: torch.Tensor
+    start: int | None
+
+    @classmethod
+    def of(cls, slots: torch.Tensor, device) -> "SlotSet":
+        """slots: distinct, int64 on the CPU."""
+        n = len(slots)
+        start = int(slots.min()) if n and int(slots.max() - slots.min()) == n - 1 else None
+        return cls(slots.to(device), start)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+@dataclass
 class _SparseDecode:
     row: int
     seq: object
     policy: AttentionPolicy
     kv_len: int
-    new_slot: torch.Tensor  # [1]
-    dense_slots: torch.Tensor  # slots read densely in a sampled layer (all of them in a dense one)
-    all_pages: torch.Tensor | None  # the pages of every position, int32 (magicpig/topk dense layers)
-    sampled_slots: torch.Tensor | None  # positions [start, end) sampled by magicpig/topk
+    new_slot: torch.Tensor  # [1], on the pool's device
+    dense_slots: SlotSet  # slots read densely in a sampled layer (all of them in a dense one)
+    all_pages: torch.Tensor | None  # the pages of every position, int32 on the pool's device (magicpig/topk dense layers)
+    pages_start: int | None  # all_pages[0] where all_pages are consecutive (read as a view)
+    sampled_slots: torch.Tensor | None  # positions [start, end) sampled by magicpig/topk, on the pool's device
 
 
 class PolicyAttention:
@@ -69,25 +88,29 @@ class PolicyAttention:
         self.decodes = [self._plan_one(row, seq, kv_len) for row, seq, kv_len in decodes]
 
     def _plan_one(self, row: int, seq, kv_len: int) -> _SparseDecode:
-        policy, page = seq.policy, self.pool.page_size
-        pages = torch.tensor(seq.pages, dtype=torch.long)
+        """Positions to slots on the host (the page table is a Python list), moved to the pool's device once."""
+        policy, page, device = seq.policy, self.pool.page_size, self.pool.k.device
+        cpu = torch.device("cpu")
+        pages = torch.tensor(seq.pages, dtype=torch.long, device=cpu)
 
         def slots(pos: torch.Tensor) -> torch.Tensor:
             return pages[pos // page] * page + pos % page
-        new_slot = slots(torch.tensor([kv_len - 1]))
+        new_slot = slots(torch.tensor([kv_len - 1], device=cpu)).to(device)
         if policy.policy == "streaming":
-            return _SparseDecode(row, seq, policy, kv_len, new_slot,
-                                 slots(kept_positions(kv_len, policy.sink, policy.window)), None, None)
+            dense = slots(kept_positions(kv_len, policy.sink, policy.window))
+            return _SparseDecode(row, seq, policy, kv_len, new_slot, SlotSet.of(dense, device), None, None, None)
         start = min(policy.sink, kv_len)
         end = max(start, min(seq.num_prompt_tokens, kv_len - policy.window, kv_len - 1))
-        dense = torch.cat([torch.arange(start), torch.arange(end, kv_len)])
+        dense = torch.cat([torch.arange(start, device=cpu), torch.arange(end, kv_len, device=cpu)])
         if policy.policy == "magicpig" and end > start:
             state = seq.attn_state
             if state is None or state.start != start:
                 state = seq.attn_state = MagicPIGState(start, end)
-        return _SparseDecode(row, seq, policy, kv_len, new_slot, slots(dense),
-                             pages[:-(-kv_len // page)].to(torch.int32),
-                             slots(torch.arange(start, end)) if end > start else None)
+        all_pages = pages[:-(-kv_len // page)]
+        consecutive = bool((all_pages.diff() == 1).all())
+        return _SparseDecode(row, seq, policy, kv_len, new_slot, SlotSet.of(slots(dense), device),
+                             all_pages.to(device, torch.int32), int(all_pages[0]) if consecutive else None,
+                             slots(torch.arange(start, end, device=cpu)).to(device) if end > start else None)
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(q)
@@ -116,11 +139,12 @@ class PolicyAttention:
             read = len(d.dense_slots) * h
         elif paged_attention.available(k_cache):  # a dense layer: read in place, as full attention does
             out = paged_attention.decode(q.view(1, h, -1), k_cache, v_cache, d.all_pages,
-                                         torch.zeros(1, dtype=torch.int64), torch.tensor([kv_len]),
-                                         self.pool.page_size, self.scale).view(h, -1)
+                                         torch.zeros(1, dtype=torch.int64, device="cpu"),
+                                         torch.tensor([kv_len], device="cpu"), self.pool.page_size,
+                                         self.scale).view(h, -1)
             read = kv_len * h
         else:
-            out, lse = self._dense(q, *self._gather_pages(k_cache, v_cache, d.all_pages, kv_len))
+            out, lse = self._dense(q, *self._gather_pages(k_cache, v_cache, d, kv_len))
             read = kv_len * h
         if sparse_layer and not magicpig_layer:  # topk
             out_s, lse_s, n = self._topk(d, q, k_cache, v_cache)
@@ -131,23 +155,21 @@ class PolicyAttention:
         return out
 
     @staticmethod
-    def _gather_slots(k_cache, v_cache, slots) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(slots)
-        low, high = torch.aminmax(slots)
-        if int(high - low) == n - 1:  # distinct slots filling a range (a fresh pool's pages): a view
-            start = int(low)
+    def _gather_slots(k_cache, v_cache, slots: SlotSet) -> tuple[torch.Tensor, torch.Tensor]:
+        if slots.start is not None:  # a view
+            start, n = slots.start, len(slots)
             return k_cache[:, start:start + n], v_cache[:, start:start + n]
-        return k_cache.index_select(1, slots), v_cache.index_select(1, slots)
+        return k_cache.index_select(1, slots.index), v_cache.index_select(1, slots.index)
 
-    def _gather_pages(self, k_cache, v_cache, pages, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first kv_len positions held by `pages`, copied a page at a time (3x faster than a
+    def _gather_pages(self, k_cache, v_cache, d: _SparseDecode, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first kv_len positions held by d.all_pages, copied a page at a time (3x faster than a
         slot at a time), or a view where the pages are consecutive."""
         page = self.pool.page_size
-        if bool((pages.diff() == 1).all()):
-            first = int(pages[0])
-            return k_cache[:, first * page:first * page + kv_len], v_cache[:, first * page:first * page + kv_len]
-        hkv, d = k_cache.shape[0], k_cache.shape[2]
-        return tuple(c.view(hkv, -1, page * d).index_select(1, pages).view(hkv, -1, d)[:, :kv_len]
+        if d.pages_start is not None:
+            first = d.pages_start * page
+            return k_cache[:, first:first + kv_len], v_cache[:, first:first + kv_len]
+        hkv, dim = k_cache.shape[0], k_cache.shape[2]
+        return tuple(c.view(hkv, -1, page * dim).index_select(1, d.all_pages).view(hkv, -1, dim)[:, :kv_len]
                      for c in (k_cache, v_cache))
 
     def _dense(self, q, kd, vd) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,22 +182,23 @@ class PolicyAttention:
         out, lse = topk_attention(q, keys, values, budget, self.scale)
         return out, lse, min(budget, keys.shape[1]) * self.num_heads
 
-    def projections(self, policy: AttentionPolicy, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's hash matrix and its panels for the C hash kernel."""
-        key = (policy.K, policy.L, policy.seed, layer)
+    def projections(self, policy: AttentionPolicy, layer: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's hash matrix on `device` (drawn on the CPU: the same on every device) and its
+        panels for the C hash kernel (on the CPU, where that kernel runs)."""
+        key = (policy.K, policy.L, policy.seed, layer, str(device))
         if key not in self._proj:
             proj = magicpig.projections(self.head_dim, policy.K, policy.L, policy.seed, layer)
-            self._proj[key] = proj, magicpig.projection_panels(proj)
+            self._proj[key] = proj.to(device), magicpig.projection_panels(proj)
         return self._proj[key]
 
     def _magicpig(self, layer: int, d: _SparseDecode, q, k_cache, v_cache):
         p, state = d.policy, d.seq.attn_state
-        proj, panels = self.projections(p, layer)
+        proj, panels = self.projections(p, layer, k_cache.device)
         tables = state.layers.get(layer)
         if tables is None:
             tables = state.layers[layer] = self._build(d.sampled_slots[:state.built_end - state.start],
                                                        k_cache, proj, panels, p)
-        return magicpig.sampled_decode(q, k_cache, v_cache, d.sampled_slots, d.dense_slots, tables.key_mean,
+        return magicpig.sampled_decode(q, k_cache, v_cache, d.sampled_slots, d.dense_slots.index, tables.key_mean,
                                        tables.tables, proj, panels, self.scale, p.K, p.L)
 
     @staticmethod

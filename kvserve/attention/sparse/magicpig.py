@@ -25,13 +25,13 @@ W_EPS = 1e-4  # the paper's floor inside ln(w + eps): bounds the weight of rarel
 def projections(head_dim: int, K: int, L: int, seed: int, layer: int) -> torch.Tensor:
     """The layer's Gaussian hash matrix [D, K*L]; the same for every request with the same seed."""
     g = torch.Generator().manual_seed(seed * 100_003 + layer)
-    return torch.randn(head_dim, K * L, generator=g)
+    return torch.randn(head_dim, K * L, generator=g, device="cpu")
 
 
 def projection_panels(proj: torch.Tensor) -> torch.Tensor:
     """proj [D, K*L] as the C hash kernel reads it: panels [P, D, 16] of 16 columns, zero-padded."""
     d, n = proj.shape
-    padded = torch.zeros(d, (n + 15) // 16 * 16)
+    padded = torch.zeros(d, (n + 15) // 16 * 16, device="cpu")
     padded[:, :n] = proj
     return padded.view(d, -1, 16).transpose(0, 1).contiguous()
 
@@ -42,12 +42,12 @@ def simhash(x: torch.Tensor, proj: torch.Tensor, K: int, L: int, panels: torch.T
     kernel = _kernel("magicpig_hash") if panels is not None and x.device.type == "cpu" else None
     if kernel is not None:
         rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-        codes = torch.empty(rows.shape[0], L, dtype=torch.int16)
+        codes = torch.empty(rows.shape[0], L, dtype=torch.int16, device="cpu")
         if kernel(rows.data_ptr(), rows.shape[0], rows.shape[1], panels.data_ptr(), panels.shape[0], K, L,
                   codes.data_ptr()) == 0:
             return codes.view(*x.shape[:-1], L).long()
     bits = (x.float() @ proj > 0).view(*x.shape[:-1], L, K)
-    return (bits.float() @ (2.0 ** torch.arange(K))).long()  # exact: codes < 2^15
+    return (bits.float() @ (2.0 ** torch.arange(K, device=x.device))).long()  # exact: codes < 2^15
 
 
 @dataclass
@@ -68,20 +68,21 @@ class BucketTables:
         """codes [Hkv, T, L] -> tables; a counting sort per table (C), or one argsort and bincount for all."""
         hkv, t, L = codes.shape
         buckets = 1 << K
-        extra = torch.empty(hkv, 0, L, dtype=torch.int16)
+        device = codes.device
+        extra = torch.empty(hkv, 0, L, dtype=torch.int16, device=device)
         narrow = t <= MAX_NARROW_KEYS
         kernel = _kernel("magicpig_build") if codes.device.type == "cpu" else None
         if kernel is not None:  # a counting sort: ~40x faster than argsort at 32k keys
             c = codes.transpose(1, 2).to(torch.int16).contiguous()  # [Hkv, L, T]
-            offsets = torch.empty(hkv, L, buckets + 1, dtype=torch.int64)
-            sorted_ids = torch.empty(hkv, L, t, dtype=torch.int16 if narrow else torch.int32)
+            offsets = torch.empty(hkv, L, buckets + 1, dtype=torch.int64, device=device)
+            sorted_ids = torch.empty(hkv, L, t, dtype=torch.int16 if narrow else torch.int32, device=device)
             kernel(c.data_ptr(), hkv * L, t, buckets, offsets.data_ptr(), sorted_ids.data_ptr(), int(narrow))
             return cls(sorted_ids, offsets, K, extra)
         c = codes.transpose(1, 2).long()  # [Hkv, L, T]
         order = torch.argsort(c, dim=-1, stable=True)
-        table = torch.arange(hkv * L).view(hkv, L, 1)
+        table = torch.arange(hkv * L, device=device).view(hkv, L, 1)
         counts = torch.bincount((table * buckets + c).flatten(), minlength=hkv * L * buckets).view(hkv, L, buckets)
-        offsets = torch.zeros(hkv, L, buckets + 1, dtype=torch.int64)
+        offsets = torch.zeros(hkv, L, buckets + 1, dtype=torch.int64, device=device)
         offsets[..., 1:] = counts.cumsum(-1)
         if narrow:  # ids past 32767 as their uint16 bits
             return cls(torch.where(order < 1 << 15, order, order - (1 << 16)).to(torch.int16).contiguous(),
@@ -96,7 +97,8 @@ class BucketTables:
         """Room for n more extra keys (doubling, so that adding a key a step copies little)."""
         if self.num_extra + n > self.extra.shape[1]:
             hkv, room, L = self.extra.shape
-            grown = torch.empty(hkv, max(2 * room, self.num_extra + n, 16), L, dtype=torch.int16)
+            grown = torch.empty(hkv, max(2 * room, self.num_extra + n, 16), L, dtype=torch.int16,
+                                device=self.extra.device)
             grown[:, :self.num_extra] = self.extra_codes
             self.extra = grown
 
@@ -121,8 +123,8 @@ class BucketTables:
         """qcodes [H, L] (query head h uses KV head h // group) -> (gathered ids, their query heads):
         every key in the query's bucket of every table, one entry per table where they collide."""
         hkv, L, t = self.sorted_ids.shape
-        h = qcodes.shape[0]
-        table = (torch.arange(h) // group)[:, None] * L + torch.arange(L)  # [H, L]
+        h, device = qcodes.shape[0], qcodes.device
+        table = (torch.arange(h, device=device) // group)[:, None] * L + torch.arange(L, device=device)  # [H, L]
         flat_offsets = self.offsets.view(-1, self.offsets.shape[-1])
         starts = flat_offsets[table, qcodes].flatten()
         lens = flat_offsets[table, qcodes + 1].flatten() - starts
@@ -131,11 +133,11 @@ class BucketTables:
         # segment of each output entry: a mark at each non-empty bucket's start, summed up
         # (repeat_interleave is ~10x slower at this size)
         nonempty = torch.nonzero(lens).flatten()
-        marks = torch.zeros(total, dtype=torch.int32)
+        marks = torch.zeros(total, dtype=torch.int32, device=device)
         marks[seg_start[nonempty]] = 1
         seg = nonempty[torch.cumsum(marks, 0) - 1]
         # entry j of bucket s sits at flat (table, starts[s] + j - seg_start[s]) in the sorted ids
-        pos = (table.flatten() * t + starts - seg_start)[seg] + torch.arange(total)
+        pos = (table.flatten() * t + starts - seg_start)[seg] + torch.arange(total, device=device)
         ids = self.sorted_ids.view(-1)[pos].long()
         if self.narrow:
             ids &= 0xFFFF
@@ -161,21 +163,22 @@ def _kernel(name: str):
 def candidates(tables: BucketTables, qcodes: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys colliding with the query in >= 2 tables (the extra keys included) -> (query head,
     key id) pairs, grouped by head."""
-    h, t = qcodes.shape[0], tables.num_keys
+    h, t, device = qcodes.shape[0], tables.num_keys, qcodes.device
     ids, heads = tables.collisions(qcodes, group)
     # a count per (head, key) pair: an int32 index_add is ~3x faster than bincount's int64 here
     pairs = heads * t + ids
-    counts = torch.zeros(h * t, dtype=torch.int32).index_add_(0, pairs, torch.ones(len(pairs), dtype=torch.int32))
+    counts = torch.zeros(h * t, dtype=torch.int32, device=device).index_add_(
+        0, pairs, torch.ones(len(pairs), dtype=torch.int32, device=device))
     hits = pairs[counts[pairs] >= MIN_COLLISIONS]  # each candidate once per colliding table
     # keep one copy of each: whichever entry's index lands last in its slot (no H x T scan)
-    owner = torch.empty(h * t, dtype=torch.int64)
-    order = torch.arange(len(hits))
+    owner = torch.empty(h * t, dtype=torch.int64, device=device)
+    order = torch.arange(len(hits), device=device)
     owner[hits] = order
     hits = hits[owner[hits] == order]
     hit_h, hit_id = hits // t, hits % t
     extra_codes = tables.extra_codes
     if extra_codes.shape[1]:
-        kv = torch.arange(h) // group
+        kv = torch.arange(h, device=device) // group
         extra = (extra_codes[kv] == qcodes[:, None, :]).sum(-1) >= MIN_COLLISIONS  # [H, P]
         eh, eid = torch.nonzero(extra, as_tuple=True)
         hit_h, hit_id = torch.cat([hit_h, eh]), torch.cat([hit_id, eid + t])
@@ -200,20 +203,20 @@ def sampled_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     head (for key_mean [Hkv, D]). Logit q.k * scale - ln(w + eps), with w from the angle between q and
     the centred key (what was hashed); the raw key gives the score, so lse merges with dense parts.
     -> out [H, D] float32, lse [H] (natural log; -inf for a head with no sample)."""
-    qf, kf, mean = q.float(), keys.float(), key_mean.float()
-    c = torch.arange(len(heads))
+    qf, kf, mean, device = q.float(), keys.float(), key_mean.float(), q.device
+    c = torch.arange(len(heads), device=device)
     # one small matmul gives q.k and k.mean for every pair; the centred key is never materialized
     prods = kf @ torch.cat([qf, mean]).T  # [C, H + Hkv]
     qk = prods[c, heads]
     km = prods[c, num_heads + kv_heads]
-    qm = (qf * mean[torch.arange(num_heads) // (num_heads // mean.shape[0])]).sum(-1)  # [H]
+    qm = (qf * mean[torch.arange(num_heads, device=device) // (num_heads // mean.shape[0])]).sum(-1)  # [H]
     centred_sq = (kf * kf).sum(-1) - 2 * km + (mean * mean).sum(-1)[kv_heads]
     cos = (qk - qm[heads]) / (qf.norm(dim=-1)[heads] * centred_sq.clamp_min(0).sqrt()).clamp_min(1e-12)
     w = inclusion_probability(cos, K, L)
     logits = qk * scale - torch.log(w + W_EPS).float()
-    top = torch.full((num_heads,), float("-inf")).scatter_reduce(0, heads, logits, "amax", include_self=True)
+    top = torch.full((num_heads,), float("-inf"), device=device).scatter_reduce(0, heads, logits, "amax", include_self=True)
     e = torch.exp(logits - top[heads])
-    weights = torch.zeros(num_heads, len(heads))
+    weights = torch.zeros(num_heads, len(heads), device=device)
     weights[heads, c] = e
     total = weights.sum(-1)
     out = (weights @ values.float()) / total.clamp_min(1e-30)[:, None]
@@ -259,7 +262,7 @@ def sampled_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             and v_cache.dtype == k_cache.dtype and k_cache.is_contiguous() and v_cache.is_contiguous()):
         qf, mean = q.float().contiguous(), key_mean.float().contiguous()
         slots, dense_slots = slots.to(torch.int64).contiguous(), dense_slots.to(torch.int64).contiguous()
-        out, lse, table = torch.empty(h, dim), torch.empty(h), log_weight_table(K, L)
+        out, lse, table = torch.empty(h, dim, device="cpu"), torch.empty(h, device="cpu"), log_weight_table(K, L)
         tables.reserve(new)
 
         def call(codes: torch.Tensor | None, new: int) -> int:
@@ -305,4 +308,5 @@ def _add_new_keys(k_cache, slots, key_mean, tables: BucketTables, proj, K: int, 
 def log_weight_table(K: int, L: int, n: int = 1 << 16) -> torch.Tensor:
     """ln(w + eps) at n + 1 evenly spaced cosines in [-1, 1], for the C kernel to interpolate
     (256 KiB; interpolated, it is off by < 1e-5)."""
-    return torch.log(inclusion_probability(torch.linspace(-1, 1, n + 1, dtype=torch.float64), K, L) + W_EPS).float()
+    cos = torch.linspace(-1, 1, n + 1, dtype=torch.float64, device="cpu")
+    return torch.log(inclusion_probability(cos, K, L) + W_EPS).float()

@@ -6,10 +6,11 @@ import torch
 
 
 def kept_positions(kv_len: int, sink: int, window: int) -> torch.Tensor:
-    """KV positions a decode at kv_len - 1 attends to (the new token is always among them)."""
+    """KV positions a decode at kv_len - 1 attends to (the new token is always among them), on the
+    CPU: the page table that maps them to slots is there."""
     head = min(sink, kv_len)
     tail = max(head, kv_len - max(window, 1))
-    return torch.cat([torch.arange(head), torch.arange(tail, kv_len)])
+    return torch.cat([torch.arange(head, device="cpu"), torch.arange(tail, kv_len, device="cpu")])
 
 
 def droppable_pages(next_kv_len: int, sink: int, window: int, page_size: int) -> range:

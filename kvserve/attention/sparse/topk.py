@@ -12,6 +12,6 @@ def topk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k:
     top, idx = scores.topk(min(k, t), dim=-1)
     lse = torch.logsumexp(top, -1)
     probs = torch.exp(top - lse[..., None])
-    picked = values.float()[torch.arange(hkv)[:, None, None], idx]  # [Hkv, g, k, D]
+    picked = values.float()[torch.arange(hkv, device=q.device)[:, None, None], idx]  # [Hkv, g, k, D]
     out = (probs[..., None] * picked).sum(-2)
     return out.reshape(-1, d), lse.reshape(-1)
