@@ -32,7 +32,10 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--attention", type=_attention_arg, default="full",
                    help="default decode attention: full | streaming | magicpig | topk, optionally with "
-                        "parameters, e.g. magicpig:K=10,L=150,sink=4,window=64 or a JSON object")
+                        "parameters, e.g. magicpig:K=10,L=150,sink=4,window=64 or a JSON object; "
+                        "magicpig:offload=true keeps the sampled layers' K/V in CPU memory, attended by the CPU")
+    p.add_argument("--offload-kv-gb", type=float, default=None,
+                   help="CPU memory for offloaded MagicPIG K/V (default: half the available RAM)")
 
 
 def _attention_arg(value: str):
@@ -48,7 +51,8 @@ def engine_config(args):
     return EngineConfig(
         model=args.model, random_weights=args.random_weights, dtype=args.dtype, quantization=args.quantization, device=args.device,
         threads=args.threads, compile=args.compile, enforce_eager=args.enforce_eager, attention=args.attention,
-        cache=CacheConfig(args.page_size, args.num_pages, args.kv_cache_gb, not args.no_prefix_caching),
+        cache=CacheConfig(args.page_size, args.num_pages, args.kv_cache_gb, not args.no_prefix_caching,
+                          offload_kv_gb=args.offload_kv_gb),
         scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs))
 
 

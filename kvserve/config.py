@@ -29,6 +29,9 @@ class CacheConfig:
     num_pages: int | None = None  # None: derived from kv_cache_gb
     kv_cache_gb: float | None = None  # None: a share of free memory
     enable_prefix_caching: bool = True
+    # MagicPIG with offload (the engine's default attention): CPU memory for the sampled layers' K/V
+    offload_pages: int | None = None  # None: derived from offload_kv_gb
+    offload_kv_gb: float | None = None  # None: half the available RAM
 
 
 @dataclass

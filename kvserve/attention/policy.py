@@ -12,6 +12,15 @@ DEFAULT_WINDOW = {"full": 0, "streaming": 1020, "magicpig": 64, "topk": 64}
 TOPK_DEFAULT_FRACTION = 0.02
 
 
+def _flag(value) -> bool:
+    """offload=true / 1 / false / 0 (the key=value form gives strings and ints)."""
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+        return value.lower() in ("true", "yes")
+    if value in (0, 1):  # True and False too
+        return bool(value)
+    raise ValueError(f"attention offload must be true or false, got {value!r}")
+
+
 @dataclass(frozen=True)
 class AttentionPolicy:
     policy: str = "full"
@@ -22,6 +31,7 @@ class AttentionPolicy:
     k: int | None = None  # topk: keys kept per query head; None: TOPK_DEFAULT_FRACTION of them
     dense_layers: tuple[int, ...] = field(default=(0,))  # magicpig/topk: layers kept full
     seed: int = 0  # magicpig: seed of the hash projections
+    offload: bool = False  # magicpig: sampled layers' K/V in CPU memory, their attention by the CPU (offload.py)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -29,6 +39,9 @@ class AttentionPolicy:
         if self.window is None:
             object.__setattr__(self, "window", DEFAULT_WINDOW[self.policy])
         object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        object.__setattr__(self, "offload", _flag(self.offload))
+        if self.offload and self.policy != "magicpig":
+            raise ValueError(f"attention offload is for magicpig, not {self.policy}")
         for name in ("sink", "window"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"attention {name} must be an integer >= 0, got {getattr(self, name)!r}")

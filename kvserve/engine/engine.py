@@ -11,6 +11,7 @@ from kvserve.attention.policy import parse_attention
 from kvserve.attention.sparse.streaming import droppable_pages
 from kvserve.config import EngineConfig
 from kvserve.engine.executors import select_executor
+from kvserve.engine.offload import build_offload_pools, check_offload, sync_offloaded
 from kvserve.engine.request import (CompletionOutput, FinishReason, Logprob, RequestOutput,
                                     SamplingParams, Sequence, SequenceStatus, now)
 from kvserve.engine.runner import ModelRunner
@@ -75,10 +76,13 @@ class Engine:
                                                          config.scheduler.max_num_seqs * self.max_model_len // cache.page_size)
         self.pool = PagePool(mc.num_layers, num_pages, cache.page_size, mc.num_kv_heads, mc.head_dim,
                              kv_dtype, self.device)
-        self.kv = KVCacheManager(self.pool, cache.enable_prefix_caching)
+        self.offload = build_offload_pools(self.default_attention, mc, cache, kv_dtype, self.device,
+                                           _available_ram()) if self.default_attention.offload else None
+        self.kv = KVCacheManager(self.pool, cache.enable_prefix_caching, self.offload)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.runner = ModelRunner(model, select_executor(model, self.pool, self.device, config.compile,
                                                          config.scheduler.max_num_seqs, config.enforce_eager))
+        self.runner.policy_attention.offload = self.offload
         self.sampler = Sampler()
         self.grammars = GrammarCache(tokenizer, mc.vocab_size, self.eos_token_ids)
         self._bitmasks = BitmaskApplier(mc.vocab_size, self.grammars.json_safe)
@@ -103,6 +107,7 @@ class Engine:
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(ids, params)
+        check_offload(params.attention or self.default_attention, self.offload, params.n)
         grammar = self.grammars.matcher(params.structured) if params.structured is not None else None
         state = _RequestState(request_id, text, ids, params, arrival=now())
         seq = Sequence(next(self._seq_ids), request_id, 0, ids, params, state.arrival, priority)
@@ -182,6 +187,7 @@ class Engine:
                 continue
             touched[seq.request_id] = state
         self._release_streamed_pages(out.scheduled)
+        sync_offloaded(self.kv, out.scheduled)
         return [t if isinstance(t, RequestOutput) else self._output(t) for t in touched.values()
                 if isinstance(t, RequestOutput) or t.params.output_kind == "cumulative" or self._finished(t)]
 

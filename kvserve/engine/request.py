@@ -126,6 +126,7 @@ class Sequence:
         self.generator = None
         self.detokenizer = None
         self.attn_state = None  # per-request state of a sparse attention policy (MagicPIG's tables)
+        self.offload = None  # OffloadPages: its K/V in MagicPIG's offload pools (kvserve/kv/offload_pools.py)
         self.grammar = None  # xgrammar matcher of a structured request: it has accepted every output token
 
     @property

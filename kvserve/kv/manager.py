@@ -1,14 +1,19 @@
 """KVCacheManager: which pages each sequence holds; allocation, prefix reuse, fork, free."""
+from kvserve.kv.offload_pools import OffloadPages, OffloadPools
 from kvserve.kv.pool import PagePool
 from kvserve.kv.page_keys import page_keys, root_key
 from kvserve.kv.prefix import PrefixCache
 
 
 class KVCacheManager:
-    def __init__(self, pool: PagePool, enable_prefix_caching: bool = True):
+    def __init__(self, pool: PagePool, enable_prefix_caching: bool = True, offload: OffloadPools | None = None):
         self.pool = pool
         self.page_size = pool.page_size
         self.prefix = PrefixCache(pool) if enable_prefix_caching else None
+        self.offload = offload  # MagicPIG with offload: a sequence's pages there grow with its main pages
+
+    def offloaded(self, seq) -> bool:
+        return self.offload is not None and seq.policy.offload
 
     @property
     def num_free_pages(self) -> int:
@@ -45,13 +50,23 @@ class KVCacheManager:
         """Grows seq's pages to hold num_tokens tokens; False (and nothing changed) if the pool
         cannot, even after evicting unused cached pages."""
         need = self.pages_needed(seq, num_tokens)
-        if need == 0:  # most decode steps
+        offload_need = 0
+        if self.offloaded(seq):
+            held = len(seq.offload.host) if seq.offload is not None else 0
+            offload_need = max(0, -(-num_tokens // self.page_size) - held)
+            if offload_need > self.offload.num_free:
+                return False
+        if need == 0 and offload_need == 0:  # most decode steps
             return True
         if need > self.pool.num_free and self.prefix is not None:
             self.prefix.evict(need - self.pool.num_free)
         if need > self.pool.num_free:
             return False
         seq.pages.extend(self.pool.allocate(need))
+        if offload_need:
+            if seq.offload is None:
+                seq.offload = OffloadPages()
+            self.offload.grow(seq.offload, offload_need)
         return True
 
     def cache_computed_pages(self, seq) -> None:
@@ -97,6 +112,9 @@ class KVCacheManager:
         self.pool.decref([p for p in seq.pages if p >= 0])
         seq.pages = []
         seq.page_hashes = []
+        if getattr(seq, "offload", None) is not None:
+            self.offload.free(seq.offload)
+            seq.offload = None
 
     def check_integrity(self, live_seqs) -> None:
         """Every page's ref count equals its holders: live sequences plus the prefix cache."""
@@ -112,3 +130,11 @@ class KVCacheManager:
             expected[p] += 1
         assert expected == self.pool.ref_counts, "page ref counts do not match their holders"
         assert sorted(self.pool.free_pages) == [p for p, c in enumerate(expected) if c == 0]
+        if self.offload is not None:
+            for pool, name in ((self.offload.host, "host"), (self.offload.dense, "dense")):
+                held = [0] * pool.num_pages
+                for seq in live_seqs:
+                    for p in getattr(seq.offload, name, None) or []:
+                        held[p] += 1
+                assert held == pool.ref_counts, f"offload {name} page ref counts do not match their holders"
+                assert sorted(pool.free_pages) == [p for p, c in enumerate(held) if c == 0]

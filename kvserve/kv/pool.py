@@ -19,14 +19,15 @@ class PagePool:
     """
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
-                 head_dim: int, dtype=torch.float32, device="cpu"):
+                 head_dim: int, dtype=torch.float32, device="cpu", pin_memory: bool = False):
         self.num_pages = num_pages
         self.page_size = page_size
         shape = (num_layers, num_kv_heads, num_pages * page_size, head_dim)
         # empty, not zeros: untouched memory costs neither startup time nor RSS. A page is zeroed
         # when first handed out, since masked-out slots are still read and must not hold NaNs.
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # pinned (host memory a GPU copies to and from asynchronously): the offloaded K/V of MagicPIG
+        self.k = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin_memory)
+        self.v = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin_memory)
         self.ref_counts = [0] * num_pages
         self.free_pages = deque(range(num_pages))
         self.zeroed = [False] * num_pages

@@ -4,6 +4,7 @@ Full requests (and every prefill) go through the dense backend in one call, as i
 policy at all; each non-full decode is then computed alone by its policy. A step where every
 request is full never comes here (the runner calls the dense backend directly).
 """
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from kvserve.attention.merge import grouped_attention_with_lse, merge_state
 from kvserve.attention.policy import TOPK_DEFAULT_FRACTION, AttentionPolicy
 from kvserve.attention.sparse import magicpig
+from kvserve.attention.sparse.offload import OffloadedDecodes, OffloadRead, plan_read
 from kvserve.attention.sparse.streaming import kept_positions
 from kvserve.attention.sparse.topk import topk_attention
 from kvserve.native import paged_attention
@@ -66,6 +68,7 @@ class _SparseDecode:
     all_pages: torch.Tensor | None  # the pages of every position, int32 on the pool's device (magicpig/topk dense layers)
     pages_start: int | None  # all_pages[0] where all_pages are consecutive (read as a view)
     sampled_slots: torch.Tensor | None  # positions [start, end) sampled by magicpig/topk, on the pool's device
+    offload: OffloadRead | None = None  # magicpig with offload: where [start, end) sit in the offload pools
 
 
 class PolicyAttention:
@@ -78,6 +81,8 @@ class PolicyAttention:
         self.keys_total = 0  # ... and what full attention would have read
         self.sampled_pairs = 0  # magicpig candidates, over (query head, sampled layer) instances:
         self.sampled_heads = 0  # their ratio is the key budget topk gets to match magicpig
+        self.offload = None  # OffloadPools, set by the engine when it runs MagicPIG with offload
+        self.offloaded = OffloadedDecodes(self)
 
     def plan(self, dense_meta, dense_rows: torch.Tensor, decodes: list[tuple[int, object, int]]) -> None:
         """dense_meta covers the rows dense_rows of the step (None if there are none); decodes are
@@ -86,6 +91,11 @@ class PolicyAttention:
         if dense_meta is not None:
             self.dense.plan(dense_meta)
         self.decodes = [self._plan_one(row, seq, kv_len) for row, seq, kv_len in decodes]
+        self.split = [d for d in self.decodes if d.offload is not None]
+        if self.split:
+            start = time.perf_counter()
+            self.offload.flush()  # the rows they sample must have landed on the host
+            self.offloaded.seconds["copy_rows"] += time.perf_counter() - start
 
     def _plan_one(self, row: int, seq, kv_len: int) -> _SparseDecode:
         """Positions to slots on the host (the page table is a Python list), moved to the pool's device once."""
@@ -106,6 +116,9 @@ class PolicyAttention:
             state = seq.attn_state
             if state is None or state.start != start:
                 state = seq.attn_state = MagicPIGState(start, end)
+        if policy.offload and end > start and self.offload is not None and seq.offload is not None:
+            return _SparseDecode(row, seq, policy, kv_len, new_slot, SlotSet.of(slots(dense), device), None, None,
+                                 None, plan_read(self.offload, seq.offload, start, end, device))
         all_pages = pages[:-(-kv_len // page)]
         consecutive = bool((all_pages.diff() == 1).all())
         return _SparseDecode(row, seq, policy, kv_len, new_slot, SlotSet.of(slots(dense), device),
@@ -121,8 +134,11 @@ class PolicyAttention:
         for d in self.decodes:
             k_cache[:, d.new_slot] = k[d.row:d.row + 1].transpose(0, 1).to(k_cache.dtype)
             v_cache[:, d.new_slot] = v[d.row:d.row + 1].transpose(0, 1).to(v_cache.dtype)
+        if self.split:
+            self.offloaded.run(layer, self.split, q, k_cache, v_cache, out)
         for d in self.decodes:
-            out[d.row] = self._decode(layer, d, q[d.row], k_cache, v_cache).to(q.dtype)
+            if d.offload is None:
+                out[d.row] = self._decode(layer, d, q[d.row], k_cache, v_cache).to(q.dtype)
         return out
 
     def _decode(self, layer: int, d: _SparseDecode, q: torch.Tensor, k_cache, v_cache) -> torch.Tensor:

@@ -1,0 +1,136 @@
+"""MagicPIG with offload through the engine, the "GPU" side on the CPU: the split (host pool, dense
+pool, staged copies, the CPU part merged with the device part) decodes what MagicPIG without offload
+decodes, the main pool keeps only sinks, window and generated tokens, and page accounting balances
+on all three pools after random workloads with preemption and aborts."""
+import random
+
+import pytest
+
+from kvserve.engine.request import SamplingParams
+from strict_devices import strict_devices
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+POLICY = "magicpig:K=4,L=30,sink=4,window=8,dense_layers=0;2"
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A random 4-layer Llama: layers 0 and 2 dense, 1 and 3 sampled."""
+    from kvserve.model.llama import LlamaForCausalLM
+    from kvserve.model.loader import hf_config
+    from tiny_models import make_hf_model
+    hf = make_hf_model("llama", vocab_size=512, num_hidden_layers=4, max_position_embeddings=256, seed=7)
+    config = hf.config.to_dict() | {"architectures": ["LlamaForCausalLM"]}
+    return LlamaForCausalLM.from_weights(hf_config(config), hf.state_dict())
+
+
+def _engine(model, tokenizer, attention, num_pages=128, offload_pages=None, prefix=True, max_seqs=8):
+    from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
+    from kvserve.engine.engine import Engine
+    cfg = EngineConfig(cache=CacheConfig(4, num_pages, None, prefix, offload_pages=offload_pages),
+                       scheduler=SchedulerConfig(256, max_seqs), attention=attention)
+    return Engine(cfg, model=model, tokenizer=tokenizer)
+
+
+def _run(engine, prompts, max_tokens=20):
+    ids = [engine.add_request(p, SamplingParams(max_tokens=max_tokens, **GREEDY)) for p in prompts]
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.error is None, out.error
+            if out.finished:
+                done[out.request_id] = out
+    return [done[i].outputs[0].token_ids for i in ids]
+
+
+def _prompts(n, seed=0, lengths=(30, 70)):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 512) for _ in range(rng.randrange(*lengths))] for _ in range(n)]
+
+
+def test_offload_decodes_what_magicpig_on_the_device_decodes(model, smollm2_tokenizer):
+    prompts = _prompts(3)
+    on_device = _engine(model, smollm2_tokenizer, POLICY)
+    split = _engine(model, smollm2_tokenizer, POLICY + ",offload=true", offload_pages=128)
+    expected = _run(on_device, prompts)
+    assert _run(split, prompts) == expected
+    pa, pb = on_device.runner.policy_attention, split.runner.policy_attention
+    assert pa.sampled_pairs == pb.sampled_pairs > 0  # the same keys sampled
+    assert pb.offloaded.seconds["cpu_sampled"] > 0
+    split.kv.check_integrity([])
+    assert split.offload.host.num_free == split.offload.host.num_pages
+
+
+def test_main_pool_keeps_only_the_sinks_window_and_generated_tokens(model, smollm2_tokenizer):
+    engine = _engine(model, smollm2_tokenizer, POLICY + ",offload=true", offload_pages=64, prefix=False)
+    rid = engine.add_request(list(range(10, 90)), SamplingParams(max_tokens=6, **GREEDY))
+    seq = engine.requests[rid].seqs[0]
+    engine.step()  # the prompt
+    held = sum(p >= 0 for p in seq.pages)
+    assert held <= 1 + 3 + 1  # the sink page, the window's pages, the page being filled
+    assert len(seq.offload.host) == len(seq.offload.dense) == 80 // 4 and seq.offload.synced == 80
+    while engine.has_unfinished():
+        assert all(o.error is None for o in engine.step())
+    engine.kv.check_integrity([])
+
+
+def test_offload_runs_with_every_tensor_on_its_pool_device(model, smollm2_tokenizer):
+    """The split's index and copy path under strict_devices(): its decode steps make no tensor on
+    the default device (only its prefill, through the dense backend, runs outside)."""
+    engine = _engine(model, smollm2_tokenizer, POLICY + ",offload=true", offload_pages=64)
+    rid = engine.add_request(list(range(10, 60)), SamplingParams(max_tokens=4, **GREEDY))
+    engine.step()  # the prompt
+    pa = engine.runner.policy_attention
+    plan, run = pa.plan, pa.run
+    pa.plan = lambda *a: _strict(plan, *a)
+    pa.run = lambda *a: _strict(run, *a)
+    while engine.has_unfinished():
+        assert all(o.error is None for o in engine.step())
+    assert rid not in engine.requests and pa.offloaded.seconds["cpu_sampled"] > 0
+
+
+def _strict(fn, *args):
+    with strict_devices():
+        return fn(*args)
+
+
+def test_offload_requests_are_checked(model, smollm2_tokenizer):
+    plain = _engine(model, smollm2_tokenizer, "full")
+    with pytest.raises(ValueError, match="engine started"):
+        plain.add_request([5] * 10, SamplingParams(attention=POLICY + ",offload=true"))
+    split = _engine(model, smollm2_tokenizer, POLICY + ",offload=true", offload_pages=16)
+    with pytest.raises(ValueError, match="dense_layers"):
+        split.add_request([5] * 10, SamplingParams(attention="magicpig:offload=true,dense_layers=0"))
+    with pytest.raises(ValueError, match="n=1"):
+        split.add_request([5] * 10, SamplingParams(n=2))
+    split.add_request([5] * 10, SamplingParams(attention="full", max_tokens=2))  # others run as usual
+    while split.has_unfinished():
+        split.step()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_page_accounting_balances_on_every_pool_after_preemption_and_aborts(model, smollm2_tokenizer, seed):
+    """Small pools (the main one and the host one each run out), requests with and without offload,
+    some aborted mid-way: every step, each pool's ref counts equal its holders."""
+    rng = random.Random(seed)
+    engine = _engine(model, smollm2_tokenizer, POLICY + ",offload=true", num_pages=40, offload_pages=48)
+    live, preempted = [], []
+    preempt = engine.scheduler.preempt
+    engine.scheduler.preempt = lambda seq: (preempted.append(seq.request_id), preempt(seq))
+    for i, prompt in enumerate(_prompts(10, seed, lengths=(20, 80))):
+        attention = None if i % 3 else "full"
+        live.append(engine.add_request(prompt, SamplingParams(max_tokens=rng.randrange(4, 30), attention=attention,
+                                                              **GREEDY)))
+    for _ in range(2000):
+        if not engine.has_unfinished():
+            break
+        assert all(o.error is None for o in engine.step())
+        if rng.random() < 0.05 and engine.requests:
+            engine.abort(rng.choice(list(engine.requests)))
+        seqs = engine.scheduler.running + engine.scheduler.waiting
+        engine.kv.check_integrity(seqs)
+    assert not engine.has_unfinished()
+    engine.kv.check_integrity([])
+    assert engine.offload.host.num_free == engine.offload.host.num_pages
+    assert engine.offload.dense.num_free == engine.offload.dense.num_pages
+    assert preempted
