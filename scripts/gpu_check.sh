@@ -19,4 +19,9 @@ for shape in llama-1b $big; do
         --max-num-seqs 256 --max-num-batched-tokens 8192 --peer-batch-size 64
 done
 step $bench profile --device cuda --random-weights llama-1b --batch 256 --steps 8
+# long context (~60 s): every attention policy on the GPU against the CPU, MagicPIG's CPU-GPU split,
+# and each policy's decode step at 8k on a 1B shape (the split's time by part)
+step python3 -m pytest -q -p no:cacheprovider tests/attention/test_policy_devices.py tests/engine/test_offload.py -k cuda
+step $bench longctx --device cuda --random-weights llama-1b --lengths 8192 --steps 8 \
+    --policies full streaming magicpig topk magicpig:offload=true
 step $bench overhead

@@ -124,3 +124,12 @@ def test_random_weight_benchmarks_run_small():
     r = kvserve("bench", "profile", "--random-weights", "tiny", "--batch", "2", "--input-len", "4", "--steps", "2")
     assert r.returncode == 0, r.stderr
     assert "2 decode steps" in r.stdout and "aten::" in r.stdout
+
+
+def test_bench_longctx_offload_on_random_weights():
+    r = kvserve("bench", "longctx", "--random-weights", "tiny", "--device", "cpu", "--lengths", "300", "--steps", "3",
+                "--policies", "magicpig:window=16", "magicpig:window=16,offload=true")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[2]: line.split() for line in r.stdout.splitlines() if line.startswith("tiny")}
+    assert set(rows) == {"magicpig", "magicpig+offload"} and rows["magicpig"][6] == rows["magicpig+offload"][6]
+    assert "offload, per step: CPU sampled attention" in r.stdout

@@ -5,7 +5,11 @@ attention shape and a longer rope range. Each context is prefilled once with ful
 policy then decodes from it (a prefix-cache hit), so all policies see the same K/V. Reported per
 decode step (median over the steps): latency, attention time (all layers, and per sampled layer,
 i.e. a layer a policy does not keep dense), share of (query head, key) pairs read, and the KV
-memory the request holds (pages, plus MagicPIG's hash tables).
+memory the request holds on the device (pages, plus MagicPIG's hash tables). With --random-weights
+(e.g. llama-8b on --device cuda) --lengths run on that shape, its context stretched to fit them.
+A policy with offload (magicpig:offload=true) also gets where its steps go: the CPU's sampled
+attention, the copies (query out, partial outputs back, K/V rows landing on the host) and the rest
+(the device, and host work around it).
 """
 import argparse
 import sys
@@ -45,6 +49,8 @@ class _Timed:
         def run(layer, q, k, v):
             start = time.perf_counter()
             out = inner(layer, q, k, v)
+            if out.is_cuda:  # what the layer's attention took, not its launch
+                torch.cuda.synchronize()
             self.by_layer[layer] += time.perf_counter() - start
             return out
         backend.run = run
@@ -84,10 +90,12 @@ def measure(engine, prompt: list[int], policy, steps: int, timers: list[_Timed])
                                                     attention=policy))
     seq = engine.requests[rid].seqs[0]
     step_s, attn_s, layer_s, first_s, held, extra, warm = [], [], [], 0.0, 0, 0, 0
+    split = defaultdict(list)  # offload: seconds per step by part
     sampled_layers = range(1, engine.model.config.num_layers)  # layer 0 is dense under every policy
     while rid in engine.requests:
         for t in timers:
             t.by_layer.clear()
+        before = dict(pa.offloaded.seconds)
         start = time.perf_counter()
         outs = engine.step()
         elapsed = time.perf_counter() - start
@@ -103,11 +111,15 @@ def measure(engine, prompt: list[int], policy, steps: int, timers: list[_Timed])
             pa.keys_read = pa.keys_total = 0
         else:
             step_s.append(elapsed)
+            spent = {k: v - before.get(k, 0.0) for k, v in pa.offloaded.seconds.items()}
+            split["cpu_ms"].append(1e3 * spent.get("cpu_sampled", 0.0))
+            split["copy_ms"].append(1e3 * sum(v for k, v in spent.items() if k.startswith("copy")))
             attn_s.append(sum(by_layer.values()))
             layer_s.append(sum(by_layer[i] for i in sampled_layers) / max(1, len(sampled_layers)))
         if not seq.finished:
             held = max(held, sum(p >= 0 for p in seq.pages))
-            extra = seq.attn_state.nbytes() if seq.attn_state is not None else extra
+            if seq.attn_state is not None and not policy.offload:  # offloaded tables are in CPU memory
+                extra = seq.attn_state.nbytes()
     mc = engine.model.config
     page_bytes = engine.pool.bytes_per_page(mc.num_layers, engine.pool.page_size, mc.num_kv_heads, mc.head_dim,
                                             engine.pool.k.dtype)
@@ -115,7 +127,7 @@ def measure(engine, prompt: list[int], policy, steps: int, timers: list[_Timed])
     return {"policy": policy.policy, "step_ms": 1e3 * median(step_s), "attn_ms": 1e3 * median(attn_s),
             "layer_attn_ms": 1e3 * median(layer_s), "first_step_ms": 1e3 * first_s,
             "keys_read": pa.keys_read / pa.keys_total if pa.keys_total else 1.0,
-            "kv_mib": (held * page_bytes + extra) / 2**20}
+            "kv_mib": (held * page_bytes + extra) / 2**20} | {k: median(v) for k, v in split.items()}
 
 
 def run_contexts(engine, prompts: dict[int, list[int]], policies, steps: int, model_name: str,
@@ -136,17 +148,24 @@ def run_contexts(engine, prompts: dict[int, list[int]], policies, steps: int, mo
                       file=sys.stderr, flush=True)
                 results.append(measure(engine, prompt, policy, steps, timers))
         for policy, results in zip(policies, runs):
-            rows.append({"model": model_name, "context": length, "policy": policy.policy, "rounds": results}
+            name = policy.policy + ("+offload" if policy.offload else "")
+            rows.append({"model": model_name, "context": length, "policy": name, "rounds": results}
                         | {key: median(x[key] for x in results) for key in results[0] if key != "policy"})
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'model':<14}{'context':>8} {'policy':<10}{'step ms':>9}{'attn ms':>9}{'attn ms/layer':>14}"
+    print(f"{'model':<14}{'context':>8} {'policy':<17}{'step ms':>9}{'attn ms':>9}{'attn ms/layer':>14}"
           f"{'keys read':>10}{'KV MiB':>9}{'first 2 ms':>12}")
     for r in rows:
-        print(f"{r['model']:<14}{r['context']:>8} {r['policy']:<10}{r['step_ms']:>9.2f}{r['attn_ms']:>9.2f}"
+        print(f"{r['model']:<14}{r['context']:>8} {r['policy']:<17}{r['step_ms']:>9.2f}{r['attn_ms']:>9.2f}"
               f"{r['layer_attn_ms']:>14.3f}{100 * r['keys_read']:>9.1f}%{r['kv_mib']:>9.1f}{r['first_step_ms']:>12.0f}")
+    for r in rows:
+        if r["policy"].endswith("+offload"):
+            rest = r["step_ms"] - r["cpu_ms"] - r["copy_ms"]
+            print(f"  {r['model']} {r['context']} offload, per step: CPU sampled attention (candidates + softmax, "
+                  f"one C call) {r['cpu_ms']:.2f} ms, copies {r['copy_ms']:.2f} ms, the rest (device, host "
+                  f"around it) {rest:.2f} ms")
     print("magicpig vs full decode attention speed (full time / magicpig time), all layers | per sampled layer:")
     for (model, length), group in _by_context(rows).items():
         if "full" in group and "magicpig" in group:
@@ -176,24 +195,39 @@ def main(args) -> int:
     policies = [parse_attention(p) for p in args.policies]
     lengths, long_lengths = args.lengths, args.long_lengths
     page, slack = args.page_size, 4 * args.steps + 64
+    offloaded = [p for p in policies if p.offload]
+    if offloaded:  # the engine's default: it builds the offload pools (every request names its policy)
+        args.attention = offloaded[0]
     rows = []
     if lengths:
         args.num_pages = sum(lengths) // page + len(lengths) * (len(policies) + 2) + slack
         args.max_num_batched_tokens = max(lengths)  # a whole prompt in one step: one causal SDPA
-        engine = Engine(engine_config(args))
-        text = engine.tokenizer.encode(long_text(6 * max(lengths)))
-        if len(text) < max(lengths):
-            raise SystemExit(f"only {len(text)} tokens of text for a {max(lengths)}-token context")
-        # a distinct first token per context, so no context is a cache hit of another; room left
-        # for the decode steps within the model's context
-        prompts = {n: [1000 + i] + text[:min(n, engine.max_model_len - args.steps - 2) - 1]
-                   for i, n in enumerate(lengths)}
-        rows += run_contexts(engine, prompts, policies, args.steps, "default", args.rounds)
+        config = engine_config(args)
+        if offloaded and args.offload_kv_gb is None:
+            config.cache.offload_pages = sum(lengths) // page + len(lengths) * 4 + slack
+        if args.random_weights:
+            engine = _random_weights_engine(config, max(lengths) + slack)
+            g = torch.Generator().manual_seed(0)
+            vocab = engine.model.config.vocab_size
+            prompts = {n: torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths}
+            long_lengths = []  # this shape is the long-context model
+        else:
+            engine = Engine(config)
+            text = engine.tokenizer.encode(long_text(6 * max(lengths)))
+            if len(text) < max(lengths):
+                raise SystemExit(f"only {len(text)} tokens of text for a {max(lengths)}-token context")
+            # a distinct first token per context, so no context is a cache hit of another; room left
+            # for the decode steps within the model's context
+            prompts = {n: [1000 + i] + text[:min(n, engine.max_model_len - args.steps - 2) - 1]
+                       for i, n in enumerate(lengths)}
+        rows += run_contexts(engine, prompts, policies, args.steps, args.random_weights or "default", args.rounds)
         del engine
     if long_lengths:
         model = random_long_llama(args.long_layers, max(long_lengths) + slack, resolve_dtype(args.dtype, "cpu"))
-        cfg = EngineConfig(dtype=args.dtype, threads=args.threads,
-                           cache=CacheConfig(page, sum(long_lengths) // page + slack * len(long_lengths)),
+        cache = CacheConfig(page, sum(long_lengths) // page + slack * len(long_lengths))
+        if offloaded:
+            cache.offload_pages = cache.num_pages
+        cfg = EngineConfig(dtype=args.dtype, threads=args.threads, cache=cache, attention=args.attention,
                            scheduler=SchedulerConfig(max(long_lengths), 4))
         engine = Engine(cfg, model=model, tokenizer=load_tokenizer(None))
         g = torch.Generator().manual_seed(0)
@@ -201,3 +235,19 @@ def main(args) -> int:
         rows += run_contexts(engine, prompts, policies, args.steps, f"random-{args.long_layers}L", args.rounds)
     print_table(rows)
     return 0
+
+
+def _random_weights_engine(config, max_positions: int):
+    """An engine on config.random_weights' shape with its context stretched to max_positions (random
+    weights have no trained context length; rope extends)."""
+    import dataclasses
+
+    from kvserve.engine.engine import Engine, resolve_device, resolve_dtype
+    from kvserve.model.llama import LlamaForCausalLM
+    from kvserve.model.random_weights import RandomWeights, shape_config, token_tokenizer
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    cfg = shape_config(config.random_weights)
+    cfg = dataclasses.replace(cfg, max_position_embeddings=max(max_positions, cfg.max_position_embeddings))
+    model = LlamaForCausalLM.from_weights(cfg, RandomWeights(cfg, dtype, device, config.seed), dtype, device)
+    return Engine(config, model=model, tokenizer=token_tokenizer(cfg.vocab_size))

@@ -9,8 +9,8 @@ import sys
 from kvserve.args import add_engine_args
 
 MODULES = {"throughput": "throughput", "latency": "latency", "profile": "step_profile", "overhead": "overhead",
-           "attention": "attention"}
-WITH_ENGINE_ARGS = {"throughput", "latency", "profile"}
+           "attention": "attention", "longctx": "longctx"}
+WITH_ENGINE_ARGS = {"throughput", "latency", "profile", "longctx"}
 
 
 def main(argv=None) -> int:

@@ -134,3 +134,29 @@ def test_page_accounting_balances_on_every_pool_after_preemption_and_aborts(mode
     assert engine.offload.host.num_free == engine.offload.host.num_pages
     assert engine.offload.dense.num_free == engine.offload.dense.num_pages
     assert preempted
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_offload_on_cuda_decodes_what_magicpig_on_the_gpu_decodes():
+    """On a GPU: the sampled layers' part on the CPU (pinned host pool, C kernel) against MagicPIG
+    wholly on the GPU (its PyTorch twins), every other policy on the GPU too, pages balanced."""
+    import torch
+    from kvserve.model.llama import LlamaForCausalLM
+    from kvserve.model.loader import hf_config
+    from kvserve.model.random_weights import token_tokenizer
+    from tiny_models import make_hf_model
+    hf = make_hf_model("llama", vocab_size=512, num_hidden_layers=4, max_position_embeddings=256, seed=7)
+    config = hf.config.to_dict() | {"architectures": ["LlamaForCausalLM"]}
+    model = LlamaForCausalLM.from_weights(hf_config(config), hf.state_dict(), torch.float32, "cuda")
+    prompts, tokenizer = _prompts(3), token_tokenizer(512)  # no model files on a bare GPU host
+    on_gpu = _engine(model, tokenizer, POLICY)
+    split = _engine(model, tokenizer, POLICY + ",offload=true", offload_pages=128)
+    assert split.offload.host.k.is_pinned() and split.offload.dense.k.device.type == "cuda"
+    assert _run(split, prompts) == _run(on_gpu, prompts)
+    for policy in ["streaming:sink=4,window=8", "topk:k=5,window=8"]:
+        ids = [on_gpu.add_request(p, SamplingParams(max_tokens=8, attention=policy, **GREEDY)) for p in prompts]
+        while on_gpu.has_unfinished():
+            assert all(o.error is None for o in on_gpu.step()), policy
+        assert not set(ids) & set(on_gpu.requests)
+    on_gpu.kv.check_integrity([])
+    split.kv.check_integrity([])
