@@ -35,7 +35,7 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
                         "parameters, e.g. magicpig:K=10,L=150,sink=4,window=64 or a JSON object; "
                         "magicpig:offload=true keeps the sampled layers' K/V in CPU memory, attended by the CPU")
     p.add_argument("--offload-kv-gb", type=float, default=None,
-                   help="CPU memory for offloaded MagicPIG K/V (default: half the available RAM)")
+                   help="CPU memory for offloaded MagicPIG K/V (default: half the available RAM, at most 64)")
 
 
 def _attention_arg(value: str):

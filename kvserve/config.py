@@ -31,7 +31,7 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # MagicPIG with offload (the engine's default attention): CPU memory for the sampled layers' K/V
     offload_pages: int | None = None  # None: derived from offload_kv_gb
-    offload_kv_gb: float | None = None  # None: half the available RAM
+    offload_kv_gb: float | None = None  # None: half the available RAM, at most 64 GiB
 
 
 @dataclass

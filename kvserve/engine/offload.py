@@ -11,7 +11,9 @@ def build_offload_pools(policy, model_config, cache_config, dtype, device, avail
                                                 mc.num_kv_heads, mc.head_dim, dtype)
     pages = cache_config.offload_pages
     if pages is None:
-        budget = cache_config.offload_kv_gb * 2**30 if cache_config.offload_kv_gb is not None else available_ram / 2
+        # default: half the free RAM, at most 64 GiB (pinning memory beside a GPU takes seconds per 10 GiB)
+        budget = (cache_config.offload_kv_gb * 2**30 if cache_config.offload_kv_gb is not None
+                  else min(available_ram / 2, 64 * 2**30))
         pages = max(1, int(budget // max(1, host_bytes)))
     return OffloadPools(mc.num_layers, policy.dense_layers, pages, cache_config.page_size, mc.num_kv_heads,
                         mc.head_dim, dtype, device)
