@@ -61,8 +61,10 @@ class OffloadedDecodes:
         if q.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
+        self.seconds["copy_query"] += time.perf_counter() - start
         # the device's part first: it runs while the CPU samples
         device_parts = [b._dense(q[d.row], *b._gather_slots(k_cache, v_cache, d.dense_slots)) for d in decodes]
+        start = time.perf_counter()
         if ready is not None:
             ready.synchronize()
         self.seconds["copy_query"] += time.perf_counter() - start
