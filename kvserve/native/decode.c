@@ -91,8 +91,9 @@ static void rope(float *x, int64_t heads, int64_t D, const float *cos, const flo
 #define BLOCK_ROWS 16  /* consecutive tokens of a sequence whose attention reads each key once */
 
 /* Row t's query heads (q: row 0's, rows qkv_n apart) against the layer's cache rows of its positions
-   0..pos[t] (the last `window` of them under the layer's sliding window) -> out [T, H, D]: a task per (block, KV head), a block being up to BLOCK_ROWS consecutive
-   positions of one sequence (a decode is a block of one). Returns 0, or -1 when out of memory. */
+   0..pos[t] (the last `window` of them under the layer's sliding window) -> out [T, H, D]: a task
+   per (block, KV head), a block being up to BLOCK_ROWS consecutive positions of one sequence (a
+   decode is a block of one). Returns 0, or -1 when out of memory. */
 static int64_t attend(const Model *m, int64_t layer, int64_t T, const float *q, int64_t qkv_n, const int32_t *pages,
                       const int64_t *page_starts, const int64_t *pos, int64_t page_size, float *out)
 {

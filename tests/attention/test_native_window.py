@@ -94,8 +94,8 @@ class DenseWindowed:
         keep = torch.arange(n)[None, :] <= pos
         if self.windows[layer] is not None:
             keep &= torch.arange(n)[None, :] > pos - self.windows[layer]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
-                                             attn_mask=keep, enable_gqa=True)
+        q, ks, vs = (x.transpose(0, 1)[None] for x in (q, ks, vs))
+        out = F.scaled_dot_product_attention(q, ks, vs, attn_mask=keep, enable_gqa=True)
         return out[0].transpose(0, 1)
 
 

@@ -4,8 +4,9 @@ KV head (its tokens x the KV head's query heads) against that request's pages, t
 A chunk of q_len rows whose request holds kv_len tokens (its own included) is causal with an
 offset: row r sees KV positions <= kv_len - q_len + r, which covers whole prompts (offset 0),
 chunked prefill and prefix-cache hits alike. WINDOWED, row r also sees only the last `window`
-positions up to its own, and the tile reads nothing before its first row's window. Non-causal with WRITE_LSE, the same kernel reads a
-prefix shared by all decodes once for all of them (cascade) and leaves a state to merge."""
+positions up to its own, and the tile reads nothing before its first row's window. Non-causal with
+WRITE_LSE, the same kernel reads a prefix shared by all decodes once for all of them (cascade) and
+leaves a state to merge."""
 import triton
 import triton.language as tl
 
