@@ -170,7 +170,7 @@ def test_static_decode_steps_with_released_pages(model):
     expected = generate(windowed_engine(model, release=False), prompts, 40)
     engine = windowed_engine(model, release=True)
     executor = StaticDecodeExecutor(engine.model, engine.pool, engine.runner.executor, 4, engine.max_model_len,
-                                    windows=[W] * model.config.num_layers)
+                                    attention_kwargs=dict(windows=[W] * model.config.num_layers))
     took = []
     takes = executor.takes
     executor.takes = lambda batch: took.append(takes(batch)) or took[-1]
