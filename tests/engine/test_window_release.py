@@ -107,7 +107,7 @@ def pages_in_use(engine):
 
 def test_long_generation_holds_a_window_of_pages(model):
     prompt = list(range(3, 10))
-    expected = generate(windowed_engine(model, release=False), [prompt], 120)[0]
+    expected = generate(windowed_engine(model, release=False), [prompt], 64)[0]
     engine = windowed_engine(model, release=True)
     assert engine.release_window == W
     held = []
@@ -115,7 +115,7 @@ def test_long_generation_holds_a_window_of_pages(model):
     def watch(e):
         held.append(pages_in_use(e))
         e.kv.check_integrity(live(e))
-    assert generate(engine, [prompt], 120, watch) == [expected]
+    assert generate(engine, [prompt], 64, watch) == [expected]
     # after each step: the pages of the window (W positions from the next one, over page
     # boundaries) and the next token's page
     assert max(held[:-1]) <= -(-W // PAGE) + 1, held
