@@ -16,15 +16,19 @@ class StaticDecodeAttention:
     index_dtype = torch.long  # of the page table, lengths and slots
 
     def __init__(self, pool, num_heads: int, head_dim: int, max_batch: int, max_pages: int, scratch_page: int,
-                 scale: float | None = None):
+                 scale: float | None = None, windows: list[int | None] | None = None, softcap: float | None = None):
         self.pool, self.num_heads = pool, num_heads
         self.scale = scale if scale is not None else head_dim ** -0.5
+        self.windows = list(windows) if windows is not None else [None] * pool.k.shape[0]
+        self.softcap = softcap
         self.max_pages, self.scratch_page = max_pages, scratch_page
         device, page = pool.k.device, pool.page_size
         ints = dict(dtype=self.index_dtype, device=device)
         self.block_table = torch.full((max_batch, max_pages), scratch_page, **ints)
         self.kv_lens = torch.ones(max_batch, **ints)
         self.slots = torch.full((max_batch,), scratch_page * page, **ints)
+        # per sliding window, each row's first position to read (its kv_len - window, or 0)
+        self.window_starts = {w: torch.zeros(max_batch, **ints) for w in dict.fromkeys(self.windows) if w is not None}
         self.token_offsets = torch.arange(page, device=device)
         self.key_positions = torch.arange(max_pages * page, device=device)
 
@@ -32,18 +36,22 @@ class StaticDecodeAttention:
         """Sequence i (of len(kv_lens) <= bucket) has kv_lens[i] tokens, its new one included, in
         page_tables[i]; rows past them up to bucket are padding. Only the columns in use are
         written: those past a row's length keep earlier (valid) page ids, which no kernel reads
-        unmasked."""
+        unmasked. Pages given back before a sliding window (-1) point at the scratch page."""
         page, n, scratch = self.pool.page_size, len(kv_lens), self.scratch_page
         used = [-(-length // page) for length in kv_lens]
         width = max(used, default=1)
         pad = [scratch] * width
-        table = [pages[:u] + pad[u:] for pages, u in zip(page_tables, used)] + [pad] * (bucket - n)
+        table = [[p if p >= 0 else scratch for p in pages[:u]] + pad[u:] for pages, u in zip(page_tables, used)] \
+            + [pad] * (bucket - n)
         slots = [pages[(length - 1) // page] * page + (length - 1) % page for pages, length in zip(page_tables, kv_lens)]
         self.block_table[:bucket, :width].copy_(torch.tensor(table, dtype=self.index_dtype), non_blocking=True)
         self.kv_lens[:bucket].copy_(torch.tensor(kv_lens + [1] * (bucket - n), dtype=self.index_dtype),
                                     non_blocking=True)
         self.slots[:bucket].copy_(torch.tensor(slots + [scratch * page] * (bucket - n), dtype=self.index_dtype),
                                   non_blocking=True)
+        for w, starts in self.window_starts.items():
+            starts[:bucket].copy_(torch.tensor([max(0, length - w) for length in kv_lens] + [0] * (bucket - n),
+                                               dtype=self.index_dtype), non_blocking=True)
 
     def prefers_eager(self, kv_lens: list[int]) -> bool:
         """Whether a dynamic backend would run this step better (e.g. by splitting long sequences)."""
@@ -62,6 +70,11 @@ class StaticDecodeAttention:
         vd = v_cache.index_select(1, rows).view(hkv, batch, -1, d).to(q.dtype)
         qg = q.view(batch, hkv, -1, d).transpose(0, 1)  # [Hkv, B, group, D]
         scores = torch.matmul(qg, kd.transpose(2, 3)).float() * self.scale
-        past = self.key_positions >= self.kv_lens[:batch, None]  # [B, L]
-        probs = scores.masked_fill(past[None, :, None, :], float("-inf")).softmax(-1).to(q.dtype)
+        if self.softcap:
+            scores = self.softcap * torch.tanh(scores / self.softcap)
+        hidden = self.key_positions >= self.kv_lens[:batch, None]  # [B, L]
+        window = self.windows[layer]
+        if window is not None:
+            hidden |= self.key_positions < self.window_starts[window][:batch, None]
+        probs = scores.masked_fill(hidden[None, :, None, :], float("-inf")).softmax(-1).to(q.dtype)
         return torch.matmul(probs, vd).transpose(0, 1).reshape(batch, -1, d)

@@ -20,6 +20,7 @@ from kvserve.engine.scheduler import Scheduler
 from kvserve.engine.structured import BitmaskApplier, GrammarCache
 from kvserve.kv.manager import KVCacheManager
 from kvserve.kv.pool import PagePool
+from kvserve.kv.windows import kv_windows, shared_window
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.model.loader import ModelLoadError, load_checkpoint, read_gguf, release_free_memory, resolve_model_path
 from kvserve.model.random_weights import RandomWeights, shape_config, token_tokenizer
@@ -79,6 +80,8 @@ class Engine:
         self.offload = build_offload_pools(self.default_attention, mc, cache, kv_dtype, self.device,
                                            _available_ram()) if self.default_attention.offload else None
         self.kv = KVCacheManager(self.pool, cache.enable_prefix_caching, self.offload)
+        # every layer windowed (e.g. Mistral v0.1): pages behind the widest window go back to the pool
+        self.release_window = shared_window(kv_windows(mc))
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.runner = ModelRunner(model, select_executor(model, self.pool, self.device, config.compile,
                                                          config.scheduler.max_num_seqs, config.enforce_eager))
@@ -237,12 +240,18 @@ class Engine:
 
     def _release_streamed_pages(self, scheduled) -> None:
         """Streaming requests give back the pages between their sinks and window once their
-        prompt is in (a prefill chunk still reads every earlier page)."""
+        prompt is in (a prefill chunk still reads every earlier page). Under a model whose every
+        layer has a sliding window, full-attention requests give back the pages behind it, prompt
+        chunks included (a chunk reads only its own window); other policies may read any page."""
         for seq, _ in scheduled:
             p = seq.params.attention
-            if p is not None and p.policy == "streaming" and not seq.finished \
-                    and seq.num_computed_tokens >= seq.num_prompt_tokens:
+            if seq.finished:
+                continue
+            if p is not None and p.policy == "streaming" and seq.num_computed_tokens >= seq.num_prompt_tokens:
                 pages = droppable_pages(seq.num_computed_tokens + 1, p.sink, p.window, self.pool.page_size)
+                self.kv.release_pages(seq, pages)
+            elif self.release_window is not None and (p is None or p.is_full):
+                pages = droppable_pages(seq.num_computed_tokens + 1, 0, self.release_window, self.pool.page_size)
                 self.kv.release_pages(seq, pages)
 
     def _fail(self, request_id: str, error: Exception) -> RequestOutput:

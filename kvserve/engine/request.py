@@ -112,6 +112,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache
         self.pages: list[int] = []
+        self.released_until = 0  # logical pages below this were checked for release (KVCacheManager)
         self.page_hashes: list[bytes] = []  # keys of the full pages published to the prefix cache
         self.page_keys: list[bytes] = []  # keys of full pages computed so far (kv/page_keys.py)
         self.cache_salt = params.cache_salt

@@ -83,13 +83,14 @@ class KVCacheManager:
                 self.prefix.insert(seq.page_hashes[i], seq.pages[i])
 
     def fork(self, parent, child) -> bool:
-        """Child shares parent's full pages; the partial last page is copied (copy-on-write)."""
+        """Child shares parent's full pages; the partial last page is copied (copy-on-write). Pages
+        the parent gave back (-1: behind a sliding window) stay given back in the child."""
         full = parent.num_computed_tokens // self.page_size
         shared = parent.pages[:full]
         partial = parent.num_computed_tokens % self.page_size
         if partial and self.pool.num_free == 0 and not (self.prefix and self.prefix.evict(1)):
             return False
-        self.pool.incref(shared)
+        self.pool.incref([p for p in shared if p >= 0])
         child.pages = list(shared)
         if partial:
             page = self.pool.allocate(1)[0]
@@ -102,15 +103,20 @@ class KVCacheManager:
 
     def release_pages(self, seq, logical: range) -> None:
         """Gives back the pages at these logical indices, keeping the rest in place; a released
-        page is marked -1 in seq.pages (streaming attention never reads it again)."""
-        gone = [i for i in logical if i < len(seq.pages) and seq.pages[i] >= 0]
+        page is marked -1 in seq.pages (streaming attention, or a model's sliding windows, never
+        read it again). Ranges only grow at their end, so pages checked by an earlier call are
+        skipped: a long sequence is not scanned from its start every step."""
+        start = max(logical.start, seq.released_until)
+        gone = [i for i in range(start, min(logical.stop, len(seq.pages))) if seq.pages[i] >= 0]
         self.pool.decref([seq.pages[i] for i in gone])
         for i in gone:
             seq.pages[i] = -1
+        seq.released_until = max(seq.released_until, min(logical.stop, len(seq.pages)))
 
     def free(self, seq) -> None:
         self.pool.decref([p for p in seq.pages if p >= 0])
         seq.pages = []
+        seq.released_until = 0
         seq.page_hashes = []
         if getattr(seq, "offload", None) is not None:
             self.offload.free(seq.offload)

@@ -34,6 +34,7 @@ typedef struct {
     void *k_cache, *v_cache;  /* [layers, kv_heads, slots, head_dim] */
     const Layer *layers;
     const float *final_norm;
+    const int64_t *windows;   /* [num_layers]: a layer's sliding window (keys a query reads), <= 0 none */
 } Model;
 
 static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out)
@@ -90,12 +91,13 @@ static void rope(float *x, int64_t heads, int64_t D, const float *cos, const flo
 #define BLOCK_ROWS 16  /* consecutive tokens of a sequence whose attention reads each key once */
 
 /* Row t's query heads (q: row 0's, rows qkv_n apart) against the layer's cache rows of its positions
-   0..pos[t] -> out [T, H, D]: a task per (block, KV head), a block being up to BLOCK_ROWS consecutive
-   positions of one sequence (a decode is a block of one). Returns 0, or -1 when out of memory. */
+   0..pos[t] (the last `window` of them under the layer's sliding window) -> out [T, H, D]: a task
+   per (block, KV head), a block being up to BLOCK_ROWS consecutive positions of one sequence (a
+   decode is a block of one). Returns 0, or -1 when out of memory. */
 static int64_t attend(const Model *m, int64_t layer, int64_t T, const float *q, int64_t qkv_n, const int32_t *pages,
                       const int64_t *page_starts, const int64_t *pos, int64_t page_size, float *out)
 {
-    const int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, group = H / Hkv;
+    const int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, group = H / Hkv, window = m->windows[layer];
     const int64_t offset = layer * Hkv * m->slots * D * (m->kv_bf16 ? 2 : 4);
     const char *k = (const char *)m->k_cache + offset, *v = (const char *)m->v_cache + offset;
     int64_t *starts = malloc(sizeof(int64_t) * (T + 1)), blocks = 0, failed = 0;
@@ -113,14 +115,16 @@ static int64_t attend(const Model *m, int64_t layer, int64_t T, const float *q, 
 #ifdef __AVX2__
         if (R > 1 && D % KEYS == 0) {
             if (attend_block(q + t0 * qkv_n + g * group * D, qkv_n, R, pos[t0], k, v, (int)m->kv_bf16, m->slots,
-                             g, group, D, m->scale, table, page_size, out + (t0 * H + g * group) * D, H * D))
+                             g, group, D, m->scale, window, table, page_size,
+                             out + (t0 * H + g * group) * D, H * D))
                 failed = 1;
             continue;
         }
 #endif
         for (int64_t t = t0; t < t0 + R; t++)
             if (attend_kv_head(q + t * qkv_n + g * group * D, k, v, (int)m->kv_bf16, m->slots, g, group, D, m->scale,
-                               table, page_size, pos[t] + 1, out + (t * H + g * group) * D))
+                               0, table, page_size, window_start(pos[t] + 1, window), pos[t] + 1,
+                               out + (t * H + g * group) * D))
                 failed = 1;
     }
     free(starts);

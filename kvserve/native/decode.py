@@ -25,7 +25,11 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = [("num_layers", _i64), ("hidden", _i64), ("heads", _i64), ("kv_heads", _i64), ("head_dim", _i64),
                 ("intermediate", _i64), ("eps", _f32), ("scale", _f32), ("kv_bf16", _i64), ("slots", _i64),
-                ("k_cache", _ptr), ("v_cache", _ptr), ("layers", ctypes.POINTER(_Layer)), ("final_norm", _ptr)]
+                ("k_cache", _ptr), ("v_cache", _ptr), ("layers", ctypes.POINTER(_Layer)), ("final_norm", _ptr),
+                ("windows", ctypes.POINTER(_i64))]
+
+# the layer layouts decode.c computes (Llama's: RMSNorm, rotate-half RoPE, SiLU-gated MLP)
+_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
 @cache
@@ -35,6 +39,14 @@ def _kernel():
         return None
     return native.function("decode", "decode_step", ctypes.c_int64,
                            [ctypes.POINTER(_Model), _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr])
+
+
+def _layer_windows(cfg) -> list:
+    """Each layer's sliding window (None: full attention), from ModelConfig.layer_windows (a list
+    or a method returning one) where the config has it."""
+    windows = getattr(cfg, "layer_windows", None)
+    windows = windows() if callable(windows) else windows
+    return list(windows) if windows else [None] * cfg.num_layers
 
 
 class NativeDecoder:
@@ -52,10 +64,11 @@ class NativeDecoder:
                                self._linear(attn.qkv_proj), self._linear(attn.o_proj),
                                self._linear(mlp.gate_up_proj), self._linear(mlp.down_proj))
         self._layers = layers
+        self._windows = (_i64 * cfg.num_layers)(*[w or 0 for w in _layer_windows(cfg)])
         self._struct = _Model(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                               cfg.intermediate_size, cfg.rms_norm_eps, cfg.head_dim ** -0.5,
                               int(pool.k.dtype == torch.bfloat16), pool.k.shape[2], pool.k.data_ptr(),
-                              pool.v.data_ptr(), layers, self._fp32(model.norm.weight))
+                              pool.v.data_ptr(), layers, self._fp32(model.norm.weight), self._windows)
         self._ref = ctypes.byref(self._struct)
 
     @staticmethod
@@ -63,6 +76,8 @@ class NativeDecoder:
         """Every linear layer on the int4 kernel, activations (and so the KV cache) float32 or
         bfloat16 on the CPU. Asked of the modules, not by type: native sits below kvserve.model."""
         if not hasattr(model, "layers"):  # e.g. the null model of `bench overhead`
+            return False
+        if getattr(model.config, "architecture", "llama") not in _ARCHITECTURES:
             return False
         linears = [m for layer in model.layers
                    for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]

@@ -120,66 +120,94 @@ static inline void prefetch_rows(const void *cache, int64_t i, int64_t n, int bf
         __builtin_prefetch(start + offset);
 }
 
-/* The query heads of KV head g of sequence b: q [group, D] over positions 0..n-1 of its pages;
-   out [group, D]. scores: group * n floats. Inlined into one copy per cache dtype. */
+/* s[0..n) <- softcap * tanh(s / softcap): Gemma 2's bound on the logits */
+static inline void cap_scores(float *s, int64_t n, float softcap)
+{
+    for (int64_t t = 0; t < n; t++)
+        s[t] = softcap * tanhf(s[t] / softcap);
+}
+
+/* The query heads of KV head g of sequence b: q [group, D] over positions lo..n-1 of its pages (the
+   pages before lo are not touched: a sliding window may have given them back); out [group, D].
+   scores: group * (n - lo) floats. softcap > 0 caps the scaled scores. Inlined into one copy per
+   cache dtype. */
 static inline __attribute__((always_inline)) void attend_kv_head_as(
     const float *q, const void *k_cache, const void *v_cache, const int bf16, int64_t S, int64_t g,
-    int64_t group, int64_t D, float scale, const int32_t *pages, int64_t page_size, int64_t n, float *scores,
-    float *out)
+    int64_t group, int64_t D, float scale, float softcap, const int32_t *pages, int64_t page_size, int64_t lo,
+    int64_t n, float *scores, float *out)
 {
-    const int64_t base = g * S * D;
-    for (int64_t t0 = 0, p = 0; t0 < n; t0 += page_size, p++) {
-        const int64_t first = base + (int64_t)pages[p] * page_size * D, rows = n - t0 < page_size ? n - t0 : page_size;
+    const int64_t base = g * S * D, m = n - lo;
+    for (int64_t t0 = lo; t0 < n;) {
+        const int64_t p = t0 / page_size, skip = t0 % page_size;
+        const int64_t first = base + ((int64_t)pages[p] * page_size + skip) * D;
+        const int64_t rows = n - t0 < page_size - skip ? n - t0 : page_size - skip;
         /* pages lie apart, where the hardware prefetcher stops: fetch the next K page and this V page
            (read after the softmax) while this one's scores are computed */
-        if (t0 + page_size < n)
+        if (t0 + rows < n)
             prefetch_rows(k_cache, base + (int64_t)pages[p + 1] * page_size * D, page_size * D, bf16);
         prefetch_rows(v_cache, first, rows * D, bf16);
         for (int64_t r = 0; r < rows; r++)
             for (int64_t h = 0; h < group; h++)
-                scores[h * n + t0 + r] = dot_kv(q + h * D, k_cache, first + r * D, D, bf16) * scale;
+                scores[h * m + t0 - lo + r] = dot_kv(q + h * D, k_cache, first + r * D, D, bf16) * scale;
+        t0 += rows;
     }
-    for (int64_t h = 0; h < group; h++)
-        softmax(scores + h * n, n);
+    for (int64_t h = 0; h < group; h++) {
+        if (softcap > 0)
+            cap_scores(scores + h * m, m, softcap);
+        softmax(scores + h * m, m);
+    }
     memset(out, 0, group * D * sizeof *out);
-    for (int64_t t0 = 0, p = 0; t0 < n; t0 += page_size, p++) {
-        const int64_t first = base + (int64_t)pages[p] * page_size * D, rows = n - t0 < page_size ? n - t0 : page_size;
+    for (int64_t t0 = lo; t0 < n;) {
+        const int64_t p = t0 / page_size, skip = t0 % page_size;
+        const int64_t first = base + ((int64_t)pages[p] * page_size + skip) * D;
+        const int64_t rows = n - t0 < page_size - skip ? n - t0 : page_size - skip;
         for (int64_t r = 0; r < rows; r++)
             for (int64_t h = 0; h < group; h++)
-                axpy_kv(out + h * D, scores[h * n + t0 + r], v_cache, first + r * D, D, bf16);
+                axpy_kv(out + h * D, scores[h * m + t0 - lo + r], v_cache, first + r * D, D, bf16);
+        t0 += rows;
     }
+}
+
+/* First position a query at position n - 1 reads under a sliding window of `window` keys (<= 0:
+   none, the whole sequence) */
+static inline int64_t window_start(int64_t n, int64_t window)
+{
+    return window > 0 && n > window ? n - window : 0;
 }
 
 /* attend_kv_head_as with its scores allocated here; returns 0, or -1 when out of memory */
 static int64_t attend_kv_head(const float *q, const void *k_cache, const void *v_cache, int bf16, int64_t S,
-                              int64_t g, int64_t group, int64_t D, float scale, const int32_t *pages,
-                              int64_t page_size, int64_t n, float *out)
+                              int64_t g, int64_t group, int64_t D, float scale, float softcap, const int32_t *pages,
+                              int64_t page_size, int64_t lo, int64_t n, float *out)
 {
-    float *scores = malloc(group * n * sizeof *scores);
+    float *scores = malloc(group * (n - lo) * sizeof *scores);
     if (!scores)
         return -1;
     if (bf16)
-        attend_kv_head_as(q, k_cache, v_cache, 1, S, g, group, D, scale, pages, page_size, n, scores, out);
+        attend_kv_head_as(q, k_cache, v_cache, 1, S, g, group, D, scale, softcap, pages, page_size, lo, n, scores, out);
     else
-        attend_kv_head_as(q, k_cache, v_cache, 0, S, g, group, D, scale, pages, page_size, n, scores, out);
+        attend_kv_head_as(q, k_cache, v_cache, 0, S, g, group, D, scale, softcap, pages, page_size, lo, n, scores, out);
     free(scores);
     return 0;
 }
 
-/* q [B, H, D] -> out [B, H, D]: sequence b attends positions 0..kv_lens[b]-1, held in pages
-   page_table[page_starts[b]...] of the caches [Hkv, S, D] (float32, or bfloat16 when bf16).
+/* q [B, H, D] -> out [B, H, D]: sequence b attends positions 0..kv_lens[b]-1 (its last `window` of
+   them when window > 0), held in pages page_table[page_starts[b]...] of the caches [Hkv, S, D]
+   (float32, or bfloat16 when bf16); softcap > 0 caps the scaled scores at +-softcap (tanh).
    Returns 0, or -1 when out of memory. */
 int64_t paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, int64_t bf16, int64_t S,
-                               int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale, const int32_t *page_table,
-                               const int64_t *page_starts, const int64_t *kv_lens, int64_t page_size, float *out)
+                               int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale, float softcap,
+                               int64_t window, const int32_t *page_table, const int64_t *page_starts,
+                               const int64_t *kv_lens, int64_t page_size, float *out)
 {
     const int64_t group = H / Hkv;
     int64_t failed = 0;
     #pragma omp parallel for schedule(dynamic)
     for (int64_t task = 0; task < B * Hkv; task++) {
         const int64_t b = task / Hkv, g = task % Hkv;
-        if (attend_kv_head(q + (b * H + g * group) * D, k_cache, v_cache, (int)bf16, S, g, group, D, scale,
-                           page_table + page_starts[b], page_size, kv_lens[b], out + (b * H + g * group) * D))
+        if (attend_kv_head(q + (b * H + g * group) * D, k_cache, v_cache, (int)bf16, S, g, group, D, scale, softcap,
+                           page_table + page_starts[b], page_size, window_start(kv_lens[b], window), kv_lens[b],
+                           out + (b * H + g * group) * D))
             failed = 1;
     }
     return failed ? -1 : 0;

@@ -3,7 +3,10 @@
 plan(meta) once per step works out the work lists on the host and uploads them in one copy;
 run(layer, q, k, v) per layer only launches kernels: the K/V write, decode (split-KV where the
 batch is too small to fill the GPU, then an LSE merge), prefill/append tiles and, where every
-decode shares leading pages, the cascade pass over them."""
+decode shares leading pages, the cascade pass over them.
+
+Sliding windows (`windows`, one per layer) get a plan per distinct window: its decodes start at
+the window, its prefill tiles skip the blocks before it. `softcap` caps every score (tanh)."""
 import math
 
 import torch
@@ -22,7 +25,8 @@ ALIGN = 32  # int32 elements: 128 bytes
 
 
 class TritonAttention:
-    def __init__(self, pool: PagePool, num_heads: int, head_dim: int, scale: float | None = None, *,
+    def __init__(self, pool: PagePool, num_heads: int, head_dim: int, scale: float | None = None,
+                 windows: list[int | None] | None = None, softcap: float | None = None, *,
                  num_sms: int | None = None, kv_chunk_size: int | None = None, cascade_min_len: int = 256,
                  tiles: Tiles | None = None):
         self.pool = pool
@@ -32,6 +36,8 @@ class TritonAttention:
         assert num_heads % self.num_kv_heads == 0, "query heads must be a multiple of KV heads"
         self.group = num_heads // self.num_kv_heads
         self.scale = scale if scale is not None else head_dim ** -0.5
+        self.windows = list(windows) if windows is not None else [None] * pool.k.shape[0]
+        self.softcap = float(softcap or 0.0)
         device = pool.k.device
         self.num_sms = num_sms or device_sm_count(device)
         self.kv_chunk_size = kv_chunk_size
@@ -43,28 +49,33 @@ class TritonAttention:
 
     def plan(self, meta: AttentionMetadata) -> None:
         assert meta.page_size == self.pool.page_size
-        p = plan_step(meta, self.num_kv_heads, self.group, self.num_sms, block_m=self.tiles.prefill_block_m,
-                      block_n=self.tiles.decode_block_n,
-                      kv_chunk_size=self.kv_chunk_size, cascade_min_len=self.cascade_min_len)
-        self.plan_info = p
+        plans = {w: plan_step(meta, self.num_kv_heads, self.group, self.num_sms,
+                              block_m=self.tiles.prefill_block_m, block_n=self.tiles.decode_block_n,
+                              kv_chunk_size=self.kv_chunk_size, cascade_min_len=self.cascade_min_len, window=w)
+                 for w in dict.fromkeys(self.windows)}
         device = self.pool.k.device
         # one host buffer, one upload into a device buffer kept across steps: every int array of
         # the step a view of it, each starting on a 128-byte boundary (triton specializes kernels
         # on pointer alignment; unaligned views would compile new variants mid-serving)
-        names = list(p.arrays)
+        names = [(w, n) for w, p in plans.items() for n in p.arrays]
         starts, total = [], 0
-        for n in names:
+        for w, n in names:
             starts.append(total)
-            total += -(-len(p.arrays[n]) // ALIGN) * ALIGN
+            total += -(-len(plans[w].arrays[n]) // ALIGN) * ALIGN
         host = torch.zeros(total, dtype=torch.int32, pin_memory=device.type == "cuda")
-        for n, start in zip(names, starts):
-            host[start:start + len(p.arrays[n])] = p.arrays[n]
+        for (w, n), start in zip(names, starts):
+            host[start:start + len(plans[w].arrays[n])] = plans[w].arrays[n]
         self._ints = _grow(self._ints, (total,), torch.int32, device)
         self._ints[:total].copy_(host, non_blocking=True)
         self._host_ints = host  # alive until the next plan: the copy may still be reading it
-        self.buf = {n: self._ints[start:start + len(p.arrays[n])] for n, start in zip(names, starts)}
-        if p.split:  # partial states: the decode items, then one per decode for a shared prefix
-            rows = p.num_items + (p.num_decodes if p.shared_len else 0)
+        self._plans = {w: (p, {}) for w, p in plans.items()}
+        for (w, n), start in zip(names, starts):
+            self._plans[w][1][n] = self._ints[start:start + len(plans[w].arrays[n])]
+        self.plan_info, self.buf = self._plans[self.windows[0]]
+        # partial states: the decode items, then one per decode for a shared prefix
+        rows = max((p.num_items + (p.num_decodes if p.shared_len else 0) for p in plans.values() if p.split),
+                   default=0)
+        if rows:
             self._part_out = _grow(self._part_out, (rows, self.num_heads, self.head_dim), torch.float32, device)
             self._part_lse = _grow(self._part_lse, (rows, self.num_heads), torch.float32, device)
 
@@ -86,7 +97,8 @@ class TritonAttention:
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Attention of q over the pages (the step's K/V already written)."""
-        p, b = self.plan_info, self.buf
+        window = self.windows[layer]
+        p, b = self._plans[window]
         q = _rows(q)
         k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -98,9 +110,10 @@ class TritonAttention:
             prefill_kernel[(p.num_prefill_tiles, self.num_kv_heads)](
                 q, k_cache, v_cache, out, out, b["tile_req"], b["tile_m0"], b["pre_q0"], b["pre_qlen"],
                 b["pre_kv"], b["pre_page0"], b["kv_indices"], q.stride(0), q.stride(1), *cache_strides,
-                out.stride(0), out.stride(1), 0, scale_log2, GROUP=self.group, D=d, BLOCK_D=bd,
+                out.stride(0), out.stride(1), 0, scale_log2, window or 0, GROUP=self.group, D=d, BLOCK_D=bd,
                 BLOCK_M=t.prefill_block_m, BLOCK_N=t.prefill_block_n, PAGE_SIZE=self.pool.page_size,
-                CAUSAL=True, WRITE_LSE=False, DOT_PREC=prec, num_warps=t.prefill_warps,
+                CAUSAL=True, WRITE_LSE=False, WINDOWED=window is not None, SOFTCAP=self.softcap,
+                DOT_PREC=prec, num_warps=t.prefill_warps,
                 num_stages=t.prefill_stages)
         if not p.num_decodes:
             return out
@@ -115,7 +128,7 @@ class TritonAttention:
             b["dec_row"], b["dec_page0"], b["kv_indices"], q.stride(0), q.stride(1), *cache_strides,
             *dst_strides, scale_log2, GROUP=self.group, BLOCK_G=block_g, D=d, BLOCK_D=bd,
             BLOCK_N=t.decode_block_n, PAGE_SIZE=self.pool.page_size, SPLIT=p.split, DOT_PREC=prec,
-            num_warps=t.decode_warps, num_stages=t.decode_stages)
+            SOFTCAP=self.softcap, num_warps=t.decode_warps, num_stages=t.decode_stages)
         if not p.split:
             return out
         if p.shared_len:  # the shared prefix, once for all decodes, into partial rows num_items + i
@@ -125,9 +138,10 @@ class TritonAttention:
                 q, k_cache, v_cache, shared_out, shared_lse, b["tile_req"][t0:], b["tile_m0"][t0:],
                 b["pre_q0"], b["pre_qlen"], b["pre_kv"], b["pre_page0"], b["kv_indices"],
                 q.stride(0), q.stride(1), *cache_strides, shared_out.stride(0), shared_out.stride(1),
-                shared_lse.stride(0), scale_log2, GROUP=self.group, D=d, BLOCK_D=bd,
+                shared_lse.stride(0), scale_log2, 0, GROUP=self.group, D=d, BLOCK_D=bd,
                 BLOCK_M=t.prefill_block_m, BLOCK_N=t.prefill_block_n, PAGE_SIZE=self.pool.page_size,
-                CAUSAL=False, WRITE_LSE=True, DOT_PREC=prec, num_warps=t.prefill_warps,
+                CAUSAL=False, WRITE_LSE=True, WINDOWED=False, SOFTCAP=self.softcap, DOT_PREC=prec,
+                num_warps=t.prefill_warps,
                 num_stages=t.prefill_stages)
         merge_kernel[(p.num_decodes, self.num_heads)](
             part_out, part_lse, out, b["dec_row"], b["merge_indptr"], part_out.stride(0),

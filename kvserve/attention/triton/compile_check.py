@@ -29,15 +29,17 @@ def variants(dtype: str, head_dim: int = 128, group: int = 4, page_size: int = 1
     bd = triton.next_power_of_2(head_dim)
     data = {"Q": f"*{dtype}", "KCache": f"*{dtype}", "VCache": f"*{dtype}", "Lse": "*fp32",
             "PartOut": "*fp32", "PartLse": "*fp32", "scale_log2": "fp32"} | {n: "*i32" for n in INT_ARGS}
-    for split in (False, True):
+    for split, softcap in ((False, 0.0), (True, 0.0), (False, 50.0)):  # softcap: Gemma 2's
         yield (decode_kernel, data | {"Out": "*fp32" if split else f"*{dtype}"},
                dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=head_dim, BLOCK_D=bd,
-                    BLOCK_N=t.decode_block_n, PAGE_SIZE=page_size, SPLIT=split, DOT_PREC=prec),
+                    BLOCK_N=t.decode_block_n, PAGE_SIZE=page_size, SPLIT=split, DOT_PREC=prec, SOFTCAP=softcap),
                dict(num_warps=t.decode_warps, num_stages=t.decode_stages))
-    for causal in (True, False):  # causal: prefill; not: a cascade's shared prefix
+    # causal: prefill (windowed: a sliding window layer's, soft-capped too); not: a cascade's shared prefix
+    for causal, windowed, softcap in ((True, False, 0.0), (True, True, 50.0), (False, False, 0.0)):
         yield (prefill_kernel, data | {"Out": f"*{dtype}" if causal else "*fp32"},
                dict(GROUP=group, D=head_dim, BLOCK_D=bd, BLOCK_M=t.prefill_block_m, BLOCK_N=t.prefill_block_n,
-                    PAGE_SIZE=page_size, CAUSAL=causal, WRITE_LSE=not causal, DOT_PREC=prec),
+                    PAGE_SIZE=page_size, CAUSAL=causal, WRITE_LSE=not causal, WINDOWED=windowed,
+                    SOFTCAP=softcap, DOT_PREC=prec),
                dict(num_warps=t.prefill_warps, num_stages=t.prefill_stages))
     for shared in (False, True):
         yield (merge_kernel, data | {"Out": f"*{dtype}"},
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
         for head_dim in map(int, args.head_dims.split(",")):
             for kernel, types, constexprs, options in variants(dtype, head_dim):
                 start = time.perf_counter()
-                flags = {k: v for k, v in constexprs.items() if isinstance(v, bool)}
+                flags = {k: v for k, v in constexprs.items() if isinstance(v, bool) or k == "SOFTCAP" and v}
                 name = f"{kernel.__name__} {dtype} d{head_dim} {flags or ''}"
                 try:
                     smem = compile_variant(kernel, types, constexprs, options, args.arch)

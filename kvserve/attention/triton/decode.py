@@ -17,7 +17,7 @@ def decode_kernel(Q, KCache, VCache, Out, Lse,
                   scale_log2,
                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
+                  DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr):
     item = tl.program_id(0)
     kvh = tl.program_id(1)
     req = tl.load(ItemReq + item)
@@ -43,12 +43,12 @@ def decode_kernel(Q, KCache, VCache, Out, Lse,
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     # whole blocks without masks, then the ragged tail
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, pages, start, full_end, end, g,
-                                 stride_cs, scale_log2, D, BLOCK_D, BLOCK_N, PAGE_SIZE,
-                                 MASKED=False, CAUSAL=False, DOT_PREC=DOT_PREC)
-    acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, pages, full_end, end, end, g,
-                                 stride_cs, scale_log2, D, BLOCK_D, BLOCK_N, PAGE_SIZE,
-                                 MASKED=True, CAUSAL=False, DOT_PREC=DOT_PREC)
+    acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, pages, start, full_end, start, end, g, 0,
+                                 stride_cs, scale_log2, D, BLOCK_D, BLOCK_N, PAGE_SIZE, MASKED=False,
+                                 CAUSAL=False, WINDOWED=False, SOFTCAP=SOFTCAP, DOT_PREC=DOT_PREC)
+    acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, pages, full_end, end, start, end, g, 0,
+                                 stride_cs, scale_log2, D, BLOCK_D, BLOCK_N, PAGE_SIZE, MASKED=True,
+                                 CAUSAL=False, WINDOWED=False, SOFTCAP=SOFTCAP, DOT_PREC=DOT_PREC)
 
     out = acc / l_i[:, None]
     mask = gmask[:, None] & dmask[None, :]

@@ -81,10 +81,18 @@ class StepPlan:
     num_cascade_tiles: int
 
 
+def window_starts(kv_lens: torch.Tensor, window: int | None) -> torch.Tensor:
+    """First KV position a query at kv_lens - 1 reads under a sliding window of `window` keys."""
+    return torch.zeros_like(kv_lens) if window is None else (kv_lens - window).clamp(min=0)
+
+
 def plan_step(meta: AttentionMetadata, num_kv_heads: int, group: int, num_sms: int, *, block_m: int,
-              block_n: int, kv_chunk_size: int | None = None, cascade_min_len: int = 256) -> StepPlan:
+              block_n: int, kv_chunk_size: int | None = None, cascade_min_len: int = 256,
+              window: int | None = None) -> StepPlan:
     """kv_chunk_size forces decode splits of that many tokens (tests, benchmarks); cascade is used
-    where every request is a decode and they share at least cascade_min_len tokens of pages."""
+    where every request is a decode and they share at least cascade_min_len tokens of pages.
+    window: the layers' sliding window; decodes start at it (no cascade: a window leaves the shared
+    prefix behind, and its pages may be gone)."""
     page = meta.page_size
     q_lens, kv_lens = meta.q_lens(), meta.kv_lens()
     # kv_indices stays int32: it is the largest array, uploaded as it is
@@ -98,12 +106,12 @@ def plan_step(meta: AttentionMetadata, num_kv_heads: int, group: int, num_sms: i
 
     dec = torch.nonzero(q_lens == 1).flatten()
     shared_len = 0
-    if len(dec) == b and b > 1 and int(kv_lens.min()) > cascade_min_len:
+    if window is None and len(dec) == b and b > 1 and int(kv_lens.min()) > cascade_min_len:
         shared = shared_prefix_pages(kv_indptr, kv_indices) * page
         shared_len = shared if shared >= cascade_min_len else 0
     dec_kv = kv_lens[dec]
-    starts = torch.full_like(dec_kv, shared_len)
-    chunk = kv_chunk_size or choose_kv_chunk(dec_kv - shared_len, num_kv_heads, num_sms, block_n)
+    starts = torch.maximum(window_starts(dec_kv, window), torch.full_like(dec_kv, shared_len))
+    chunk = kv_chunk_size or choose_kv_chunk(dec_kv - starts, num_kv_heads, num_sms, block_n)
     item_req, item_start, item_end, merge_indptr = split_kv(starts, dec_kv, chunk, block_n)
     split = len(item_req) > len(dec) or shared_len > 0
     arrays |= {"dec_row": qo_indptr[dec], "dec_page0": kv_indptr[dec], "item_req": item_req,

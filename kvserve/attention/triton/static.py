@@ -20,8 +20,8 @@ class TritonStaticDecode(StaticDecodeAttention):
     index_dtype = torch.int32
 
     def __init__(self, pool, num_heads: int, head_dim: int, max_batch: int, max_pages: int, scratch_page: int,
-                 scale: float | None = None):
-        super().__init__(pool, num_heads, head_dim, max_batch, max_pages, scratch_page, scale)
+                 scale: float | None = None, windows: list[int | None] | None = None, softcap: float | None = None):
+        super().__init__(pool, num_heads, head_dim, max_batch, max_pages, scratch_page, scale, windows, softcap)
         device = pool.k.device
         self.rows = torch.arange(max_batch, dtype=torch.int32, device=device)  # item = request = output row
         self.starts = torch.zeros(max_batch, dtype=torch.int32, device=device)
@@ -44,12 +44,14 @@ class TritonStaticDecode(StaticDecodeAttention):
         q = _rows(q)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         d, t = q.shape[2], self.tiles
+        window = self.windows[layer]  # a windowed layer's rows start at its window (filled by plan)
+        starts = self.starts if window is None else self.window_starts[window]
         decode_kernel[(batch, self.num_kv_heads)](
-            q, k_cache, v_cache, out, out, self.rows, self.starts, self.kv_lens, self.rows, self.page_starts,
+            q, k_cache, v_cache, out, out, self.rows, starts, self.kv_lens, self.rows, self.page_starts,
             self.block_table, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
             out.stride(0), out.stride(1), 0, self.scale * math.log2(math.e),
             GROUP=self.group, BLOCK_G=max(16, triton.next_power_of_2(self.group)), D=d,
             BLOCK_D=triton.next_power_of_2(d), BLOCK_N=t.decode_block_n, PAGE_SIZE=self.pool.page_size,
-            SPLIT=False, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            SPLIT=False, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SOFTCAP=float(self.softcap or 0.0),
             num_warps=t.decode_warps, num_stages=t.decode_stages)
         return out
