@@ -3,6 +3,7 @@
 Two sources: a GGUF file (dequantized at load with the `gguf` package's own kernels) and a
 Hugging Face directory (config.json + safetensors, sharded or not).
 """
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -30,8 +31,10 @@ GGUF_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "rope_freqs": "rope_freqs",
+    "ffn_down": "mlp.down_proj", "rope_freqs": "rope_freqs", "ffn_gate_inp": "mlp.gate",
 }
+# experts stacked in one tensor [E, rows, cols]: read as E tensors `mlp.experts.<e>.<proj>`
+GGUF_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 
 
 class ModelLoadError(Exception):
@@ -117,7 +120,7 @@ def _load_gguf(path: Path, quantization: str) -> tuple[ModelConfig, "LazyWeights
         raise ModelLoadError(f"malformed GGUF {path.name}: {e}") from None
     if quantization == "auto":
         quantization = _gguf_auto_quantization(reader.tensors)
-    tensors = {_hf_name(t.name): t for t in reader.tensors}
+    tensors = dict(pair for t in reader.tensors for pair in _hf_tensors(t))
     kinds = {_quant_kind(name, tuple(reversed(t.shape)), quantization)[0] for name, t in tensors.items()} - {None}
     return cfg, LazyWeights({name: functools.partial(_gguf_tensor, reader, t, name, cfg, arch, quantization)
                              for name, t in tensors.items()},
@@ -235,6 +238,7 @@ def _gguf_config(meta: dict, arch: str, names: set[str]) -> ModelConfig:
             attention_bias="blk.0.attn_q.bias" in names,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=[int(eos)] if eos is not None else [],
+            **moe.gguf_moe_fields(meta, arch),
         )
     except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
         raise ModelLoadError(f"GGUF metadata of {arch} has a value of the wrong type: {e}") from None
@@ -244,6 +248,18 @@ def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter interleaves each head's rows for its rotary layout; undo it."""
     half = w.shape[0] // heads // 2
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_tensors(t: "GGUFTensor") -> list[tuple[str, "GGUFTensor"]]:
+    """(Hugging Face name, tensor) pairs of a GGUF tensor: itself, or for stacked experts one 2-D
+    view per expert, so each converts (and quantizes) alone and releases only its own pages."""
+    parts = t.name.split(".")
+    if parts[0] != "blk" or parts[2] not in GGUF_EXPERT_NAMES:
+        return [(_hf_name(t.name), t)]
+    size = t.data.nbytes // t.shape[2]
+    return [(f"model.layers.{parts[1]}.mlp.experts.{e}.{GGUF_EXPERT_NAMES[parts[2]]}.{parts[3]}",
+             dataclasses.replace(t, shape=t.shape[:2], data=t.data[e], offset=t.offset + e * size))
+            for e in range(t.shape[2])]
 
 
 def _hf_name(gguf_name: str) -> str:
