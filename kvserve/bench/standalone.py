@@ -9,7 +9,7 @@ import sys
 from kvserve.args import add_engine_args
 
 MODULES = {"throughput": "throughput", "latency": "latency", "profile": "step_profile", "overhead": "overhead",
-           "attention": "attention"}
+           "attention": "attention", "moe": "moe"}
 WITH_ENGINE_ARGS = {"throughput", "latency", "profile"}
 
 

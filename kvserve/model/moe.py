@@ -102,7 +102,8 @@ class SparseMoE(nn.Module):
             out = torch.cat([self._expert(e, x) for e in experts[0].tolist()])
         else:
             out = self._grouped(x, experts)
-        return (out.view(*experts.shape, -1).float() * weights[..., None]).sum(1).to(x.dtype)
+        # the weighted sum of each token's k outputs, one op: [T, 1, k] @ [T, k, H]
+        return torch.bmm(weights.to(out.dtype).unsqueeze(1), out.view(*experts.shape, -1)).squeeze(1)
 
     def _grouped(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Each (token, expert) pair's expert output, [T * k, H] in the pairs' row-major order:
