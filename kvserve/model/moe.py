@@ -7,6 +7,9 @@ and runs its k experts directly. Float weights are stacked ([E, 2I, H] gate and 
 down), as the Triton kernel on CUDA reads them; quantized ones (CPU) are one pair of
 QuantizedLinear modules per expert, on the same int4/int8 kernels as the dense layers.
 """
+import functools
+import importlib.util
+
 import torch
 from torch import nn
 
@@ -19,6 +22,11 @@ EXPERT_SHARDS = {"w1": ("experts_gate_up", 2, 0), "gate_proj": ("experts_gate_up
                  "w3": ("experts_gate_up", 2, 1), "up_proj": ("experts_gate_up", 2, 1),
                  "w2": ("experts_down", 1, 0), "down_proj": ("experts_down", 1, 0)}
 STACKED = ("experts_gate_up", "experts_down")
+
+
+@functools.cache
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def hf_moe_fields(c: dict) -> dict:
@@ -94,10 +102,9 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H]"""
         weights, experts = route(self.gate(x), self.top_k, self.normalize)
-        if x.is_cuda and self.experts is None:
-            from kvserve.model import moe_triton
-            if moe_triton.available():
-                return moe_triton.fused_moe(x, weights, experts, self.experts_gate_up, self.experts_down)
+        if x.is_cuda and self.experts is None and _triton_available():
+            from kvserve.model.moe_triton import fused_moe
+            return fused_moe(x, weights, experts, self.experts_gate_up, self.experts_down)
         if x.shape[0] == 1:  # one token: its k experts directly, no grouping
             out = torch.cat([self._expert(e, x) for e in experts[0].tolist()])
         else:
