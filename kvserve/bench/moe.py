@@ -1,10 +1,8 @@
 """kvserve bench moe: what routing costs. A mixture-of-experts model and a dense one with the same
 active parameters per token (E experts of width I, top-k, against one MLP of width k * I; all else
 equal), both on random weights built in this process, decode steps timed through the engine,
-interleaved round by round so that load on the machine falls on both alike.
-
-The MoE runs on the torch executor (decode.c knows dense layers only); so does the "dense" row.
-Where the dense model also runs on decode.c (int4 on the CPU), that row is shown as well."""
+interleaved round by round so that load on the machine falls on both alike. Each runs on the
+executor the engine picks for it (decode.c for int4 weights on the CPU, both dense and MoE)."""
 import argparse
 import dataclasses
 import statistics
@@ -32,6 +30,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=at_least_one, default=3, help="interleaved rounds; the fastest is shown")
     p.add_argument("--threads", type=at_least_one, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: the process's CPU time (CPU only), steadier than wall time on a busy machine")
 
 
 def configs(args) -> tuple[ModelConfig, ModelConfig]:
@@ -44,12 +44,10 @@ def configs(args) -> tuple[ModelConfig, ModelConfig]:
     return moe, dense
 
 
-def build_engine(cfg: ModelConfig, quantization: str, device: str, native: bool):
-    """An engine over random weights quantized as asked; native=False keeps a model that decode.c
-    could run on the torch executor, as the MoE runs."""
+def build_engine(cfg: ModelConfig, quantization: str, device: str):
+    """An engine over random weights quantized as asked."""
     from kvserve.config import CacheConfig, EngineConfig
     from kvserve.engine.engine import Engine
-    from kvserve.engine.executors import NativeExecutor
     from kvserve.model.llama import LlamaForCausalLM
     from kvserve.model.loader import _quant_kind
     from kvserve.model.quant import quantize
@@ -60,11 +58,8 @@ def build_engine(cfg: ModelConfig, quantization: str, device: str, native: bool)
         if kind:
             weights[name] = quantize(w, kind, group)
     model = LlamaForCausalLM.from_weights(cfg, weights, torch.float32, device)
-    engine = Engine(EngineConfig(device=device, cache=CacheConfig(num_pages=512)), model=model,
-                    tokenizer=token_tokenizer(cfg.vocab_size))
-    if not native and isinstance(engine.runner.executor, NativeExecutor):
-        engine.runner.executor = engine.runner.executor.fallback
-    return engine, isinstance(engine.runner.executor, NativeExecutor)
+    return Engine(EngineConfig(device=device, cache=CacheConfig(num_pages=512)), model=model,
+                  tokenizer=token_tokenizer(cfg.vocab_size))
 
 
 def decode_step_seconds(engine, batch: int, args, seed: int) -> float:
@@ -74,13 +69,14 @@ def decode_step_seconds(engine, batch: int, args, seed: int) -> float:
     for prompt in random_prompts(batch, args.prompt_len, engine.model.config.vocab_size, seed=seed):
         engine.add_request(prompt, params)
     engine.step()  # the prompts, and each stream's first token
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = []
     while engine.has_unfinished():
         synchronize(engine.device)
-        start = time.perf_counter()
+        start = clock()
         engine.step()
         synchronize(engine.device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -90,14 +86,12 @@ def main(args) -> int:
     moe_cfg, dense_cfg = configs(args)
     print(f"{args.experts} experts of width {args.expert_intermediate}, top-{args.top_k}, vs a dense MLP of width "
           f"{dense_cfg.intermediate_size}; hidden {args.hidden}, {args.layers} layers, {args.device}, "
-          f"{torch.get_num_threads()} threads; median decode step over {args.steps} steps, best of {args.rounds} rounds")
-    print(f"{'weights':<8}{'batch':>6}{'MoE ms':>9}{'dense ms':>10}{'MoE/dense':>11}{'dense C ms':>12}{'MoE/C':>7}")
+          f"{torch.get_num_threads()} threads; median decode step ({args.clock} time) over {args.steps} steps, best of {args.rounds} rounds")
+    print(f"{'weights':<8}{'batch':>6}{'MoE ms':>9}{'dense ms':>10}{'MoE/dense':>11}  executors (MoE, dense)")
     for quantization in args.quantization.split(","):
-        engines = {"moe": build_engine(moe_cfg, quantization, args.device, native=False)[0],
-                   "dense": build_engine(dense_cfg, quantization, args.device, native=False)[0]}
-        native, has_native = build_engine(dense_cfg, quantization, args.device, native=True)
-        if has_native:
-            engines["native"] = native
+        engines = {"moe": build_engine(moe_cfg, quantization, args.device),
+                   "dense": build_engine(dense_cfg, quantization, args.device)}
+        executors = ", ".join(type(e.runner.executor).__name__ for e in engines.values())
         for batch in args.batch_sizes:
             best = {name: float("inf") for name in engines}
             for r in range(args.rounds + 1):  # round 0 warms up
@@ -105,6 +99,5 @@ def main(args) -> int:
                     t = decode_step_seconds(engine, batch, args, seed=r)
                     best[name] = min(best[name], t) if r else best[name]
             moe, dense = best["moe"] * 1e3, best["dense"] * 1e3
-            c = f"{best['native'] * 1e3:>12.3f}{moe / (best['native'] * 1e3):>7.2f}" if has_native else ""
-            print(f"{quantization:<8}{batch:>6}{moe:>9.3f}{dense:>10.3f}{moe / dense:>11.2f}{c}", flush=True)
+            print(f"{quantization:<8}{batch:>6}{moe:>9.3f}{dense:>10.3f}{moe / dense:>11.2f}  {executors}", flush=True)
     return 0

@@ -19,7 +19,8 @@ class _Linear(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [("attn_norm", _ptr), ("mlp_norm", _ptr), ("qkv", _Linear), ("o", _Linear),
-                ("gate_up", _Linear), ("down", _Linear)]
+                ("gate_up", _Linear), ("down", _Linear), ("num_experts", _i64), ("top_k", _i64), ("norm_topk", _i64),
+                ("router", _ptr), ("experts_gate_up", ctypes.POINTER(_Linear)), ("experts_down", ctypes.POINTER(_Linear))]
 
 
 class _Model(ctypes.Structure):
@@ -37,6 +38,11 @@ def _kernel():
                            [ctypes.POINTER(_Model), _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr])
 
 
+def _moe_experts(mlp):
+    """A mixture of experts' per-expert MLPs (kvserve/model/moe.py, quantized), else None."""
+    return getattr(mlp, "experts", None)
+
+
 class NativeDecoder:
     """Holds the C view of a model and its KV pool (pointers into their tensors, which it keeps)."""
 
@@ -48,12 +54,21 @@ class NativeDecoder:
         layers = (_Layer * cfg.num_layers)()
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            layers[i] = _Layer(self._fp32(layer.input_layernorm.weight), self._fp32(layer.post_attention_layernorm.weight),
-                               self._linear(attn.qkv_proj), self._linear(attn.o_proj),
-                               self._linear(mlp.gate_up_proj), self._linear(mlp.down_proj))
+            norms = self._fp32(layer.input_layernorm.weight), self._fp32(layer.post_attention_layernorm.weight)
+            if _moe_experts(mlp) is None:
+                layers[i] = _Layer(*norms, self._linear(attn.qkv_proj), self._linear(attn.o_proj),
+                                   self._linear(mlp.gate_up_proj), self._linear(mlp.down_proj))
+            else:  # a mixture of experts: the dense MLP's linears stay zero
+                gate_up = (_Linear * len(mlp.experts))(*(self._linear(e.gate_up_proj) for e in mlp.experts))
+                down = (_Linear * len(mlp.experts))(*(self._linear(e.down_proj) for e in mlp.experts))
+                self._keep += [gate_up, down]
+                layers[i] = _Layer(*norms, self._linear(attn.qkv_proj), self._linear(attn.o_proj), _Linear(), _Linear(),
+                                   len(mlp.experts), mlp.top_k, int(mlp.normalize), self._fp32(mlp.gate.weight),
+                                   gate_up, down)
         self._layers = layers
+        width = cfg.moe_intermediate_size if cfg.num_experts else cfg.intermediate_size
         self._struct = _Model(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                              cfg.intermediate_size, cfg.rms_norm_eps, cfg.head_dim ** -0.5,
+                              width, cfg.rms_norm_eps, cfg.head_dim ** -0.5,
                               int(pool.k.dtype == torch.bfloat16), pool.k.shape[2], pool.k.data_ptr(),
                               pool.v.data_ptr(), layers, self._fp32(model.norm.weight))
         self._ref = ctypes.byref(self._struct)
@@ -64,10 +79,13 @@ class NativeDecoder:
         bfloat16 on the CPU. Asked of the modules, not by type: native sits below kvserve.model."""
         if not hasattr(model, "layers"):  # e.g. the null model of `bench overhead`
             return False
-        if not all(hasattr(layer.mlp, "gate_up_proj") for layer in model.layers):  # experts: not in decode.c
-            return False
-        linears = [m for layer in model.layers
-                   for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        linears = []
+        for layer in model.layers:
+            mlps = [layer.mlp] if hasattr(layer.mlp, "gate_up_proj") else _moe_experts(layer.mlp)
+            if mlps is None:  # experts with float weights (decode.c runs int4 ones)
+                return False
+            linears += [layer.self_attn.qkv_proj, layer.self_attn.o_proj]
+            linears += [m for mlp in mlps for m in (mlp.gate_up_proj, mlp.down_proj)]
         return (_kernel() is not None and model.norm.weight.device.type == "cpu"
                 and model.dtype in (torch.float32, torch.bfloat16)
                 and all(getattr(m, "native_int4", False) for m in linears))

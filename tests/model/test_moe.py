@@ -201,3 +201,18 @@ def test_end_to_end_matches_transformers(family, tmp_path):
     model = kvserve_model(save_hf_dir(hf, tmp_path / "hf"))
     diff = (paged_logits(model, IDS, chunk=5) - reference_logits(hf, IDS)).abs().max().item()
     assert diff < 1e-4, diff
+
+
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_native_decode_runs_int4_experts(tmp_path, chunk):
+    """decode.c's router and grouped experts give the PyTorch layers' logits (one token a step, and
+    chunks where several tokens share experts)."""
+    from kvserve.native.decode import NativeDecoder
+    hf = make_moe_model("mixtral", hidden_size=128, intermediate_size=64)
+    model = kvserve_model(write_mixtral_gguf(hf, tmp_path / "mixtral-q4.gguf", "Q4_0"), "auto")
+    if not NativeDecoder.supports(model):
+        pytest.skip("no native decode kernel here (no C compiler or no AVX2)")
+    expected = paged_logits(model, IDS, page_size=4, chunk=1)
+    got = paged_logits(model, IDS, page_size=4, chunk=chunk, native_decode=True)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)

@@ -18,11 +18,12 @@ def make_moe_model(family: str = "mixtral", seed: int = 0, **overrides):
     import transformers
     config_cls, model_cls = (getattr(transformers, n) for n in FAMILIES[family])
     kwargs = dict(vocab_size=256, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
                   num_local_experts=8, num_experts=8, num_experts_per_tok=2,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
     kwargs.update(overrides)
+    kwargs["head_dim"] = overrides.get("head_dim", kwargs["hidden_size"] // kwargs["num_attention_heads"])
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).float().eval()
     with torch.no_grad():
