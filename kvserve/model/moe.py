@@ -40,7 +40,7 @@ def hf_moe_fields(c: dict) -> dict:
     if c.get("mlp_only_layers") or c.get("decoder_sparse_step", 1) != 1:
         raise ValueError("MoE models with dense layers between sparse ones (mlp_only_layers, "
                          "decoder_sparse_step) are not supported")
-    width = c.get("moe_intermediate_size") if model_type in ("qwen3_moe", "qwen2_moe") else None
+    width = c.get("moe_intermediate_size") if model_type == "qwen3_moe" else None
     return {"num_experts": int(experts), "num_experts_per_tok": int(c["num_experts_per_tok"]),
             "moe_intermediate_size": int(width or c["intermediate_size"]),
             "norm_topk_prob": model_type == "mixtral" or bool(c.get("norm_topk_prob", False))}
