@@ -51,6 +51,14 @@ def test_mixtral_gguf_matches_transformers(mixtral, tmp_path):
     assert diff < 1e-4, diff
 
 
+def test_gguf_with_more_experts_used_than_it_has_is_refused(tmp_path):
+    from kvserve.model.loader import ModelLoadError
+    hf = make_moe_model("mixtral")
+    hf.config.num_experts_per_tok = 9
+    with pytest.raises(ModelLoadError, match="expert_used_count 9 must be 1 to expert_count 8"):
+        load_checkpoint(str(write_mixtral_gguf(hf, tmp_path / "bad.gguf")))
+
+
 def test_mixtral_gguf_f16_matches_the_same_weights_rounded(tmp_path):
     """F16 stacked experts: the reference runs the same weights rounded to fp16."""
     mixtral = make_moe_model("mixtral")

@@ -51,3 +51,18 @@ def test_triton_experts_match_grouped_torch(tokens, dtype, block_m):
         expected = (expected * weights[..., None].float()).sum(1)
     tol = 1e-5 if dtype == torch.float32 else 3e-3
     torch.testing.assert_close(ours.float(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_sparse_moe_on_cuda_takes_the_triton_path(dtype, tol, tokens):
+    """SparseMoE.forward on a GPU (the Triton kernels) against its grouped PyTorch path on the same
+    device, dtype and routing."""
+    moe = random_moe(experts=16, top_k=4, hidden=128, inter=96, dtype=dtype)
+    x = torch.randn(tokens, 128, device=DEVICE).to(dtype)
+    with torch.no_grad():
+        weights, experts = route(moe.gate(x), moe.top_k, moe.normalize)
+        expected = (moe._grouped(x, experts).view(tokens, 4, -1).float() * weights[..., None]).sum(1)
+        got = moe(x).float()
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
