@@ -86,7 +86,8 @@ def main(args) -> int:
     moe_cfg, dense_cfg = configs(args)
     print(f"{args.experts} experts of width {args.expert_intermediate}, top-{args.top_k}, vs a dense MLP of width "
           f"{dense_cfg.intermediate_size}; hidden {args.hidden}, {args.layers} layers, {args.device}, "
-          f"{torch.get_num_threads()} threads; median decode step ({args.clock} time) over {args.steps} steps, best of {args.rounds} rounds")
+          f"{torch.get_num_threads()} threads; median decode step ({args.clock} time) over {args.steps} steps, "
+          f"best of {args.rounds} rounds")
     print(f"{'weights':<8}{'batch':>6}{'MoE ms':>9}{'dense ms':>10}{'MoE/dense':>11}  executors (MoE, dense)")
     for quantization in args.quantization.split(","):
         engines = {"moe": build_engine(moe_cfg, quantization, args.device),

@@ -86,7 +86,8 @@ def block_layout(experts: torch.Tensor, num_experts: int, block_m: int) -> tuple
     padded = (counts + block_m - 1) // block_m * block_m
     padded_ends = padded.cumsum(0)
     sorted_experts = flat[order]
-    slots = (padded_ends - padded)[sorted_experts] + torch.arange(num_pairs, device=flat.device) - starts[sorted_experts]
+    rank = torch.arange(num_pairs, device=flat.device) - starts[sorted_experts]  # place within its expert's run
+    slots = (padded_ends - padded)[sorted_experts] + rank
     pairs = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int64, device=flat.device)
     pairs.scatter_(0, slots, order)
     block_starts = torch.arange(num_blocks, device=flat.device) * block_m

@@ -19,8 +19,9 @@ class _Linear(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [("attn_norm", _ptr), ("mlp_norm", _ptr), ("qkv", _Linear), ("o", _Linear),
-                ("gate_up", _Linear), ("down", _Linear), ("num_experts", _i64), ("top_k", _i64), ("norm_topk", _i64),
-                ("router", _ptr), ("experts_gate_up", ctypes.POINTER(_Linear)), ("experts_down", ctypes.POINTER(_Linear))]
+                ("gate_up", _Linear), ("down", _Linear), ("num_experts", _i64), ("top_k", _i64),
+                ("norm_topk", _i64), ("router", _ptr), ("experts_gate_up", ctypes.POINTER(_Linear)),
+                ("experts_down", ctypes.POINTER(_Linear))]
 
 
 class _Model(ctypes.Structure):
