@@ -224,3 +224,15 @@ def test_native_decode_runs_int4_experts(tmp_path, chunk):
     got = paged_logits(model, IDS, page_size=4, chunk=chunk, native_decode=True)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_config_fields_from_gguf_and_hf_metadata():
+    from kvserve.model.moe import gguf_moe_fields, hf_moe_fields
+    qwen3moe = {"qwen3moe.expert_count": 128, "qwen3moe.expert_used_count": 8, "qwen3moe.feed_forward_length": 6144,
+                "qwen3moe.expert_feed_forward_length": 768}
+    assert gguf_moe_fields(qwen3moe, "qwen3moe") == {"num_experts": 128, "num_experts_per_tok": 8,
+                                                     "moe_intermediate_size": 768, "norm_topk_prob": True}
+    assert gguf_moe_fields({"llama.feed_forward_length": 14336}, "llama") == {}  # a dense Llama
+    with pytest.raises(ValueError, match="mlp_only_layers"):
+        hf_moe_fields({"model_type": "qwen3_moe", "num_experts": 8, "num_experts_per_tok": 2,
+                       "moe_intermediate_size": 32, "mlp_only_layers": [0]})
