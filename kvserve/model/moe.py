@@ -105,14 +105,17 @@ class SparseMoE(nn.Module):
         if x.is_cuda and self.experts is None and _triton_available():
             from kvserve.model.moe_triton import fused_moe
             return fused_moe(x, weights, experts, self.experts_gate_up, self.experts_down)
-        out = self._pair_outputs(x, experts)
+        # eager inside a compiled forward (--compile): the loops over experts depend on the routing,
+        # which a graph would specialize on (a recompile per expert id), and the quantized experts'
+        # native kernels run only outside graphs. (Not a decorator: that would import dynamo, and
+        # with it triton, whenever this module is imported.)
+        if torch.compiler.is_compiling():
+            out = torch.compiler.disable(self._pair_outputs)(x, experts)
+        else:
+            out = self._pair_outputs(x, experts)
         # the weighted sum of each token's k outputs, one op: [T, 1, k] @ [T, k, H]
         return torch.bmm(weights.to(out.dtype).unsqueeze(1), out.view(*experts.shape, -1)).squeeze(1)
 
-    # eager inside a compiled forward (--compile): the loops over experts depend on the routing,
-    # which a graph would specialize on (a recompile per expert id) and the quantized experts'
-    # native kernels run only outside graphs
-    @torch.compiler.disable
     def _pair_outputs(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Each (token, expert) pair's expert output, [T * k, H] in the pairs' row-major order."""
         if x.shape[0] == 1:  # one token: its k experts directly, no grouping
