@@ -236,3 +236,14 @@ def test_config_fields_from_gguf_and_hf_metadata():
     with pytest.raises(ValueError, match="mlp_only_layers"):
         hf_moe_fields({"model_type": "qwen3_moe", "num_experts": 8, "num_experts_per_tok": 2,
                        "moe_intermediate_size": 32, "mlp_only_layers": [0]})
+
+
+def test_compiled_forward_gives_eager_logits(mixtral_dir):
+    """--compile: routing in the graph, the expert loops eager (a graph would recompile per expert)."""
+    from engine.test_compiled_forward import Compiled
+    model = kvserve_model(mixtral_dir)
+    try:  # one token a step: one graph to compile, each step routed to other experts
+        expected = paged_logits(model, IDS[:4], chunk=1)
+        torch.testing.assert_close(paged_logits(Compiled(model), IDS[:4], chunk=1), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
