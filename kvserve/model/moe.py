@@ -9,6 +9,7 @@ QuantizedLinear modules per expert, on the same int4/int8 kernels as the dense l
 """
 import functools
 import importlib.util
+import weakref
 
 import torch
 from torch import nn
@@ -27,6 +28,26 @@ STACKED = ("experts_gate_up", "experts_down")
 @functools.cache
 def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+# In a compiled forward (--compile) the experts are one opaque op, as attention is: their loops
+# depend on the routing, which a graph would specialize on, and a graph break there would compile
+# each layer on its own. The op finds its module by id.
+_MODULES: "weakref.WeakValueDictionary[int, SparseMoE]" = weakref.WeakValueDictionary()
+_lib = torch.library.Library("kvserve_moe", "DEF")
+_lib.define("pair_outputs(Tensor x, Tensor experts, int module) -> Tensor")
+
+
+def _pair_outputs_op(x: torch.Tensor, experts: torch.Tensor, module: int) -> torch.Tensor:
+    return _MODULES[module]._pair_outputs(x, experts)
+
+
+_lib.impl("pair_outputs", _pair_outputs_op, "CPU")
+
+
+@torch.library.register_fake("kvserve_moe::pair_outputs")
+def _(x, experts, module):
+    return x.new_empty(experts.numel(), x.shape[1])
 
 
 def hf_moe_fields(c: dict) -> dict:
@@ -98,6 +119,7 @@ class SparseMoE(nn.Module):
         self.experts_gate_up = nn.Parameter(torch.empty(e, 2 * i, h))
         self.experts_down = nn.Parameter(torch.empty(e, h, i))
         self.experts: nn.ModuleList | None = None  # per-expert quantized MLPs, which replace the stacks
+        _MODULES[id(self)] = self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H]"""
@@ -105,12 +127,8 @@ class SparseMoE(nn.Module):
         if x.is_cuda and self.experts is None and _triton_available():
             from kvserve.model.moe_triton import fused_moe
             return fused_moe(x, weights, experts, self.experts_gate_up, self.experts_down)
-        # eager inside a compiled forward (--compile): the loops over experts depend on the routing,
-        # which a graph would specialize on (a recompile per expert id), and the quantized experts'
-        # native kernels run only outside graphs. (Not a decorator: that would import dynamo, and
-        # with it triton, whenever this module is imported.)
         if torch.compiler.is_compiling():
-            out = torch.compiler.disable(self._pair_outputs)(x, experts)
+            out = torch.ops.kvserve_moe.pair_outputs(x, experts, id(self))
         else:
             out = self._pair_outputs(x, experts)
         # the weighted sum of each token's k outputs, one op: [T, 1, k] @ [T, k, H]

@@ -242,8 +242,10 @@ def test_compiled_forward_gives_eager_logits(mixtral_dir):
     """--compile: routing in the graph, the expert loops eager (a graph would recompile per expert)."""
     from engine.test_compiled_forward import Compiled
     model = kvserve_model(mixtral_dir)
-    try:  # one token a step: one graph to compile, each step routed to other experts
+    try:  # one token a step: one graph, whichever experts each step is routed to
         expected = paged_logits(model, IDS[:4], chunk=1)
-        torch.testing.assert_close(paged_logits(Compiled(model), IDS[:4], chunk=1), expected, rtol=1e-5, atol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = paged_logits(Compiled(model), IDS[:4], chunk=1)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     finally:
         torch._dynamo.reset()
