@@ -7,7 +7,8 @@ import sys
 
 from kvserve import terminal
 from kvserve.args import add_engine_args
-from kvserve.bench import attention as bench_attention, latency, longctx, overhead, rag as bench_rag
+from kvserve.bench import attention as bench_attention, latency, longctx, moe as bench_moe, overhead
+from kvserve.bench import rag as bench_rag
 from kvserve.bench import serve as bench_serve, step_profile, structured, throughput
 from kvserve.eval import longctx as eval_longctx
 from kvserve.model.loader import ModelLoadError
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_text in (  # no engine flags: no model, or a server's
             ("overhead", overhead, "host time per engine step over a null model, by stage"),
             ("attention", bench_attention, "Triton paged attention vs torch SDPA: decode GB/s, prefill TFLOP/s"),
+            ("moe", bench_moe, "decode step of a mixture-of-experts model vs a dense one of the same active size"),
             ("serve", bench_serve, "load generator for any OpenAI-compatible server"),
             ("fuzz-gguf", fuzz_gguf, "corrupted GGUF files against the loader"),
             ("soak", soak, "long mixed traffic with faults against a running server")):

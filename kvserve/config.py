@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 @dataclass
 class ModelConfig:
     """What the decoder needs to know about a checkpoint, whatever file it came from."""
-    architecture: str  # "llama" | "mistral" | "qwen2"
+    architecture: str  # "llama" | "mistral" | "qwen2" | "mixtral"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -21,6 +21,11 @@ class ModelConfig:
     attention_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # mixture of experts (model/moe.py); 0 experts: every layer has a dense MLP
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's intermediate width
+    norm_topk_prob: bool = True  # renormalise the chosen experts' softmax weights to sum to 1
 
 
 @dataclass

@@ -24,6 +24,9 @@ def check_config(cfg, num_tensors: int) -> None:
     if cfg.num_heads % cfg.num_kv_heads or cfg.head_dim % 2:
         raise CheckpointError(f"{cfg.num_heads} heads, {cfg.num_kv_heads} KV heads and head size {cfg.head_dim} "
                               f"do not fit (heads a multiple of KV heads, an even head size)")
+    if cfg.num_experts and not (1 <= cfg.num_experts_per_tok <= cfg.num_experts and cfg.moe_intermediate_size >= 1):
+        raise CheckpointError(f"expert_used_count {cfg.num_experts_per_tok} must be 1 to expert_count "
+                              f"{cfg.num_experts}, with an expert width >= 1 (got {cfg.moe_intermediate_size})")
     if cfg.max_position_embeddings > MAX_CONTEXT:
         raise CheckpointError(f"context_length {cfg.max_position_embeddings} is above {MAX_CONTEXT}")
     for key, value in (("rope.freq_base", cfg.rope_theta), ("attention.layer_norm_rms_epsilon", cfg.rms_norm_eps),
@@ -44,8 +47,13 @@ def expected_shapes(cfg) -> tuple[dict[str, tuple], dict[str, tuple]]:
     for i in range(cfg.num_layers):
         b = f"blk.{i}."
         required |= {b + "attn_norm.weight": (d,), b + "ffn_norm.weight": (d,), b + "attn_q.weight": (h, d),
-                     b + "attn_k.weight": (kv, d), b + "attn_v.weight": (kv, d), b + "attn_output.weight": (d, h),
-                     b + "ffn_gate.weight": (ff, d), b + "ffn_up.weight": (ff, d), b + "ffn_down.weight": (d, ff)}
+                     b + "attn_k.weight": (kv, d), b + "attn_v.weight": (kv, d), b + "attn_output.weight": (d, h)}
+        if cfg.num_experts:  # the router, and each projection's experts stacked
+            e, ffe = cfg.num_experts, cfg.moe_intermediate_size
+            required |= {b + "ffn_gate_inp.weight": (e, d), b + "ffn_gate_exps.weight": (e, ffe, d),
+                         b + "ffn_up_exps.weight": (e, ffe, d), b + "ffn_down_exps.weight": (e, d, ffe)}
+        else:
+            required |= {b + "ffn_gate.weight": (ff, d), b + "ffn_up.weight": (ff, d), b + "ffn_down.weight": (d, ff)}
         optional |= {b + "attn_q.bias": (h,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,),
                      b + "attn_output.bias": (d,)}
     return required, optional

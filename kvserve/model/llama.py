@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2) over a paged KV cache.
+"""Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Mixtral) over a paged KV cache.
 
 The model never sees requests: it gets a flat batch of tokens with their positions and an
 attention backend already planned for the step, and returns hidden states.
@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from kvserve.config import ModelConfig
+from kvserve.model import moe
 from kvserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, rope_inv_freq
+from kvserve.model.moe import SparseMoE
 from kvserve.model.quant import (GROUP, QuantizedEmbedding, QuantizedLinear, QuantizedTensor, VocabProjection,
                                  quantize)
 
@@ -41,7 +43,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = SparseMoE(cfg) if cfg.num_experts else GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, rope_table, attn):
         x = x + self.self_attn(self.input_layernorm(x), rope_table, attn)
@@ -123,6 +125,7 @@ class LlamaForCausalLM(nn.Module):
             parts = name.removeprefix("model.").split(".")
             target, shard = FUSED.get(parts[-2], (parts[-2], 0)) if len(parts) >= 2 else (None, 0)
             param = ".".join(parts[:-2] + [target, parts[-1]]) if target else ".".join(parts)
+            param, shard = moe.checkpoint_target(parts) or (param, shard)
             if param in params:
                 names.setdefault(param, {})[shard] = name
         expected = {n for n in params if not (self.config.tie_word_embeddings and n == "lm_head.weight")}
@@ -131,6 +134,10 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
         for param, shards in names.items():
             parts = [weights[shards[i]] for i in sorted(shards)]
+            module_name, _, attr = param.rpartition(".")
+            if attr in moe.STACKED:
+                self.get_submodule(module_name).load_experts(attr, parts, dtype, device)
+                continue
             if any(isinstance(v, QuantizedTensor) for v in parts):
                 kind = next(v.kind for v in parts if isinstance(v, QuantizedTensor))
                 qt = QuantizedTensor.cat([v if isinstance(v, QuantizedTensor) else quantize(v, kind) for v in parts])
@@ -140,15 +147,13 @@ class LlamaForCausalLM(nn.Module):
             if value.shape != params[param].shape:
                 raise ValueError(f"{param}: the checkpoint's shape {tuple(value.shape)} is not the model's "
                                  f"{tuple(params[param].shape)}")
-            module_name, _, attr = param.rpartition(".")
             # a bias of a module already quantized is set on the quantized module
             setattr(self.get_submodule(module_name), attr, nn.Parameter(
                 value.to(device=device, dtype=dtype, copy=True).contiguous(), requires_grad=False))
         self.tie_weights()
 
-    @staticmethod
-    def _num_shards(name: str) -> int:
-        return {"qkv_proj": 3, "gate_up_proj": 2}.get(name.split(".")[-2], 1)
+    def _num_shards(self, name: str) -> int:
+        return moe.num_shards(name, self.config) or {"qkv_proj": 3, "gate_up_proj": 2}.get(name.split(".")[-2], 1)
 
     def _install_quantized(self, module_name: str, qt: QuantizedTensor, dtype: torch.dtype) -> None:
         parent_name, _, attr = module_name.rpartition(".")

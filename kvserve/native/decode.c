@@ -24,6 +24,11 @@ typedef struct {
 typedef struct {
     const float *attn_norm, *mlp_norm;
     Linear qkv, o, gate_up, down;
+    /* a mixture of experts (num_experts > 0) in place of gate_up / down: a float32 router
+       [num_experts, hidden] and each expert's own gate_up and down */
+    int64_t num_experts, top_k, norm_topk;
+    const float *router;
+    const Linear *experts_gate_up, *experts_down;
 } Layer;
 
 typedef struct {
@@ -86,6 +91,71 @@ static void rope(float *x, int64_t heads, int64_t D, const float *cos, const flo
             v[i + half] = b * cos[i] + a * sin[i];
         }
     }
+}
+
+/* Each row of h [T, E] routed to its top_k experts (softmax over all experts, the top_k renormalised
+   if norm_topk, as kvserve/model/moe.py), whose outputs, weighted, are added to x [T, E]. An expert
+   runs once over the rows that chose it (gathered into rows_in [T, E]); gu [T, 2I], act [T, I] and
+   proj [T, E] are its buffers. Returns 0, or -1 when out of memory. */
+static int64_t experts(const Layer *L, const float *h, int64_t T, int64_t E, float *x, float *rows_in, float *gu,
+                       float *act, float *proj, void *scratch)
+{
+    const int64_t NE = L->num_experts, K = L->top_k, I = L->experts_down[0].k;
+    int64_t *choice = malloc(sizeof(int64_t) * (T * K + T)), *rows = choice + T * K;
+    float *weight = malloc(sizeof(float) * (T * K + NE + T)), *probs = weight + T * K, *picked = probs + NE;
+    int64_t status = 0;
+    if (!choice || !weight) {
+        free(choice);
+        free(weight);
+        return -1;
+    }
+    for (int64_t t = 0; t < T; t++) {
+        float top = -INFINITY, sum = 0, kept = 0;
+        for (int64_t e = 0; e < NE; e++) {
+            float z = 0;
+            for (int64_t i = 0; i < E; i++)
+                z += L->router[e * E + i] * h[t * E + i];
+            probs[e] = z;
+            top = z > top ? z : top;
+        }
+        for (int64_t e = 0; e < NE; e++)
+            sum += probs[e] = expf(probs[e] - top);
+        for (int64_t j = 0; j < K; j++) {  /* the largest left, first index on ties (as topk) */
+            int64_t best = 0;
+            for (int64_t e = 1; e < NE; e++)
+                if (probs[e] > probs[best])
+                    best = e;
+            choice[t * K + j] = best;
+            kept += weight[t * K + j] = probs[best] / sum;
+            probs[best] = -1;
+        }
+        if (L->norm_topk)
+            for (int64_t j = 0; j < K; j++)
+                weight[t * K + j] /= kept;
+    }
+    for (int64_t e = 0; e < NE && status == 0; e++) {
+        int64_t n = 0;
+        for (int64_t p = 0; p < T * K; p++)
+            if (choice[p] == e) {
+                rows[n] = p / K;
+                picked[n] = weight[p];
+                memcpy(rows_in + n * E, h + rows[n] * E, sizeof(float) * E);
+                n++;
+            }
+        if (n == 0)
+            continue;
+        status |= linear(L->experts_gate_up + e, rows_in, n, gu, scratch);
+        for (int64_t r = 0; r < n; r++)  /* gate, then up */
+            for (int64_t i = 0; i < I; i++)
+                act[r * I + i] = gu[r * 2 * I + i] * sigmoid(gu[r * 2 * I + i]) * gu[r * 2 * I + I + i];
+        status |= linear(L->experts_down + e, act, n, proj, scratch);
+        for (int64_t r = 0; r < n; r++)
+            for (int64_t i = 0; i < E; i++)
+                x[rows[r] * E + i] += picked[r] * proj[r * E + i];
+    }
+    free(choice);
+    free(weight);
+    return status;
 }
 
 #define BLOCK_ROWS 16  /* consecutive tokens of a sequence whose attention reads each key once */
@@ -156,7 +226,7 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
 {
     const int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, I = m->intermediate, E = m->hidden;
     const int64_t qkv_n = (H + 2 * Hkv) * D, widest = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D);
-    float *buf = malloc(sizeof(float) * T * (E + qkv_n + H * D + E + 3 * I));
+    float *buf = malloc(sizeof(float) * T * (E + qkv_n + H * D + E + 3 * I + E));
     void *scratch = malloc(10 * widest);  /* int4_matmul's for one row: 2 K bytes + 8 K / G, G >= 1 */
     int64_t *kept_pos = malloc(sizeof(int64_t) * 2 * (kept + 1)), *kept_starts = kept_pos + kept + 1;
     if (!buf || !scratch || !kept_pos) {
@@ -166,7 +236,7 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
         return -1;
     }
     float *h = buf, *qkv = h + T * E, *attn = qkv + T * qkv_n, *proj = attn + T * H * D, *gu = proj + T * E;
-    float *act = gu + T * 2 * I;
+    float *act = gu + T * 2 * I, *rows_in = act + T * I;
     int64_t status = 0;
     for (int64_t l = 0; l < m->num_layers && status == 0; l++) {
         const Layer *L = m->layers + l;
@@ -201,6 +271,10 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
             for (int64_t i = t * E; i < (t + 1) * E; i++)
                 x[i] += proj[i];
             rms_norm(x + t * E, L->mlp_norm, E, m->eps, h + t * E);
+        }
+        if (L->num_experts) {
+            status |= experts(L, h, T, E, x, rows_in, gu, act, proj, scratch);
+            continue;
         }
         status |= linear(&L->gate_up, h, T, gu, scratch);
         #pragma omp parallel for if (T >= PARALLEL_ROWS)

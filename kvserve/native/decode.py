@@ -19,7 +19,9 @@ class _Linear(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [("attn_norm", _ptr), ("mlp_norm", _ptr), ("qkv", _Linear), ("o", _Linear),
-                ("gate_up", _Linear), ("down", _Linear)]
+                ("gate_up", _Linear), ("down", _Linear), ("num_experts", _i64), ("top_k", _i64),
+                ("norm_topk", _i64), ("router", _ptr), ("experts_gate_up", ctypes.POINTER(_Linear)),
+                ("experts_down", ctypes.POINTER(_Linear))]
 
 
 class _Model(ctypes.Structure):
@@ -29,7 +31,7 @@ class _Model(ctypes.Structure):
                 ("windows", ctypes.POINTER(_i64))]
 
 # the layer layouts decode.c computes (Llama's: RMSNorm, rotate-half RoPE, SiLU-gated MLP)
-_ARCHITECTURES = ("llama", "mistral", "qwen2")
+_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral")
 
 
 @cache
@@ -49,6 +51,11 @@ def _layer_windows(cfg) -> list:
     return list(windows) if windows else [None] * cfg.num_layers
 
 
+def _moe_experts(mlp):
+    """A mixture of experts' per-expert MLPs (kvserve/model/moe.py, quantized), else None."""
+    return getattr(mlp, "experts", None)
+
+
 class NativeDecoder:
     """Holds the C view of a model and its KV pool (pointers into their tensors, which it keeps)."""
 
@@ -60,13 +67,22 @@ class NativeDecoder:
         layers = (_Layer * cfg.num_layers)()
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            layers[i] = _Layer(self._fp32(layer.input_layernorm.weight), self._fp32(layer.post_attention_layernorm.weight),
-                               self._linear(attn.qkv_proj), self._linear(attn.o_proj),
-                               self._linear(mlp.gate_up_proj), self._linear(mlp.down_proj))
+            norms = self._fp32(layer.input_layernorm.weight), self._fp32(layer.post_attention_layernorm.weight)
+            if _moe_experts(mlp) is None:
+                layers[i] = _Layer(*norms, self._linear(attn.qkv_proj), self._linear(attn.o_proj),
+                                   self._linear(mlp.gate_up_proj), self._linear(mlp.down_proj))
+            else:  # a mixture of experts: the dense MLP's linears stay zero
+                gate_up = (_Linear * len(mlp.experts))(*(self._linear(e.gate_up_proj) for e in mlp.experts))
+                down = (_Linear * len(mlp.experts))(*(self._linear(e.down_proj) for e in mlp.experts))
+                self._keep += [gate_up, down]
+                layers[i] = _Layer(*norms, self._linear(attn.qkv_proj), self._linear(attn.o_proj), _Linear(), _Linear(),
+                                   len(mlp.experts), mlp.top_k, int(mlp.normalize), self._fp32(mlp.gate.weight),
+                                   gate_up, down)
         self._layers = layers
         self._windows = (_i64 * cfg.num_layers)(*[w or 0 for w in _layer_windows(cfg)])
+        width = cfg.moe_intermediate_size if cfg.num_experts else cfg.intermediate_size
         self._struct = _Model(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                              cfg.intermediate_size, cfg.rms_norm_eps, cfg.head_dim ** -0.5,
+                              width, cfg.rms_norm_eps, cfg.head_dim ** -0.5,
                               int(pool.k.dtype == torch.bfloat16), pool.k.shape[2], pool.k.data_ptr(),
                               pool.v.data_ptr(), layers, self._fp32(model.norm.weight), self._windows)
         self._ref = ctypes.byref(self._struct)
@@ -79,8 +95,13 @@ class NativeDecoder:
             return False
         if getattr(model.config, "architecture", "llama") not in _ARCHITECTURES:
             return False
-        linears = [m for layer in model.layers
-                   for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        linears = []
+        for layer in model.layers:
+            mlps = [layer.mlp] if hasattr(layer.mlp, "gate_up_proj") else _moe_experts(layer.mlp)
+            if mlps is None:  # experts with float weights (decode.c runs int4 ones)
+                return False
+            linears += [layer.self_attn.qkv_proj, layer.self_attn.o_proj]
+            linears += [m for mlp in mlps for m in (mlp.gate_up_proj, mlp.down_proj)]
         return (_kernel() is not None and model.norm.weight.device.type == "cpu"
                 and model.dtype in (torch.float32, torch.bfloat16)
                 and all(getattr(m, "native_int4", False) for m in linears))
