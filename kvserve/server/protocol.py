@@ -108,8 +108,9 @@ class ChatCompletionRequest(_SamplingRequest):
 
 class CompletionRequest(_SamplingRequest):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default; null: up to the context length
-    echo: bool | None = False
+    # OpenAI's default; null: up to the context length; 0 with echo: score the prompt, generate nothing
+    max_tokens: int | None = Field(16, ge=0)
+    echo: bool | None = False  # with logprobs, the prompt's tokens get theirs (the first: null)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
