@@ -222,6 +222,32 @@ def test_bitmask_paths_agree_for_any_dtype_and_padded_logits(make_engine, monkey
     assert not first[2, digits].any() and first[2].sum() > vocab - 2000
 
 
+def test_masks_filled_ahead_equal_those_filled_late_json_safe_included(make_engine):
+    """Inside a JSON string xgrammar allows control characters, which strict JSON forbids: the rows
+    filled on the worker thread during the forward get the json_safe row as those filled at sampling."""
+    import torch
+    from kvserve.engine.structured import BitmaskApplier
+    engine = make_engine()
+    vocab, grammars = engine.model.config.vocab_size, engine.grammars
+    spec = StructuredOutputs(json={"type": "object", "properties": {"a": {"type": "string"}}})
+
+    def in_string():
+        c = grammars.matcher(spec)
+        assert all(c.accept_token(t) for t in engine.tokenizer.encode('{"a": "x', add_special_tokens=False))
+        return c
+
+    def masked(applier, ahead):
+        logits, constraints = torch.zeros(3, vocab), [in_string(), in_string()]
+        if ahead:
+            applier.fill_ahead(constraints)
+        applier.apply(logits, [0, 2], constraints)
+        return torch.isinf(logits)
+    late = masked(BitmaskApplier(vocab, grammars.json_safe), ahead=False)
+    assert torch.equal(masked(BitmaskApplier(vocab, grammars.json_safe), ahead=True), late)
+    unsafe = masked(BitmaskApplier(vocab), ahead=False)  # xgrammar's mask alone
+    assert (late[0] & ~unsafe[0]).any() and not late[1].any()  # json_safe masked more
+
+
 def test_native_bitmask_kernel_equals_xgrammar_s_on_random_masks():
     """Words all set, all clear and mixed, a vocabulary that is no multiple of 32, strided logits."""
     import torch
