@@ -273,6 +273,7 @@ class Engine:
             self._init_seq(child)
             # the parent has no output yet: its matcher's copy is the child's start
             child.grammar = parent.grammar.fork() if parent.grammar is not None else None
+            child.prompt_logprobs = parent.prompt_logprobs  # the request's, complete by now
             state.seqs.append(child)
             if self.kv.fork(parent, child):
                 self.scheduler.add_running(child)
@@ -328,8 +329,9 @@ class Engine:
             self.requests.pop(state.request_id, None)
         metrics = {"arrival": state.arrival, "first_token": state.first_token_time,
                    "finished": now() if finished else None}
+        prompt_logprobs = None if state.params.prompt_logprobs is None else [None, *seqs[0].prompt_logprobs]
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outs, finished,
-                             seqs[0].num_cached_tokens, metrics)
+                             seqs[0].num_cached_tokens, metrics, prompt_logprobs=prompt_logprobs)
 
     @staticmethod
     def _finished(state: _RequestState) -> bool:

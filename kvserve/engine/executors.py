@@ -10,7 +10,7 @@
   buffers); other steps go to its TorchExecutor, whose dense attention is TritonAttention.
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,7 @@ from kvserve.attention.metadata import AttentionMetadata
 from kvserve.attention.sparse.backend import PolicyAttention
 from kvserve.attention.torch_ref import TorchRefAttention
 from kvserve.attention.triton import available as triton_available
+from kvserve.engine.prompt_logprobs import PromptSpan
 from kvserve.engine.request import Sequence
 from kvserve.native.decode import NativeDecoder
 
@@ -30,9 +31,12 @@ class StepBatch:
     positions: list[int]
     q_lens: list[int]
     kv_lens: list[int]  # per sequence, this step's tokens included
-    last_rows: list[int]  # rows whose hidden states are returned: each sampled sequence's last token
-    sampled: list[Sequence]  # the sequences of last_rows
+    last_rows: list[int]  # rows whose hidden states are returned (ascending): each sampled sequence's
+    # last token, and the prompt rows of sequences that score their prompt (prompt_spans)
+    sampled: list[Sequence]  # the sequences that sample this step
     sparse: list[int]  # indices into scheduled of decodes under a non-full attention policy
+    prompt_spans: list[PromptSpan] = field(default_factory=list)
+    sample_index: list[int] | None = None  # where each sampled row is in last_rows; None: last_rows are all
 
 
 class TorchExecutor:

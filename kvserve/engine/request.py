@@ -31,6 +31,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives; 0 = only the sampled token's
+    # logprobs of the prompt's tokens (the first has none), with this many top alternatives each;
+    # such a request skips the prefix cache, whose hits would skip the positions to score (as vLLM)
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # decode attention: a policy name, "name:key=value,...", a dict or an AttentionPolicy; None: the
     # engine's default (see kvserve.attention.policy)
@@ -72,6 +75,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -124,6 +129,7 @@ class Sequence:
         self.stop_reason: str | int | None = None
         self.text = ""
         self.logprobs: list[Logprob] = []
+        self.prompt_logprobs: list[Logprob] = []  # of prompt tokens 1, 2, ... (kvserve.engine.prompt_logprobs)
         self.generator = None
         self.detokenizer = None
         self.attn_state = None  # per-request state of a sparse attention policy (MagicPIG's tables)
@@ -145,6 +151,11 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Prompt logprobs asked for and not all computed yet."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
 
 @dataclass(slots=True)
@@ -171,6 +182,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
     error: str | None = None  # set when this request failed inside the engine; it is finished
+    # with SamplingParams.prompt_logprobs: one per prompt token, None for the first (nothing predicts it)
+    prompt_logprobs: list[Logprob | None] | None = None
 
 
 def now() -> float:

@@ -3,6 +3,7 @@ executor, and returns the logits of the sequences whose last token was computed 
 import torch
 
 from kvserve.engine.executors import StepBatch
+from kvserve.engine.prompt_logprobs import PromptSpan, prompt_span, record_prompt_logprobs
 from kvserve.engine.request import Sequence
 
 
@@ -29,6 +30,9 @@ class ModelRunner:
         batch = self.batch(scheduled)
         hidden = self.executor.execute(batch)
         self.num_tokens_run += len(batch.ids)
+        if batch.prompt_spans:
+            record_prompt_logprobs(self.model, hidden, batch.prompt_spans)
+            hidden = hidden[batch.sample_index]
         return self.model.compute_logits(hidden), batch.sampled
 
     @staticmethod
@@ -37,11 +41,18 @@ class ModelRunner:
             seqs = [seq for seq, _ in scheduled]
             positions = [seq.num_computed_tokens for seq in seqs]
             last = [i for i, seq in enumerate(seqs) if seq.num_computed_tokens + 1 == len(seq.token_ids)]
+            if len(last) < len(seqs) and any(seq.scores_prompt for seq in seqs):
+                return ModelRunner._batch(scheduled)  # a one-token prompt chunk to score
             return StepBatch(scheduled, [seq.token_ids[p] for seq, p in zip(seqs, positions)], positions,
                              [1] * len(seqs), [p + 1 for p in positions], last, [seqs[i] for i in last],
                              [i for i, seq in enumerate(seqs)
                               if seq.params.attention is not None and not seq.params.attention.is_full])
+        return ModelRunner._batch(scheduled)
+
+    @staticmethod
+    def _batch(scheduled: list[tuple[Sequence, int]]) -> StepBatch:
         ids, positions, q_lens, kv_lens, last_rows, sampled, sparse = [], [], [], [], [], [], []
+        spans, sample_index = [], []
         for i, (seq, n) in enumerate(scheduled):
             start = seq.num_computed_tokens
             if n == 1:
@@ -54,7 +65,14 @@ class ModelRunner:
                 positions.extend(range(start, start + n))
             q_lens.append(n)
             kv_lens.append(start + n)
+            if seq.params.prompt_logprobs is not None and (span := prompt_span(seq, start, n)):
+                lo, hi = span
+                spans.append(PromptSpan(seq, len(last_rows), lo, hi - lo))
+                row = len(ids) - n - start  # the row of position 0
+                last_rows.extend(range(row + lo, row + hi))
             if start + n == len(seq.token_ids):
+                sample_index.append(len(last_rows))
                 last_rows.append(len(ids) - 1)
                 sampled.append(seq)
-        return StepBatch(scheduled, ids, positions, q_lens, kv_lens, last_rows, sampled, sparse)
+        return StepBatch(scheduled, ids, positions, q_lens, kv_lens, last_rows, sampled, sparse, spans,
+                         sample_index if spans else None)

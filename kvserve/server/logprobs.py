@@ -79,3 +79,16 @@ def completion_logprobs(strings: TokenStrings, entries: list[Logprob], offset: i
         offsets.append(offset)
         offset += len(text)
     return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
+
+
+def echo_logprobs(strings: TokenStrings, prompt_ids: list[int], entries: list[Logprob | None]) -> CompletionLogprobs:
+    """The echoed prompt's part of a completion's logprobs (SamplingParams.prompt_logprobs): its first
+    token has null logprob and top_logprobs, as OpenAI's and vLLM's; offsets from 0."""
+    text = strings.text(prompt_ids[0])
+    first = CompletionLogprobs(tokens=[text], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
+    return joined(first, completion_logprobs(strings, entries[1:], len(text)))
+
+
+def joined(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+                              top_logprobs=a.top_logprobs + b.top_logprobs, text_offset=a.text_offset + b.text_offset)

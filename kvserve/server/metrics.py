@@ -35,6 +35,10 @@ class ServerMetrics:
         self.rag_misses = Counter("kvserve_rag_cluster_misses", "IVF clusters a search read from disk", registry=r)
         self.rag_prefetched = Counter("kvserve_rag_prefetched_clusters",
                                       "IVF clusters read ahead by lookahead prefetching", registry=r)
+        self.embedding_inputs = Counter("kvserve_embedding_inputs", "Texts embedded by /v1/embeddings", registry=r)
+        self.embedding_tokens = Counter("kvserve_embedding_tokens", "Embedder tokens of those texts", registry=r)
+        self.embedding_seconds = Histogram("kvserve_embedding_seconds", "Time to embed one /v1/embeddings request",
+                                           buckets=_LATENCY_BUCKETS, registry=r)
         gauges = {
             "kvserve_requests_running": ("Requests with a sequence in the running batch", self._running),
             "kvserve_requests_waiting": ("Requests waiting to be scheduled", self._waiting),
@@ -78,6 +82,11 @@ class ServerMetrics:
         self.rag_hits.inc(cache["hits"])
         self.rag_misses.inc(cache["misses"])
         self.rag_prefetched.inc(cache.get("prefetched") or 0)
+
+    def observe_embedding(self, inputs: int, tokens: int, seconds: float) -> None:
+        self.embedding_inputs.inc(inputs)
+        self.embedding_tokens.inc(tokens)
+        self.embedding_seconds.observe(seconds)
 
     def watch_queue(self, queue) -> None:
         """Gauges of the admission queue (kvserve.engine.admission) of the server's engine."""

@@ -108,11 +108,22 @@ class ChatCompletionRequest(_SamplingRequest):
 
 class CompletionRequest(_SamplingRequest):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default; null: up to the context length
-    echo: bool | None = False
+    # OpenAI's default; null: up to the context length; 0 with echo: score the prompt, generate nothing
+    max_tokens: int | None = Field(16, ge=0)
+    echo: bool | None = False  # with logprobs, the prompt's tokens get theirs (the first: null)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
+
+
+class EmbeddingRequest(_Request):
+    """OpenAI's /v1/embeddings. `input` is text only: token ids would have to be the embedder's own
+    WordPiece ids, which no OpenAI client tokenizes to, so they get a clear 400 (kvserve.server.embeddings)."""
+    model: str | None = None
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
 
 
 class TokenizeRequest(_Request):
@@ -245,6 +256,24 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32, as OpenAI's encoding_format=base64
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

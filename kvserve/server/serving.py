@@ -20,9 +20,9 @@ from fastapi.responses import Response, StreamingResponse
 from kvserve.attention.policy import AttentionPolicy, parse_attention
 from kvserve.engine.admission import Overloaded, QueueTimeout
 from kvserve.engine.async_engine import AsyncEngine
-from kvserve.engine.request import RequestOutput, SamplingParams
+from kvserve.engine.request import CompletionOutput, RequestOutput, SamplingParams
 from kvserve.server.errors import OpenAIError
-from kvserve.server.logprobs import TokenStrings, chat_logprobs, completion_logprobs
+from kvserve.server.logprobs import TokenStrings, chat_logprobs, completion_logprobs, echo_logprobs, joined
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                      ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
@@ -62,11 +62,13 @@ class ClientDisconnected(Exception):
 
 class Job:
     """The engine requests behind one HTTP request (one per prompt), merged into one stream of
-    (prompt index, cumulative output). Closing it aborts whatever is unfinished."""
+    (prompt index, cumulative output). Closing it aborts whatever is unfinished. With
+    `scoring_only` (max_tokens 0), the one token the engine must sample is dropped from the outputs."""
 
     def __init__(self, engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams, request_id: str,
-                 metrics: ServerMetrics):
+                 metrics: ServerMetrics, scoring_only: bool = False):
         self.metrics = metrics
+        self.scoring_only = scoring_only
         self.prompts = prompts
         self.last: dict[int, RequestOutput] = {}
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -94,6 +96,8 @@ class Job:
         if isinstance(item, Exception):
             log.error("request failed in the engine: %s", item)
             raise OpenAIError(f"the engine failed on this request: {item}", 500, code="engine_error")
+        if self.scoring_only:
+            item = _prompt_only(item)
         self.last[i] = item
         if item.finished:
             self._left -= 1
@@ -113,6 +117,13 @@ class Job:
     @property
     def completion_tokens(self) -> int:
         return sum(len(o.token_ids) for out in self.last.values() for o in out.outputs)
+
+
+def _prompt_only(out: RequestOutput) -> RequestOutput:
+    """out without what was generated: an echo of max_tokens 0 answers with the prompt alone."""
+    outputs = [CompletionOutput(o.index, "", [], "length" if o.finish_reason else None, None,
+                                [] if o.logprobs is not None else None) for o in out.outputs]
+    return dataclasses.replace(out, outputs=outputs)
 
 
 def load_error(e: Overloaded | QueueTimeout, metrics: ServerMetrics) -> OpenAIError:
@@ -384,21 +395,26 @@ class Serving:
             raise OpenAIError("suffix is not supported by this server", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise OpenAIError("best_of other than n is not supported by this server", param="best_of")
-        if req.echo and req.logprobs is not None:
-            raise OpenAIError("echo with logprobs needs prompt logprobs, which this server does not compute",
-                              param="echo")
+        scoring_only = req.max_tokens == 0
+        if scoring_only and not req.echo:
+            raise OpenAIError("max_tokens 0 is only allowed with echo (to score the prompt)", param="max_tokens",
+                              code="invalid_value")
         prompts, texts = await asyncio.to_thread(self._completion_prompts, req.prompt)
         request.state.prompt_tokens = sum(map(len, prompts))
         given = "max_tokens" in req.model_fields_set  # unset: OpenAI's 16; an explicit null: up to the context
         attention = self._attention(req)
-        max_tokens = self._max_tokens(req.max_tokens if given else None, max(map(len, prompts)), "prompt",
-                                      default=None if given else req.max_tokens, unbounded=attention.unbounded)
+        # max_tokens 0: the engine samples one token, which Job drops (vLLM does the same)
+        max_tokens = self._max_tokens((1 if scoring_only else req.max_tokens) if given else None,
+                                      max(map(len, prompts)), "prompt", default=None if given else req.max_tokens,
+                                      unbounded=attention.unbounded)
         params = self._params(req, max_tokens, req.logprobs, attention, self._cache_salt(req, request))
+        if req.echo and req.logprobs is not None:
+            params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
         params = await self._constrain(params, request_spec(req))
         echoes = [(t if t is not None else self.tokenizer.decode(p, req.skip_special_tokens)) if req.echo else ""
                   for p, t in zip(prompts, texts)]
         rid = f"cmpl-{uuid.uuid4().hex}"
-        job = Job(self.engine, prompts, params, rid, self.metrics)
+        job = Job(self.engine, prompts, params, rid, self.metrics, scoring_only)
         return await self._respond(request, job, req.stream,
                                    lambda first: self._completion_chunks(req, rid, job, first, echoes),
                                    lambda outs: self._completion_response(req, rid, outs, echoes))
@@ -407,11 +423,21 @@ class Serving:
         choices = []
         for i, out in enumerate(outs):
             for o in out.outputs:
-                lps = None if req.logprobs is None else \
-                    completion_logprobs(self.strings, o.logprobs or [], len(echoes[i]))
+                lps = self._completion_logprobs(req, out, o.logprobs, len(echoes[i]), echo=True)
                 choices.append(CompletionChoice(index=i * req.n + o.index, text=echoes[i] + o.text, logprobs=lps,
                                                 finish_reason=o.finish_reason))
         return CompletionResponse(id=rid, model=self.config.model_name, choices=choices, usage=self._usage(outs))
+
+    def _completion_logprobs(self, req: CompletionRequest, out: RequestOutput, entries, offset: int,
+                             echo: bool):
+        """The choice's logprobs object (None unless asked), led by the prompt's when `echo` is on
+        for this piece of text (its first chunk when streamed)."""
+        if req.logprobs is None:
+            return None
+        lps = completion_logprobs(self.strings, entries or [], offset)
+        if echo and req.echo:
+            lps = joined(echo_logprobs(self.strings, out.prompt_token_ids, out.prompt_logprobs), lps)
+        return lps
 
     async def _completion_chunks(self, req: CompletionRequest, rid: str, job: Job, first: tuple[int, RequestOutput],
                                  echoes: list[str]) -> AsyncIterator[str]:
@@ -436,10 +462,10 @@ class Serving:
                 delta, new = o.text[chars[k]:], (o.logprobs or [])[tokens[k]:]
                 if not (delta or new or o.finish_reason):
                     continue
+                lps = self._completion_logprobs(req, out, new, offsets[k], echo=not started[k])
+                offsets[k] += sum(len(t) for t in lps.tokens[-len(new):]) if lps and new else 0
                 if not started[k]:
                     delta, started[k] = echoes[i] + delta, True
-                lps = completion_logprobs(self.strings, new, offsets[k]) if req.logprobs is not None else None
-                offsets[k] += sum(len(t) for t in lps.tokens) if lps else 0
                 chars[k], tokens[k] = len(o.text), len(o.logprobs or [])
                 done[k] = o.finish_reason is not None
                 choices.append(CompletionChoice(index=k, text=delta, logprobs=lps, finish_reason=o.finish_reason))

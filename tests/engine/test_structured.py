@@ -195,26 +195,74 @@ def test_a_timed_out_compile_still_lands_in_the_cache_and_frees_its_slot(make_en
     assert grammars.compiles == compiles + 1  # the first was a hit
 
 
-def test_bitmask_paths_agree_for_any_dtype_and_padded_logits(make_engine):
-    """xgrammar's CPU kernel (float32) and the torch unpacking (other dtypes, GPUs) mask the same
-    tokens; logits wider than the vocabulary get their padding masked."""
+def test_bitmask_paths_agree_for_any_dtype_and_padded_logits(make_engine, monkeypatch):
+    """The C kernel and xgrammar's (CPU float32) and the torch unpacking (other dtypes, GPUs) mask
+    the same tokens; logits wider than the vocabulary get their padding masked."""
     import torch
+    from kvserve.engine import structured
     from kvserve.engine.structured import BitmaskApplier
     engine = make_engine()
     vocab = engine.model.config.vocab_size
     specs = [StructuredOutputs(json=SCHEMAS[0]), StructuredOutputs(regex="[0-9]+"), StructuredOutputs(choice=["a"])]
     base = torch.randn(4, vocab + 64)
     masked = {}
-    for dtype, width in ((torch.float32, vocab), (torch.bfloat16, vocab), (torch.float32, vocab + 64)):
+    for dtype, width, kernel in ((torch.float32, vocab, "native"), (torch.float32, vocab, "xgrammar"),
+                                 (torch.bfloat16, vocab, "torch"), (torch.float32, vocab + 64, "native")):
+        if kernel == "xgrammar":
+            monkeypatch.setattr(structured, "apply_token_bitmask", lambda *args: False)
         logits = base[:, :width].to(dtype).contiguous()
         BitmaskApplier(vocab, engine.grammars.json_safe).apply(
             logits, [0, 2, 3], [engine.grammars.matcher(s) for s in specs])
+        monkeypatch.undo()
         assert torch.isinf(logits[[0, 2, 3], vocab:]).all() and not torch.isinf(logits[1]).any()
-        masked[dtype, width] = torch.isinf(logits[:, :vocab])
-    first = masked[torch.float32, vocab]
+        masked[dtype, width, kernel] = torch.isinf(logits[:, :vocab])
+    first = masked[torch.float32, vocab, "native"]
     assert all(torch.equal(m, first) for m in masked.values())
     digits = [engine.tokenizer.token_to_id(str(d)) for d in range(10)]
     assert not first[2, digits].any() and first[2].sum() > vocab - 2000
+
+
+def test_masks_filled_ahead_equal_those_filled_late_json_safe_included(make_engine):
+    """Inside a JSON string xgrammar allows control characters, which strict JSON forbids: the rows
+    filled on the worker thread during the forward get the json_safe row as those filled at sampling."""
+    import torch
+    from kvserve.engine.structured import BitmaskApplier
+    engine = make_engine()
+    vocab, grammars = engine.model.config.vocab_size, engine.grammars
+    spec = StructuredOutputs(json={"type": "object", "properties": {"a": {"type": "string"}}})
+
+    def in_string():
+        c = grammars.matcher(spec)
+        assert all(c.accept_token(t) for t in engine.tokenizer.encode('{"a": "x', add_special_tokens=False))
+        return c
+
+    def masked(applier, ahead):
+        logits, constraints = torch.zeros(3, vocab), [in_string(), in_string()]
+        if ahead:
+            applier.fill_ahead(constraints)
+        applier.apply(logits, [0, 2], constraints)
+        return torch.isinf(logits)
+    late = masked(BitmaskApplier(vocab, grammars.json_safe), ahead=False)
+    assert torch.equal(masked(BitmaskApplier(vocab, grammars.json_safe), ahead=True), late)
+    unsafe = masked(BitmaskApplier(vocab), ahead=False)  # xgrammar's mask alone
+    assert (late[0] & ~unsafe[0]).any() and not late[1].any()  # json_safe masked more
+
+
+def test_native_bitmask_kernel_equals_xgrammar_s_on_random_masks():
+    """Words all set, all clear and mixed, a vocabulary that is no multiple of 32, strided logits."""
+    import torch
+    import xgrammar as xgr
+    from kvserve.native.token_bitmask import apply_token_bitmask
+    g = torch.Generator().manual_seed(0)
+    vocab = 1000 + 17
+    bitmask = torch.randint(-2**31, 2**31 - 1, (6, -(-vocab // 32)), dtype=torch.int32, generator=g)
+    bitmask[:, ::3], bitmask[:, 1::5] = 0, -1
+    logits = torch.randn(6, vocab + 40, generator=g)[:, :vocab + 9]  # wider than the vocabulary, row stride 1057
+    expected = logits.contiguous()
+    xgr.apply_token_bitmask_inplace(expected, bitmask, vocab_size=vocab, indices=[0, 3, 5])
+    if not apply_token_bitmask(logits, bitmask, [0, 3, 5], vocab):
+        pytest.skip("no C compiler here")
+    assert torch.equal(logits, expected) and torch.isinf(logits).any() and not torch.isinf(logits[1]).any()
 
 
 def test_formats_xgrammar_admits_too_much_of_are_exact_patterns():

@@ -81,7 +81,6 @@ CASES = {
     "empty token list": ("POST", COMPLETIONS, completion(prompt=[[]]), {}, 400, "prompt", None),
     "mixed prompt list": ("POST", COMPLETIONS, completion(prompt=["a", 1]), {}, 400, "prompt", None),
     "suffix": ("POST", COMPLETIONS, completion(suffix="x"), {}, 400, "suffix", None),
-    "echo with logprobs": ("POST", COMPLETIONS, completion(echo=True, logprobs=1), {}, 400, "echo", None),
     "body over the limit": ("POST", CHAT, chat(messages=[{"role": "user", "content": "a" * MAX_BODY_BYTES}]), {},
                             413, None, "request_too_large"),
     "chunked body over the limit": ("POST", CHAT, _chunked_large, {}, 413, None, "request_too_large"),
