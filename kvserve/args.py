@@ -30,6 +30,9 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--tensor-parallel-size", "-tp", type=at_least_one, default=1,
+                   help="ranks sharing each layer: spawned on this machine (gloo on CPUs, NCCL where every rank "
+                        "has a GPU), or the processes of torchrun (then equal to its world size)")
     p.add_argument("--attention", type=_attention_arg, default="full",
                    help="default decode attention: full | streaming | magicpig | topk, optionally with "
                         "parameters, e.g. magicpig:K=10,L=150,sink=4,window=64 or a JSON object")
@@ -48,6 +51,7 @@ def engine_config(args):
     return EngineConfig(
         model=args.model, random_weights=args.random_weights, dtype=args.dtype, quantization=args.quantization, device=args.device,
         threads=args.threads, compile=args.compile, enforce_eager=args.enforce_eager, attention=args.attention,
+        tensor_parallel_size=args.tensor_parallel_size,
         cache=CacheConfig(args.page_size, args.num_pages, args.kv_cache_gb, not args.no_prefix_caching),
         scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs))
 

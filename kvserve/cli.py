@@ -10,6 +10,7 @@ from kvserve.args import add_engine_args
 from kvserve.bench import attention as bench_attention, latency, longctx, overhead, rag as bench_rag
 from kvserve.bench import serve as bench_serve, step_profile, structured, throughput
 from kvserve.eval import longctx as eval_longctx
+from kvserve.distributed.group import RankFailure
 from kvserve.model.loader import ModelLoadError
 from kvserve.process import tune_malloc
 from kvserve.rag import commands as rag_commands
@@ -76,6 +77,9 @@ def main(argv=None) -> int:
     except ModelLoadError as e:
         print(f"kvserve: error: {e}", file=sys.stderr)
         return 2
+    except RankFailure as e:  # a tensor-parallel start-up that could not complete
+        print(f"kvserve: error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

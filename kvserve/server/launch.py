@@ -10,6 +10,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from contextlib import contextmanager
 
 from kvserve.server import isolation_args
@@ -38,14 +40,25 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     from kvserve.args import engine_config
-    from kvserve.engine.async_engine import AsyncEngine
     from kvserve.engine.engine import Engine
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 serves, the others run its steps
+        from kvserve.distributed.worker import run_worker
+        return run_worker(engine_config(args))
+    engine = Engine(engine_config(args))
+    try:
+        return _serve(args, engine)
+    finally:
+        engine.close()
+
+
+def _serve(args, engine) -> int:
+    from kvserve.engine.async_engine import AsyncEngine
     from kvserve.model.loader import resolve_model_path
     from kvserve.server.app import build_app, run
     from kvserve.server.serving import ServerConfig
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = Engine(engine_config(args))
     path = resolve_model_path(args.model)
     name = args.served_model_name or (path.name if path.is_dir() else path.stem)
     config = ServerConfig(model_name=name, api_key=args.api_key, max_model_len=args.max_model_len,
@@ -54,10 +67,26 @@ def main(args) -> int:
                           rag_cache_mb=args.rag_cache_mb, rag_nprobe=args.rag_nprobe,
                           rag_prefetch_nprobe=args.rag_prefetch_nprobe,
                           prefix_cache_isolation=args.prefix_cache_isolation)
-    app = build_app(AsyncEngine(engine, isolation_args.queue_limits(args)), config)
+    async_engine = AsyncEngine(engine, isolation_args.queue_limits(args))
+    app = build_app(async_engine, config)
     with _signals_end_cleanly():
+        _stop_on_failure(async_engine)
         run(app, args.host, args.port, name, args.shutdown_timeout, args.log_level)
+    if async_engine.failure:
+        print(f"kvserve: exiting: {async_engine.failure}", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+def _stop_on_failure(async_engine, grace: float = 2.0) -> None:
+    """When the engine fails for good (a tensor-parallel rank died or hung), the server answers
+    503 for `grace` seconds, then stops as on SIGTERM; main then exits non-zero."""
+    def watch():
+        while async_engine.failure is None:
+            time.sleep(0.2)
+        time.sleep(grace)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="kvserve-failure-watch", daemon=True).start()
 
 
 @contextmanager
