@@ -54,8 +54,18 @@ class TPGroup:
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # gloo: peer gone or timeout; NCCL: watchdog errors
+            self._name_dead_rank()  # a rank that exited says more than the socket error it caused
             self.fail(f"a tensor-parallel collective failed ({type(e).__name__}: {str(e)[:300]})")
             raise RankFailure(self.failure) from e
+
+    def _name_dead_rank(self, wait: float = 1.0) -> None:
+        deadline = time.monotonic() + wait
+        while self.procs and time.monotonic() < deadline:
+            for r, p in enumerate(self.procs, 1):
+                if not p.is_alive():
+                    self.fail(f"tensor-parallel rank {r} (pid {p.pid}) exited with code {p.exitcode}")
+                    return
+            time.sleep(0.05)
 
     def fail(self, reason: str) -> None:
         if self.failure is None:
