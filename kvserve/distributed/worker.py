@@ -29,11 +29,11 @@ def run_spawned(config, env: dict, parent_pid: int) -> None:
     """Entry of a rank spawned by rank 0 on this machine."""
     os.environ.update(env)
     logging.basicConfig(level="WARNING", format=f"%(asctime)s rank {env['RANK']} %(levelname)s %(name)s: %(message)s")
-    _exit_with_parent(parent_pid)
+    exit_with_parent(parent_pid)
     sys.exit(run_worker(config))
 
 
-def _exit_with_parent(parent_pid: int) -> None:
+def exit_with_parent(parent_pid: int) -> None:
     """A rank whose rank 0 is gone (even killed with SIGKILL) exits instead of lingering."""
     def watch():
         while os.getppid() == parent_pid:

@@ -34,6 +34,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rag-cache-mb", type=float, default=256.0, help="cluster cache of each RAG collection")
     p.add_argument("--rag-nprobe", type=int, default=8, help="IVF clusters searched per retrieval")
     p.add_argument("--rag-prefetch-nprobe", type=int, default=16, help="clusters the lookahead prefetches")
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="engine replicas (processes, each with -tp ranks) behind this server; requests go to "
+                        "the replica holding the longest cached prefix, then the least loaded")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     isolation_args.add_args(p)
 
@@ -43,6 +46,12 @@ def main(args) -> int:
     from kvserve.engine.engine import Engine
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.environ.get("KVSERVE_PARENT_PID"):  # a data-parallel replica ends with its front server
+        from kvserve.distributed.worker import exit_with_parent
+        exit_with_parent(int(os.environ["KVSERVE_PARENT_PID"]))
+    if args.data_parallel_size > 1:
+        from kvserve.server.data_parallel import main as data_parallel_main
+        return data_parallel_main(args, sys.argv[1:])
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 serves, the others run its steps
         from kvserve.distributed.worker import run_worker
         return run_worker(engine_config(args))
