@@ -28,6 +28,7 @@ class TensorParallelExecutor:
         if batch.sparse:  # checked before anything is sent: the ranks stay in step
             raise ValueError("attention policies other than full are not supported with tensor parallelism")
         copies, self._copies = self._copies, []
+        self.group.steps += 1
         self.channel.send(batch, copies)
         return self.inner.execute(batch)
 

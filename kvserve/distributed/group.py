@@ -45,18 +45,23 @@ class TPGroup:
     failure: str | None = None  # the first failure seen; every later collective raises it
     owns_process_group: bool = False  # created here: destroyed on close
     _closed: bool = False
+    collective_seconds: float = 0.0  # wall time in collectives on this rank (waits for slower ranks included)
+    steps: int = 0  # steps run (counted by the executor)
 
     # ---- collectives that remember the first failure --------------------------------------
 
     def _run(self, fn, *args, **kwargs):
         if self.failure:
             raise RankFailure(self.failure)
+        start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # gloo: peer gone or timeout; NCCL: watchdog errors
             self._name_dead_rank()  # a rank that exited says more than the socket error it caused
             self.fail(f"a tensor-parallel collective failed ({type(e).__name__}: {str(e)[:300]})")
             raise RankFailure(self.failure) from e
+        finally:
+            self.collective_seconds += time.perf_counter() - start
 
     def _name_dead_rank(self, wait: float = 1.0) -> None:
         deadline = time.monotonic() + wait
