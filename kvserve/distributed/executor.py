@@ -8,6 +8,8 @@ and logits on their shards, repeat until rank 0 sends stop.
 The inner executor is the TorchExecutor (eager): the C whole-step decoder and CUDA graphs cannot
 join collectives.
 """
+import atexit
+
 import torch
 
 from kvserve.distributed.group import TPGroup
@@ -23,6 +25,7 @@ class TensorParallelExecutor:
         self._copies: list[tuple[int, int]] = []
         if group.rank == 0:
             pool.on_copy = lambda src, dst: self._copies.append((src, dst))
+            atexit.register(self.close)  # an engine nobody closed still stops its ranks
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         if batch.sparse:  # checked before anything is sent: the ranks stay in step
@@ -48,6 +51,8 @@ class TensorParallelExecutor:
 
     def close(self) -> None:
         """Rank 0: tells the other ranks to stop, then waits for the ones it spawned."""
+        if self.group.closed:
+            return
         if self.group.rank == 0 and not self.group.failure:
             try:
                 self.channel.send_stop()

@@ -44,7 +44,7 @@ class TPGroup:
     procs: list = field(default_factory=list)  # ranks this process spawned (rank 0 of a local launch)
     failure: str | None = None  # the first failure seen; every later collective raises it
     owns_process_group: bool = False  # created here: destroyed on close
-    _closed: bool = False
+    closed: bool = False
     collective_seconds: float = 0.0  # wall time in collectives on this rank (waits for slower ranks included)
     steps: int = 0  # steps run (counted by the executor)
 
@@ -108,9 +108,9 @@ class TPGroup:
         """Rank 0 of a local launch: a thread that notices a spawned rank's exit at once (a rank
         that hangs is noticed by the collective timeout instead)."""
         def loop():
-            while not self._closed:
+            while not self.closed:
                 for r, p in enumerate(self.procs, 1):
-                    if not p.is_alive() and not self._closed:
+                    if not p.is_alive() and not self.closed:
                         self.fail(f"tensor-parallel rank {r} (pid {p.pid}) exited with code {p.exitcode}")
                         return
                 time.sleep(0.2)
@@ -119,9 +119,9 @@ class TPGroup:
     def close(self, timeout: float = 10.0) -> None:
         """Ends the spawned ranks (they stop on the stop message, else are killed) and leaves the
         process group; safe to call twice."""
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
+        self.closed = True
         deadline = time.monotonic() + timeout
         for p in self.procs:
             p.join(max(0.1, deadline - time.monotonic()))

@@ -105,8 +105,11 @@ class Engine:
 
     @staticmethod
     def _join_tensor_parallel(config: EngineConfig, model):
-        """The TPGroup of a tensor-parallel engine (spawning or joining its ranks), else None."""
-        if config.tensor_parallel_size == 1:
+        """The TPGroup of a tensor-parallel engine (spawning or joining its ranks), else None. Under
+        torchrun (RANK and WORLD_SIZE set) even one rank goes through the group: `torchrun
+        --nproc-per-node 1 -m kvserve ... -tp 1` checks the NCCL path on a single GPU."""
+        torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        if config.tensor_parallel_size == 1 and not torchrun:
             return None
         if model is not None or config.compile:
             raise ValueError("tensor parallelism builds its own sharded model and runs eagerly "

@@ -100,3 +100,18 @@ def test_policies_other_than_full_are_refused(model_dir):
             two.engine.add_request([1, 2, 3], SamplingParams(attention="streaming"))
         # the group still serves after the refusal
         assert len(two.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 8
+
+
+def test_one_rank_under_torchrun_goes_through_the_group(model_dir, monkeypatch):
+    """What `torchrun --nproc-per-node 1 -m kvserve ... -tp 1` runs (NCCL on a GPU, gloo here)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with llm(model_dir("llama"), 1) as plain:
+        want = tokens(plain.generate(PROMPTS, GREEDY, use_tqdm=False))
+    for name, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    with llm(model_dir("llama"), 1) as grouped:
+        assert grouped.engine.tp is not None and grouped.engine.tp.world == 1
+        assert tokens(grouped.generate(PROMPTS, GREEDY, use_tqdm=False)) == want
