@@ -1,27 +1,28 @@
-"""Megatron-style sharding of an already-built Llama-family model, in place.
+"""Megatron-style tensor parallelism for Llama-family models: each rank loads only its share.
 
-Per decoder layer:
-- qkv_proj, gate_up_proj: column-parallel, i.e. this rank's output rows: its q heads and the KV
-  heads they read (split when world <= num_kv_heads, else one KV head replicated on the ranks
-  that share it), its slice of gate and of up;
-- o_proj, down_proj: row-parallel (this rank's input columns, along whole quantization groups),
-  then one all-reduce; a bias is added once, after it;
+`load_sharded` hands the model class a view of the checkpoint in which every tensor is already
+cut to this rank's share, and a config of the rank's sizes, so the model is built at its local
+shapes (GGUF and --random-weights are read one tensor at a time: a rank never holds more than its
+share plus one whole tensor; a safetensors directory is read whole by the loader, then cut). Cuts:
+- q/k/v and gate/up: column-parallel, i.e. this rank's output rows: its q heads and the KV heads
+  they read (split when world <= num_kv_heads, else one KV head replicated on the ranks that
+  share it), its slice of gate and of up;
+- o_proj and down_proj: row-parallel, this rank's input columns (along whole quantization groups),
+  then one all-reduce (`RowParallel`); a bias is added once, after it;
 - embed_tokens: vocabulary-parallel (this rank's rows; masked lookup, then an all-reduce);
-- lm_head: this rank's vocabulary rows, then an all-gather of the logits on every rank (so the
-  rescoring of top logits, which looks up rows of any token, is one more small all-reduce).
-The model's config is replaced by this rank's (heads, KV heads, intermediate size), so the KV
-pool and attention backends built from it get the rank's KV heads; the vocabulary stays global.
-The first version builds the whole model on every rank, then keeps its share: peak memory per
-rank is the full model while loading.
+- lm_head: this rank's vocabulary rows, then an all-gather of the logits on every rank (the
+  rescoring of top logits looks up rows of any token: one more small all-reduce).
+The built model's config keeps the rank's heads, KV heads and intermediate size (the KV pool and
+attention backends are built from it) and the global vocabulary.
 """
-import copy
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from kvserve.distributed.group import TPGroup
-from kvserve.model.quant import QuantizedEmbedding, QuantizedLinear, QuantizedTensor, VocabProjection, _unpack_int4
+from kvserve.model.quant import QuantizedTensor
 
 
 def kv_heads_of(rank: int, world: int, num_heads: int, num_kv_heads: int) -> tuple[range, range]:
@@ -45,49 +46,102 @@ def vocab_rows(rank: int, world: int, vocab: int) -> range:
     return range(min(rank * per, vocab), min((rank + 1) * per, vocab))
 
 
+@dataclasses.dataclass
+class RankShare:
+    """What one rank holds of a model of config `cfg`."""
+    q_heads: range
+    kv_heads: range
+    inter: range
+    vocab: range
+
+    @classmethod
+    def of(cls, cfg, rank: int, world: int) -> "RankShare":
+        q, kv = kv_heads_of(rank, world, cfg.num_heads, cfg.num_kv_heads)
+        if cfg.intermediate_size % world:
+            raise ValueError(f"intermediate size {cfg.intermediate_size} does not divide over {world} ranks")
+        per = cfg.intermediate_size // world
+        return cls(q, kv, range(rank * per, (rank + 1) * per), vocab_rows(rank, world, cfg.vocab_size))
+
+    def local_config(self, cfg):
+        return dataclasses.replace(cfg, num_heads=len(self.q_heads), num_kv_heads=len(self.kv_heads),
+                                   intermediate_size=len(self.inter), vocab_size=len(self.vocab))
+
+
+class ShardedWeights(Mapping):
+    """Checkpoint name -> this rank's cut of the tensor (float or QuantizedTensor), made when asked."""
+
+    def __init__(self, weights: Mapping, cfg, share: RankShare):
+        self.weights, self.share = weights, share
+        d = cfg.head_dim
+        q, kv = share.q_heads, share.kv_heads
+        # (dim, range) per projection: dim 0 = output rows, 1 = input columns
+        self.cuts = {"q_proj": (0, range(q.start * d, q.stop * d)), "k_proj": (0, range(kv.start * d, kv.stop * d)),
+                     "v_proj": (0, range(kv.start * d, kv.stop * d)), "o_proj": (1, range(q.start * d, q.stop * d)),
+                     "gate_proj": (0, share.inter), "up_proj": (0, share.inter), "down_proj": (1, share.inter),
+                     "embed_tokens": (0, share.vocab), "lm_head": (0, share.vocab)}
+
+    def __getitem__(self, name: str):
+        value = self.weights[name]
+        parts = name.split(".")
+        cut = self.cuts.get(parts[-2]) if len(parts) >= 2 else None
+        if cut is None or (parts[-1] == "bias" and cut[0] == 1):  # a row-parallel bias stays whole
+            return value
+        return _cut(value, *cut, name)
+
+    def __iter__(self):
+        return iter(self.weights)
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+
+def _cut(value, dim: int, r: range, name: str):
+    if not isinstance(value, QuantizedTensor):
+        return value[r.start:r.stop] if dim == 0 else value[:, r.start:r.stop]
+    if dim == 0:
+        return value.rows(slice(r.start, r.stop))
+    if value.scale.shape[1] == 1:  # one scale a row: any columns
+        return QuantizedTensor(value.kind, value.q[:, r.start:r.stop], value.scale, value.min)
+    g = value.group
+    if r.start % g or r.stop % g:
+        raise ValueError(f"{name} is quantized in groups of {g}: it cannot be cut at columns {r.start}:{r.stop}; "
+                         f"use fewer tensor-parallel ranks")
+    pick = lambda t: None if t is None else t[:, r.start // g:r.stop // g]  # noqa: E731
+    return QuantizedTensor(value.kind, value.q[:, r.start:r.stop], pick(value.scale), pick(value.min))
+
+
 @torch.no_grad()
-def shard_model(model, group: TPGroup):
-    """Cuts `model` (LlamaForCausalLM) to `group.rank`'s share, in place; returns it."""
-    cfg, rank, world = model.config, group.rank, group.world
-    q_heads, kv_heads = kv_heads_of(rank, world, cfg.num_heads, cfg.num_kv_heads)
-    if cfg.intermediate_size % world:
-        raise ValueError(f"intermediate size {cfg.intermediate_size} does not divide over {world} ranks")
-    inter = cfg.intermediate_size // world
-    d = cfg.head_dim
+def load_sharded(model_cls, cfg, weights: Mapping, dtype, device, group: TPGroup):
+    """`model_cls.from_weights` (LlamaForCausalLM's interface) at this rank's share, wired with
+    the collectives that make its outputs the whole model's."""
+    share = RankShare.of(cfg, group.rank, group.world)
+    model = model_cls.from_weights(share.local_config(cfg), ShardedWeights(weights, cfg, share), dtype, device)
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if not (hasattr(attn, "qkv_proj") and hasattr(mlp, "gate_up_proj")):
+        if not (hasattr(attn, "o_proj") and hasattr(mlp, "down_proj")):
             raise NotImplementedError(f"tensor parallelism knows Llama's layer layout only, not {type(layer).__name__}")
-        rows = _head_rows(q_heads, 0, d) + _head_rows(kv_heads, cfg.num_heads * d, d) \
-            + _head_rows(kv_heads, (cfg.num_heads + cfg.num_kv_heads) * d, d)
-        attn.qkv_proj = _pick_rows(attn.qkv_proj, torch.tensor(rows))
-        attn.o_proj = RowParallel(attn.o_proj, range(q_heads.start * d, q_heads.stop * d), group)
-        attn.h, attn.hkv = len(q_heads), len(kv_heads)
-        mine = range(rank * inter, (rank + 1) * inter)
-        mlp.gate_up_proj = _pick_rows(mlp.gate_up_proj, torch.tensor(
-            list(mine) + [cfg.intermediate_size + i for i in mine]))
-        mlp.down_proj = RowParallel(mlp.down_proj, mine, group)
-    _shard_vocab(model, group)
-    model.config = dataclasses.replace(cfg, num_heads=len(q_heads), num_kv_heads=len(kv_heads),
-                                       intermediate_size=inter)
+        attn.o_proj = RowParallel(attn.o_proj, group)
+        mlp.down_proj = RowParallel(mlp.down_proj, group)
+    model.embed_tokens = VocabParallelEmbedding(model.embed_tokens, share.vocab, group)
+    if model.lm_head_rows is not None:  # quantized: the int8 table serves lm_head (and, tied, embed)
+        model.lm_head_rows = VocabParallelEmbedding(model.lm_head_rows, share.vocab, group)
+    # the rescoring of a float model reads lm_head.weight[tokens]: rows by global id, gathered
+    model.lm_head = VocabParallelHead(model.lm_head, share.vocab, cfg.vocab_size, group,
+                                      VocabParallelEmbedding(model.lm_head, share.vocab, group))
+    model.config = dataclasses.replace(model.config, vocab_size=cfg.vocab_size)
     model.tensor_parallel = group
     return model
-
-
-def _head_rows(heads: range, offset: int, d: int) -> list[int]:
-    return list(range(offset + heads.start * d, offset + heads.stop * d))
 
 
 # ---- the parallel modules -------------------------------------------------------------------
 
 class RowParallel(nn.Module):
-    """x[:, cols] W[:, cols]^T summed over ranks, then the bias (once)."""
+    """A projection over this rank's input columns, summed over ranks, then the bias (once)."""
 
-    def __init__(self, linear: nn.Module, cols: range, group: TPGroup):
+    def __init__(self, linear: nn.Module, group: TPGroup):
         super().__init__()
-        self.bias = linear.bias
-        self.inner = _pick_cols(linear, cols)
-        self.group = group
+        self.bias, linear.bias = linear.bias, None
+        self.inner, self.group = linear, group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.group.all_reduce(self.inner(x))
@@ -134,97 +188,3 @@ class VocabParallelHead(nn.Module):
         if self.pad:
             y = nn.functional.pad(y, (0, self.pad))
         return self.group.all_gather_last(y)[..., :self.vocab]
-
-
-def _shard_vocab(model, group: TPGroup) -> None:
-    cfg = model.config
-    rows = vocab_rows(group.rank, group.world, cfg.vocab_size)
-    index = torch.arange(rows.start, rows.stop)
-    embed = _pick_rows(model.embed_tokens, index)
-    model.embed_tokens = VocabParallelEmbedding(embed, rows, group)
-    if model.lm_head_rows is not None:  # quantized: the int8 table is lm_head's (and, tied, embed's)
-        table = embed if cfg.tie_word_embeddings else _pick_rows(model.lm_head_rows, index)
-        model.lm_head_rows = VocabParallelEmbedding(table, rows, group)
-        local = VocabProjection(table) if isinstance(model.lm_head, VocabProjection) else \
-            _pick_rows(model.lm_head, index)
-    else:
-        local = embed if cfg.tie_word_embeddings else _pick_rows(model.lm_head, index)
-        if isinstance(local, nn.Embedding):  # tied float weights: one tensor serves both
-            local = _linear_on(local.weight)
-    # the rescoring of a float model reads lm_head.weight[tokens]: rows by global id, gathered
-    model.lm_head = VocabParallelHead(local, rows, cfg.vocab_size, group, VocabParallelEmbedding(local, rows, group))
-
-
-def _linear_on(weight: torch.Tensor) -> nn.Linear:
-    with torch.device("meta"):
-        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    lin.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
-    return lin
-
-
-# ---- cutting float and quantized modules ---------------------------------------------------
-
-def _pick_rows(module: nn.Module, rows: torch.Tensor) -> nn.Module:
-    """The module restricted to these output rows (embedding rows for tables)."""
-    if isinstance(module, nn.Embedding):
-        return nn.Embedding(len(rows), module.embedding_dim, _weight=_param(module.weight[rows]))
-    if isinstance(module, nn.Linear):
-        lin = _linear_on(_param(module.weight[rows]))
-        lin.bias = None if module.bias is None else _param(module.bias[rows])
-        return lin
-    if isinstance(module, QuantizedEmbedding):
-        return QuantizedEmbedding(QuantizedTensor("int8", module.weight_q[rows], module.group_scales[rows]),
-                                  module.dtype)
-    if isinstance(module, VocabProjection):
-        return VocabProjection(_pick_rows(module.table, rows))
-    if isinstance(module, QuantizedLinear):
-        bias = None if module.bias is None else module.bias[rows].clone()
-        return _requant_linear(module, _unpacked(module).rows(rows), bias)
-    raise NotImplementedError(f"cannot shard a {type(module).__name__}")
-
-
-def _pick_cols(module: nn.Module, cols: range) -> nn.Module:
-    """The module restricted to these input columns, without its bias (added after the reduce)."""
-    if isinstance(module, nn.Linear):
-        return _linear_on(_param(module.weight[:, cols.start:cols.stop]))
-    if isinstance(module, QuantizedLinear):
-        qt = _unpacked(module)
-        if qt.kind != "int4":  # one scale a row (or none): any columns
-            return _requant_linear(module, QuantizedTensor(qt.kind, qt.q[:, cols.start:cols.stop], qt.scale), None)
-        g = qt.group
-        if cols.start % g or cols.stop % g:
-            raise ValueError(f"a weight quantized in groups of {g} cannot be cut at columns "
-                             f"{cols.start}:{cols.stop}; use fewer tensor-parallel ranks or --quantization int8")
-        sub = QuantizedTensor(qt.kind, qt.q[:, cols.start:cols.stop], qt.scale[:, cols.start // g:cols.stop // g],
-                              None if qt.min is None else qt.min[:, cols.start // g:cols.stop // g])
-        return _requant_linear(module, sub, None)
-    raise NotImplementedError(f"cannot shard a {type(module).__name__}")
-
-
-def _param(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t.clone().contiguous(), requires_grad=False)
-
-
-def _unpacked(m: QuantizedLinear) -> QuantizedTensor:
-    """A QuantizedLinear's weight back in unpacked form, exactly (scales are held in bf16 by the
-    kernels, so these are the values it computes with)."""
-    if m.kind == "int8":  # one scale a row
-        return QuantizedTensor("int8", m.weight_q, m.scales.float()[:, None])
-    if m.kind == "bf16":
-        return QuantizedTensor("bf16", m.weight_q, torch.ones(m.out_features, 1))
-    if m.unpack_block is None:
-        raise NotImplementedError("int4 weights in a packed layout this CPU's kernels do not document "
-                                  "cannot be sharded; use --quantization int8")
-    q = _unpack_int4(m.weight_q, m.out_features, m.in_features, m.unpack_block)
-    scale, zero = m.scales[..., 0].t().float(), m.scales[..., 1].t().float()
-    return QuantizedTensor("int4", q, scale, zero - 8 * scale)
-
-
-def _requant_linear(like: QuantizedLinear, qt: QuantizedTensor, bias) -> nn.Module:
-    if qt.kind == "bf16":  # kept dense (widths the int8 kernel cannot take)
-        m = copy.copy(like)
-        m._buffers = dict(m._buffers, weight_q=qt.q.contiguous())
-        m.out_features, m.in_features = qt.q.shape
-        m.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        return m
-    return QuantizedLinear(qt, bias)

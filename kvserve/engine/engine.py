@@ -58,14 +58,15 @@ class Engine:
                 quantization = "none" if config.quantization == "auto" and self.device != "cpu" else config.quantization
                 model_cfg, weights = load_checkpoint(config.model, quantization)
             try:
-                model = LlamaForCausalLM.from_weights(model_cfg, weights, dtype, self.device)
+                if self.tp is not None:  # this rank's share only
+                    from kvserve.distributed.tensor_parallel import load_sharded
+                    model = load_sharded(LlamaForCausalLM, model_cfg, weights, dtype, self.device, self.tp)
+                else:
+                    model = LlamaForCausalLM.from_weights(model_cfg, weights, dtype, self.device)
             except ValueError as e:  # a checkpoint whose tensors do not make this model
                 raise ModelLoadError(f"cannot build the model from {config.model or 'the default model'}: {e}") \
                     from None
             del weights
-        if self.tp is not None:
-            from kvserve.distributed.tensor_parallel import shard_model
-            model = shard_model(model, self.tp)
         if tokenizer is None:
             # ranks > 0 of a tensor-parallel engine never see text
             ids_only = config.random_weights or (self.tp is not None and self.tp.rank > 0)

@@ -237,7 +237,7 @@ def main(args, argv: list[str]) -> int:
     else:
         from kvserve.engine.engine import load_tokenizer
         tokenizer = load_tokenizer(args.model)
-    replicas = Replicas(replica_argv(argv), args.data_parallel_size, args.tensor_parallel_size, args.threads)
+    replicas = Replicas(replica_argv(argv), args.data_parallel_size, args.tensor_parallel_size or 1, args.threads)
     try:
         app = build_router_app(replicas, tokenizer, args.page_size)
 

@@ -1,5 +1,6 @@
 """Tensor parallelism on the CPU (gloo, rank processes spawned by the engine): the same tokens
-as one process, and each rank holding 1/N of the sharded weights and of the KV cache."""
+as one process, and each rank holding 1/N of the sharded weights and of the KV cache (it loads
+only its share)."""
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 MODELS = {
     "llama": dict(),  # 4 heads, 2 KV heads: at TP=4 each KV head is on two ranks
     "tied-vocab251": dict(vocab_size=251, tie_word_embeddings=True),
+    "bias": dict(attention_bias=True),  # o_proj's bias is added once, after the all-reduce
 }
 
 
@@ -54,7 +56,7 @@ def test_heads_and_vocabulary_split():
 
 
 @pytest.mark.parametrize("name,tp", [("llama", 2), ("llama", 4), ("tied-vocab251", 2), ("tied-vocab251", 4),
-                                     ("int4", 2)])
+                                     ("bias", 2), ("int4", 2)])
 def test_greedy_tokens_equal_one_process(model_dir, name, tp):
     path, vocab = model_dir(name), MODELS.get(name, {}).get("vocab_size", 256)
     with llm(path, 1, vocab) as one:

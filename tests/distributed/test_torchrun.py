@@ -1,5 +1,5 @@
 """Two torchrun "nodes" on localhost (node ranks 0 and 1, one process each) serve as one
-tensor-parallel engine: rank 0 serves HTTP, rank 1 runs its steps. Also: a rendezvous whose
+tensor-parallel engine (-tp taken from WORLD_SIZE): rank 0 serves HTTP, rank 1 runs its steps. Also: a rendezvous whose
 peer never comes fails within its timeout, naming the address."""
 import os
 import selectors
@@ -18,7 +18,7 @@ def torchrun(node_rank: int, port: int, timeout: str = "60") -> subprocess.Popen
     env = dict(os.environ, KVSERVE_DIST_TIMEOUT=timeout)
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                              "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
-                             "-m", "kvserve", "serve", "--port", "0", *ARGS],
+                             "-m", "kvserve", "serve", "--port", "0", *[a for a in ARGS if a not in ("-tp", "2")]],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
 
