@@ -8,9 +8,11 @@ Three ways in, one result (`TPGroup`):
   joins by env:// at MASTER_ADDR:MASTER_PORT;
 - a process already in a process group uses it.
 Backend: gloo for CPU tensors, NCCL for CUDA tensors (one group with both, so each rank picks by
-its device). Step descriptions travel on a second gloo group with no practical timeout, since a
-worker waits for the next step as long as the server idles; the compute collectives time out
-after KVSERVE_DIST_TIMEOUT seconds (default 120), which is how a hung rank is noticed.
+its device). Three timeouts: the rendezvous fails after KVSERVE_DIST_START_TIMEOUT seconds
+(default 300: every rank loads its share of the model first); the compute collectives after
+KVSERVE_DIST_TIMEOUT (default 120), which is how a hung rank is noticed; step descriptions travel
+on a gloo group of their own with no practical timeout, since a worker waits for the next step
+as long as the server idles.
 """
 import logging
 import os
@@ -35,12 +37,17 @@ def dist_timeout() -> float:
     return float(os.environ.get("KVSERVE_DIST_TIMEOUT", "120"))
 
 
+def start_timeout() -> float:
+    return float(os.environ.get("KVSERVE_DIST_START_TIMEOUT", "300"))
+
+
 @dataclass
 class TPGroup:
     rank: int
     world: int
     device: str
     step_group: object = None  # gloo group for step descriptions
+    compute_group: object = None  # the forward's collectives, with KVSERVE_DIST_TIMEOUT
     procs: list = field(default_factory=list)  # ranks this process spawned (rank 0 of a local launch)
     failure: str | None = None  # the first failure seen; every later collective raises it
     owns_process_group: bool = False  # created here: destroyed on close
@@ -58,6 +65,9 @@ class TPGroup:
             return fn(*args, **kwargs)
         except Exception as e:  # gloo: peer gone or timeout; NCCL: watchdog errors
             self._name_dead_rank()  # a rank that exited says more than the socket error it caused
+            if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+                self.fail(f"a tensor-parallel collective did not complete within {dist_timeout():g} s "
+                          f"(KVSERVE_DIST_TIMEOUT): a rank hangs ({type(e).__name__}: {str(e)[:200]})")
             self.fail(f"a tensor-parallel collective failed ({type(e).__name__}: {str(e)[:300]})")
             raise RankFailure(self.failure) from e
         finally:
@@ -80,7 +90,7 @@ class TPGroup:
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place (an empty tensor skips the collective on every rank alike)."""
         if t.numel():
-            self._run(dist.all_reduce, t)
+            self._run(dist.all_reduce, t, group=self.compute_group)
         return t
 
     def all_gather_last(self, t: torch.Tensor) -> torch.Tensor:
@@ -88,7 +98,7 @@ class TPGroup:
         if not t.numel():
             return t.new_empty(*t.shape[:-1], t.shape[-1] * self.world)
         parts = [torch.empty_like(t) for _ in range(self.world)]
-        self._run(dist.all_gather, parts, t.contiguous())
+        self._run(dist.all_gather, parts, t.contiguous(), group=self.compute_group)
         return torch.cat(parts, -1)
 
     def broadcast_step(self, t: torch.Tensor) -> torch.Tensor:
@@ -139,7 +149,7 @@ class TPGroup:
 def join(config) -> TPGroup:
     """This process's place in the tensor-parallel group of an EngineConfig's engine (see the
     module doc); spawned ranks build their engine from the same config."""
-    world, device, timeout = config.tensor_parallel_size, config.device, dist_timeout()
+    world, device, timeout = config.tensor_parallel_size, config.device, start_timeout()
     procs = []
     if dist.is_initialized():
         rank, owns = dist.get_rank(), False
@@ -164,6 +174,7 @@ def join(config) -> TPGroup:
         owns = True
     group = TPGroup(rank, world, rank_device, procs=procs, owns_process_group=owns)
     group.step_group = dist.new_group(backend="gloo", timeout=FOREVER)
+    group.compute_group = dist.new_group(backend=_backend(rank_device), timeout=timedelta(seconds=dist_timeout()))
     if procs:
         group.watch()
     return group
@@ -173,7 +184,7 @@ def _init_process_group(rank: int, world: int, device: str, timeout: float, proc
     """env:// (under torchrun, the agent's store); on a thread, so that a spawned rank that dies
     while starting (a bad model path, out of memory) fails the start-up at once, not at the timeout."""
     addr = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-    backend = "cpu:gloo,cuda:nccl" if _uses_cuda(device) else "gloo"
+    backend = _backend(device)
     errors = []
 
     def init():
@@ -198,6 +209,10 @@ def _init_process_group(rank: int, world: int, device: str, timeout: float, proc
         e = errors[0]
         raise RankFailure(f"the tensor-parallel rendezvous at {addr} (rank {rank} of {world}) did not "
                           f"complete within {timeout:g} s: {type(e).__name__}: {str(e)[:300]}") from None
+
+
+def _backend(device: str) -> str:
+    return "cpu:gloo,cuda:nccl" if _uses_cuda(device) else "gloo"
 
 
 def _uses_cuda(device: str) -> bool:

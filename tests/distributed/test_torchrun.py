@@ -62,7 +62,7 @@ def test_two_nodes_serve_a_request():
 def test_rendezvous_without_peers_fails_in_time_naming_the_address(tmp_path):
     port = free_port()
     env = dict(os.environ, RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-               KVSERVE_DIST_TIMEOUT="3")
+               KVSERVE_DIST_START_TIMEOUT="3")
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "kvserve", "serve", *ARGS], env=env, capture_output=True,
                           text=True, timeout=60)

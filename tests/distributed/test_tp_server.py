@@ -24,8 +24,8 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def start_server(*extra) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, KVSERVE_DIST_TIMEOUT="30")
+def start_server(*extra, timeout: str = "30") -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, KVSERVE_DIST_TIMEOUT=timeout)
     proc = subprocess.Popen([sys.executable, "-m", "kvserve", "serve", "--port", "0", *ARGS, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     sel = selectors.DefaultSelector()
@@ -78,8 +78,10 @@ def test_serves_and_sigterm_stops_every_rank():
         proc.kill()
 
 
-def test_killed_rank_fails_the_stream_then_503_then_nonzero_exit():
-    proc, url = start_server()
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_failed_rank_fails_the_stream_then_503_then_nonzero_exit(fault):
+    """killed: SIGKILL, noticed at once; hung: SIGSTOP, noticed at KVSERVE_DIST_TIMEOUT (5 s here)."""
+    proc, url = start_server(timeout="5" if fault == "hung" else "30")
     try:
         result = {"tokens": 0}
 
@@ -101,11 +103,12 @@ def test_killed_rank_fails_the_stream_then_503_then_nonzero_exit():
             assert time.monotonic() < deadline and thread.is_alive(), result
             time.sleep(0.01)
         kids = children(proc.pid)
-        os.kill(rank_pids(proc)[0], signal.SIGKILL)
+        os.kill(rank_pids(proc)[0], signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
         thread.join(30)
-        assert "rank 1" in result["error"]["message"] and result["tokens"] < 450
+        why = "rank 1" if fault == "killed" else "KVSERVE_DIST_TIMEOUT"
+        assert why in result["error"]["message"] and result["tokens"] < 450
         health = httpx.get(f"{url}/health")
-        assert health.status_code == 503 and "rank 1" in health.json()["error"]["message"]
+        assert health.status_code == 503 and why in health.json()["error"]["message"]
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "<1>", "max_tokens": 2}, timeout=10)
         assert r.status_code == 503
         assert proc.wait(30) != 0
