@@ -3,6 +3,7 @@
 Below every subcommand module (bench, eval, rag, server) so that each imports downward;
 `kvserve.cli` only assembles the parser tree and dispatches."""
 import argparse
+import os
 
 
 def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -> None:
@@ -30,6 +31,9 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--tensor-parallel-size", "-tp", type=at_least_one, default=None,
+                   help="ranks sharing each layer: spawned on this machine (gloo on CPUs, NCCL where every rank "
+                        "has a GPU), or the processes of torchrun (default there: its WORLD_SIZE; else 1)")
     p.add_argument("--attention", type=_attention_arg, default="full",
                    help="default decode attention: full | streaming | magicpig | topk, optionally with "
                         "parameters, e.g. magicpig:K=10,L=150,sink=4,window=64 or a JSON object; "
@@ -51,6 +55,7 @@ def engine_config(args):
     return EngineConfig(
         model=args.model, random_weights=args.random_weights, dtype=args.dtype, quantization=args.quantization, device=args.device,
         threads=args.threads, compile=args.compile, enforce_eager=args.enforce_eager, attention=args.attention,
+        tensor_parallel_size=args.tensor_parallel_size or int(os.environ.get("WORLD_SIZE", "1")),
         cache=CacheConfig(args.page_size, args.num_pages, args.kv_cache_gb, not args.no_prefix_caching,
                           offload_kv_gb=args.offload_kv_gb),
         scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs))

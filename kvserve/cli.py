@@ -11,6 +11,7 @@ from kvserve.bench import attention as bench_attention, latency, longctx, moe as
 from kvserve.bench import rag as bench_rag
 from kvserve.bench import serve as bench_serve, step_profile, structured, throughput
 from kvserve.eval import longctx as eval_longctx
+from kvserve.distributed.group import RankFailure
 from kvserve.model.loader import ModelLoadError
 from kvserve.process import tune_malloc
 from kvserve.rag import commands as rag_commands
@@ -78,6 +79,9 @@ def main(argv=None) -> int:
     except ModelLoadError as e:
         print(f"kvserve: error: {e}", file=sys.stderr)
         return 2
+    except RankFailure as e:  # a tensor-parallel start-up that could not complete
+        print(f"kvserve: error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

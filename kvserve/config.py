@@ -60,3 +60,4 @@ class EngineConfig:
     attention: object = "full"  # default decode attention policy (kvserve.attention.policy)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    tensor_parallel_size: int = 1  # ranks sharing each layer (kvserve.distributed)

@@ -17,13 +17,23 @@ class LLM:
                  kv_cache_gb: float | None = None, enable_prefix_caching: bool = True,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
                  enable_chunked_prefill: bool = True, attention="full", enforce_eager: bool = False,
-                 engine: Engine | None = None):
+                 tensor_parallel_size: int = 1, engine: Engine | None = None):
         self.engine = engine or Engine(EngineConfig(
             model=model, dtype=dtype, quantization=quantization, device=device, threads=threads,
-            attention=attention, enforce_eager=enforce_eager,
+            attention=attention, enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
             cache=CacheConfig(page_size, num_pages, kv_cache_gb, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, enable_chunked_prefill)))
         self.tokenizer = self.engine.tokenizer
+
+    def close(self) -> None:
+        """Stops the engine's other tensor-parallel ranks (a no-op with one process)."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,

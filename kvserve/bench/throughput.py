@@ -32,10 +32,18 @@ def run_kvserve(args, prompts, enable_prefix_caching=True, label="kvserve") -> t
     if llm.engine.kv.prefix:
         llm.engine.kv.prefix.clear()
         llm.engine.kv.prefix.queried_tokens = llm.engine.kv.prefix.hit_tokens = 0
+    tp = llm.engine.tp
+    if tp is not None:
+        tp.collective_seconds, tp.steps = 0.0, 0
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     seconds = time.perf_counter() - start
     hit_rate = llm.engine.kv.prefix.hit_rate if llm.engine.kv.prefix else 0.0
+    if tp is not None:
+        print(f"tensor parallel {tp.world}: {tp.steps} steps, {1e3 * seconds / max(1, tp.steps):.2f} ms/step, "
+              f"{1e3 * tp.collective_seconds / max(1, tp.steps):.2f} ms/step in collectives on rank 0 "
+              f"({tp.collective_seconds / seconds:.0%} of the run)")
+    llm.close()
     return ThroughputResult(label, len(prompts), sum(map(len, prompts)),
                             sum(len(o.outputs[0].token_ids) for o in outs), seconds), hit_rate
 

@@ -19,6 +19,10 @@ from kvserve.engine.request import RequestOutput, SamplingParams, now
 log = logging.getLogger("kvserve.engine")
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine cannot serve any more (a tensor-parallel rank died or hung): HTTP 503."""
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine, limits: QueueLimits | None = None):
         self.engine = engine
@@ -28,6 +32,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stopping = False
+        self.failure: str | None = None  # set when the engine failed for good (Engine.failure)
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
         self._thread.start()
@@ -37,6 +42,8 @@ class AsyncEngine:
         """Yields cumulative outputs until finished. Bad input raises ValueError before the first
         yield, a full queue raises Overloaded, a wait past the queue timeout QueueTimeout; leaving
         the loop early (client gone, task cancelled) aborts the request."""
+        if self.failure:
+            raise EngineUnavailable(self._failure_message())
         loop = asyncio.get_running_loop()
         request_id = request_id or f"areq-{next(self._ids)}"
         stream: asyncio.Queue = asyncio.Queue()
@@ -88,6 +95,8 @@ class AsyncEngine:
         # would use every core whatever --threads says, until some torch op happened to set it
         torch.set_num_threads(torch.get_num_threads())
         while not self._stopping:
+            if self._check_failure():
+                return
             self._drain_commands()
             self._update_queue()
             if not self.engine.has_unfinished():
@@ -109,6 +118,31 @@ class AsyncEngine:
         for rid in list(self._streams):
             self.engine.abort(rid)
             self._deliver(rid, RuntimeError("server shutting down"))
+
+    def _failure_message(self) -> str:
+        return f"the engine has failed and cannot serve: {self.failure}"
+
+    def _check_failure(self) -> bool:
+        """On an engine failure (Engine.failure): every waiting caller gets EngineUnavailable, and
+        the thread ends, so that `alive` turns False (the server's /health 503)."""
+        failure = getattr(self.engine, "failure", None)
+        if not failure:
+            return False
+        self.failure = failure
+        log.error("%s", self._failure_message())
+        while True:  # commands that raced the failure
+            try:
+                kind, arg, reply = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if reply is not None:
+                loop, future = reply[0], reply[-1]
+                loop.call_soon_threadsafe(_settle, future, EngineUnavailable(self._failure_message()))
+            if kind == "add":
+                self.queue.release(arg[4])
+        for rid in list(self._streams):
+            self._deliver(rid, EngineUnavailable(self._failure_message()))
+        return True
 
     def _drain_commands(self) -> None:
         while True:

@@ -46,6 +46,9 @@ class Engine:
         self.default_attention = parse_attention(config.attention)
         if config.threads:
             torch.set_num_threads(config.threads)
+        self.tp = self._join_tensor_parallel(config, model)
+        if self.tp is not None:
+            config = self.config = dataclasses.replace(config, device=self.tp.device)
         self.device = resolve_device(config.device, model)
         if model is None:
             dtype = resolve_dtype(config.dtype, self.device)
@@ -57,13 +60,19 @@ class Engine:
                 quantization = "none" if config.quantization == "auto" and self.device != "cpu" else config.quantization
                 model_cfg, weights = load_checkpoint(config.model, quantization)
             try:
-                model = LlamaForCausalLM.from_weights(model_cfg, weights, dtype, self.device)
+                if self.tp is not None:  # this rank's share only
+                    from kvserve.distributed.tensor_parallel import load_sharded
+                    model = load_sharded(LlamaForCausalLM, model_cfg, weights, dtype, self.device, self.tp)
+                else:
+                    model = LlamaForCausalLM.from_weights(model_cfg, weights, dtype, self.device)
             except ValueError as e:  # a checkpoint whose tensors do not make this model
                 raise ModelLoadError(f"cannot build the model from {config.model or 'the default model'}: {e}") \
                     from None
             del weights
         if tokenizer is None:
-            tokenizer = token_tokenizer(model.config.vocab_size) if config.random_weights else load_tokenizer(config.model)
+            # ranks > 0 of a tensor-parallel engine never see text
+            ids_only = config.random_weights or (self.tp is not None and self.tp.rank > 0)
+            tokenizer = token_tokenizer(model.config.vocab_size) if ids_only else load_tokenizer(config.model)
         read_gguf.cache_clear()
         release_free_memory()
         self.model, self.tokenizer = model, tokenizer
@@ -75,6 +84,8 @@ class Engine:
         page_bytes = PagePool.bytes_per_page(mc.num_layers, cache.page_size, mc.num_kv_heads, mc.head_dim, kv_dtype)
         num_pages = cache.num_pages or default_num_pages(cache.kv_cache_gb, page_bytes, self.device,
                                                          config.scheduler.max_num_seqs * self.max_model_len // cache.page_size)
+        if self.tp is not None:  # one page table for all ranks: as many pages as the smallest fits
+            num_pages = self.tp.min_int(num_pages)
         self.pool = PagePool(mc.num_layers, num_pages, cache.page_size, mc.num_kv_heads, mc.head_dim,
                              kv_dtype, self.device)
         self.offload = build_offload_pools(self.default_attention, mc, cache, kv_dtype, self.device,
@@ -83,8 +94,12 @@ class Engine:
         # every layer windowed (e.g. Mistral v0.1): pages behind the widest window go back to the pool
         self.release_window = shared_window(kv_windows(mc))
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.runner = ModelRunner(model, select_executor(model, self.pool, self.device, config.compile,
-                                                         config.scheduler.max_num_seqs, config.enforce_eager))
+        executor = select_executor(model, self.pool, self.device, config.compile,
+                                   config.scheduler.max_num_seqs, config.enforce_eager)
+        if self.tp is not None:
+            from kvserve.distributed.executor import TensorParallelExecutor
+            executor = TensorParallelExecutor(getattr(executor, "fallback", executor), model, self.pool, self.tp)
+        self.runner = ModelRunner(model, executor)
         self.runner.policy_attention.offload = self.offload
         self.sampler = Sampler()
         self.grammars = GrammarCache(tokenizer, mc.vocab_size, self.eos_token_ids)
@@ -95,6 +110,34 @@ class Engine:
         if config.compile:
             from kvserve.engine.compiled_forward import warm_up
             warm_up(self)
+
+    @staticmethod
+    def _join_tensor_parallel(config: EngineConfig, model):
+        """The TPGroup of a tensor-parallel engine (spawning or joining its ranks), else None. Under
+        torchrun (RANK and WORLD_SIZE set) even one rank goes through the group: `torchrun
+        --nproc-per-node 1 -m kvserve ... -tp 1` checks the NCCL path on a single GPU."""
+        torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        if config.tensor_parallel_size == 1 and not torchrun:
+            return None
+        if model is not None or config.compile:
+            raise ValueError("tensor parallelism builds its own sharded model and runs eagerly "
+                             "(no model=..., no --compile)")
+        if not parse_attention(config.attention).is_full:
+            raise ValueError("attention policies other than full are not supported with tensor parallelism")
+        from kvserve.distributed.group import join, threads_per_rank
+        group = join(config)
+        torch.set_num_threads(threads_per_rank(config.threads, config.tensor_parallel_size))
+        return group
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot run any more steps (a tensor-parallel rank failed), else None."""
+        return self.tp.failure if self.tp is not None else None
+
+    def close(self) -> None:
+        """Stops the other tensor-parallel ranks (nothing to do for a single-process engine)."""
+        if self.tp is not None:
+            self.runner.executor.close()
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -129,6 +172,8 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in [*(params.logit_bias or {}), *params.stop_token_ids]):
             raise ValueError(f"logit_bias and stop_token_ids keys must be token ids in [0, {vocab})")
+        if self.tp is not None and params.attention is not None and not params.attention.is_full:
+            raise ValueError("attention policies other than full are not supported with tensor parallelism")
         room = 1 if params.attention is not None and params.attention.unbounded else (params.max_tokens or 1)
         if len(ids) + room > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "

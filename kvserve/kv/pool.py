@@ -32,6 +32,7 @@ class PagePool:
         self.free_pages = deque(range(num_pages))
         self.zeroed = [False] * num_pages
         self.reserved: list[int] = []  # held for good by the engine itself (a scratch page), never freed
+        self.on_copy = None  # called with (src, dst) after copy_page (tensor-parallel ranks repeat it)
 
     @staticmethod
     def bytes_per_page(num_layers, page_size, num_kv_heads, head_dim, dtype=torch.float32) -> int:
@@ -56,6 +57,12 @@ class PagePool:
         page = self.allocate(1)[0]
         self.reserved.append(page)
         return page
+
+    def ensure_zeroed(self, pages) -> None:
+        """Zeroes pages never handed out here (a tensor-parallel rank's pool, whose pages rank 0 allocates)."""
+        for p in pages:
+            if p >= 0 and not self.zeroed[p]:
+                self._zero(p)
 
     def _zero(self, page: int) -> None:
         s, n = page * self.page_size, self.page_size
@@ -84,3 +91,5 @@ class PagePool:
         s, d, n = src * self.page_size, dst * self.page_size, self.page_size
         self.k[:, :, d:d + n].copy_(self.k[:, :, s:s + n])
         self.v[:, :, d:d + n].copy_(self.v[:, :, s:s + n])
+        if self.on_copy is not None:
+            self.on_copy(src, dst)

@@ -47,6 +47,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, shutdown_engine: bool =
 
     @app.get("/health")
     async def health() -> dict:
+        if engine.failure:
+            raise OpenAIError(f"the engine has failed: {engine.failure}", 503, code="engine_failed")
         if not engine.alive:
             raise OpenAIError("the engine thread has stopped", 503, code="engine_dead")
         return {"status": "ok", "load": metrics.load(engine.queue)}

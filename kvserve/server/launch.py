@@ -10,6 +10,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from contextlib import contextmanager
 
 from kvserve.server import isolation_args
@@ -32,20 +34,40 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rag-cache-mb", type=float, default=256.0, help="cluster cache of each RAG collection")
     p.add_argument("--rag-nprobe", type=int, default=8, help="IVF clusters searched per retrieval")
     p.add_argument("--rag-prefetch-nprobe", type=int, default=16, help="clusters the lookahead prefetches")
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="engine replicas (processes, each with -tp ranks) behind this server; requests go to "
+                        "the replica holding the longest cached prefix, then the least loaded")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     isolation_args.add_args(p)
 
 
 def main(args) -> int:
     from kvserve.args import engine_config
-    from kvserve.engine.async_engine import AsyncEngine
     from kvserve.engine.engine import Engine
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.environ.get("KVSERVE_PARENT_PID"):  # a data-parallel replica ends with its front server
+        from kvserve.distributed.worker import exit_with_parent
+        exit_with_parent(int(os.environ["KVSERVE_PARENT_PID"]))
+    if args.data_parallel_size > 1:
+        from kvserve.server.data_parallel import main as data_parallel_main
+        return data_parallel_main(args, sys.argv[1:])
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 serves, the others run its steps
+        from kvserve.distributed.worker import run_worker
+        return run_worker(engine_config(args))
+    engine = Engine(engine_config(args))
+    try:
+        return _serve(args, engine)
+    finally:
+        engine.close()
+
+
+def _serve(args, engine) -> int:
+    from kvserve.engine.async_engine import AsyncEngine
     from kvserve.model.loader import resolve_model_path
     from kvserve.server.app import build_app, run
     from kvserve.server.serving import ServerConfig
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = Engine(engine_config(args))
     path = resolve_model_path(args.model)
     name = args.served_model_name or (path.name if path.is_dir() else path.stem)
     config = ServerConfig(model_name=name, api_key=args.api_key, max_model_len=args.max_model_len,
@@ -54,10 +76,26 @@ def main(args) -> int:
                           rag_cache_mb=args.rag_cache_mb, rag_nprobe=args.rag_nprobe,
                           rag_prefetch_nprobe=args.rag_prefetch_nprobe,
                           prefix_cache_isolation=args.prefix_cache_isolation)
-    app = build_app(AsyncEngine(engine, isolation_args.queue_limits(args)), config)
+    async_engine = AsyncEngine(engine, isolation_args.queue_limits(args))
+    app = build_app(async_engine, config)
     with _signals_end_cleanly():
+        _stop_on_failure(async_engine)
         run(app, args.host, args.port, name, args.shutdown_timeout, args.log_level)
+    if async_engine.failure:
+        print(f"kvserve: exiting: {async_engine.failure}", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+def _stop_on_failure(async_engine, grace: float = 2.0) -> None:
+    """When the engine fails for good (a tensor-parallel rank died or hung), the server answers
+    503 for `grace` seconds, then stops as on SIGTERM; main then exits non-zero."""
+    def watch():
+        while async_engine.failure is None:
+            time.sleep(0.2)
+        time.sleep(grace)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="kvserve-failure-watch", daemon=True).start()
 
 
 @contextmanager

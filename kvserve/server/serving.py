@@ -19,7 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from kvserve.attention.policy import AttentionPolicy, parse_attention
 from kvserve.engine.admission import Overloaded, QueueTimeout
-from kvserve.engine.async_engine import AsyncEngine
+from kvserve.engine.async_engine import AsyncEngine, EngineUnavailable
 from kvserve.engine.request import CompletionOutput, RequestOutput, SamplingParams
 from kvserve.server.errors import OpenAIError
 from kvserve.server.logprobs import TokenStrings, chat_logprobs, completion_logprobs, echo_logprobs, joined
@@ -93,6 +93,8 @@ class Job:
             raise OpenAIError(str(item), 400)
         if isinstance(item, (Overloaded, QueueTimeout)):
             raise load_error(item, self.metrics)
+        if isinstance(item, EngineUnavailable):
+            raise OpenAIError(str(item), 503, code="engine_failed")
         if isinstance(item, Exception):
             log.error("request failed in the engine: %s", item)
             raise OpenAIError(f"the engine failed on this request: {item}", 500, code="engine_error")

@@ -1,0 +1,61 @@
+"""TensorParallelExecutor: the executor of every rank of a tensor-parallel engine.
+
+Rank 0 (the engine with the scheduler and sampler) sends each step's description, then runs its
+shard of the forward; the caller computes logits with the model's vocabulary-parallel lm_head,
+whose all-gather the other ranks join. Ranks > 0 run `serve_forever`: receive a step, make the
+page copies rank 0 made since the last one (copy-on-write of `n > 1` forks), run the same forward
+and logits on their shards, repeat until rank 0 sends stop.
+The inner executor is the TorchExecutor (eager): the C whole-step decoder and CUDA graphs cannot
+join collectives.
+"""
+import atexit
+
+import torch
+
+from kvserve.distributed.group import TPGroup
+from kvserve.distributed.step_channel import StepChannel
+from kvserve.engine.executors import StepBatch
+
+
+class TensorParallelExecutor:
+    def __init__(self, inner, model, pool, group: TPGroup):
+        self.inner = self.fallback = inner  # `fallback`: ModelRunner reaches the attention backends through it
+        self.model, self.pool, self.group = model, pool, group
+        self.channel = StepChannel(group)
+        self._copies: list[tuple[int, int]] = []
+        if group.rank == 0:
+            pool.on_copy = lambda src, dst: self._copies.append((src, dst))
+            atexit.register(self.close)  # an engine nobody closed still stops its ranks
+
+    def execute(self, batch: StepBatch) -> torch.Tensor:
+        if batch.sparse:  # checked before anything is sent: the ranks stay in step
+            raise ValueError("attention policies other than full are not supported with tensor parallelism")
+        copies, self._copies = self._copies, []
+        self.group.steps += 1
+        self.channel.send(batch, copies)
+        return self.inner.execute(batch)
+
+    @torch.inference_mode()
+    def serve_forever(self) -> None:
+        """Ranks > 0: run rank 0's steps until it stops (returns) or the group fails (raises)."""
+        while True:
+            step = self.channel.recv()
+            if step is None:
+                return
+            batch, copies = step
+            for src, dst in copies:
+                self.pool.ensure_zeroed([src, dst])
+                self.pool.copy_page(src, dst)
+            self.pool.ensure_zeroed(p for seq, _ in batch.scheduled for p in seq.pages)
+            self.model.compute_logits(self.inner.execute(batch))
+
+    def close(self) -> None:
+        """Rank 0: tells the other ranks to stop, then waits for the ones it spawned."""
+        if self.group.closed:
+            return
+        if self.group.rank == 0 and not self.group.failure:
+            try:
+                self.channel.send_stop()
+            except Exception:  # noqa: BLE001 - a rank already gone; close() kills what is left
+                pass
+        self.group.close()

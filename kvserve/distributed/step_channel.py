@@ -1,0 +1,59 @@
+"""The step description rank 0 broadcasts to the other tensor-parallel ranks: the scheduled
+tokens and page tables (a few int64s per token and per page), never activations.
+
+One fixed header, then one flat body:
+header [op, tokens T, sequences S, sampled rows L, pages P, page copies C]
+body   ids[T] positions[T] q_lens[S] kv_lens[S] last_rows[L] pages_per_seq[S] pages[P] copies[2C]
+"""
+from dataclasses import dataclass
+
+import torch
+
+from kvserve.distributed.group import TPGroup
+from kvserve.engine.executors import StepBatch
+
+STEP, STOP = 0, 1
+HEADER = 6
+
+
+@dataclass
+class PageTable:
+    """What an executor reads of a scheduled sequence on a rank that has no Sequence objects."""
+    pages: list[int]
+
+
+class StepChannel:
+    def __init__(self, group: TPGroup):
+        self.group = group
+
+    def send(self, batch: StepBatch, copies: list[tuple[int, int]]) -> None:
+        pages = [seq.pages for seq, _ in batch.scheduled]
+        flat_pages = [p for ps in pages for p in ps]
+        header = [STEP, len(batch.ids), len(batch.q_lens), len(batch.last_rows), len(flat_pages), len(copies)]
+        body = (batch.ids + batch.positions + batch.q_lens + batch.kv_lens + batch.last_rows
+                + [len(ps) for ps in pages] + flat_pages + [x for c in copies for x in c])
+        self.group.broadcast_step(torch.tensor(header, dtype=torch.int64))
+        self.group.broadcast_step(torch.tensor(body, dtype=torch.int64))
+
+    def send_stop(self) -> None:
+        self.group.broadcast_step(torch.tensor([STOP] + [0] * (HEADER - 1), dtype=torch.int64))
+
+    def recv(self) -> tuple[StepBatch, list[tuple[int, int]]] | None:
+        """The next step and the page copies to make before it; None when rank 0 stops."""
+        header = self.group.broadcast_step(torch.empty(HEADER, dtype=torch.int64)).tolist()
+        op, t, s, n_last, n_pages, n_copies = header
+        if op == STOP:
+            return None
+        body = self.group.broadcast_step(torch.empty(2 * t + 4 * s + n_last + n_pages + 2 * n_copies,
+                                                     dtype=torch.int64)).tolist()
+        parts, at = [], 0
+        for n in (t, t, s, s, n_last, s, n_pages, 2 * n_copies):
+            parts.append(body[at:at + n])
+            at += n
+        ids, positions, q_lens, kv_lens, last_rows, counts, flat, copies = parts
+        scheduled, at = [], 0
+        for n, q in zip(counts, q_lens):
+            scheduled.append((PageTable(flat[at:at + n]), q))
+            at += n
+        return (StepBatch(scheduled, ids, positions, q_lens, kv_lens, last_rows, [], []),
+                list(zip(copies[0::2], copies[1::2])))
