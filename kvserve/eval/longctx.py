@@ -22,6 +22,7 @@ import torch
 
 from kvserve.args import at_least_one, token_lengths
 from kvserve.attention.policy import parse_attention
+from kvserve.attention.sparse.backend import SlotSet
 from kvserve.engine.request import SamplingParams, Sequence, now
 from kvserve.eval.common_word import answered_word, common_word_prompt
 
@@ -179,7 +180,8 @@ class ErrorProbe:
                 pages = torch.tensor(d.seq.pages, dtype=torch.long)
                 pos = torch.arange(d.kv_len)
                 slots = pages[pos // pa.pool.page_size] * pa.pool.page_size + pos % pa.pool.page_size
-                ref, _ = pa._dense(q[d.row], *pa._gather_slots(pa.pool.k[layer], pa.pool.v[layer], slots))
+                ref, _ = pa._dense(q[d.row], *pa._gather_slots(pa.pool.k[layer], pa.pool.v[layer],
+                                                                SlotSet.of(slots, pa.pool.k.device)))
                 self.errors[layer].append(((out[d.row].float() - ref).norm() / ref.norm()).item())
             return out
         pa.run = run
