@@ -16,7 +16,9 @@ class StaticDecodeAttention:
     index_dtype = torch.long  # of the page table, lengths and slots
 
     def __init__(self, pool, num_heads: int, head_dim: int, max_batch: int, max_pages: int, scratch_page: int,
-                 scale: float | None = None):
+                 scale: float | None = None, *, windows: list[int | None] | None = None, softcap: float | None = None):
+        if softcap is not None or any(w is not None for w in windows or ()):
+            raise NotImplementedError("StaticDecodeAttention: sliding windows and softcapping are not implemented")
         self.pool, self.num_heads = pool, num_heads
         self.scale = scale if scale is not None else head_dim ** -0.5
         self.max_pages, self.scratch_page = max_pages, scratch_page

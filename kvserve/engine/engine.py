@@ -19,7 +19,7 @@ from kvserve.engine.scheduler import Scheduler
 from kvserve.engine.structured import BitmaskApplier, GrammarCache
 from kvserve.kv.manager import KVCacheManager
 from kvserve.kv.pool import PagePool
-from kvserve.model.llama import LlamaForCausalLM
+from kvserve.model.families import model_class
 from kvserve.model.loader import ModelLoadError, load_checkpoint, read_gguf, release_free_memory, resolve_model_path
 from kvserve.model.random_weights import RandomWeights, shape_config, token_tokenizer
 from kvserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -55,7 +55,7 @@ class Engine:
                 quantization = "none" if config.quantization == "auto" and self.device != "cpu" else config.quantization
                 model_cfg, weights = load_checkpoint(config.model, quantization)
             try:
-                model = LlamaForCausalLM.from_weights(model_cfg, weights, dtype, self.device)
+                model = model_class(model_cfg).from_weights(model_cfg, weights, dtype, self.device)
             except ValueError as e:  # a checkpoint whose tensors do not make this model
                 raise ModelLoadError(f"cannot build the model from {config.model or 'the default model'}: {e}") \
                     from None

@@ -23,13 +23,14 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 class StaticDecodeExecutor:
     def __init__(self, model, pool, fallback, max_batch: int, max_len: int, use_graphs: bool = False,
-                 attention_cls=StaticDecodeAttention):
+                 attention_cls=StaticDecodeAttention, attention_kwargs: dict | None = None):
         self.model, self.fallback = model, fallback
         self.buckets = bucket_sizes(max_batch)
         cfg, device = model.config, pool.k.device
         self.scratch_page = pool.reserve()  # padding rows write here
         self.max_pages = -(-max_len // pool.page_size)
-        self.attention = attention_cls(pool, cfg.num_heads, cfg.head_dim, max_batch, self.max_pages, self.scratch_page)
+        self.attention = attention_cls(pool, cfg.num_heads, cfg.head_dim, max_batch, self.max_pages, self.scratch_page,
+                                       **(attention_kwargs or {}))
         self.ids = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.graphs, self.outputs = {}, {}

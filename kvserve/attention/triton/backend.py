@@ -24,7 +24,9 @@ ALIGN = 32  # int32 elements: 128 bytes
 class TritonAttention:
     def __init__(self, pool: PagePool, num_heads: int, head_dim: int, scale: float | None = None, *,
                  num_sms: int | None = None, kv_chunk_size: int | None = None, cascade_min_len: int = 256,
-                 tiles: Tiles | None = None):
+                 tiles: Tiles | None = None, windows: list[int | None] | None = None, softcap: float | None = None):
+        if softcap is not None or any(w is not None for w in windows or ()):
+            raise NotImplementedError("TritonAttention: sliding windows and softcapping are not implemented")
         self.pool = pool
         self.num_heads = num_heads
         self.num_kv_heads = pool.k.shape[1]

@@ -20,7 +20,9 @@ class TritonStaticDecode(StaticDecodeAttention):
     index_dtype = torch.int32
 
     def __init__(self, pool, num_heads: int, head_dim: int, max_batch: int, max_pages: int, scratch_page: int,
-                 scale: float | None = None):
+                 scale: float | None = None, *, windows: list[int | None] | None = None, softcap: float | None = None):
+        if softcap is not None or any(w is not None for w in windows or ()):
+            raise NotImplementedError("TritonStaticDecode: sliding windows and softcapping are not implemented")
         super().__init__(pool, num_heads, head_dim, max_batch, max_pages, scratch_page, scale)
         device = pool.k.device
         self.rows = torch.arange(max_batch, dtype=torch.int32, device=device)  # item = request = output row
