@@ -135,3 +135,15 @@ def test_full_width_qk_norm_equals_per_head_norm_of_one_head():
     assert full.layers[0].self_attn.q_norm.weight.shape == (32,)
     assert max_diff(paged_logits(full, IDS), paged_logits(per_head, IDS)) < 1e-5
     assert max_diff(paged_logits(per_head, IDS), reference_logits(hf, IDS)) < 1e-4
+
+
+def test_select_executor_gives_every_backend_the_windows_scale_and_softcap(hf_models):
+    from kvserve.engine.executors import TorchExecutor, select_executor
+    from kvserve.kv.pool import PagePool
+    _, model = hf_models("gemma2")
+    cfg = model.config
+    pool = PagePool(cfg.num_layers, 8, 4, cfg.num_kv_heads, cfg.head_dim)
+    executor = select_executor(model, pool, "cpu")
+    assert isinstance(executor, TorchExecutor)  # decode.c knows Llama's layers only
+    for backend in (executor.attention, executor.policy_attention.dense):
+        assert backend.windows == [8, None, 8, None] and backend.softcap == 1.0 and backend.scale == 16 ** -0.5
