@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 @dataclass
 class ModelConfig:
     """What the decoder needs to know about a checkpoint, whatever file it came from."""
-    architecture: str  # "llama" | "mistral" | "qwen2" | "mixtral"
+    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma2" | "gemma3" | "phi3" | "mixtral"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -26,6 +26,35 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0  # each expert's intermediate width
     norm_topk_prob: bool = True  # renormalise the chosen experts' softmax weights to sum to 1
+    # per-family differences from Llama (defaults are Llama's)
+    qk_norm: str | None = None  # RMSNorm of q and k before RoPE: "head" (over head_dim: Qwen3, Gemma 3)
+    #                             or "full" (over all heads' q / k at once: OLMoE)
+    hidden_act: str = "silu"  # of the gated MLP: "silu" or "gelu_tanh" (Gemma)
+    partial_rotary_factor: float = 1.0  # share of each head's dims that RoPE rotates (the first ones)
+    query_scale: float | None = None  # attention score scale; None: head_dim ** -0.5
+    attn_softcap: float | None = None  # scores -> softcap * tanh(scores / softcap) (Gemma 2)
+    final_softcap: float | None = None  # the same on the logits (Gemma 2)
+    sliding_window: int | None = None  # W: a query at position p sees keys p-W+1..p (on its layers)
+    layer_types: list[str] | None = None  # per layer "sliding_attention" | "full_attention";
+    #                                       None: every layer slides when sliding_window is set
+    rope_local_theta: float | None = None  # RoPE base of sliding layers (Gemma 3), unscaled
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_sliding(self, layer: int) -> bool:
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    def layer_windows(self) -> list[int | None]:
+        """Per layer, the attention backends' `windows` argument: the window, or None for full."""
+        return [self.sliding_window if self.is_sliding(i) else None for i in range(self.num_layers)]
+
+    @property
+    def attention_scale(self) -> float:
+        return self.query_scale if self.query_scale is not None else self.head_dim ** -0.5
 
 
 @dataclass

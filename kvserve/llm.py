@@ -66,21 +66,24 @@ class LLM:
     def chat(self, messages: Messages | list[Messages],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
-             tools: list[dict] | None = None) -> list[RequestOutput]:
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """`tools` (OpenAI function tools) go to the chat template, or, where it renders none, into a
-        system message; constrain the output with SamplingParams(structured=...) to force a call."""
+        system message; constrain the output with SamplingParams(structured=...) to force a call.
+        `chat_template_kwargs`: extra template variables, e.g. {"enable_thinking": False} for Qwen3."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self._chat_prompt(c, add_generation_prompt, tools) for c in conversations]
+        prompts = [self._chat_prompt(c, add_generation_prompt, tools, chat_template_kwargs or {})
+                   for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _chat_prompt(self, messages: Messages, add_generation_prompt: bool, tools: list[dict] | None) -> list[int]:
+    def _chat_prompt(self, messages: Messages, add_generation_prompt: bool, tools: list[dict] | None,
+                     template_kwargs: dict) -> list[int]:
         if not tools:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt, tokenize=True)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt, tokenize=True, **template_kwargs)
         from types import SimpleNamespace
         from kvserve.server.tools import plan_tools, template_messages
         plan = plan_tools(SimpleNamespace(tools=tools, tool_choice="required", parallel_tool_calls=None),
                           self.tokenizer.chat_template)
-        extra = {"tools": plan.tools} if plan.in_template else {}
+        extra = {**template_kwargs, "tools": plan.tools} if plan.in_template else template_kwargs
         return self.tokenizer.apply_chat_template(template_messages(messages, plan, plan.in_template),
                                                   add_generation_prompt, tokenize=True, **extra)
 

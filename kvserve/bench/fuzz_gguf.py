@@ -117,12 +117,12 @@ class Hang(BaseException):  # not an Exception: the loader's handlers must not s
 def load(path: Path) -> None:
     """What `kvserve serve` does with a model file before serving: weights, model, tokenizer."""
     from kvserve.engine.engine import load_tokenizer
-    from kvserve.model.llama import LlamaForCausalLM
+    from kvserve.model.families import model_class
     from kvserve.model.loader import ModelLoadError, load_checkpoint, read_gguf
     try:
         cfg, weights = load_checkpoint(str(path), "auto")
         try:
-            LlamaForCausalLM.from_weights(cfg, weights)
+            model_class(cfg).from_weights(cfg, weights)
         except ValueError as e:  # as the Engine reports it
             raise ModelLoadError(str(e)) from None
         load_tokenizer(str(path))

@@ -59,7 +59,7 @@ class _Timed:
 def random_long_llama(layers: int, max_positions: int, dtype=torch.float32, seed: int = 0):
     """SmolLM2-135M's shapes (576 wide, 9 query heads and 3 KV heads of 64), a small vocabulary."""
     from kvserve.config import ModelConfig
-    from kvserve.model.llama import LlamaForCausalLM
+    from kvserve.model.families import model_class
     cfg = ModelConfig("llama", vocab_size=2048, hidden_size=576, intermediate_size=1536, num_layers=layers,
                       num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=1_000_000.0,
                       max_position_embeddings=max_positions, eos_token_ids=[0])
@@ -78,7 +78,7 @@ def random_long_llama(layers: int, max_positions: int, dtype=torch.float32, seed
                    pre + "mlp.down_proj.weight": (hidden, inter)}
     weights = {name: (1 + 0.1 * torch.randn(shape, generator=g)) if "norm" in name
                else 0.05 * torch.randn(shape, generator=g) for name, shape in shapes.items()}
-    return LlamaForCausalLM.from_weights(cfg, weights, dtype)
+    return model_class(cfg).from_weights(cfg, weights, dtype)
 
 
 def measure(engine, prompt: list[int], policy, steps: int, timers: list[_Timed]) -> dict:

@@ -21,7 +21,7 @@ from kvserve.engine.structured import BitmaskApplier, GrammarCache
 from kvserve.kv.manager import KVCacheManager
 from kvserve.kv.pool import PagePool
 from kvserve.kv.windows import kv_windows, shared_window
-from kvserve.model.llama import LlamaForCausalLM
+from kvserve.model.families import model_class
 from kvserve.model.loader import ModelLoadError, load_checkpoint, read_gguf, release_free_memory, resolve_model_path
 from kvserve.model.random_weights import RandomWeights, shape_config, token_tokenizer
 from kvserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -62,9 +62,9 @@ class Engine:
             try:
                 if self.tp is not None:  # this rank's share only
                     from kvserve.distributed.tensor_parallel import load_sharded
-                    model = load_sharded(LlamaForCausalLM, model_cfg, weights, dtype, self.device, self.tp)
+                    model = load_sharded(model_class(model_cfg), model_cfg, weights, dtype, self.device, self.tp)
                 else:
-                    model = LlamaForCausalLM.from_weights(model_cfg, weights, dtype, self.device)
+                    model = model_class(model_cfg).from_weights(model_cfg, weights, dtype, self.device)
             except ValueError as e:  # a checkpoint whose tensors do not make this model
                 raise ModelLoadError(f"cannot build the model from {config.model or 'the default model'}: {e}") \
                     from None

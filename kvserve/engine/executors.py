@@ -101,6 +101,19 @@ class NativeExecutor:
         return self.decoder(batch.ids, batch.positions, page_table, page_starts, batch.last_rows)
 
 
+def attention_kwargs(cfg) -> dict:
+    """What every attention backend takes from the model's config besides its shape."""
+    return dict(scale=cfg.attention_scale, windows=cfg.layer_windows(), softcap=cfg.attn_softcap)
+
+
+def native_layout(cfg) -> bool:
+    """Whether kvserve/native/decode.c computes this model's layers: Llama's layout (sliding windows
+    and int4 experts included; NativeDecoder.supports names the architectures), without q/k norms,
+    Gemma's norms, GeGLU, softcapping, a score scale or partial rotary."""
+    return (cfg.qk_norm is None and cfg.hidden_act == "silu" and cfg.query_scale is None
+            and cfg.attn_softcap is None and cfg.rotary_dim == cfg.head_dim)
+
+
 def select_executor(model, pool, device, compile: bool = False, max_batch: int = 64, enforce_eager: bool = False):
     """The fastest executor this model runs on, on this device, with its attention backends."""
     cfg = model.config
@@ -109,20 +122,21 @@ def select_executor(model, pool, device, compile: bool = False, max_batch: int =
     if backend not in ("triton", "torch"):
         raise ValueError(f"KVSERVE_ATTENTION_BACKEND must be 'triton' or 'torch', got {backend!r}")
     cuda_kernels = str(device).startswith("cuda") and triton_available() and backend == "triton"
+    kwargs = attention_kwargs(cfg)
     if cuda_kernels:
         from kvserve.attention.triton import TritonAttention
-        attention = TritonAttention(pool, cfg.num_heads, cfg.head_dim)
+        attention = TritonAttention(pool, cfg.num_heads, cfg.head_dim, **kwargs)
     else:
-        attention = TorchRefAttention(pool, cfg.num_heads, cfg.head_dim)
+        attention = TorchRefAttention(pool, cfg.num_heads, cfg.head_dim, **kwargs)
     # sparse policies run in PyTorch ops on any device (indices made on the host, moved once per plan)
-    policy_attention = PolicyAttention(TorchRefAttention(pool, cfg.num_heads, cfg.head_dim), pool, cfg.num_heads,
-                                       cfg.head_dim)
+    policy_attention = PolicyAttention(TorchRefAttention(pool, cfg.num_heads, cfg.head_dim, **kwargs), pool,
+                                       cfg.num_heads, cfg.head_dim, kwargs["scale"])
     torch_executor = TorchExecutor(model, attention, policy_attention, pool.page_size, device, compile)
-    if NativeDecoder.supports(model):
+    if native_layout(cfg) and NativeDecoder.supports(model):
         return NativeExecutor(NativeDecoder(model, pool), torch_executor)
     if cuda_kernels and not enforce_eager:
         from kvserve.attention.triton.static import TritonStaticDecode
         from kvserve.engine.static_executor import StaticDecodeExecutor
         return StaticDecodeExecutor(model, pool, torch_executor, max_batch, cfg.max_position_embeddings,
-                                    use_graphs=True, attention_cls=TritonStaticDecode)
+                                    use_graphs=True, attention_cls=TritonStaticDecode, attention_kwargs=kwargs)
     return torch_executor

@@ -33,6 +33,15 @@ def check_config(cfg, num_tensors: int) -> None:
                        ("rope.scaling.factor", (cfg.rope_scaling or {}).get("factor", 1.0))):
         if not (math.isfinite(value) and value > 0):
             raise CheckpointError(f"{key} must be a positive number, got {value}")
+    if cfg.rotary_dim < 2 or cfg.rotary_dim % 2 or cfg.rotary_dim > cfg.head_dim:
+        raise CheckpointError(f"rope.dimension_count {cfg.rotary_dim} must be even and within the head size")
+    if cfg.sliding_window is not None and cfg.sliding_window < 1:
+        raise CheckpointError(f"attention.sliding_window must be >= 1, got {cfg.sliding_window}")
+    if cfg.layer_types is not None and len(cfg.layer_types) != cfg.num_layers:
+        raise CheckpointError(f"attention.sliding_window_pattern has {len(cfg.layer_types)} layers, not {cfg.num_layers}")
+    for key, value in (("attn_logit_softcapping", cfg.attn_softcap), ("final_logit_softcapping", cfg.final_softcap)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise CheckpointError(f"{key} must be a positive number, got {value}")
     for tid in [cfg.bos_token_id, *cfg.eos_token_ids]:
         if tid is not None and not (type(tid) is int and 0 <= tid < cfg.vocab_size):
             raise CheckpointError(f"special token id {tid!r} is not in [0, {cfg.vocab_size})")
@@ -43,17 +52,29 @@ def expected_shapes(cfg) -> tuple[dict[str, tuple], dict[str, tuple]]:
     d, h, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     ff = cfg.intermediate_size
     required = {"token_embd.weight": (cfg.vocab_size, d), "output_norm.weight": (d,)}
-    optional = {"output.weight": (cfg.vocab_size, d), "rope_freqs.weight": (cfg.head_dim // 2,)}
+    optional = {"output.weight": (cfg.vocab_size, d), "rope_freqs.weight": (cfg.rotary_dim // 2,)}
+    if cfg.architecture == "phi3":
+        optional |= {"rope_factors_long.weight": (cfg.rotary_dim // 2,), "rope_factors_short.weight": (cfg.rotary_dim // 2,)}
     for i in range(cfg.num_layers):
         b = f"blk.{i}."
-        required |= {b + "attn_norm.weight": (d,), b + "ffn_norm.weight": (d,), b + "attn_q.weight": (h, d),
-                     b + "attn_k.weight": (kv, d), b + "attn_v.weight": (kv, d), b + "attn_output.weight": (d, h)}
+        required |= {b + "attn_norm.weight": (d,), b + "ffn_norm.weight": (d,), b + "attn_output.weight": (d, h)}
+        if cfg.architecture == "phi3":  # q/k/v and gate/up fused
+            required |= {b + "attn_qkv.weight": (h + 2 * kv, d), b + "ffn_up.weight": (2 * ff, d),
+                         b + "ffn_down.weight": (d, ff)}
+        else:
+            required |= {b + "attn_q.weight": (h, d), b + "attn_k.weight": (kv, d), b + "attn_v.weight": (kv, d)}
         if cfg.num_experts:  # the router, and each projection's experts stacked
             e, ffe = cfg.num_experts, cfg.moe_intermediate_size
             required |= {b + "ffn_gate_inp.weight": (e, d), b + "ffn_gate_exps.weight": (e, ffe, d),
                          b + "ffn_up_exps.weight": (e, ffe, d), b + "ffn_down_exps.weight": (e, d, ffe)}
-        else:
+        elif cfg.architecture != "phi3":
             required |= {b + "ffn_gate.weight": (ff, d), b + "ffn_up.weight": (ff, d), b + "ffn_down.weight": (d, ff)}
+        if cfg.qk_norm is not None:
+            per_head = cfg.qk_norm == "head"
+            required |= {b + "attn_q_norm.weight": (cfg.head_dim if per_head else h,),
+                         b + "attn_k_norm.weight": (cfg.head_dim if per_head else kv,)}
+        if cfg.architecture in ("gemma2", "gemma3"):
+            required |= {b + "post_attention_norm.weight": (d,), b + "post_ffw_norm.weight": (d,)}
         optional |= {b + "attn_q.bias": (h,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,),
                      b + "attn_output.bias": (d,)}
     return required, optional

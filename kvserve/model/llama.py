@@ -1,14 +1,17 @@
-"""Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Mixtral) over a paged KV cache.
+"""Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Qwen3, Phi-3, Mixtral) over a paged KV cache;
+the base that other families (model/gemma.py) specialise through class attributes and hooks.
 
 The model never sees requests: it gets a flat batch of tokens with their positions and an
-attention backend already planned for the step, and returns hidden states.
+attention backend already planned for the step, and returns hidden states. Sliding windows,
+the score scale and softcapping are the attention backend's (built from the config in
+engine/executors.py), not the model's.
 """
 import torch
 from torch import nn
 
 from kvserve.config import ModelConfig
 from kvserve.model import moe
-from kvserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, rope_inv_freq
+from kvserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, rope_attention_scaling, rope_inv_freq, rope_kind
 from kvserve.model.moe import SparseMoE
 from kvserve.model.quant import (GROUP, QuantizedEmbedding, QuantizedLinear, QuantizedTensor, VocabProjection,
                                  quantize)
@@ -21,7 +24,7 @@ FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_p
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, norm_cls=RMSNorm):
         super().__init__()
         self.layer = layer
         self.h, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -29,40 +32,71 @@ class Attention(nn.Module):
         # Llama's attention_bias covers o_proj too; Qwen2's covers q/k/v only
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size,
                                 bias=cfg.attention_bias and cfg.architecture != "qwen2")
+        # q/k RMSNorm before RoPE: per head (Qwen3, Gemma 3) or over all heads at once (OLMoE)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm is not None:
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = norm_cls(self.d if per_head else self.h * self.d, cfg.rms_norm_eps)
+            self.k_norm = norm_cls(self.d if per_head else self.hkv * self.d, cfg.rms_norm_eps)
+        # which of the model's rotary tables this layer takes: Gemma 3's sliding layers have their own
+        self.local_rope = cfg.rope_local_theta is not None and cfg.is_sliding(layer)
 
-    def forward(self, x, rope_table, attn):
-        qk, v = self.qkv_proj(x).split([(self.h + self.hkv) * self.d, self.hkv * self.d], -1)
-        q, k = RotaryEmbedding.apply(qk.view(-1, self.h + self.hkv, self.d), *rope_table).split([self.h, self.hkv], 1)
-        out = attn.run(self.layer, q, k, v.view(-1, self.hkv, self.d))
+    def forward(self, x, rope_tables, attn):
+        rope_table = rope_tables[self.local_rope]
+        if self.qk_norm is None:  # one rotation over q and k together
+            qk, v = self.qkv_proj(x).split([(self.h + self.hkv) * self.d, self.hkv * self.d], -1)
+            q, k = RotaryEmbedding.apply(qk.view(-1, self.h + self.hkv, self.d), *rope_table).split([self.h, self.hkv], 1)
+        else:
+            q, k, v = self.qkv_proj(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], -1)
+            if self.qk_norm == "full":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = q.reshape(-1, self.h, self.d), k.reshape(-1, self.hkv, self.d)
+            if self.qk_norm == "head":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = RotaryEmbedding.apply(q, *rope_table), RotaryEmbedding.apply(k, *rope_table)
+        out = attn.run(self.layer, q, k, v.reshape(-1, self.hkv, self.d))
         return self.o_proj(out.reshape(-1, self.h * self.d))
 
 
 class DecoderLayer(nn.Module):
+    norm_cls = RMSNorm
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SparseMoE(cfg) if cfg.num_experts else GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = self.norm_cls(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer, self.norm_cls)
+        self.post_attention_layernorm = self.norm_cls(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = self.make_mlp(cfg, layer)
 
-    def forward(self, x, rope_table, attn):
-        x = x + self.self_attn(self.input_layernorm(x), rope_table, attn)
+    @staticmethod
+    def make_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
+        """The one place a layer's MLP block is chosen."""
+        if cfg.num_experts:
+            return SparseMoE(cfg)
+        return GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+
+    def forward(self, x, rope_tables, attn):
+        x = x + self.self_attn(self.input_layernorm(x), rope_tables, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaForCausalLM(nn.Module):
+    layer_cls = DecoderLayer
+    norm_cls = RMSNorm
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         # _weight skips the random init, which is slow even on the meta device
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(self.layer_cls(cfg, i) for i in range(cfg.num_layers))
+        self.norm = self.norm_cls(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head_rows: QuantizedEmbedding | None = None  # the int8 table of a quantized lm_head
         self.tie_weights()
-        self.rope = None  # set by init_rope once the model is on its device
+        self.rope = None  # set by from_weights once the model is on its device
+        self.local_rope = None  # the sliding layers' table where it differs (Gemma 3)
 
     @classmethod
     def from_weights(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor | QuantizedTensor],
@@ -76,9 +110,9 @@ class LlamaForCausalLM(nn.Module):
             model = cls(cfg)
         model.load_weights(weights, dtype, device)
         model.eval().requires_grad_(False)
-        freq_factors = weights.get("rope_freqs.weight")
-        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, freq_factors)
-        model.rope = RotaryEmbedding(cfg.max_position_embeddings, inv_freq, device)
+        model.rope = make_rope(cfg, cfg.rope_theta, cfg.rope_scaling, weights.get("rope_freqs.weight"), device)
+        if cfg.rope_local_theta is not None:
+            model.local_rope = make_rope(cfg, cfg.rope_local_theta, None, None, device)
         return model
 
     def tie_weights(self) -> None:
@@ -90,12 +124,19 @@ class LlamaForCausalLM(nn.Module):
         """The activation dtype (quantized modules hold int weights)."""
         return self.norm.weight.dtype
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]; K/V go to the cache via attn."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         rope_table = self.rope.table(positions, x.dtype)
+        local_table = rope_table
+        if self.local_rope is not None:
+            self.local_rope.ensure(len(self.rope.cos))  # callers grow self.rope only
+            local_table = self.local_rope.table(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, rope_table, attn)
+            x = layer(x, (rope_table, local_table), attn)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -124,12 +165,15 @@ class LlamaForCausalLM(nn.Module):
         for name in weights:
             parts = name.removeprefix("model.").split(".")
             target, shard = FUSED.get(parts[-2], (parts[-2], 0)) if len(parts) >= 2 else (None, 0)
+            if target in ("qkv_proj", "gate_up_proj") and target == parts[-2]:
+                shard = -1  # a checkpoint that fuses them too (Phi-3): the whole parameter
             param = ".".join(parts[:-2] + [target, parts[-1]]) if target else ".".join(parts)
             param, shard = moe.checkpoint_target(parts) or (param, shard)
             if param in params:
                 names.setdefault(param, {})[shard] = name
         expected = {n for n in params if not (self.config.tie_word_embeddings and n == "lm_head.weight")}
-        missing = [n for n in expected if len(names.get(n, ())) != self._num_shards(n)]
+        missing = [n for n in expected
+                   if len(names.get(n, ())) != self._num_shards(n) and -1 not in names.get(n, ())]
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
         for param, shards in names.items():
@@ -153,6 +197,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_weights()
 
     def _num_shards(self, name: str) -> int:
+        """Checkpoint tensors that make the parameter: q/k/v and gate/up are fused here, experts stacked."""
         return moe.num_shards(name, self.config) or {"qkv_proj": 3, "gate_up_proj": 2}.get(name.split(".")[-2], 1)
 
     def _install_quantized(self, module_name: str, qt: QuantizedTensor, dtype: torch.dtype) -> None:
@@ -170,3 +215,16 @@ class LlamaForCausalLM(nn.Module):
         else:
             # its bias, if still on meta, is set on the new module when the loader reaches it
             setattr(parent, attr, QuantizedLinear(qt, getattr(parent, attr).bias))
+
+
+def make_rope(cfg: ModelConfig, theta: float, scaling: dict | None, freq_factors: torch.Tensor | None,
+              device) -> RotaryEmbedding:
+    """The rotary table of cfg's rotated dims; longrope takes its long factors from the original
+    context length on and scales cos/sin by its attention factor."""
+    inv_freq = rope_inv_freq(cfg.rotary_dim, theta, scaling, freq_factors)
+    if rope_kind(scaling) != "longrope":
+        return RotaryEmbedding(cfg.max_position_embeddings, inv_freq, device)
+    return RotaryEmbedding(cfg.max_position_embeddings, inv_freq, device,
+                           long_inv_freq=rope_inv_freq(cfg.rotary_dim, theta, scaling, long=True),
+                           long_from=scaling["original_max_position_embeddings"],
+                           scaling=rope_attention_scaling(scaling, cfg.max_position_embeddings))

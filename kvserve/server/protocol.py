@@ -100,6 +100,7 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[dict] | None = None  # these three by kvserve.server.tools
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict | None = None  # extra variables for the template, e.g. {"enable_thinking": false}
     # declared so that they are accepted where they change nothing
     store: bool | None = None
     metadata: dict[str, str] | None = None

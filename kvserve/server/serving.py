@@ -284,12 +284,17 @@ class Serving:
     # ---- chat ------------------------------------------------------------------------------
 
     def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                     tools: ToolPlan | None = None) -> list[int]:
+                     tools: ToolPlan | None = None, template_kwargs: dict | None = None) -> list[int]:
         plain = [{**m.model_dump(exclude_none=True), "role": "system" if m.role == "developer" else m.role}
                  for m in messages]  # the tokenizer joins text parts
         in_template = template_renders_tools(self.tokenizer.chat_template)
         plain = template_messages(plain, tools, in_template)
-        extra = {"tools": tools.tools} if tools is not None and tools.in_template else {}
+        reserved = {"messages", "add_generation_prompt", "tokenize"} & set(template_kwargs or {})
+        if reserved:
+            raise OpenAIError(f"chat_template_kwargs cannot set {sorted(reserved)[0]!r}", param="chat_template_kwargs")
+        extra = {**(template_kwargs or {})}
+        if tools is not None and tools.in_template:
+            extra["tools"] = tools.tools
         try:
             return self.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tokenize=True,
                                                       **extra)
@@ -307,7 +312,7 @@ class Serving:
             spec = (tools.structured, "tools")
         if req.top_logprobs is not None and not req.logprobs:
             raise OpenAIError("top_logprobs requires logprobs to be true", param="top_logprobs")
-        prompt = await asyncio.to_thread(self._chat_prompt, req.messages, True, tools)
+        prompt = await asyncio.to_thread(self._chat_prompt, req.messages, True, tools, req.chat_template_kwargs)
         request.state.prompt_tokens = len(prompt)
         attention = self._attention(req)
         max_tokens = self._max_tokens(req.max_completion_tokens or req.max_tokens, len(prompt), "messages",

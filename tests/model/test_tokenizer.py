@@ -270,3 +270,31 @@ def test_stream_pieces_match_full_decodes(smollm, monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(smollm, "piece", lambda token_id: None)
             assert fast == streamed(skip)
+
+
+# Gemma's turn format, written out for the test: the system message folds into the first user turn
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set prefix = messages[0]['content'] + '\n\n' -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set prefix = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n'"
+    " + (prefix if loop.first else '') }}{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}")
+
+
+@pytest.mark.parametrize("gen", [True, False])
+def test_gemma_turn_template_matches_transformers(smollm, smollm_ref, gen):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi! "},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": [{"type": "text", "text": "2+2?"}]}]
+    ours = Tokenizer(smollm._tk, bos_token_id=1, eos_token_ids=[2], chat_template=GEMMA_TEMPLATE)
+    text = ours.apply_chat_template(messages, add_generation_prompt=gen)
+    plain = messages[:3] + [{"role": "user", "content": "2+2?"}]
+    assert text == smollm_ref.apply_chat_template(plain, chat_template=GEMMA_TEMPLATE, tokenize=False,
+                                                  add_generation_prompt=gen)
+    assert "<start_of_turn>user\nBe brief.\n\nHi!<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>" in text
+    from jinja2.exceptions import TemplateError
+    with pytest.raises(TemplateError, match="alternate"):
+        ours.apply_chat_template(messages[1:2] * 2)
