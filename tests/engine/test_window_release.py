@@ -64,13 +64,13 @@ def model():
 def windowed_engine(model, release: bool, num_pages=256, prefix=False, max_tokens_per_step=512):
     """The model with window W on every layer; release=False: the windows are applied but the
     engine is not told (it keeps every page)."""
-    model.config.layer_windows = [W] * model.config.num_layers if release else None
+    model.config.sliding_window = W if release else None  # every layer slides (layer_types None)
     try:
         engine = Engine(EngineConfig(cache=CacheConfig(PAGE, num_pages, None, prefix),
                                      scheduler=SchedulerConfig(max_tokens_per_step, 8)),
                         model=model, tokenizer=token_tokenizer(256))
     finally:
-        model.config.layer_windows = None
+        model.config.sliding_window = None
     engine.runner.executor.attention = WindowedAttention(engine.pool, [W] * model.config.num_layers)
     return engine
 

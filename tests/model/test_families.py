@@ -4,7 +4,6 @@ random weights: the prompt in one pass, chunked prefill then decodes over small 
 import pytest
 import torch
 
-from kvserve.engine.executors import native_layout
 from kvserve.model.families import model_class
 from kvserve.model.loader import load_checkpoint
 from model.paged_forward import paged_logits
@@ -74,7 +73,6 @@ def max_diff(ours, ref):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_one_pass_matches_transformers(hf_models, variant):
     hf, model = hf_models(variant)
-    assert not native_layout(model.config)
     assert max_diff(paged_logits(model, IDS), reference_logits(hf, IDS)) < 1e-4
 
 
