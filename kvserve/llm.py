@@ -71,12 +71,12 @@ class LLM:
         system message; constrain the output with SamplingParams(structured=...) to force a call.
         `chat_template_kwargs`: extra template variables, e.g. {"enable_thinking": False} for Qwen3."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self._chat_prompt(c, add_generation_prompt, tools, chat_template_kwargs or {})
-                   for c in conversations]
+        prompts = [self._chat_prompt(c, add_generation_prompt, tools, chat_template_kwargs) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _chat_prompt(self, messages: Messages, add_generation_prompt: bool, tools: list[dict] | None,
-                     template_kwargs: dict) -> list[int]:
+                     template_kwargs: dict | None = None) -> list[int]:
+        template_kwargs = template_kwargs or {}
         if not tools:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt, tokenize=True, **template_kwargs)
         from types import SimpleNamespace
