@@ -112,7 +112,7 @@ def test_native_step_applies_each_layer_s_window(tmp_path, chunk):
     if not NativeDecoder.supports(model):
         pytest.skip("no native decode kernel here (no C compiler or no AVX2)")
     windows = [6, 19]
-    model.config.layer_windows = windows
+    model.config.layer_windows = lambda: windows  # per layer, beyond what sliding_window + layer_types say
     ids = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     ref = DenseWindowed(windows)
     with torch.inference_mode():
@@ -121,6 +121,6 @@ def test_native_step_applies_each_layer_s_window(tmp_path, chunk):
     got = paged_logits(model, ids, page_size=4, chunk=chunk, native_decode=True)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
-    model.config.layer_windows = None  # the windows matter: full attention gives other logits past them
+    model.config.layer_windows = lambda: [None, None]  # the windows matter: full attention gives other logits past them
     full = paged_logits(model, ids, page_size=4, chunk=chunk, native_decode=True)
     assert (full[20:] - got[20:]).abs().max() > 1e-2
