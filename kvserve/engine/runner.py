@@ -1,5 +1,6 @@
 """ModelRunner: turns a SchedulerOutput into the step's flat inputs, runs them on the device's
-executor, and returns the logits of the sequences whose last token was computed this step."""
+executor, and returns the logits of the sequences whose last token was computed this step (with a
+draft, the rows of its last token and of each draft token)."""
 import torch
 
 from kvserve.engine.executors import StepBatch
@@ -52,9 +53,12 @@ class ModelRunner:
             else:
                 ids.extend(seq.token_ids[start:start + n])
                 positions.extend(range(start, start + n))
+            draft = seq.draft_token_ids
+            if draft:  # its last token and a draft: n = 1 + len(draft), each row verifies the next
+                ids.extend(draft)
             q_lens.append(n)
             kv_lens.append(start + n)
-            if start + n == len(seq.token_ids):
-                last_rows.append(len(ids) - 1)
+            if start + n == len(seq.token_ids) + len(draft):
+                last_rows.extend(range(len(ids) - 1 - len(draft), len(ids)))
                 sampled.append(seq)
         return StepBatch(scheduled, ids, positions, q_lens, kv_lens, last_rows, sampled, sparse)

@@ -93,6 +93,12 @@ class KVCacheManager:
         for i in gone:
             seq.pages[i] = -1
 
+    def trim(self, seq, num_tokens: int) -> None:
+        """Gives back the pages past the first num_tokens tokens (a rejected draft's K/V)."""
+        keep = -(-num_tokens // self.page_size)
+        self.pool.decref([p for p in seq.pages[keep:] if p >= 0])
+        del seq.pages[keep:]
+
     def free(self, seq) -> None:
         self.pool.decref([p for p in seq.pages if p >= 0])
         seq.pages = []
