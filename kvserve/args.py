@@ -33,6 +33,14 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
     p.add_argument("--attention", type=_attention_arg, default="full",
                    help="default decode attention: full | streaming | magicpig | topk, optionally with "
                         "parameters, e.g. magicpig:K=10,L=150,sink=4,window=64 or a JSON object")
+    p.add_argument("--speculative", default=None, choices=["ngram", "self", "draft"],
+                   help="speculative decoding: ngram = prompt lookup, self = the model over a streaming "
+                        "view of its KV (long contexts), draft = --speculative-model; off for large batches")
+    p.add_argument("--num-speculative-tokens", type=at_least_one, default=4, help="draft tokens per step")
+    p.add_argument("--speculative-model", default=None,
+                   help="--speculative draft: a smaller model with the same vocabulary (GGUF or HF directory)")
+    p.add_argument("--speculative-window", type=at_least_one, default=1024,
+                   help="--speculative self: tokens the draft passes attend to (4 sink tokens + the window)")
 
 
 def _attention_arg(value: str):
@@ -48,6 +56,8 @@ def engine_config(args):
     return EngineConfig(
         model=args.model, random_weights=args.random_weights, dtype=args.dtype, quantization=args.quantization, device=args.device,
         threads=args.threads, compile=args.compile, enforce_eager=args.enforce_eager, attention=args.attention,
+        speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+        speculative_model=args.speculative_model, speculative_window=args.speculative_window,
         cache=CacheConfig(args.page_size, args.num_pages, args.kv_cache_gb, not args.no_prefix_caching),
         scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs))
 

@@ -41,7 +41,7 @@ class _RequestState:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, model=None, tokenizer=None):
+    def __init__(self, config: EngineConfig, model=None, tokenizer=None, draft_model=None):
         self.config = config
         self.default_attention = parse_attention(config.attention)
         if config.threads:
@@ -82,7 +82,7 @@ class Engine:
         self.runner = ModelRunner(model, select_executor(model, self.pool, self.device, config.compile,
                                                          config.scheduler.max_num_seqs, config.enforce_eager))
         self.sampler = Sampler()
-        self.speculator = self._speculator(config) if config.speculative else None
+        self.speculator = self._speculator(config, draft_model) if config.speculative else None
         self.grammars = GrammarCache(tokenizer, mc.vocab_size, self.eos_token_ids)
         self._bitmasks = BitmaskApplier(mc.vocab_size, self.grammars.json_safe)
         self.requests: dict[str, _RequestState] = {}
@@ -92,11 +92,23 @@ class Engine:
             from kvserve.engine.compiled_forward import warm_up
             warm_up(self)
 
-    def _speculator(self, config: EngineConfig) -> Speculator:
+    def _speculator(self, config: EngineConfig, draft_model=None) -> Speculator:
         method, k = config.speculative, config.num_speculative_tokens
         if method == "ngram":
             from kvserve.engine.spec.ngram import NgramProposer
             proposer = NgramProposer()
+        elif method == "self":
+            from kvserve.engine.spec.self_draft import SelfDraftProposer
+            proposer = SelfDraftProposer(self.runner, self.kv, config.speculative_window)
+        elif method == "draft":
+            from kvserve.engine.spec.draft_model import DraftModelProposer
+            if draft_model is None:
+                if not config.speculative_model:
+                    raise ValueError("--speculative draft needs --speculative-model")
+                draft_cfg, weights = load_checkpoint(config.speculative_model, config.quantization)
+                draft_model = LlamaForCausalLM.from_weights(draft_cfg, weights, self.model.dtype, self.device)
+            proposer = DraftModelProposer(draft_model, self.model, self.pool.num_pages, self.pool.page_size,
+                                          self.device)
         else:
             raise ValueError(f"speculative must be one of ngram, self, draft; got {method!r}")
         return Speculator(proposer, k, self.max_model_len)
