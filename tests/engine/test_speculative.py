@@ -265,3 +265,39 @@ def test_random_workloads_with_speculation_balance_pages(make, data):
     got = run(small, [p for p, _ in work], [w for _, w in work])
     assert [[o.token_ids for o in r.outputs] for r in got] == [[o.token_ids for o in r.outputs] for r in expected]
     assert balanced(small)
+
+
+# ---- self speculation on the C step --------------------------------------------------------------
+
+def test_self_drafts_on_the_c_step_read_the_streaming_view(tmp_path):
+    """With one-token pages the shortened page table is exactly the streaming policy's positions:
+    the C step's draft logits equal PolicyAttention's, and greedy outputs equal plain decoding."""
+    from engine.test_native_decode import int4_model
+    from kvserve.engine.executors import NativeExecutor
+    model = int4_model(tmp_path)
+    tokenizer = token_tokenizer(model.config.vocab_size)
+
+    def engine(spec):
+        cfg = EngineConfig(speculative=spec, speculative_window=8, cache=CacheConfig(1, 512, None, True))
+        return Engine(cfg, model=model, tokenizer=tokenizer)
+    spec = engine("self")
+    assert isinstance(spec.runner.executor, NativeExecutor)
+    proposer = spec.speculator.proposer
+    prompt = [random.Random(i).randrange(3, 250) for i in range(60)]
+    spec.add_request(prompt, SamplingParams(temperature=0, max_tokens=5))
+    seq = spec.scheduler.waiting[0]
+    spec.step()  # the prompt's K/V
+    spec.kv.allocate(seq, 70)
+    positions = [59, 40, 12]  # past the window, and within it (the whole context)
+    native = proposer._forward([seq.token_ids[p] for p in positions], [seq] * 3, positions)
+    proposer.native = None
+    policy = torch.cat([proposer._forward([seq.token_ids[p]], [seq], [p]) for p in positions])
+    assert torch.allclose(native, policy, atol=2e-3, rtol=1e-3), (native - policy).abs().max()
+
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    prompts = [prompt, prompt[:20] * 3]
+    want = [o.outputs[0].token_ids for o in run(engine(None), prompts, params)]
+    spec = engine("self")
+    spec.speculator.max_batch = 8
+    assert [o.outputs[0].token_ids for o in run(spec, prompts, params)] == want
+    assert spec.speculator.stats.rounds > 0 and balanced(spec)

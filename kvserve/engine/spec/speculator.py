@@ -5,18 +5,18 @@ from kvserve.engine.request import SequenceStatus
 
 METHODS = ("ngram", "self", "draft")
 
-# Above this many decodes in a step nobody speculates: a batch that large is compute-bound, and the
-# k extra rows per sequence cost about as much as the tokens they save. Measured on SmolLM2-135M
-# int4 (NativeExecutor, 2 CPU threads), step time of B decodes vs B x (1 + 4) rows:
-# B=1: 1.6x, B=8: 2.9x, B=32: 4.1x, B=64: 4.6x (see the report of issue 27). At B >= 8 a step of
-# 5 rows per sequence needs more than ~2.9 accepted tokens per sequence to pay, which only
-# near-verbatim copying reaches; below it the 1.6x is repaid by ~0.6 accepted tokens.
-MAX_BATCH = 4
+# Above this many decodes in a step nobody speculates: the k extra rows per sequence then cost
+# more than the tokens they save. Step time of the C step (SmolLM2-135M int4, 1 thread, 512-token
+# contexts, /tmp/spec/rows.py in the report of issue 27) for B decodes vs B x (1 + 4) rows:
+# B=1: 2.2x, B=4: 2.8x, B=8: 2.8x, B=16: 3.0x, B=32: 3.4x, B=64: 3.5x. Input-grounded requests
+# reach ~4 tokens per verification, which pays up to B=8; past it only verbatim copies would.
+MAX_BATCH = 8
 # per request: acceptance (accepted / proposed) as an exponential moving average; after
 # MIN_ROUNDS verifications below LOW_ACCEPTANCE it pauses, for PAUSE steps, doubling each time
+# (at k = 4, 0.3 is ~2.2 tokens per verification: the break-even of a single stream above)
 EMA_WEIGHT = 0.3
 MIN_ROUNDS = 4
-LOW_ACCEPTANCE = 0.2
+LOW_ACCEPTANCE = 0.3
 PAUSE = 16
 
 
