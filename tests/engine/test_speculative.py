@@ -128,6 +128,23 @@ def test_large_batches_do_not_speculate(make):
     assert first < engine2.speculator.stats.rounds
 
 
+class WrongProposer:
+    """Drafts a token the greedy target never picks next (its argmax is not known here, so: one
+    the model is made never to pick, by a logit bias in the test)."""
+    def propose(self, seqs, ks):
+        return [[VOCAB - 1] * k for k in ks]
+
+
+def test_low_acceptance_pauses_a_request_and_drafts_start_short(make):
+    engine = make("ngram")
+    engine.speculator.proposer = WrongProposer()
+    params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True, logit_bias={VOCAB - 1: -100})
+    run(engine, prompts(0)[:1], params)
+    stats = engine.speculator.stats
+    assert stats.accepted == 0 and stats.proposed == stats.rounds  # one-token drafts until trusted
+    assert 2 <= stats.rounds <= 5  # a round, then pauses of 16, 32, ... steps
+
+
 def test_a_request_can_turn_speculation_off(make):
     engine = make("ngram")
     run(engine, prompts(0)[:1], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, speculative=False))

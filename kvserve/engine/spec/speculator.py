@@ -14,16 +14,21 @@ MAX_BATCH = 8
 # per request: acceptance (accepted / proposed) as an exponential moving average; after
 # MIN_ROUNDS verifications below LOW_ACCEPTANCE it pauses, for PAUSE steps, doubling each time
 # (at k = 4, 0.3 is ~2.2 tokens per verification: the break-even of a single stream above)
+# A request starts at EMA_START, so a first verification that accepts nothing pauses it.
 EMA_WEIGHT = 0.3
-MIN_ROUNDS = 4
+EMA_START = 0.4
+MIN_ROUNDS = 1
 LOW_ACCEPTANCE = 0.3
+# Below this EMA a request drafts one token only: two rows cost ~1.3x one at B=1, five 2.2x, so a
+# request proves itself cheaply before it drafts k (two fully accepted drafts lift 0.4 to 0.71)
+TRUSTED = 0.6
 PAUSE = 16
 
 
 @dataclass
 class SpecState:
     """Per sequence."""
-    ema: float = 1.0
+    ema: float = EMA_START
     rounds: int = 0
     paused_until: int = 0
     pause: int = PAUSE
@@ -64,7 +69,9 @@ class Speculator:
     def propose(self, running: list) -> None:
         """Sets draft_token_ids of the running decodes that speculate this step (others: [])."""
         self.steps += 1
-        decodes = [s for s in running if s.status is SequenceStatus.RUNNING and s.num_uncomputed == 1]
+        # decodes past their first token (the prompt's last token samples alone: n > 1 forks there)
+        decodes = [s for s in running if s.status is SequenceStatus.RUNNING and s.num_uncomputed == 1
+                   and len(s.token_ids) > s.num_prompt_tokens]
         for s in decodes:
             s.draft_token_ids = []
         if len(decodes) > self.max_batch:
@@ -88,7 +95,7 @@ class Speculator:
             seq.spec = SpecState()
         if seq.spec.paused_until > self.steps:
             return 0
-        k = min(self.k, self.max_model_len - len(seq.token_ids))
+        k = min(self.k if seq.spec.ema >= TRUSTED else 1, self.max_model_len - len(seq.token_ids))
         if p.max_tokens is not None:  # the target adds one token of its own
             k = min(k, p.max_tokens - (len(seq.token_ids) - seq.num_prompt_tokens) - 1)
         return k
@@ -104,4 +111,4 @@ class Speculator:
         if spec.rounds >= MIN_ROUNDS and spec.ema < LOW_ACCEPTANCE:
             spec.paused_until = self.steps + spec.pause
             spec.pause *= 2
-            spec.rounds, spec.ema = 0, 1.0
+            spec.rounds, spec.ema = 0, EMA_START
