@@ -4,7 +4,7 @@ speculative decoding off and on, in one process over one loaded model, alternati
 Workloads: `grounded` (rewrite a ~1k-token text: the output copies its input), `chat` (free
 writing), `long` (continue a text of --spec-context tokens: self speculation's case; past the
 model's context length the rope is extended and the engine's length limit raised, which is
-a speed measurement, not a quality one), and --spec-batch B streams of `grounded` at once.
+a speed measurement, not a quality one), and --spec-batch B streams of `grounded` over 300-token texts at once.
 Prints decode tok/s of each, their ratio, whether the outputs are identical, the acceptance rate
 and the mean accepted length (tokens per verification step)."""
 import dataclasses
@@ -54,12 +54,14 @@ def main(args) -> int:
         "grounded": [chat(GROUNDED.format(text=tok.decode(ids[:1000])))],
         "chat": [chat(CHAT)],
         "long": [chat(LONG.format(text=tok.decode(ids[:args.spec_context])))],
-        "batch": [chat(GROUNDED.format(text=tok.decode(ids[i * 300:i * 300 + 1000]))) for i in range(args.spec_batch)],
+        "batch": [chat(GROUNDED.format(text=tok.decode(ids[i * 300:i * 300 + 300]))) for i in range(args.spec_batch)],
     }
     print(f"speculative {cfg.speculative}, k={cfg.num_speculative_tokens}; {args.output_len} output tokens, greedy; "
           f"{torch.get_num_threads()} threads; {args.rounds} rounds, medians; {args.spec_clock} clock")
     for e in (plain, spec):
         e.max_model_len = max(e.max_model_len, need + 16)  # long: past the context length, see above
+        if e.speculator is not None:
+            e.speculator.max_model_len = e.max_model_len
     params = SamplingParams(temperature=0, max_tokens=args.output_len)
     clock = time.process_time if args.spec_clock == "cpu" else time.perf_counter
     rows = []
