@@ -18,6 +18,7 @@ from kvserve.engine.executors import NativeExecutor, StepBatch
 
 
 class SelfDraftProposer:
+    full_drafts = True  # see speculator.TRUSTED
     def __init__(self, runner, kv, window: int, sink: int = 4):
         self.model, self.kv = runner.model, kv
         self.page_size = kv.page_size

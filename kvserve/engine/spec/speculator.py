@@ -20,7 +20,9 @@ EMA_START = 0.4
 MIN_ROUNDS = 1
 LOW_ACCEPTANCE = 0.3
 # Below this EMA a request drafts one token only: two rows cost ~1.3x one at B=1, five 2.2x, so a
-# request proves itself cheaply before it drafts k (two fully accepted drafts lift 0.4 to 0.71)
+# request proves itself cheaply before it drafts k (two fully accepted drafts lift 0.4 to 0.71).
+# A proposer with `full_drafts` (self) drafts k from the start: its case is a long context, where
+# the verification's rows share the reads of the KV cache that make a step expensive.
 TRUSTED = 0.6
 PAUSE = 16
 
@@ -95,7 +97,8 @@ class Speculator:
             seq.spec = SpecState()
         if seq.spec.paused_until > self.steps:
             return 0
-        k = min(self.k if seq.spec.ema >= TRUSTED else 1, self.max_model_len - len(seq.token_ids))
+        trusted = seq.spec.ema >= TRUSTED or getattr(self.proposer, "full_drafts", False)
+        k = min(self.k if trusted else 1, self.max_model_len - len(seq.token_ids))
         if p.max_tokens is not None:  # the target adds one token of its own
             k = min(k, p.max_tokens - (len(seq.token_ids) - seq.num_prompt_tokens) - 1)
         return k
