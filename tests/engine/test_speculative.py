@@ -50,7 +50,7 @@ def draft_model():
 def make(small_model, draft_model):
     def make(spec=None, num_pages=512, page_size=16, budget=512, max_seqs=64, k=4, max_batch=None):
         # self: a window short enough that the draft passes read a part of the context
-        cfg = EngineConfig(speculative=spec, num_speculative_tokens=k, speculative_window=8,
+        cfg = EngineConfig(speculative=spec, num_speculative_tokens=k, speculative_window=2,
                            cache=CacheConfig(page_size, num_pages, None, True),
                            scheduler=SchedulerConfig(budget, max_seqs))
         engine = Engine(cfg, model=small_model, tokenizer=token_tokenizer(VOCAB),
@@ -295,7 +295,7 @@ def test_self_drafts_on_the_c_step_read_the_streaming_view(tmp_path):
     tokenizer = token_tokenizer(model.config.vocab_size)
 
     def engine(spec):
-        cfg = EngineConfig(speculative=spec, speculative_window=8, cache=CacheConfig(1, 512, None, True))
+        cfg = EngineConfig(speculative=spec, speculative_window=4, cache=CacheConfig(1, 512, None, True))
         return Engine(cfg, model=model, tokenizer=tokenizer)
     spec = engine("self")
     assert isinstance(spec.runner.executor, NativeExecutor)
@@ -305,7 +305,7 @@ def test_self_drafts_on_the_c_step_read_the_streaming_view(tmp_path):
     seq = spec.scheduler.waiting[0]
     spec.step()  # the prompt's K/V
     spec.kv.allocate(seq, 70)
-    positions = [59, 40, 12]  # past the window, and within it (the whole context)
+    positions = [59, 40, 6]  # past the sink and window, and within them (the whole context)
     native = proposer._forward([seq.token_ids[p] for p in positions], [seq] * 3, positions)
     proposer.native = None
     policy = torch.cat([proposer._forward([seq.token_ids[p]], [seq], [p]) for p in positions])

@@ -28,11 +28,15 @@ class SelfDraftProposer:
         self.policy = AttentionPolicy("streaming", sink=sink, window=window)
         self.sink_pages = -(-sink // self.page_size)
         self.window_pages = -(-window // self.page_size)
+        # below this a draft pass reads most of what a full step reads, and drafting costs more
+        # than it saves
+        self.min_context = 4 * (sink + window)
 
     @torch.inference_mode()
     def propose(self, seqs: list, ks: list[int]) -> list[list[int]]:
         # the draft passes write up to position L + k - 2; verification needs L + k slots
-        live = [i for i, (s, k) in enumerate(zip(seqs, ks)) if self.kv.allocate(s, len(s.token_ids) + k)]
+        live = [i for i, (s, k) in enumerate(zip(seqs, ks))
+                if len(s.token_ids) >= self.min_context and self.kv.allocate(s, len(s.token_ids) + k)]
         drafts = [[] for _ in seqs]
         last = {i: seqs[i].token_ids[-1] for i in live}
         for step in range(max((ks[i] for i in live), default=0)):
