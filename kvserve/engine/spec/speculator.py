@@ -7,7 +7,7 @@ METHODS = ("ngram", "self", "draft")
 
 # Above this many decodes in a step nobody speculates: the k extra rows per sequence then cost
 # more than the tokens they save. Step time of the C step (SmolLM2-135M int4, 1 thread, 512-token
-# contexts, /tmp/spec/rows.py in the report of issue 27) for B decodes vs B x (1 + 4) rows:
+# contexts; NativeDecoder called directly, issue 27) for B decodes vs B x (1 + 4) rows:
 # B=1: 2.2x, B=4: 2.8x, B=8: 2.8x, B=16: 3.0x, B=32: 3.4x, B=64: 3.5x. Input-grounded requests
 # reach ~4 tokens per verification, which pays up to B=8; past it only verbatim copies would.
 MAX_BATCH = 8
