@@ -40,6 +40,14 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
                         "magicpig:offload=true keeps the sampled layers' K/V in CPU memory, attended by the CPU")
     p.add_argument("--offload-kv-gb", type=float, default=None,
                    help="CPU memory for offloaded MagicPIG K/V (default: half the available RAM, at most 64)")
+    p.add_argument("--speculative", default=None, choices=["ngram", "self", "draft"],
+                   help="speculative decoding: ngram = prompt lookup, self = the model over a streaming "
+                        "view of its KV (long contexts), draft = --speculative-model; off for large batches")
+    p.add_argument("--num-speculative-tokens", type=at_least_one, default=4, help="draft tokens per step")
+    p.add_argument("--speculative-model", default=None,
+                   help="--speculative draft: a smaller model with the same vocabulary (GGUF or HF directory)")
+    p.add_argument("--speculative-window", type=at_least_one, default=1024,
+                   help="--speculative self: tokens the draft passes attend to (4 sink tokens + the window)")
 
 
 def _attention_arg(value: str):
@@ -56,6 +64,8 @@ def engine_config(args):
         model=args.model, random_weights=args.random_weights, dtype=args.dtype, quantization=args.quantization, device=args.device,
         threads=args.threads, compile=args.compile, enforce_eager=args.enforce_eager, attention=args.attention,
         tensor_parallel_size=args.tensor_parallel_size or int(os.environ.get("WORLD_SIZE", "1")),
+        speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+        speculative_model=args.speculative_model, speculative_window=args.speculative_window,
         cache=CacheConfig(args.page_size, args.num_pages, args.kv_cache_gb, not args.no_prefix_caching,
                           offload_kv_gb=args.offload_kv_gb),
         scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs))

@@ -87,6 +87,10 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: no graphs, every step runs op by op
     seed: int = 0
     attention: object = "full"  # default decode attention policy (kvserve.attention.policy)
+    speculative: str | None = None  # ngram | self | draft (kvserve.engine.spec); None: off
+    num_speculative_tokens: int = 4  # draft tokens per step and sequence
+    speculative_model: str | None = None  # draft: the smaller model's path
+    speculative_window: int = 1024  # self: the streaming view's window (sink 4), in tokens
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     tensor_parallel_size: int = 1  # ranks sharing each layer (kvserve.distributed)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from kvserve.args import at_least_one
+from kvserve.bench import spec_latency
 from kvserve.bench.common import random_prompts
 
 WORKERS = Path(__file__).with_name("latency_workers.py")
@@ -24,6 +25,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=at_least_one, default=3,
                    help="runs of each engine, alternating (a shared machine's load drifts); medians are printed")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    spec_latency.add_args(p)
 
 
 def run_worker(python: str, engine: str, args, model: str, prompts) -> dict:
@@ -39,6 +41,8 @@ def run_worker(python: str, engine: str, args, model: str, prompts) -> dict:
 
 
 def main(args) -> int:
+    if args.speculative:  # speculative decoding off vs on, in one process
+        return spec_latency.main(args)
     if args.random_weights:  # no GGUF, so no llama.cpp: in-process, against transformers
         from kvserve.bench import random_latency
         return random_latency.main(args)

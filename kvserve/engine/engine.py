@@ -17,6 +17,8 @@ from kvserve.engine.request import (CompletionOutput, FinishReason, Logprob, Req
 from kvserve.engine.runner import ModelRunner
 from kvserve.engine.sampler import Sampler, SamplingRow
 from kvserve.engine.scheduler import Scheduler
+from kvserve.engine.spec.speculator import Speculator
+from kvserve.engine.spec.verify import verify
 from kvserve.engine.structured import BitmaskApplier, GrammarCache
 from kvserve.kv.manager import KVCacheManager
 from kvserve.kv.pool import PagePool
@@ -41,7 +43,7 @@ class _RequestState:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, model=None, tokenizer=None):
+    def __init__(self, config: EngineConfig, model=None, tokenizer=None, draft_model=None):
         self.config = config
         self.default_attention = parse_attention(config.attention)
         if config.threads:
@@ -102,6 +104,7 @@ class Engine:
         self.runner = ModelRunner(model, executor)
         self.runner.policy_attention.offload = self.offload
         self.sampler = Sampler()
+        self.speculator = self._speculator(config, draft_model) if config.speculative else None
         self.grammars = GrammarCache(tokenizer, mc.vocab_size, self.eos_token_ids)
         self._bitmasks = BitmaskApplier(mc.vocab_size, self.grammars.json_safe)
         self.requests: dict[str, _RequestState] = {}
@@ -138,6 +141,27 @@ class Engine:
         """Stops the other tensor-parallel ranks (nothing to do for a single-process engine)."""
         if self.tp is not None:
             self.runner.executor.close()
+
+    def _speculator(self, config: EngineConfig, draft_model=None) -> Speculator:
+        method, k = config.speculative, config.num_speculative_tokens
+        if method == "ngram":
+            from kvserve.engine.spec.ngram import NgramProposer
+            proposer = NgramProposer()
+        elif method == "self":
+            from kvserve.engine.spec.self_draft import SelfDraftProposer
+            proposer = SelfDraftProposer(self.runner, self.kv, config.speculative_window)
+        elif method == "draft":
+            from kvserve.engine.spec.draft_model import DraftModelProposer
+            if draft_model is None:
+                if not config.speculative_model:
+                    raise ValueError("--speculative draft needs --speculative-model")
+                draft_cfg, weights = load_checkpoint(config.speculative_model, config.quantization)
+                draft_model = model_class(draft_cfg).from_weights(draft_cfg, weights, self.model.dtype, self.device)
+            proposer = DraftModelProposer(draft_model, self.model, self.pool.num_pages, self.pool.page_size,
+                                          self.device)
+        else:
+            raise ValueError(f"speculative must be one of ngram, self, draft; got {method!r}")
+        return Speculator(proposer, k, self.max_model_len)
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -202,6 +226,8 @@ class Engine:
     # ---- one step ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
@@ -210,8 +236,13 @@ class Engine:
         self._bitmasks.fill_ahead([s.grammar for s, n in out.scheduled
                                    if s.grammar is not None and s.num_computed_tokens + n == len(s.token_ids)])
         logits, sampled = self._execute(out.scheduled, failed)
+        drafted = []
+        if self.speculator is not None and any(s.draft_token_ids for s in sampled):
+            logits, sampled, drafted = self._split_drafted(logits, sampled)
         page_size = self.pool.page_size
         for seq, n in out.scheduled:
+            if seq.draft_token_ids:
+                continue  # computed up to what verification keeps (_verify_drafts)
             if not failed or seq.request_id not in failed:
                 seq.num_computed_tokens += n
                 if seq.num_computed_tokens // page_size > len(seq.page_hashes):  # a page was filled
@@ -234,6 +265,8 @@ class Engine:
                 touched[seq.request_id] = self._fail(seq.request_id, e)
                 continue
             touched[seq.request_id] = state
+        if drafted:
+            self._verify_drafts(*drafted, failed, touched)
         self._release_streamed_pages(out.scheduled)
         sync_offloaded(self.kv, out.scheduled)
         return [t if isinstance(t, RequestOutput) else self._output(t) for t in touched.values()
@@ -258,6 +291,57 @@ class Engine:
             logits.append(part)
             sampled += seqs
         return (torch.cat(logits) if logits else torch.empty(0, self.model.config.vocab_size)), sampled
+
+    @staticmethod
+    def _split_drafted(logits: torch.Tensor, sampled: list[Sequence]):
+        """(logits, sequences) of the plain rows, and (logits, sequences) of the drafted ones."""
+        plain, drafted, plain_seqs, drafted_seqs, row = [], [], [], [], 0
+        for seq in sampled:
+            n = 1 + len(seq.draft_token_ids)
+            (drafted if n > 1 else plain).extend(range(row, row + n))
+            (drafted_seqs if n > 1 else plain_seqs).append(seq)
+            row += n
+        return logits[plain], plain_seqs, (logits[drafted], drafted_seqs)
+
+    def _verify_drafts(self, logits: torch.Tensor, seqs: list[Sequence], failed: dict, touched: dict) -> None:
+        """Appends each draft's accepted tokens and the target's next one (a stop or max_tokens
+        inside the run drops the rest), then rolls the K/V of rejected tokens back: they lie past
+        num_computed_tokens, in pages trimmed here, and were never published to the prefix cache."""
+        try:
+            results = verify(logits, seqs, self.eos_token_ids)
+        except Exception:
+            results = []
+            for i, seq in enumerate(seqs):  # isolate the sequence that fails
+                try:
+                    results += verify(logits[self._rows_of(seqs, i)], [seq], self.eos_token_ids)
+                except Exception as e:
+                    failed[seq.request_id] = e
+                    touched[seq.request_id] = self._fail(seq.request_id, e)
+                    results.append(None)
+        for seq, tokens in zip(seqs, results):
+            proposed, seq.draft_token_ids = len(seq.draft_token_ids), []
+            state = self.requests.get(seq.request_id)
+            if tokens is None or state is None or seq.finished:
+                continue
+            self.speculator.record(seq, proposed, len(tokens) - 1, len(tokens))
+            try:
+                for tok in tokens:
+                    self._append(seq, tok, state)
+                    if seq.finished:
+                        break
+            except Exception as e:
+                touched[seq.request_id] = self._fail(seq.request_id, e)
+                continue
+            touched[seq.request_id] = state
+            if not seq.finished:
+                seq.num_computed_tokens = len(seq.token_ids) - 1
+                self.kv.trim(seq, len(seq.token_ids))
+                self.kv.cache_computed_pages(seq)
+
+    @staticmethod
+    def _rows_of(seqs: list[Sequence], i: int) -> slice:
+        start = sum(1 + len(s.draft_token_ids) for s in seqs[:i])
+        return slice(start, start + 1 + len(seqs[i].draft_token_ids))
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], failed: dict) -> list:
         rows = [SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator, self.eos_token_ids) for s in seqs]

@@ -45,6 +45,8 @@ class SamplingParams:
     output_kind: str = "cumulative"
     # prefix-cache isolation: requests share cached pages only when their salts are equal
     cache_salt: str | None = None
+    # speculative decoding (when the engine has a proposer): False keeps this request on plain decoding
+    speculative: bool = True
 
     def __post_init__(self):
         if self.structured is not None:
@@ -134,6 +136,8 @@ class Sequence:
         self.detokenizer = None
         self.attn_state = None  # per-request state of a sparse attention policy (MagicPIG's tables)
         self.offload = None  # OffloadPages: its K/V in MagicPIG's offload pools (kvserve/kv/offload_pools.py)
+        self.draft_token_ids: list[int] = []  # proposed this step, verified by its k + 1 rows
+        self.spec = None  # speculation state (kvserve.engine.spec.speculator.SpecState)
         self.grammar = None  # xgrammar matcher of a structured request: it has accepted every output token
 
     @property

@@ -1,5 +1,6 @@
 """ModelRunner: turns a SchedulerOutput into the step's flat inputs, runs them on the device's
-executor, and returns the logits of the sequences whose last token was computed this step."""
+executor, and returns the logits of the sequences whose last token was computed this step (with a
+draft, the rows of its last token and of each draft token)."""
 import torch
 
 from kvserve.engine.executors import StepBatch
@@ -63,6 +64,9 @@ class ModelRunner:
             else:
                 ids.extend(seq.token_ids[start:start + n])
                 positions.extend(range(start, start + n))
+            draft = seq.draft_token_ids
+            if draft:  # its last token and a draft: n = 1 + len(draft), each row verifies the next
+                ids.extend(draft)
             q_lens.append(n)
             kv_lens.append(start + n)
             if seq.params.prompt_logprobs is not None and (span := prompt_span(seq, start, n)):
@@ -70,9 +74,9 @@ class ModelRunner:
                 spans.append(PromptSpan(seq, len(last_rows), lo, hi - lo))
                 row = len(ids) - n - start  # the row of position 0
                 last_rows.extend(range(row + lo, row + hi))
-            if start + n == len(seq.token_ids):
-                sample_index.append(len(last_rows))
-                last_rows.append(len(ids) - 1)
+            if start + n == len(seq.token_ids) + len(draft):
+                sample_index.extend(range(len(last_rows), len(last_rows) + 1 + len(draft)))
+                last_rows.extend(range(len(ids) - 1 - len(draft), len(ids)))
                 sampled.append(seq)
         return StepBatch(scheduled, ids, positions, q_lens, kv_lens, last_rows, sampled, sparse, spans,
                          sample_index if spans else None)

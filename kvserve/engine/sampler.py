@@ -45,11 +45,7 @@ class Sampler:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         if all(r.params.plain for r in rows):  # nothing to process: sampling reads the logits only
             return [SampledToken(t, None, None) for t in _sample(logits.float(), rows).tolist()]
-        logits = logits.to(torch.float32, copy=True)  # processed in place; the caller's tensor stays intact
-        _put(logits, [(i, t, b) for i, r in enumerate(rows) for t, b in (r.params.logit_bias or {}).items()],
-             accumulate=True)
-        _put(logits, [(i, t, -math.inf) for i, r in enumerate(rows) for t in _min_tokens_masked(r)])
-        _apply_penalties(logits, rows)
+        logits = process(logits, rows)
 
         # Logprobs: from these processed logits, before temperature and truncation, so they describe the
         # request-adjusted model distribution, not the sampling knobs (vLLM's default takes them pre-penalty).
@@ -66,6 +62,41 @@ class Sampler:
                 k = rows[i].params.logprobs
                 out[i] = SampledToken(out[i].token_id, lp, list(zip(ids[:k], vals[:k])))
         return out
+
+
+def process(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """A float32 copy of the logits with each row's logit bias, min_tokens mask and penalties:
+    what logprobs describe and what temperature and truncation then act on."""
+    logits = logits.to(torch.float32, copy=True)  # processed in place; the caller's tensor stays intact
+    _put(logits, [(i, t, b) for i, r in enumerate(rows) for t, b in (r.params.logit_bias or {}).items()],
+         accumulate=True)
+    _put(logits, [(i, t, -math.inf) for i, r in enumerate(rows) for t in _min_tokens_masked(r)])
+    _apply_penalties(logits, rows)
+    return logits
+
+
+def random_rows(rows: list[SamplingRow]) -> list[int]:
+    """Rows drawn at random; the others take the argmax of their processed logits."""
+    return [i for i, r in enumerate(rows) if not r.params.greedy and r.params.temperature >= _MIN_TEMPERATURE]
+
+
+def truncated(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Processed logits of random rows -> temperature-scaled logits with top-k, top-p and min-p
+    applied (-inf outside): their softmax is the distribution a row's token is drawn from."""
+    sub = logits / _column([p.temperature for p in params], logits)
+    vocab = sub.shape[1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if any(p.top_p < 1 for p in params):
+        # top_p 1 -> inf, so float rounding in the cumsum never trims a row that asked for no top-p
+        top_p = _column([p.top_p if p.top_p < 1 else math.inf for p in params], sub)
+        sub = _top_k_top_p(sub, torch.tensor(top_k, device=sub.device).unsqueeze(1), top_p)
+    elif any(k < vocab for k in top_k):  # top-k alone needs no full sort
+        kth = sub.topk(max(top_k), dim=-1).values.gather(1, torch.tensor(top_k, device=sub.device).unsqueeze(1) - 1)
+        sub.masked_fill_(sub < kth, -math.inf)
+    if any(p.min_p > 0 for p in params):  # p < min_p * p_max  <=>  l < l_max + log(min_p)
+        floor = sub.amax(-1, keepdim=True) + _column([p.min_p for p in params], sub).log()
+        sub.masked_fill_(sub < floor, -math.inf)
+    return sub
 
 
 def _put(logits: torch.Tensor, entries: list[tuple[int, int, float]], accumulate: bool = False) -> None:
@@ -118,23 +149,11 @@ def _column(values: list[float], logits: torch.Tensor) -> torch.Tensor:
 
 def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     tokens = logits.argmax(-1)  # greedy rows keep theirs
-    rand = [i for i, r in enumerate(rows) if not r.params.greedy and r.params.temperature >= _MIN_TEMPERATURE]
+    rand = random_rows(rows)
     if not rand:
         return tokens
-    params = [rows[i].params for i in rand]
-    sub = logits[rand] / _column([p.temperature for p in params], logits)
+    sub = truncated(logits[rand], [rows[i].params for i in rand])
     vocab = sub.shape[1]
-    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    if any(p.top_p < 1 for p in params):
-        # top_p 1 -> inf, so float rounding in the cumsum never trims a row that asked for no top-p
-        top_p = _column([p.top_p if p.top_p < 1 else math.inf for p in params], sub)
-        sub = _top_k_top_p(sub, torch.tensor(top_k, device=sub.device).unsqueeze(1), top_p)
-    elif any(k < vocab for k in top_k):  # top-k alone needs no full sort
-        kth = sub.topk(max(top_k), dim=-1).values.gather(1, torch.tensor(top_k, device=sub.device).unsqueeze(1) - 1)
-        sub.masked_fill_(sub < kth, -math.inf)
-    if any(p.min_p > 0 for p in params):  # p < min_p * p_max  <=>  l < l_max + log(min_p)
-        floor = sub.amax(-1, keepdim=True) + _column([p.min_p for p in params], sub).log()
-        sub.masked_fill_(sub < floor, -math.inf)
 
     # Exponential race: argmax(p / q) with q ~ Exp(1) is a draw from p. Each seeded row draws its own V
     # noises from its own generator, so its token does not depend on the rest of the batch.

@@ -56,6 +56,7 @@ class Scheduler:
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.attn_state = None  # sparse attention state refers to the freed pages
+        seq.draft_token_ids = []
         self.add(seq)
 
     def schedule(self) -> SchedulerOutput:
@@ -68,7 +69,9 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            n = min(len(seq.token_ids) - seq.num_computed_tokens + len(seq.draft_token_ids), budget)
+            if seq.draft_token_ids:  # its draft's rows count in the budget: cut it to fit
+                del seq.draft_token_ids[n - 1:]
             fits = seq.num_computed_tokens + n <= len(seq.pages) * room  # most decode steps
             while not fits and not self.kv.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]

@@ -113,6 +113,12 @@ class KVCacheManager:
             seq.pages[i] = -1
         seq.released_until = max(seq.released_until, min(logical.stop, len(seq.pages)))
 
+    def trim(self, seq, num_tokens: int) -> None:
+        """Gives back the pages past the first num_tokens tokens (a rejected draft's K/V)."""
+        keep = -(-num_tokens // self.page_size)
+        self.pool.decref([p for p in seq.pages[keep:] if p >= 0])
+        del seq.pages[keep:]
+
     def free(self, seq) -> None:
         self.pool.decref([p for p in seq.pages if p >= 0])
         seq.pages = []

@@ -118,18 +118,21 @@ class NativeDecoder:
                        m.in_features, m.group, m.unpack_block)
 
     def __call__(self, tokens: list[int], positions: list[int], page_table: list[int],
-                 page_starts: list[int], rows: list[int] | None = None) -> torch.Tensor:
+                 page_starts: list[int], rows: list[int] | None = None,
+                 rope_positions: list[int] | None = None) -> torch.Tensor:
         """The final normed hidden states [len(rows), hidden] (model dtype) of the step's tokens
         `rows` (ascending; default all): token t at position positions[t] of the sequence whose pages
         start at page_table[page_starts[t]]. Writes every token's K/V to the cache; tokens of one
-        sequence come in order."""
+        sequence come in order. rope_positions (default: positions) rotate q and k: a token placed
+        at a smaller position of a shortened page table keeps its true rotation (self speculation)."""
         x = self.model.embed_tokens(torch.tensor(tokens)).float().contiguous()
         keep = torch.arange(len(tokens)) if rows is None else torch.tensor(rows, dtype=torch.int64)
         out = x.new_empty(len(keep), x.shape[1])
         rope = self.model.rope
-        rope.ensure(max(positions) + 1)
+        rotated = positions if rope_positions is None else rope_positions
+        rope.ensure(max(rotated) + 1)
         pos = torch.tensor(positions)
-        cos, sin = rope.cos[pos].contiguous(), rope.sin[pos].contiguous()
+        cos, sin = rope.cos[torch.tensor(rotated)].contiguous(), rope.sin[torch.tensor(rotated)].contiguous()
         pages, starts = torch.tensor(page_table, dtype=torch.int32), torch.tensor(page_starts)
         if _kernel()(self._ref, x.data_ptr(), len(tokens), cos.data_ptr(), sin.data_ptr(), pages.data_ptr(),
                      starts.data_ptr(), pos.data_ptr(), self.pool.page_size, keep.data_ptr(), len(keep),

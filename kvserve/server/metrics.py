@@ -51,6 +51,16 @@ class ServerMetrics:
             "kvserve_prefix_cache_hit_rate": ("Prompt tokens served from the prefix cache / prompt tokens",
                                               lambda: engine.kv.prefix.hit_rate if engine.kv.prefix else 0.0),
         }
+        spec = engine.speculator
+        if spec is not None:  # speculative decoding since start
+            gauges |= {
+                "kvserve_spec_proposed_tokens": ("Draft tokens verified", lambda: spec.stats.proposed),
+                "kvserve_spec_accepted_tokens": ("Draft tokens the target kept", lambda: spec.stats.accepted),
+                "kvserve_spec_acceptance_rate": ("Accepted / proposed draft tokens",
+                                                 lambda: spec.stats.acceptance_rate),
+                "kvserve_spec_mean_accepted_length": ("Tokens per verification step (1 = plain decoding)",
+                                                      lambda: spec.stats.mean_accepted_length),
+            }
         for name, (doc, read) in gauges.items():
             Gauge(name, doc, registry=r).set_function(_retrying(read))
 

@@ -53,6 +53,8 @@ class _SamplingRequest(_Request):
     guided_grammar: str | None = None
     # vLLM's: requests share prefix-cache pages only when their salts are equal
     cache_salt: str | None = Field(None, min_length=1, max_length=1024)
+    # kvserve's extension: false keeps this request off the server's --speculative decoding
+    speculative: bool = True
 
 
 class TextPart(_Request):

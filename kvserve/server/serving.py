@@ -252,6 +252,7 @@ class Serving:
                 logit_bias=bias or None, seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
                 stop=stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
                 skip_special_tokens=req.skip_special_tokens, attention=attention, cache_salt=cache_salt,
+                speculative=req.speculative,
                 # a response that is not streamed reads the final output only
                 output_kind="cumulative" if req.stream else "final_only")
         except ValueError as e:

@@ -1,0 +1,83 @@
+"""A draft model: a smaller model with the target's vocabulary drafts k tokens greedily, with its
+own KV pool. Each target sequence has a shadow here (its pages and which positions hold valid
+K/V); a step first catches the shadow up on the tokens the target accepted since (one chunk),
+then runs k - 1 decode steps, all batched across sequences."""
+import torch
+
+from kvserve.engine.executors import StepBatch, select_executor
+from kvserve.engine.request import SequenceStatus
+from kvserve.kv.manager import KVCacheManager
+from kvserve.kv.pool import PagePool
+
+
+class _Shadow:
+    def __init__(self, seq):
+        self.seq = seq
+        self.pages: list[int] = []
+        self.page_hashes: list[bytes] = []
+        self.written: list[int] = []  # the token whose K/V is at each position, from 0
+
+
+class DraftModelProposer:
+    def __init__(self, model, target_model, num_pages: int, page_size: int, device):
+        if model.config.vocab_size != target_model.config.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({model.config.vocab_size}) is not the target's "
+                             f"({target_model.config.vocab_size})")
+        cfg = model.config
+        self.model = model
+        self.pool = PagePool(cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, model.dtype, device)
+        self.kv = KVCacheManager(self.pool, enable_prefix_caching=False)
+        self.executor = select_executor(model, self.pool, device)
+        self.shadows: dict[int, _Shadow] = {}
+
+    def release_finished(self) -> None:
+        """Shadows of sequences no longer running give their pages back (a preempted one starts over)."""
+        for seq_id, shadow in list(self.shadows.items()):
+            if shadow.seq.status is not SequenceStatus.RUNNING:
+                self.kv.free(shadow)
+                del self.shadows[seq_id]
+
+    @torch.inference_mode()
+    def propose(self, seqs: list, ks: list[int]) -> list[list[int]]:
+        self.release_finished()
+        drafts = [[] for _ in seqs]
+        shadows, chunks = [], []
+        for i, (seq, k) in enumerate(zip(seqs, ks)):
+            shadow = self.shadows.setdefault(seq.seq_id, _Shadow(seq))
+            tokens = seq.token_ids
+            valid = 0  # positions whose K/V was computed from the tokens now there
+            while valid < len(shadow.written) and valid < len(tokens) and shadow.written[valid] == tokens[valid]:
+                valid += 1
+            valid = min(valid, len(tokens) - 1)  # the last token runs again: its row drafts
+            del shadow.written[valid:]
+            if not self.kv.allocate(shadow, len(tokens) + k - 1):
+                continue
+            shadows.append((i, shadow, k))
+            chunks.append(tokens[valid:])
+        if not shadows:
+            return drafts
+        # step 0: each shadow's uncomputed tokens as a chunk; its last row drafts the first token
+        last = self._run([(s, c) for (_, s, _), c in zip(shadows, chunks)])
+        for step in range(max(k for _, _, k in shadows)):
+            for (i, _, _), t in zip(shadows, last):
+                drafts[i].append(t)
+            shadows = [(i, s, k) for i, s, k in shadows if step + 1 < k]
+            if not shadows:
+                break
+            last = self._run([(s, [drafts[i][-1]]) for i, s, _ in shadows])
+        return drafts
+
+    def _run(self, work: list[tuple[_Shadow, list[int]]]) -> list[int]:
+        """Runs each shadow's tokens at its next positions; the greedy next token of each."""
+        ids, positions, q_lens, kv_lens, last_rows, page_table = [], [], [], [], [], []
+        for shadow, tokens in work:
+            start = len(shadow.written)
+            ids += tokens
+            positions += range(start, start + len(tokens))
+            q_lens.append(len(tokens))
+            kv_lens.append(start + len(tokens))
+            last_rows.append(len(ids) - 1)
+            shadow.written += tokens
+        batch = StepBatch([(s, len(t)) for s, t in work], ids, positions, q_lens, kv_lens, last_rows,
+                          [s for s, _ in work], [])
+        return self.model.compute_logits(self.executor.execute(batch)).argmax(-1).tolist()

@@ -1,0 +1,117 @@
+"""Which sequences speculate this step, with how many tokens, and the counters /metrics reads."""
+from dataclasses import dataclass, field
+
+from kvserve.engine.request import SequenceStatus
+
+METHODS = ("ngram", "self", "draft")
+
+# Above this many decodes in a step nobody speculates: the k extra rows per sequence then cost
+# more than the tokens they save. Step time of the C step (SmolLM2-135M int4, 1 thread, 512-token
+# contexts; NativeDecoder called directly, issue 27) for B decodes vs B x (1 + 4) rows:
+# B=1: 2.2x, B=4: 2.8x, B=8: 2.8x, B=16: 3.0x, B=32: 3.4x, B=64: 3.5x. Input-grounded requests
+# reach ~4 tokens per verification, which pays up to B=8; past it only verbatim copies would.
+MAX_BATCH = 8
+# per request: acceptance (accepted / proposed) as an exponential moving average; after
+# MIN_ROUNDS verifications below LOW_ACCEPTANCE it pauses, for PAUSE steps, doubling each time
+# (at k = 4, 0.3 is ~2.2 tokens per verification: the break-even of a single stream above)
+# A request starts at EMA_START, so a first verification that accepts nothing pauses it.
+EMA_WEIGHT = 0.3
+EMA_START = 0.4
+MIN_ROUNDS = 1
+LOW_ACCEPTANCE = 0.3
+# Below this EMA a request drafts one token only: two rows cost ~1.3x one at B=1, five 2.2x, so a
+# request proves itself cheaply before it drafts k (two fully accepted drafts lift 0.4 to 0.71).
+# A proposer with `full_drafts` (self) drafts k from the start: its case is a long context, where
+# the verification's rows share the reads of the KV cache that make a step expensive.
+TRUSTED = 0.6
+PAUSE = 16
+
+
+@dataclass
+class SpecState:
+    """Per sequence."""
+    ema: float = EMA_START
+    rounds: int = 0
+    paused_until: int = 0
+    pause: int = PAUSE
+    ngrams: object = None  # its NgramIndex
+    draft: object = None  # its state in the draft model's cache
+
+
+@dataclass
+class SpecStats:
+    proposed: int = 0  # draft tokens verified
+    accepted: int = 0  # of which the target kept
+    rounds: int = 0  # verifications (sequence steps with a draft)
+    emitted: int = 0  # tokens those steps produced: accepted + one of the target's
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per verification step (1 would be plain decoding)."""
+        return self.emitted / self.rounds if self.rounds else 0.0
+
+    def as_dict(self) -> dict:
+        return {"proposed": self.proposed, "accepted": self.accepted, "rounds": self.rounds,
+                "acceptance_rate": self.acceptance_rate, "mean_accepted_length": self.mean_accepted_length}
+
+
+@dataclass
+class Speculator:
+    proposer: object  # propose(seqs, ks) -> a draft per sequence (at most k tokens each)
+    k: int
+    max_model_len: int
+    max_batch: int = MAX_BATCH
+    stats: SpecStats = field(default_factory=SpecStats)
+    steps: int = 0
+
+    def propose(self, running: list) -> None:
+        """Sets draft_token_ids of the running decodes that speculate this step (others: [])."""
+        self.steps += 1
+        # decodes past their first token (the prompt's last token samples alone: n > 1 forks there)
+        decodes = [s for s in running if s.status is SequenceStatus.RUNNING and s.num_uncomputed == 1
+                   and len(s.token_ids) > s.num_prompt_tokens]
+        for s in decodes:
+            s.draft_token_ids = []
+        if len(decodes) > self.max_batch:
+            return
+        seqs, ks = [], []
+        for s in decodes:
+            k = self._room(s)
+            if k > 0:
+                seqs.append(s)
+                ks.append(k)
+        if seqs:
+            for s, draft in zip(seqs, self.proposer.propose(seqs, ks)):
+                s.draft_token_ids = draft
+
+    def _room(self, seq) -> int:
+        """Draft tokens worth proposing: 0 for requests that do not speculate."""
+        p = seq.params
+        if not p.speculative or p.structured is not None or not seq.policy.is_full:
+            return 0
+        if seq.spec is None:
+            seq.spec = SpecState()
+        if seq.spec.paused_until > self.steps:
+            return 0
+        trusted = seq.spec.ema >= TRUSTED or getattr(self.proposer, "full_drafts", False)
+        k = min(self.k if trusted else 1, self.max_model_len - len(seq.token_ids))
+        if p.max_tokens is not None:  # the target adds one token of its own
+            k = min(k, p.max_tokens - (len(seq.token_ids) - seq.num_prompt_tokens) - 1)
+        return k
+
+    def record(self, seq, proposed: int, accepted: int, emitted: int) -> None:
+        st, spec = self.stats, seq.spec
+        st.proposed += proposed
+        st.accepted += accepted
+        st.rounds += 1
+        st.emitted += emitted
+        spec.rounds += 1
+        spec.ema += EMA_WEIGHT * (accepted / proposed - spec.ema)
+        if spec.rounds >= MIN_ROUNDS and spec.ema < LOW_ACCEPTANCE:
+            spec.paused_until = self.steps + spec.pause
+            spec.pause *= 2
+            spec.rounds, spec.ema = 0, EMA_START
