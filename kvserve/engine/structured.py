@@ -300,7 +300,13 @@ _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _YEAR = r"([0-9]{3}[1-9]|[0-9]{2}[1-9][0-9]|[0-9][1-9][0-9]{2}|[1-9][0-9]{3})"
 _MONTH_DAY = (r"((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
               r"|02-(0[1-9]|1[0-9]|2[0-8]))")
-_STRICT_FORMATS = {"ipv4": rf"^{_OCTET}(\.{_OCTET}){{3}}$", "date": rf"^{_YEAR}-{_MONTH_DAY}$"}
+# Its "time" takes any number of fraction digits, which a greedy model can repeat until max_tokens
+# ("20:20:20.1111..."): at most 9 here (nanoseconds), and no leap second 60. No "(...)?": xgrammar
+# 0.2.9 reads an optional group followed by more pattern wrongly (it let "20:20:2023-01:00" through).
+_OFFSET = r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+_TIME = rf"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]([.][0-9]{{1,9}}{_OFFSET}|{_OFFSET})"
+_STRICT_FORMATS = {"ipv4": rf"^{_OCTET}(\.{_OCTET}){{3}}$", "date": rf"^{_YEAR}-{_MONTH_DAY}$",
+                   "time": rf"^{_TIME}$", "date-time": rf"^{_YEAR}-{_MONTH_DAY}T{_TIME}$"}
 
 
 def _strict_formats(schema):

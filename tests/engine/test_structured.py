@@ -279,3 +279,46 @@ def test_formats_xgrammar_admits_too_much_of_are_exact_patterns():
                                  "0000-01-01", "2024-13-01"]}.items():
         for value in values:
             assert bool(re.fullmatch(_STRICT_FORMATS[fmt].strip("^$"), value)) == checker.conforms(value, fmt), value
+
+
+def test_time_formats_bound_the_fraction_and_keep_rfc3339_s_ranges():
+    """xgrammar's "time" lets a greedy model repeat fraction digits until max_tokens (seen with
+    SmolLM2); the pattern that replaces it takes at most 9, and agrees with Python's ISO parser on
+    the fields' ranges for RFC 3339 shaped values (the parser also takes forms RFC 3339 does not)."""
+    import datetime
+    from kvserve.engine.structured import _STRICT_FORMATS
+
+    def iso(value, parse):
+        try:
+            parse(value)
+            return True
+        except ValueError:
+            return False
+    times = ["20:20:20Z", "00:00:00+05:30", "23:59:59.123456-11:00", "24:00:00Z", "12:60:00Z", "12:00:61Z",
+             "12:00:00+24:00", "1:00:00Z"]
+    for value in times:
+        assert bool(re.fullmatch(_STRICT_FORMATS["time"].strip("^$"), value)) == iso(value, datetime.time.fromisoformat)
+        stamp = "2024-02-28T" + value
+        assert bool(re.fullmatch(_STRICT_FORMATS["date-time"].strip("^$"), stamp)) == \
+            iso(stamp, datetime.datetime.fromisoformat), stamp
+    assert re.fullmatch(_STRICT_FORMATS["time"].strip("^$"), "20:20:20.123456789Z")
+    assert not re.fullmatch(_STRICT_FORMATS["time"].strip("^$"), "20:20:20.1234567890Z")
+    assert not re.fullmatch(_STRICT_FORMATS["time"].strip("^$"), "20:20:20")  # RFC 3339 wants an offset
+
+
+def test_xgrammar_enforces_each_strict_format_as_python_s_re_reads_it(make_engine):
+    """The patterns go through xgrammar's regex reader, which misread an optional group before a
+    suffix (0.2.9): what the compiled grammar accepts must be what re.fullmatch accepts."""
+    from kvserve.engine.structured import _STRICT_FORMATS
+    grammars = make_engine().grammars
+    values = {"ipv4": ["1.2.3.4", "01.2.3.4", "1x2.3.4", "255.255.255.255", "256.1.1.1"],
+              "date": ["2024-01-31", "2024-02-30", "2024-1-01", "2024x01-01"],
+              "time": ["20:20:20Z", "20:20:2023-01:00", "20:20:20.123456789Z", "20:20:20.1234567890Z",
+                       "20:20:20.5+05:30", "20:20:20", "20:20:20x5Z"],
+              "date-time": ["2024-01-31T20:20:20Z", "2024-01-31T20:20:2023-01:00", "2024-01-31 20:20:20Z"]}
+    for fmt, cases in values.items():
+        spec = StructuredOutputs(json={"type": "string", "format": fmt})
+        for value in cases:
+            c = grammars.matcher(spec)
+            took = c.matcher.accept_string(json.dumps(value)) and c.matcher.is_completed()
+            assert took == bool(re.fullmatch(_STRICT_FORMATS[fmt].strip("^$"), value)), (fmt, value)
