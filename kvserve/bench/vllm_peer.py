@@ -84,6 +84,14 @@ def vllm_python(path: str) -> Path:
 
 
 def run_vllm_throughput(args, prompts: list[list[int]]) -> ThroughputResult:
+    r, threads = run_script(args, SCRIPT, prompts, args.output_len)
+    return ThroughputResult(f"vLLM-CPU ({threads} threads)", r["requests"], r["input_tokens"],
+                            r["output_tokens"], r["seconds"])
+
+
+def run_script(args, script: str, prompts: list[list[int]], output_len: int, **extra) -> tuple[dict, int]:
+    """Runs script in the vLLM venv with a config of the model, the prompts and `extra`; returns the
+    JSON of its KVSERVE_RESULT line and the thread count."""
     from kvserve.engine.engine import resolve_dtype
     python = vllm_python(args.vllm_python)
     if not python.exists():
@@ -92,8 +100,8 @@ def run_vllm_throughput(args, prompts: list[list[int]]) -> ThroughputResult:
     dtype = resolve_dtype(args.dtype, "cpu")
     threads = args.threads or torch.get_num_threads()
     config = {"model": str(export_hf_dir(args.model, dtype)), "dtype": str(dtype).removeprefix("torch."),
-              "prompts": prompts, "output_len": args.output_len, "max_num_seqs": args.max_num_seqs,
-              "max_model_len": max(map(len, prompts)) + args.output_len + 16}
+              "prompts": prompts, "output_len": output_len, "max_num_seqs": args.max_num_seqs,
+              "max_model_len": max(map(len, prompts)) + output_len + 16} | extra
     # vLLM-CPU pins one OpenMP thread per listed core (the list sets the count); its log goes to stdout
     # by default, so send it to stderr and keep stdout for the result line.
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
@@ -103,7 +111,7 @@ def run_vllm_throughput(args, prompts: list[list[int]]) -> ThroughputResult:
     line = None
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "cfg.json").write_text(json.dumps(config))
-        (Path(tmp) / "run.py").write_text(SCRIPT)
+        (Path(tmp) / "run.py").write_text(script)
         with subprocess.Popen([str(python), str(Path(tmp) / "run.py"), str(Path(tmp) / "cfg.json")], env=env,
                               stdout=subprocess.PIPE, text=True) as proc:
             for out in proc.stdout:  # anything else printed to stdout is passed on to stderr as it comes
@@ -114,6 +122,4 @@ def run_vllm_throughput(args, prompts: list[list[int]]) -> ThroughputResult:
                     sys.stderr.flush()
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"kvserve: error: the vLLM peer failed (exit {proc.returncode}); its log is above")
-    r = json.loads(line.removeprefix("KVSERVE_RESULT "))
-    return ThroughputResult(f"vLLM-CPU ({threads} threads)", r["requests"], r["input_tokens"],
-                            r["output_tokens"], r["seconds"])
+    return json.loads(line.removeprefix("KVSERVE_RESULT ")), threads

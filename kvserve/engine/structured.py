@@ -342,17 +342,27 @@ class BitmaskApplier:
     """Fills the bitmasks of a step's constrained rows and sets their disallowed logits to -inf.
 
     `fill_ahead` fills the masks of the sequences a step will sample on a worker thread while the
-    model runs (a matcher only changes when a token is appended, after sampling), strict JSON's
-    json_safe row included; `apply` then takes those rows in one copy and fills only what was not
-    known ahead (children forked this step), and masks with the C kernel (native/token_bitmask.c)
-    where it can: xgrammar's CPU kernel took ~5 ms a step at 32 rows of a 49k vocabulary."""
+    model runs (a matcher only changes when a token is appended, after sampling); `apply` then
+    fills only what was not known ahead (children forked this step) and masks with the C kernel
+    (native/token_bitmask.c), which reads the rows where the worker left them and ANDs strict
+    JSON's json_safe row in as it goes. The worker does nothing but xgrammar's fills: a torch op
+    there would start a second OpenMP team on the cores the forward is using."""
 
     def __init__(self, vocab_size: int, json_safe=None):
         self.vocab_size = vocab_size
         self.json_safe = json_safe  # () -> the bitmask row of GrammarCache.json_safe
-        self._bitmask = None
+        self._ahead_buffer = self._late_buffer = None
         self._worker = None
         self._ahead = None  # future of (constraint id -> row, bitmask) filled during the forward
+
+    def _buffer(self, name: str, rows: int) -> torch.Tensor:
+        # uninitialised is fine: xgrammar writes every word of the rows it fills
+        buf = getattr(self, name)
+        if buf is None or buf.shape[0] < rows:
+            buf = torch.empty(max(rows, 8, 0 if buf is None else 2 * buf.shape[0]), -(-self.vocab_size // 32),
+                              dtype=torch.int32)
+            setattr(self, name, buf)
+        return buf
 
     def fill_ahead(self, constraints: list[Constraint]) -> None:
         if self._ahead is not None:
@@ -363,47 +373,49 @@ class BitmaskApplier:
         if self._worker is None:
             from concurrent.futures import ThreadPoolExecutor
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="kvserve-bitmask")
-        self._ahead = self._worker.submit(self._fill, constraints)
+        self._ahead = self._worker.submit(self._fill, constraints, self._buffer("_ahead_buffer", len(constraints)))
 
-    def _fill(self, constraints: list[Constraint]):
-        import xgrammar as xgr
-        bitmask = xgr.allocate_token_bitmask(len(constraints), self.vocab_size)
+    def _fill(self, constraints: list[Constraint], bitmask: torch.Tensor):
         for i, c in enumerate(constraints):
             c.matcher.fill_next_token_bitmask(bitmask, i)
-        self._json_strict(bitmask, [i for i, c in enumerate(constraints) if c.strict_json])
+        if self.json_safe is not None and any(c.strict_json for c in constraints):
+            self.json_safe()  # built once, here rather than in the step
         return {id(c): i for i, c in enumerate(constraints)}, bitmask
-
-    def _json_strict(self, bitmask: torch.Tensor, rows: list[int]) -> None:
-        if rows and self.json_safe is not None:
-            bitmask[rows] &= self.json_safe()
 
     def apply(self, logits: torch.Tensor, rows: list[int], constraints: list[Constraint]) -> None:
         """Masks logits[rows[i]] by constraints[i], in place."""
-        import xgrammar as xgr
-        if self._bitmask is None or self._bitmask.shape[0] < logits.shape[0]:
-            self._bitmask = xgr.allocate_token_bitmask(max(logits.shape[0], 8), self.vocab_size)
-        bitmask = self._bitmask  # row r is logits row r: xgrammar's kernel then masks in place
         known, ahead = self._ahead.result() if self._ahead is not None else ({}, None)
         self._ahead = None
         at = [known.get(id(c)) for c in constraints]
-        filled = [(r, i) for r, i in zip(rows, at) if i is not None]
-        if filled:  # one copy of the rows filled ahead, not one per row
-            to, frm = zip(*filled)
-            bitmask[list(to)] = ahead[list(frm)]
-        late = [(r, c) for r, c, i in zip(rows, constraints, at) if i is None]
-        for r, c in late:
-            c.matcher.fill_next_token_bitmask(bitmask, r)
-        self._json_strict(bitmask, [r for r, c in late if c.strict_json])
+        late = [k for k, i in enumerate(at) if i is None]
+        if late:
+            buf = self._buffer("_late_buffer", len(late))
+            for j, k in enumerate(late):
+                constraints[k].matcher.fill_next_token_bitmask(buf, j)
         width = min(self.vocab_size, logits.shape[1])
-        if apply_token_bitmask(logits, bitmask, rows, width):  # CPU float32: ~40x xgrammar's kernel below
-            pass
-        elif logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
-            xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=width, indices=rows)
+        for bitmask, picked, mask_rows in ((ahead, [k for k, i in enumerate(at) if i is not None],
+                                            [i for i in at if i is not None]),
+                                           (self._late_buffer, late, list(range(len(late))))):
+            if picked:
+                self._mask(logits, bitmask, [rows[k] for k in picked], mask_rows,
+                           [constraints[k].strict_json for k in picked], width)
+        if logits.shape[1] > width:  # logits wider than the vocabulary: padding ids are never allowed
+            logits[rows, width:] = float("-inf")
+
+    def _mask(self, logits, bitmask, rows: list[int], mask_rows: list[int], strict: list[bool], width: int) -> None:
+        safe = self.json_safe() if self.json_safe is not None and any(strict) else None
+        if apply_token_bitmask(logits, bitmask, rows, width, mask_rows, safe, strict):
+            return  # CPU float32: ~40x xgrammar's kernel below
+        import xgrammar as xgr
+        full = torch.full((logits.shape[0], bitmask.shape[1]), -1, dtype=torch.int32)
+        full[rows] = bitmask[mask_rows]  # xgrammar's kernel takes bitmask row r for logits row r
+        if safe is not None:
+            full[[r for r, s in zip(rows, strict) if s]] &= safe
+        if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+            xgr.apply_token_bitmask_inplace(logits, full, vocab_size=width, indices=rows)
         else:  # unpack the bits with torch: any device, any dtype
-            bits = bitmask[rows].to(logits.device, non_blocking=True)
+            bits = full[rows].to(logits.device, non_blocking=True)
             shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
             allowed = ((bits.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, :width].bool()
             index = torch.tensor(rows, device=logits.device)
             logits[index, :width] = logits[index, :width].masked_fill(~allowed, float("-inf"))
-        if logits.shape[1] > width:  # logits wider than the vocabulary: padding ids are never allowed
-            logits[rows, width:] = float("-inf")

@@ -265,6 +265,30 @@ def test_native_bitmask_kernel_equals_xgrammar_s_on_random_masks():
     assert torch.equal(logits, expected) and torch.isinf(logits).any() and not torch.isinf(logits[1]).any()
 
 
+def test_native_bitmask_kernel_reads_other_mask_rows_and_ands_a_row_where_asked():
+    """Logits row r masked by bitmask row mask_rows[i], and by and_mask too where also[i]: the same
+    as xgrammar's kernel over a bitmask built row by row with torch."""
+    import torch
+    import xgrammar as xgr
+    from kvserve.native.token_bitmask import apply_token_bitmask
+    g = torch.Generator().manual_seed(1)
+    vocab = 700 + 5
+    words = -(-vocab // 32)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (4, words), dtype=torch.int32, generator=g)
+    bitmask[1, ::2] = -1
+    safe = torch.randint(-2**31, 2**31 - 1, (words,), dtype=torch.int32, generator=g)
+    rows, mask_rows, also = [4, 0, 2], [1, 3, 1], [True, False, False]
+    logits = torch.randn(5, vocab, generator=g)
+    expected, full = logits.clone(), torch.full((5, words), -1, dtype=torch.int32)
+    for r, m, a in zip(rows, mask_rows, also):
+        full[r] = bitmask[m] & safe if a else bitmask[m]
+    xgr.apply_token_bitmask_inplace(expected, full, vocab_size=vocab, indices=rows)
+    if not apply_token_bitmask(logits, bitmask, rows, vocab, mask_rows, safe, also):
+        pytest.skip("no C compiler here")
+    assert torch.equal(logits, expected) and not torch.isinf(logits[[1, 3]]).any()
+    assert torch.isinf(logits[4]).sum() > torch.isinf(logits[2]).sum()  # the same mask row, ANDed more
+
+
 def test_formats_xgrammar_admits_too_much_of_are_exact_patterns():
     """xgrammar's own ipv4 takes leading zeros and its date any day up to 31 (both seen sampled
     from the tiny model); the patterns that replace them agree with jsonschema's checker."""
