@@ -73,8 +73,8 @@ def resolve_model_path(model: str | None) -> Path:
 
 def load_checkpoint(model: str | None, quantization: str = "none"
                     ) -> tuple[ModelConfig, dict[str, torch.Tensor | QuantizedTensor]]:
-    """quantization: none (all float), int8, int4, or auto (a GGUF's own: int4 when its linear
-    weights are 4-bit, int8 when they are other quantized types; none for float files)."""
+    """quantization: none (all float), int8, int4, or auto (a GGUF's own, tensor by tensor: int4
+    for its 4-bit linear weights, int8 groups for the others; none for float files)."""
     if quantization not in quant.MODES:
         raise ModelLoadError(f"unknown quantization {quantization!r} (choose from {', '.join(quant.MODES)})")
     path = resolve_model_path(model)
@@ -137,7 +137,7 @@ def _load_gguf(path: Path, quantization: str) -> tuple[ModelConfig, "LazyWeights
     if quantization == "auto":
         quantization = _gguf_auto_quantization(reader.tensors)
     tensors = dict(pair for t in reader.tensors if t.name not in ROPE_FACTOR_TENSORS for pair in _hf_tensors(t, arch))
-    kinds = {_quant_kind(name, tuple(reversed(t.shape)), quantization)[0] for name, t in tensors.items()} - {None}
+    kinds = {_gguf_kind(name, t, quantization)[0] for name, t in tensors.items()} - {None}
     return cfg, LazyWeights({name: functools.partial(_gguf_tensor, reader, t, name, cfg, arch, quantization)
                              for name, t in tensors.items()},
                             sum(int(np.prod(t.shape)) for t in reader.tensors), kinds, f"loading {path.name}")
@@ -147,7 +147,7 @@ def _gguf_tensor(reader: "GGUFFile", t, name: str, cfg: ModelConfig, arch: str, 
                  ) -> torch.Tensor | QuantizedTensor:
     from gguf.quants import dequantize
     shape, type_name = [int(d) for d in reversed(t.shape)], t.tensor_type.name  # GGUF lists dims innermost first
-    kind, group = _quant_kind(name, shape, quantization)
+    kind, group = _gguf_kind(name, t, quantization)
     if kind and quant.EXACT_GGUF_TYPES.get(type_name) == kind and group in (None, quant.GROUP):
         weight = quant.from_gguf_blocks(t.data, type_name, tuple(shape))
         if kind == "int8" and group is None:  # linear int8 weights have one scale a row
@@ -165,6 +165,20 @@ def _gguf_tensor(reader: "GGUFFile", t, name: str, cfg: ModelConfig, arch: str, 
         weight = weight - 1  # llama.cpp's converter stores Gemma's norms as 1 + w; the model adds the 1
     reader.release(t)  # the conversion copied what it needed
     return weight
+
+
+def _gguf_kind(name: str, t, quantization: str) -> tuple[str | None, int | None]:
+    """_quant_kind, with `auto` resolved from the tensor's own GGUF type: 4-bit types stay int4
+    (exactly), the others become int8 groups of 32 (exactly for Q5_0 and Q8_0). Measured on Gemma 3
+    270M Q4_K_M, whose Q5_0 / Q8_0 / Q6_K tensors each cost top-1 agreement when made int4."""
+    shape = tuple(int(d) for d in reversed(t.shape))
+    if quantization != "auto":
+        return _quant_kind(name, shape, quantization)
+    kind, group = _quant_kind(name, shape, "int8")
+    if kind is None or group is not None:  # not a linear weight, or a vocabulary table
+        return kind, group
+    kind = quant.AUTO_BY_GGUF_TYPE.get(t.tensor_type.name, "int8")
+    return kind, quant.GROUP if kind == "int8" and shape[1] % quant.GROUP == 0 else None
 
 
 def _read_rope_factors(reader: "GGUFFile", cfg: ModelConfig) -> None:
@@ -210,11 +224,10 @@ class LazyWeights(Mapping):
 
 
 def _gguf_auto_quantization(tensors) -> str:
+    """auto (each linear weight by its own type, `_gguf_kind`) when any is quantized, else none."""
     types = {t.tensor_type.name for t in tensors if t.name.endswith(
-        tuple(f"{k}.weight" for k, v in GGUF_NAMES.items() if v.endswith("proj")))}
-    if types & {"Q4_0", "Q4_1", "Q4_K"}:
-        return "int4"
-    return "int8" if types - {"F32", "F16", "BF16"} else "none"
+        tuple(f"{k}.weight" for k, v in GGUF_NAMES.items() if v.endswith("proj")) + tuple(GGUF_EXPERT_NAMES))}
+    return "auto" if types - {"F32", "F16", "BF16"} else "none"
 
 
 @functools.lru_cache(maxsize=1)

@@ -5,10 +5,11 @@ Two formats, each matching one of PyTorch's packed CPU kernels:
   keep groups of 32 (GGUF's Q8_0) for lookups and for rescoring the top logits;
 - int4: asymmetric groups (32 by default) along the input dim, w = q * scale + min, q in 0..15
   (`aten._weight_int4pack_mm_for_cpu`, whose own rule is w = (q - 8) * scale + zero).
-GGUF Q4_0, Q4_1 and Q8_0 blocks are exactly such groups of 32, so they are taken over bit for
-bit; any other weight is quantized here from its float values. Where they can be built, float32
-activations go to kvserve/native's kernels instead, on the same packed buffers: qmatmul.c for a
-single row (eager decode), gemm.c for more.
+GGUF Q4_0, Q4_1, Q4_K (int4) and Q5_0, Q8_0 (int8) blocks are exactly such groups of 32, so they
+are taken over bit for bit; any other weight is quantized here from its float values. A linear
+int8 weight keeps its groups of 32 where kvserve/native's kernels run it (else one scale a row,
+for PyTorch's kernel). Where they can be built, float32 activations go to those kernels instead,
+on the same packed buffers: qmatmul.c for a single row (eager decode), gemm.c for more.
 """
 import functools
 from dataclasses import dataclass
@@ -21,7 +22,11 @@ from kvserve.native import qmatmul
 
 GROUP = 32
 MODES = ("auto", "none", "int8", "int4")
-EXACT_GGUF_TYPES = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}
+EXACT_GGUF_TYPES = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q5_0": "int8", "Q8_0": "int8"}
+# `auto` on a GGUF: each linear weight from its own type, so no tensor loses more than its file did
+# (Q6_K, Q5_K and float weights become int8 groups of 32: 8 bits lose little of 6)
+AUTO_BY_GGUF_TYPE = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q5_0": "int8", "Q8_0": "int8",
+                     "Q5_K": "int8", "Q6_K": "int8", "F32": "int8", "F16": "int8", "BF16": "int8"}
 # Above this many rows, unpacking an int4 weight to bf16 once and calling the bf16 matmul beats
 # the int4 kernel, which re-unpacks the weight for every block of rows (1.1 ms to unpack
 # a 3072 x 576 weight; the kernel costs ~11 us a row more than bf16, so it pays from ~200 rows).
@@ -62,7 +67,8 @@ class QuantizedTensor:
     @staticmethod
     def cat(parts: list["QuantizedTensor"]) -> "QuantizedTensor":
         if len({(p.kind, p.group) for p in parts}) > 1:  # e.g. Q4_K_M's Q6_K v beside Q4_K q/k
-            parts = [p.requantize("int8") for p in parts]
+            k = parts[0].shape[1]
+            parts = [p.requantize("int8", GROUP if k % GROUP == 0 else None) for p in parts]
         mins = None if parts[0].min is None else torch.cat([p.min for p in parts])
         return QuantizedTensor(parts[0].kind, torch.cat([p.q for p in parts]),
                                torch.cat([p.scale for p in parts]), mins)
@@ -94,21 +100,48 @@ def _quantize_rows(w: torch.Tensor, kind: str, group: int) -> QuantizedTensor:
 
 
 def from_gguf_blocks(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> QuantizedTensor:
-    """Q4_0 / Q4_1 / Q8_0 rows of blocks of 32 -> groups of 32, no rounding. A block holds an fp16
-    scale d (and an fp16 min m for Q4_1), then the values: Q8_0 32 int8, w = d * q; Q4_* 16 bytes
-    whose low nibbles are elements 0..15 and high nibbles 16..31, Q4_0 meaning w = d * (q - 8)
-    and Q4_1 w = d * q + m."""
+    """Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 rows of blocks -> groups of 32, no rounding (the scales are
+    fp32 products of the file's fp16 and 6-bit factors)."""
     n, k = shape
-    header = 4 if type_name == "Q4_1" else 2
+    if type_name == "Q4_K":
+        return _from_q4_k(data, n, k)
+    header = {"Q4_1": 4, "Q5_0": 6}.get(type_name, 2)
     blocks = np.ascontiguousarray(data).view(np.uint8).reshape(n, k // GROUP, -1)
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    if type_name == "Q8_0":
+    if type_name == "Q8_0":  # 32 int8, w = d * q
         q = blocks[..., header:].copy().view(np.int8).reshape(n, k)
         return QuantizedTensor("int8", torch.from_numpy(q), torch.from_numpy(d))
+    # Q4_*, Q5_0: 16 bytes whose low nibbles are elements 0..15 and high nibbles 16..31
     nibbles = blocks[..., header:]
-    q = np.concatenate([nibbles & 15, nibbles >> 4], -1).reshape(n, k)
+    q = np.concatenate([nibbles & 15, nibbles >> 4], -1)
+    if type_name == "Q5_0":  # a 32-bit word of fifth bits (bit j: element j) first; w = d * (q - 16)
+        high = blocks[..., 2:6].copy().view("<u4")[..., 0]
+        q = q | (((high[..., None] >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
+        q = (q.astype(np.int16) - 16).astype(np.int8).reshape(n, k)
+        return QuantizedTensor("int8", torch.from_numpy(q), torch.from_numpy(d))
+    q = q.reshape(n, k)  # Q4_0: w = d * (q - 8); Q4_1: w = d * q + m
     m = -8 * d if type_name == "Q4_0" else blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
     return QuantizedTensor("int4", torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m))
+
+
+def _from_q4_k(data: np.ndarray, n: int, k: int) -> QuantizedTensor:
+    """Q4_K super-blocks of 256: fp16 d and dmin, 12 bytes of eight 6-bit (scale, min) pairs, then
+    128 bytes in 4 runs of 32 whose low nibbles are one group of 32 and high nibbles the next;
+    w = d * scale_j * q - dmin * min_j."""
+    blocks = np.ascontiguousarray(data).view(np.uint8).reshape(n, k // 256, 144)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    packed = blocks[..., 4:16].astype(np.uint8)
+    a, b, c = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    # groups 0-3: low 6 bits of bytes 0-3 (scales) and 4-7 (mins); groups 4-7: a nibble of bytes
+    # 8-11 below the top 2 bits of bytes 0-3 (scales) and 4-7 (mins)
+    scale = np.concatenate([a & 63, (c & 15) | ((a >> 6) << 4)], -1).astype(np.float32)
+    mins = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], -1).astype(np.float32)
+    runs = blocks[..., 16:].reshape(n, k // 256, 4, 1, 32)
+    q = np.concatenate([runs & 15, runs >> 4], 3).reshape(n, k)
+    return QuantizedTensor("int4", torch.from_numpy(q),
+                           torch.from_numpy((d[..., None] * scale).reshape(n, k // GROUP)),
+                           torch.from_numpy((-dmin[..., None] * mins).reshape(n, k // GROUP)))
 
 
 @functools.cache
@@ -138,8 +171,12 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None):
         super().__init__()
-        if (qt.kind == "int4" and qt.shape[0] % 16  # the int4 packer wants rows in multiples of 16
-                or qt.kind == "int8" and qt.group != qt.shape[1]):  # the int8 kernel: a scale a row
+        n, k = qt.shape
+        # int8 groups run on our kernels (qmatmul.c, gemm.c) where they build
+        self.int8_groups = (qt.kind == "int8" and qt.group != k and qmatmul.int8_available(k, qt.group)
+                            and qmatmul.gemm_available(n, k, qt.group, None))
+        if (qt.kind == "int4" and n % 16  # the int4 packer wants rows in multiples of 16
+                or qt.kind == "int8" and qt.group != k and not self.int8_groups):  # PyTorch's: a scale a row
             qt = qt.requantize("int8")
         self.kind, self.group = qt.kind, qt.group
         self.out_features, self.in_features = qt.shape
@@ -147,6 +184,9 @@ class QuantizedLinear(nn.Module):
         if self.in_features % 16:  # the int8 kernel crashes on such widths: keep the values in bf16
             self.kind = "bf16"
             self.register_buffer("weight_q", qt.dequantize().to(bf16))
+        elif self.int8_groups:  # int8 [N, K] and fp32 scales [N, K / G], as QuantizedEmbedding's
+            self.register_buffer("weight_q", qt.q.contiguous())
+            self.register_buffer("scales", qt.scale.float().contiguous())
         elif qt.kind == "int8":
             self.register_buffer("weight_q", qt.q.contiguous())
             self.register_buffer("scales", qt.scale[:, 0].to(bf16))
@@ -174,6 +214,12 @@ class QuantizedLinear(nn.Module):
         rows = x.numel() // k
         # not in compiled graphs: there the Python kernel would be an opaque op whose dispatch (~90 us)
         # costs more than it saves
+        if self.int8_groups:
+            if torch.compiler.is_compiling():  # no packed PyTorch kernel takes groups
+                return self._finish(nn.functional.linear(x.reshape(-1, k), self.dense_weight(x.dtype)), x, lead)
+            many = rows >= qmatmul.INT8_GEMM_MIN_ROWS
+            y = (qmatmul.int8_gemm if many else qmatmul.int8_matmul)(x.reshape(-1, k), self.weight_q, self.scales)
+            return self._finish(y, x, lead)
         if not torch.compiler.is_compiling():
             if self.native_int4 and rows <= qmatmul.MAX_ROWS:
                 y = qmatmul.int4_matmul(x.reshape(-1, k), self.weight_q, self.scales, self.group, self.unpack_block)
@@ -202,6 +248,9 @@ class QuantizedLinear(nn.Module):
         """The weight [N, K] in `dtype`, rebuilt from the packed form (int4) or the int8 rows."""
         if self.kind == "bf16":
             return self.weight_q.to(dtype)
+        if self.int8_groups:
+            n, k = self.weight_q.shape
+            return (self.weight_q.view(n, -1, self.group).to(dtype) * self.scales[..., None].to(dtype)).view(n, k)
         if self.kind == "int8":
             return self.weight_q.to(dtype) * self.scales[:, None].to(dtype)
         n, k = self.out_features, self.in_features
@@ -212,7 +261,7 @@ class QuantizedLinear(nn.Module):
         return ((q - 8) * scale + zero).view(n, k)
 
     def extra_repr(self) -> str:
-        group = f", group {self.group}" if self.kind == "int4" else ""
+        group = f", group {self.group}" if self.kind == "int4" or self.int8_groups else ""
         return f"{self.in_features}, {self.out_features}, {self.kind}{group}, bias={self.bias is not None}"
 
 

@@ -88,7 +88,7 @@ def test_concatenating_mixed_kinds_gives_int8():
                                atol=0.02, rtol=0)
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q8_0"])
 def test_gguf_blocks_are_taken_bit_for_bit(type_name):
     w = np.random.default_rng(0).standard_normal((48, 128)).astype(np.float32)
     qtype = GGMLQuantizationType[type_name]
@@ -97,6 +97,38 @@ def test_gguf_blocks_are_taken_bit_for_bit(type_name):
     assert qt.group == 32
     expected = torch.from_numpy(gguf_dequantize(blocks, qtype).reshape(w.shape))
     assert torch.equal(qt.dequantize(), expected)
+
+
+def test_q4_k_blocks_are_taken_bit_for_bit():
+    """Q4_K super-blocks (random bits: every pattern of scales, mins and nibbles is valid) against
+    gguf-py's dequantizer, which has no Q4_K quantizer to make real ones."""
+    rng = np.random.default_rng(1)
+    n, k = 32, 512
+    blocks = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
+    factors = np.abs(rng.standard_normal((n, k // 256, 2))).astype(np.float16) * 0.01  # d, dmin
+    blocks[..., 0:4] = factors.view(np.uint8)
+    qt = from_gguf_blocks(blocks.reshape(n, -1), "Q4_K", (n, k))
+    assert qt.kind == "int4" and qt.group == 32
+    expected = gguf_dequantize(blocks.reshape(n, -1), GGMLQuantizationType.Q4_K).reshape(n, k)
+    assert torch.equal(qt.dequantize(), torch.from_numpy(expected))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_int8_group_linear_matches_dequantized_weights(rows):
+    """Linear int8 weights in groups of 32 (GGUF's Q5_0 / Q8_0, `auto`) keep their groups on the
+    native kernels: one row (qmatmul.c), a few, many (gemm.c)."""
+    g = torch.Generator().manual_seed(rows)
+    qt = quantize(torch.randn(96, 160, generator=g) * torch.rand(96, 1, generator=g), "int8", 32)
+    bias = torch.randn(96, generator=g)
+    lin = QuantizedLinear(qt, bias)
+    if not lin.int8_groups:
+        pytest.skip("int8 group kernels not built (no C compiler or no AVX2)")
+    assert lin.kind == "int8" and lin.group == 32
+    x = torch.randn(rows, 160, generator=g)
+    expected = x.double() @ qt.dequantize().double().t() + bias.double()
+    assert rel_err(lin(x), expected) < 1e-3  # two int8 digits per activation: near float
+    assert rel_err(lin(x.to(torch.bfloat16)).float(), expected) < 1e-2
+    torch.testing.assert_close(lin.dense_weight(torch.float32), qt.dequantize())
 
 
 def test_embedding_rows_are_the_dequantized_table():
