@@ -13,6 +13,10 @@
 #include "qmatmul.c"
 
 #define PARALLEL_ROWS 4  /* fewer rows than this: the threads' start-up costs more than the loops */
+/* up to this many rows (a decode, a verification's k + 1, a few decodes) the int4 linears run on
+   qmatmul.c, which unpacks each group of weights once for 8 rows: gemm.c's panels cost ~12 ms a step
+   on SmolLM2 whatever the rows (issue 27: 5 rows 20 -> ? ms, one thread) */
+#define MATMUL_ROWS 8
 
 typedef struct {
     const uint8_t *w;       /* _convert_weight_to_int4pack_for_cpu layout */
@@ -62,7 +66,7 @@ static void rms_norm(const float *x, const float *w, int64_t n, float eps, float
 /* 0, or -1 when out of memory */
 static int64_t linear(const Linear *l, const float *x, int64_t M, float *y, void *scratch)
 {
-    if (M == 1)
+    if (M <= MATMUL_ROWS)
         int4_matmul(x, M, l->w, l->scales, l->n, l->k, l->group, l->block, y, scratch);
     else if (int4_gemm(x, M, l->w, l->scales, l->n, l->k, l->group, l->block, y))
         return -1;
@@ -227,7 +231,8 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
     const int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, I = m->intermediate, E = m->hidden;
     const int64_t qkv_n = (H + 2 * Hkv) * D, widest = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D);
     float *buf = malloc(sizeof(float) * T * (E + qkv_n + H * D + E + 3 * I + E));
-    void *scratch = malloc(10 * widest);  /* int4_matmul's for one row: 2 K bytes + 8 K / G, G >= 1 */
+    /* int4_matmul's, per row: 2 K bytes + 8 K / G, G >= 1 */
+    void *scratch = malloc(10 * widest * (T < MATMUL_ROWS ? T : MATMUL_ROWS));
     int64_t *kept_pos = malloc(sizeof(int64_t) * 2 * (kept + 1)), *kept_starts = kept_pos + kept + 1;
     if (!buf || !scratch || !kept_pos) {
         free(buf);

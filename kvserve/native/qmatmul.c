@@ -103,39 +103,59 @@ static inline __m256 group_sum(__m256i isum, const uint16_t *pairs, __m256 d, __
     return _mm256_fmadd_ps(zero0, s, out);
 }
 
+#define MATMUL_ROWS 8  /* rows that share one unpacking of a group's weights */
+
 /* y [M, N] = x [M, K] W^T. W: per block of `block` rows, column k's block/2 bytes hold row j (low
    nibble) and row block/2 + j (high nibble); scales [K/G, N, 2] bf16 (scale, zero), w = (q - 8) *
-   scale + zero. G: a multiple of 16; scratch: 2 * M * K bytes + 2 * M * K / G floats. */
+   scale + zero. G: a multiple of 16, at most 256; scratch: 2 * M * K bytes + 2 * M * K / G floats.
+   Each group of 32 weight rows x G columns is unpacked once (to 2 G 32-byte vectors, in L1) for up
+   to MATMUL_ROWS rows of x, whose products then run over it: a verification's k + 1 rows cost about
+   one read of the weights plus their products, where the unpacking once per row cost as much as the
+   products. Each row's arithmetic is the same whatever M, so a row comes out bit for bit as alone. */
 void int4_matmul(const float *x, int64_t M, const uint8_t *w, const uint16_t *scales, int64_t N, int64_t K,
                  int64_t G, int64_t block, float *y, void *scratch)
 {
     int8_t *xq = scratch, *xr = xq + M * K;
     float *xd = (float *)(xr + M * K), *xs = xd + M * K / G;
     quantize_activations(x, M, K, G, xq, xr, xd, xs);
-    const int64_t half = block / 2;
+    const int64_t half = block / 2, chunks = N / block * (half / 16);
     const __m256i low4 = _mm256_set1_epi8(15);
     #pragma omp parallel for schedule(static)  /* torch's OpenMP threads: the same libgomp */
-    for (int64_t nb = 0; nb < N / block; nb++) {
-        for (int64_t c = 0; c < half / 16; c++) {  /* rows nb*block + 16c.. (low) and + half (high) */
-            const uint8_t *wc = w + nb * K * half + 16 * c;
-            const int64_t rows[4] = {nb * block + 16 * c, nb * block + 16 * c + 8,
-                                     nb * block + half + 16 * c, nb * block + half + 16 * c + 8};
-            for (int64_t m = 0; m < M; m++) {
-                const int8_t *xm = xq + m * K, *xrm = xr + m * K;
-                __m256 out0 = _mm256_setzero_ps(), out1 = out0, out2 = out0, out3 = out0;
-                for (int64_t g = 0; g < K / G; g++) {
+    for (int64_t chunk = 0; chunk < chunks; chunk++) {
+        /* rows nb*block + 16c.. (low nibbles) and + half (high) */
+        const int64_t nb = chunk / (half / 16), c = chunk % (half / 16);
+        const uint8_t *wc = w + nb * K * half + 16 * c;
+        const int64_t rows[4] = {nb * block + 16 * c, nb * block + 16 * c + 8,
+                                 nb * block + half + 16 * c, nb * block + half + 16 * c + 8};
+        __m256i low[128], high[128];  /* a group's column pairs: G / 2 <= 128 */
+        for (int64_t m0 = 0; m0 < M; m0 += MATMUL_ROWS) {
+            const int64_t mr = M - m0 < MATMUL_ROWS ? M - m0 : MATMUL_ROWS;
+            __m256 out[MATMUL_ROWS][4];
+            for (int64_t m = 0; m < mr; m++)
+                for (int i = 0; i < 4; i++)
+                    out[m][i] = _mm256_setzero_ps();
+            for (int64_t g = 0; g < K / G; g++) {
+                /* two groups ahead: one row's products take too little time for the hardware
+                   prefetcher to hide memory latency (~8 -> ~11-13 GB/s for the whole model) */
+                for (int64_t f = 0; f < G * half; f += 64)
+                    _mm_prefetch((const char *)(wc + (g + 2) * G * half + f), _MM_HINT_T0);
+                for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
+                    const __m256i pairs = column_pairs(wc + k * half, half);
+                    low[(k - g * G) / 2] = _mm256_and_si256(pairs, low4);  /* rows 16c + 0-15 */
+                    high[(k - g * G) / 2] = _mm256_and_si256(_mm256_srli_epi16(pairs, 4), low4);  /* half + */
+                }
+                const uint16_t *group_pairs = scales + g * N * 2;
+                /* the scales two groups on: a stream per group is more than the prefetcher follows */
+                _mm_prefetch((const char *)(group_pairs + 4 * N + rows[0] * 2), _MM_HINT_T0);
+                _mm_prefetch((const char *)(group_pairs + 4 * N + rows[2] * 2), _MM_HINT_T0);
+                for (int64_t m = 0; m < mr; m++) {
+                    const int8_t *xm = xq + (m0 + m) * K, *xrm = xr + (m0 + m) * K;
                     __m256i sum0 = _mm256_setzero_si256(), sum1 = sum0, sum2 = sum0, sum3 = sum0;
                     for (int64_t k0 = g * G; k0 < (g + 1) * G; k0 += 16) {
                         /* 8 column pairs: int16 sums stay below 8 * 2 * 15 * 127 < 2^15 */
                         __m256i lo = _mm256_setzero_si256(), hi = lo, lo_r = lo, hi_r = lo;
-                        /* 64 columns ahead: one row's products take too little time for the hardware
-                           prefetcher to hide memory latency (~8 -> ~11-13 GB/s for the whole model) */
-                        for (int64_t f = 0; f < 16 * half; f += 64)
-                            _mm_prefetch((const char *)(wc + (k0 + 64) * half + f), _MM_HINT_T0);
                         for (int64_t k = k0; k < k0 + 16; k += 2) {
-                            const __m256i pairs = column_pairs(wc + k * half, half);
-                            const __m256i pl = _mm256_and_si256(pairs, low4);  /* rows 16c + 0-15 */
-                            const __m256i ph = _mm256_and_si256(_mm256_srli_epi16(pairs, 4), low4);  /* half + */
+                            const __m256i pl = low[(k - g * G) / 2], ph = high[(k - g * G) / 2];
                             const __m256i xk = pair(xm + k), xk_r = pair(xrm + k);
                             lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(pl, xk));
                             hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(ph, xk));
@@ -147,21 +167,17 @@ void int4_matmul(const float *x, int64_t M, const uint8_t *w, const uint16_t *sc
                         sum2 = _mm256_add_epi32(sum2, widen(_mm256_castsi256_si128(hi), _mm256_castsi256_si128(hi_r)));
                         sum3 = _mm256_add_epi32(sum3, widen(_mm256_extracti128_si256(hi, 1), _mm256_extracti128_si256(hi_r, 1)));
                     }
-                    const __m256 d = _mm256_set1_ps(xd[m * K / G + g]), s = _mm256_set1_ps(xs[m * K / G + g]);
-                    const uint16_t *group_pairs = scales + g * N * 2;
-                    /* the scales two groups on: a stream per group is more than the prefetcher follows */
-                    _mm_prefetch((const char *)(group_pairs + 4 * N + rows[0] * 2), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(group_pairs + 4 * N + rows[2] * 2), _MM_HINT_T0);
-                    out0 = group_sum(sum0, group_pairs + rows[0] * 2, d, s, out0);
-                    out1 = group_sum(sum1, group_pairs + rows[1] * 2, d, s, out1);
-                    out2 = group_sum(sum2, group_pairs + rows[2] * 2, d, s, out2);
-                    out3 = group_sum(sum3, group_pairs + rows[3] * 2, d, s, out3);
+                    const int64_t gi = (m0 + m) * (K / G) + g;
+                    const __m256 d = _mm256_set1_ps(xd[gi]), s = _mm256_set1_ps(xs[gi]);
+                    out[m][0] = group_sum(sum0, group_pairs + rows[0] * 2, d, s, out[m][0]);
+                    out[m][1] = group_sum(sum1, group_pairs + rows[1] * 2, d, s, out[m][1]);
+                    out[m][2] = group_sum(sum2, group_pairs + rows[2] * 2, d, s, out[m][2]);
+                    out[m][3] = group_sum(sum3, group_pairs + rows[3] * 2, d, s, out[m][3]);
                 }
-                _mm256_storeu_ps(y + m * N + rows[0], out0);
-                _mm256_storeu_ps(y + m * N + rows[1], out1);
-                _mm256_storeu_ps(y + m * N + rows[2], out2);
-                _mm256_storeu_ps(y + m * N + rows[3], out3);
             }
+            for (int64_t m = 0; m < mr; m++)
+                for (int i = 0; i < 4; i++)
+                    _mm256_storeu_ps(y + (m0 + m) * N + rows[i], out[m][i]);
         }
     }
 }

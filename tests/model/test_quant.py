@@ -177,6 +177,28 @@ def test_decode_kernel_matches_dequantized_weights(block):
         assert rel_err(lin(x), x.double() @ exact.t()) < 1e-4
 
 
+@pytest.mark.parametrize("block", [32, 64])
+def test_decode_kernel_rows_come_out_as_each_row_alone(block):
+    """qmatmul.c's int4 kernel for a few rows (a verification's k + 1, decode.c's small steps): the
+    weights are unpacked once for up to 8 rows, and each row's result is bit for bit the one it has
+    alone (so speculation's verification rows compute what plain decoding does), for 1-20 rows and
+    groups of 32 and 128."""
+    if not qmatmul.int4_available(block, 64, 32, block):
+        pytest.skip("int4 kernel not built (no C compiler or no AVX2)")
+    g = torch.Generator().manual_seed(7 + block)
+    for group in (32, 128):
+        n, k = 3 * block, 256
+        qt = quantize(torch.randn(n, k, generator=g), "int4", group)
+        scales, exact = _int4_scales(qt)
+        w = _pack_int4(qt.q, block)
+        x = torch.randn(20, k, generator=g)
+        x[3, 7] = 40
+        alone = torch.cat([qmatmul.int4_matmul(x[i:i + 1], w, scales, group, block) for i in range(20)])
+        assert rel_err(alone, x.double() @ exact.t()) < 1e-4
+        for m in (2, 5, 8, 9, 20):
+            assert torch.equal(qmatmul.int4_matmul(x[:m], w, scales, group, block), alone[:m]), (group, m)
+
+
 def _int8_table(n: int, k: int, group: int, g: torch.Generator):
     """Q8_0-style int8 rows (-128 included) with a scale per group, and their float64 values."""
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
