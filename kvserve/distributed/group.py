@@ -53,6 +53,7 @@ class TPGroup:
     owns_process_group: bool = False  # created here: destroyed on close
     closed: bool = False
     collective_seconds: float = 0.0  # wall time in collectives on this rank (waits for slower ranks included)
+    collectives: int = 0  # collectives run (step descriptions included)
     steps: int = 0  # steps run (counted by the executor)
 
     # ---- collectives that remember the first failure --------------------------------------
@@ -61,6 +62,7 @@ class TPGroup:
         if self.failure:
             raise RankFailure(self.failure)
         start = time.perf_counter()
+        self.collectives += 1
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # gloo: peer gone or timeout; NCCL: watchdog errors

@@ -56,7 +56,8 @@ class Engine:
             dtype = resolve_dtype(config.dtype, self.device)
             if config.random_weights:
                 model_cfg = shape_config(config.random_weights)
-                weights = RandomWeights(model_cfg, dtype, self.device, config.seed)
+                quantization = config.quantization if self.device == "cpu" else "none"
+                weights = RandomWeights(model_cfg, dtype, self.device, config.seed, quantization)
             else:
                 # the packed kernels are CPU-only: elsewhere "auto" keeps float weights
                 quantization = "none" if config.quantization == "auto" and self.device != "cpu" else config.quantization
@@ -97,10 +98,11 @@ class Engine:
         self.release_window = shared_window(kv_windows(mc))
         self.scheduler = Scheduler(config.scheduler, self.kv)
         executor = select_executor(model, self.pool, self.device, config.compile,
-                                   config.scheduler.max_num_seqs, config.enforce_eager)
+                                   config.scheduler.max_num_seqs, config.enforce_eager,
+                                   reduce=self.tp.all_reduce if self.tp is not None else None)
         if self.tp is not None:
             from kvserve.distributed.executor import TensorParallelExecutor
-            executor = TensorParallelExecutor(getattr(executor, "fallback", executor), model, self.pool, self.tp)
+            executor = TensorParallelExecutor(executor, model, self.pool, self.tp)
         self.runner = ModelRunner(model, executor)
         self.runner.policy_attention.offload = self.offload
         self.sampler = Sampler()

@@ -4,7 +4,8 @@
 - `TorchExecutor`: PyTorch ops on any device; attention through the planned backend, non-full
   decodes through PolicyAttention, optionally torch.compile'd.
 - `NativeExecutor`: the CPU with int4 weights: a step with full attention only is one C call
-  (kvserve/native/decode.c); a step with a sparse-policy decode goes to its TorchExecutor.
+  (kvserve/native/decode.c; on a tensor-parallel rank, its shard, with the all-reduces called
+  back between layers); a step with a sparse-policy decode goes to its TorchExecutor.
 - `StaticDecodeExecutor` (static_executor.py): CUDA with triton, unless enforce_eager:
   decode-only steps replay a CUDA graph captured per batch bucket (Triton decode over static
   buffers); other steps go to its TorchExecutor, whose dense attention is TritonAttention.
@@ -114,8 +115,11 @@ def native_layout(cfg) -> bool:
             and cfg.attn_softcap is None and cfg.rotary_dim == cfg.head_dim)
 
 
-def select_executor(model, pool, device, compile: bool = False, max_batch: int = 64, enforce_eager: bool = False):
-    """The fastest executor this model runs on, on this device, with its attention backends."""
+def select_executor(model, pool, device, compile: bool = False, max_batch: int = 64, enforce_eager: bool = False,
+                    reduce=None):
+    """The fastest executor this model runs on, on this device, with its attention backends.
+    reduce: a tensor-parallel rank's sum over ranks (TPGroup.all_reduce), which the C step calls
+    between layers; with it, only executors that can join collectives are picked."""
     cfg = model.config
     # KVSERVE_ATTENTION_BACKEND=torch keeps a GPU on the PyTorch reference (as vLLM's variable of that name)
     backend = os.environ.get("KVSERVE_ATTENTION_BACKEND", "triton")
@@ -133,8 +137,8 @@ def select_executor(model, pool, device, compile: bool = False, max_batch: int =
                                        cfg.num_heads, cfg.head_dim, kwargs["scale"])
     torch_executor = TorchExecutor(model, attention, policy_attention, pool.page_size, device, compile)
     if native_layout(cfg) and NativeDecoder.supports(model):
-        return NativeExecutor(NativeDecoder(model, pool), torch_executor)
-    if cuda_kernels and not enforce_eager:
+        return NativeExecutor(NativeDecoder(model, pool, reduce), torch_executor)
+    if cuda_kernels and not enforce_eager and reduce is None:  # CUDA graphs cannot join collectives
         from kvserve.attention.triton.static import TritonStaticDecode
         from kvserve.engine.static_executor import StaticDecodeExecutor
         return StaticDecodeExecutor(model, pool, torch_executor, max_batch, cfg.max_position_embeddings,

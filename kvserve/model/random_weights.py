@@ -6,6 +6,8 @@ from collections.abc import Mapping
 import torch
 
 from kvserve.config import ModelConfig
+from kvserve.model.loader import _quant_kind
+from kvserve.model.quant import quantize
 
 SHAPES = {
     # Llama-3.2-1B, Llama-3.1-8B and Qwen2-7B without rope scaling; "tiny" for tests
@@ -56,15 +58,18 @@ class RandomWeights(Mapping):
     """name -> a tensor made when asked, from a generator seeded by (seed, name): the same weights
     every time, one tensor in memory at a time while a model loads."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device, seed: int = 0, quantization: str = "none"):
         self.shapes, self.dtype, self.device, self.seed = tensor_shapes(cfg), dtype, torch.device(device), seed
+        # int8 / int4: linear weights (and int8 vocabulary tables) quantized as a float checkpoint's are
+        self.quantization = "none" if quantization == "auto" else quantization
 
     def __getitem__(self, name: str) -> torch.Tensor:
         g = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
         x = torch.randn(self.shapes[name], generator=g, device=self.device, dtype=torch.float32)
         # norms near 1, matrices at a typical init scale, so activations stay in range layer after layer
         x = 1 + 0.1 * x if name.endswith("norm.weight") else 0.02 * x
-        return x.to(self.dtype)
+        kind, group = _quant_kind(name, x.shape, self.quantization)
+        return quantize(x, kind, group) if kind else x.to(self.dtype)
 
     def __iter__(self):
         return iter(self.shapes)

@@ -44,6 +44,9 @@ typedef struct {
     const Layer *layers;
     const float *final_norm;
     const int64_t *windows;   /* [num_layers]: a layer's sliding window (keys a query reads), <= 0 none */
+    /* tensor parallelism: sums o's and down's outputs [T, hidden] over the ranks in place (a
+       collective of the caller's); 0, or nonzero when it failed. NULL on one process */
+    int64_t (*reduce)(float *x, int64_t n);
 } Model;
 
 static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out)
@@ -271,6 +274,8 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
         }
         status |= attend(m, l, T, qkv, qkv_n, pages, page_starts, pos, page_size, attn);
         status |= linear(&L->o, attn, T, proj, scratch);
+        if (m->reduce && status == 0)
+            status |= m->reduce(proj, T * E);
         #pragma omp parallel for if (T >= PARALLEL_ROWS)
         for (int64_t t = 0; t < T; t++) {
             for (int64_t i = t * E; i < (t + 1) * E; i++)
@@ -287,6 +292,8 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
             for (int64_t i = 0; i < I; i++)
                 act[t * I + i] = gu[t * 2 * I + i] * sigmoid(gu[t * 2 * I + i]) * gu[t * 2 * I + I + i];
         status |= linear(&L->down, act, T, proj, scratch);
+        if (m->reduce && status == 0)
+            status |= m->reduce(proj, T * E);
         #pragma omp parallel for if (T >= PARALLEL_ROWS)
         for (int64_t i = 0; i < T * E; i++)
             x[i] += proj[i];

@@ -10,6 +10,7 @@ import torch
 from kvserve import native
 
 _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_REDUCE = ctypes.CFUNCTYPE(_i64, ctypes.POINTER(_f32), _i64)  # decode.c's Model.reduce
 
 
 class _Linear(ctypes.Structure):
@@ -28,7 +29,7 @@ class _Model(ctypes.Structure):
     _fields_ = [("num_layers", _i64), ("hidden", _i64), ("heads", _i64), ("kv_heads", _i64), ("head_dim", _i64),
                 ("intermediate", _i64), ("eps", _f32), ("scale", _f32), ("kv_bf16", _i64), ("slots", _i64),
                 ("k_cache", _ptr), ("v_cache", _ptr), ("layers", ctypes.POINTER(_Layer)), ("final_norm", _ptr),
-                ("windows", ctypes.POINTER(_i64))]
+                ("windows", ctypes.POINTER(_i64)), ("reduce", _REDUCE)]
 
 # the layer layouts decode.c computes (Llama's: RMSNorm, rotate-half RoPE, SiLU-gated MLP)
 _ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral")
@@ -56,12 +57,21 @@ def _moe_experts(mlp):
     return getattr(mlp, "experts", None)
 
 
+def _shard(linear):
+    """The projection itself of a tensor-parallel row-parallel wrapper (kvserve.distributed's
+    RowParallel: `inner`, its sum being decode.c's reduce), else the linear."""
+    return getattr(linear, "inner", linear)
+
+
 class NativeDecoder:
     """Holds the C view of a model and its KV pool (pointers into their tensors, which it keeps)."""
 
-    def __init__(self, model, pool):
+    def __init__(self, model, pool, reduce=None):
+        """reduce: a tensor-parallel rank's in-place sum over ranks (e.g. TPGroup.all_reduce), which
+        decode.c calls after each layer's o and down projections (row-parallel shards)."""
         assert pool.k.dtype == model.dtype and pool.k.is_contiguous(), "the cache the model writes"
         self.model, self.pool = model, pool
+        self._error = None  # what reduce raised: re-raised after the C call returns
         cfg = model.config
         self._keep = []  # fp32 copies the C structs point into
         layers = (_Layer * cfg.num_layers)()
@@ -84,8 +94,20 @@ class NativeDecoder:
         self._struct = _Model(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                               width, cfg.rms_norm_eps, cfg.head_dim ** -0.5,
                               int(pool.k.dtype == torch.bfloat16), pool.k.shape[2], pool.k.data_ptr(),
-                              pool.v.data_ptr(), layers, self._fp32(model.norm.weight), self._windows)
+                              pool.v.data_ptr(), layers, self._fp32(model.norm.weight), self._windows,
+                              self._reduce_callback(reduce) if reduce else _REDUCE())
         self._ref = ctypes.byref(self._struct)
+
+    def _reduce_callback(self, reduce):
+        def call(x, n: int) -> int:
+            try:
+                reduce(torch.frombuffer(ctypes.cast(x, ctypes.POINTER(_f32 * n)).contents, dtype=torch.float32))
+                return 0
+            except BaseException as e:  # noqa: BLE001 - cannot cross the C frames: raised after the call
+                self._error = e
+                return -1
+        self._callback = _REDUCE(call)  # kept alive as long as the struct points to it
+        return self._callback
 
     @staticmethod
     def supports(model) -> bool:
@@ -102,9 +124,11 @@ class NativeDecoder:
                 return False
             linears += [layer.self_attn.qkv_proj, layer.self_attn.o_proj]
             linears += [m for mlp in mlps for m in (mlp.gate_up_proj, mlp.down_proj)]
+        # a row-parallel shard (`inner`, summed over ranks by `reduce`) whose bias is added after the sum: not here
+        row_parallel_bias = any(hasattr(m, "inner") and m.bias is not None for m in linears)
         return (_kernel() is not None and model.norm.weight.device.type == "cpu"
-                and model.dtype in (torch.float32, torch.bfloat16)
-                and all(getattr(m, "native_int4", False) for m in linears))
+                and model.dtype in (torch.float32, torch.bfloat16) and not row_parallel_bias
+                and all(getattr(_shard(m), "native_int4", False) for m in linears))
 
     def _fp32(self, t: torch.Tensor | None) -> int | None:
         if t is None:
@@ -114,6 +138,7 @@ class NativeDecoder:
         return t.data_ptr()
 
     def _linear(self, m) -> _Linear:
+        m = _shard(m)
         return _Linear(m.weight_q.data_ptr(), m.scales.data_ptr(), self._fp32(m.bias), m.out_features,
                        m.in_features, m.group, m.unpack_block)
 
@@ -137,5 +162,8 @@ class NativeDecoder:
         if _kernel()(self._ref, x.data_ptr(), len(tokens), cos.data_ptr(), sin.data_ptr(), pages.data_ptr(),
                      starts.data_ptr(), pos.data_ptr(), self.pool.page_size, keep.data_ptr(), len(keep),
                      out.data_ptr()):
+            error, self._error = self._error, None
+            if error is not None:
+                raise error
             raise MemoryError("decode_step could not allocate its buffers")
         return out.to(self.model.dtype)

@@ -61,7 +61,10 @@ def test_greedy_tokens_equal_one_process(model_dir, name, tp):
     path, vocab = model_dir(name), MODELS.get(name, {}).get("vocab_size", 256)
     with llm(path, 1, vocab) as one:
         want = tokens(one.generate(PROMPTS, GREEDY, use_tqdm=False))
+        executor = type(one.engine.runner.executor)
     with llm(path, tp, vocab) as many:
+        # the ranks run what one process runs (int4: the C step, its all-reduces called back from C)
+        assert type(many.engine.runner.executor.inner) is executor
         assert tokens(many.generate(PROMPTS, GREEDY, use_tqdm=False)) == want
 
 
