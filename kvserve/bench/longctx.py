@@ -117,11 +117,11 @@ def measure(engine, prompt: list[int], policy, steps: int, timers: list[_Timed])
             attn_s.append(sum(by_layer.values()))
             layer_s.append(sum(by_layer[i] for i in sampled_layers) / max(1, len(sampled_layers)))
         if not seq.finished:
-            held = max(held, sum(p >= 0 for p in seq.pages))
+            held = max(held, engine.kv.pages_held(seq))
             if seq.attn_state is not None and not policy.offload:  # offloaded tables are in CPU memory
                 extra = seq.attn_state.nbytes()
     mc = engine.model.config
-    page_bytes = engine.pool.bytes_per_page(mc.num_layers, engine.pool.page_size, mc.num_kv_heads, mc.head_dim,
+    page_bytes = engine.pool.bytes_per_page(engine.kv_groups.slots, engine.pool.page_size, mc.num_kv_heads, mc.head_dim,
                                             engine.pool.k.dtype)
     # medians: on a shared 2-core machine a step now and then is several times slower
     return {"policy": policy.policy, "step_ms": 1e3 * median(step_s), "attn_ms": 1e3 * median(attn_s),

@@ -20,9 +20,10 @@ from kvserve.engine.scheduler import Scheduler
 from kvserve.engine.spec.speculator import Speculator
 from kvserve.engine.spec.verify import verify
 from kvserve.engine.structured import BitmaskApplier, GrammarCache
+from kvserve.kv.groups import KVGroups
 from kvserve.kv.manager import KVCacheManager
 from kvserve.kv.pool import PagePool
-from kvserve.kv.windows import kv_windows, shared_window
+from kvserve.kv.windows import kv_windows
 from kvserve.model.families import model_class
 from kvserve.model.loader import ModelLoadError, load_checkpoint, read_gguf, release_free_memory, resolve_model_path
 from kvserve.model.random_weights import RandomWeights, shape_config, token_tokenizer
@@ -84,27 +85,31 @@ class Engine:
         self.eos_token_ids = list(tokenizer.eos_token_ids or mc.eos_token_ids)
         cache = config.cache
         kv_dtype = model.dtype
-        page_bytes = PagePool.bytes_per_page(mc.num_layers, cache.page_size, mc.num_kv_heads, mc.head_dim, kv_dtype)
-        num_pages = cache.num_pages or default_num_pages(cache.kv_cache_gb, page_bytes, self.device,
-                                                         config.scheduler.max_num_seqs * self.max_model_len // cache.page_size)
+        # layers grouped by sliding window, each group with its own page tables in one pool whose
+        # page holds `slots` layers: windowed groups give back the pages behind their window
+        self.kv_groups = KVGroups.from_windows(kv_windows(mc))
+        self._check_groups(config, self.kv_groups)
+        page_bytes = PagePool.bytes_per_page(self.kv_groups.slots, cache.page_size, mc.num_kv_heads, mc.head_dim,
+                                             kv_dtype)
+        most_useful = len(self.kv_groups) * config.scheduler.max_num_seqs * self.max_model_len // cache.page_size
+        num_pages = cache.num_pages or default_num_pages(cache.kv_cache_gb, page_bytes, self.device, most_useful)
         if self.tp is not None:  # one page table for all ranks: as many pages as the smallest fits
             num_pages = self.tp.min_int(num_pages)
-        self.pool = PagePool(mc.num_layers, num_pages, cache.page_size, mc.num_kv_heads, mc.head_dim,
+        self.pool = PagePool(self.kv_groups.slots, num_pages, cache.page_size, mc.num_kv_heads, mc.head_dim,
                              kv_dtype, self.device)
         self.offload = build_offload_pools(self.default_attention, mc, cache, kv_dtype, self.device,
                                            _available_ram()) if self.default_attention.offload else None
-        self.kv = KVCacheManager(self.pool, cache.enable_prefix_caching, self.offload)
-        # every layer windowed (e.g. Mistral v0.1): pages behind the widest window go back to the pool
-        self.release_window = shared_window(kv_windows(mc))
+        self.kv = KVCacheManager(self.pool, cache.enable_prefix_caching, self.offload, self.kv_groups)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         executor = select_executor(model, self.pool, self.device, config.compile,
-                                   config.scheduler.max_num_seqs, config.enforce_eager,
+                                   config.scheduler.max_num_seqs, config.enforce_eager, self.kv_groups,
                                    reduce=self.tp.all_reduce if self.tp is not None else None)
         if self.tp is not None:
             from kvserve.distributed.executor import TensorParallelExecutor
             executor = TensorParallelExecutor(executor, model, self.pool, self.tp)
         self.runner = ModelRunner(model, executor)
-        self.runner.policy_attention.offload = self.offload
+        if self.runner.policy_attention is not None:
+            self.runner.policy_attention.offload = self.offload
         self.sampler = Sampler()
         self.speculator = self._speculator(config, draft_model) if config.speculative else None
         self.grammars = GrammarCache(tokenizer, mc.vocab_size, self.eos_token_ids)
@@ -133,6 +138,24 @@ class Engine:
         group = join(config)
         torch.set_num_threads(threads_per_rank(config.threads, config.tensor_parallel_size))
         return group
+
+    @property
+    def release_window(self) -> int | None:
+        """The widest window where every layer has one (Mistral): all pages behind it go back."""
+        windows = self.kv_groups.windows
+        return None if None in windows else max(windows)
+
+    @staticmethod
+    def _check_groups(config: EngineConfig, groups: KVGroups) -> None:
+        """What a model with several KV groups (global and windowed layers) cannot run yet: the
+        paths below read one page table for every layer."""
+        if len(groups) == 1:
+            return
+        if not parse_attention(config.attention).is_full:
+            raise ValueError("attention policies other than full need a model whose layers share one window")
+        if config.tensor_parallel_size > 1 or config.speculative in ("self", "draft"):
+            raise ValueError("tensor parallelism and self/draft speculation need a model whose layers "
+                             "share one window")
 
     @property
     def failure(self) -> str | None:
@@ -200,11 +223,13 @@ class Engine:
             raise ValueError(f"logit_bias and stop_token_ids keys must be token ids in [0, {vocab})")
         if self.tp is not None and params.attention is not None and not params.attention.is_full:
             raise ValueError("attention policies other than full are not supported with tensor parallelism")
+        if len(self.kv_groups) > 1 and params.attention is not None and not params.attention.is_full:
+            raise ValueError("attention policies other than full need a model whose layers share one window")
         room = 1 if params.attention is not None and params.attention.unbounded else (params.max_tokens or 1)
         if len(ids) + room > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                              f"the context length {self.max_model_len}")
-        if -(-(len(ids) + 1) // self.pool.page_size) > self.pool.num_pages:
+        if self.kv.pages_for(len(ids) + 1, self.config.scheduler.max_num_batched_tokens) > self.pool.num_pages:
             raise ValueError(f"prompt ({len(ids)} tokens) does not fit in the KV cache")
 
     def _init_seq(self, seq: Sequence) -> None:
@@ -371,9 +396,9 @@ class Engine:
 
     def _release_streamed_pages(self, scheduled) -> None:
         """Streaming requests give back the pages between their sinks and window once their
-        prompt is in (a prefill chunk still reads every earlier page). Under a model whose every
-        layer has a sliding window, full-attention requests give back the pages behind it, prompt
-        chunks included (a chunk reads only its own window); other policies may read any page."""
+        prompt is in (a prefill chunk still reads every earlier page). Full-attention requests
+        give back, in each KV group whose layers have a sliding window, the pages behind it,
+        prompt chunks included (a chunk reads only its own window); other policies may read any page."""
         for seq, _ in scheduled:
             p = seq.params.attention
             if seq.finished:
@@ -381,9 +406,8 @@ class Engine:
             if p is not None and p.policy == "streaming" and seq.num_computed_tokens >= seq.num_prompt_tokens:
                 pages = droppable_pages(seq.num_computed_tokens + 1, p.sink, p.window, self.pool.page_size)
                 self.kv.release_pages(seq, pages)
-            elif self.release_window is not None and (p is None or p.is_full):
-                pages = droppable_pages(seq.num_computed_tokens + 1, 0, self.release_window, self.pool.page_size)
-                self.kv.release_pages(seq, pages)
+            elif p is None or p.is_full:
+                self.kv.release_windows(seq)
 
     def _fail(self, request_id: str, error: Exception) -> RequestOutput:
         state = self.requests.get(request_id)

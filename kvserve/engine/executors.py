@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvserve.attention.grouped import GroupedAttention
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.attention.sparse.backend import PolicyAttention
 from kvserve.attention.torch_ref import TorchRefAttention
 from kvserve.attention.triton import available as triton_available
 from kvserve.engine.prompt_logprobs import PromptSpan
 from kvserve.engine.request import Sequence
+from kvserve.kv.groups import KVGroups
+from kvserve.kv.windows import kv_windows
 from kvserve.native.decode import NativeDecoder
 
 
@@ -41,8 +44,10 @@ class StepBatch:
 
 
 class TorchExecutor:
-    def __init__(self, model, attention, policy_attention, page_size: int, device, compile: bool = False):
+    def __init__(self, model, attention, policy_attention, page_size: int, device, compile: bool = False,
+                 num_groups: int = 1):
         self.model = model
+        self.num_groups = num_groups  # KV groups: one page table each (a GroupedAttention where > 1)
         if compile:
             from kvserve.engine.compiled_forward import compile_forward
             self.forward = compile_forward(model)
@@ -65,9 +70,8 @@ class TorchExecutor:
         if batch.sparse and self.policy_attention is not None:
             self.model.rope.ensure(max(batch.kv_lens))  # streaming runs past the context length
             return self._plan_policies(batch), self.model
-        meta = AttentionMetadata.build(batch.q_lens, [s.pages for s, _ in batch.scheduled], batch.kv_lens,
-                                       self.page_size)
-        self.attention.plan(meta)
+        self.attention.plan(*(AttentionMetadata.build(batch.q_lens, [s.tables[g] for s, _ in batch.scheduled],
+                                                      batch.kv_lens, self.page_size) for g in range(self.num_groups)))
         return self.attention, self.forward
 
     def _plan_policies(self, batch: StepBatch):
@@ -116,11 +120,14 @@ def native_layout(cfg) -> bool:
 
 
 def select_executor(model, pool, device, compile: bool = False, max_batch: int = 64, enforce_eager: bool = False,
-                    reduce=None):
+                    groups: KVGroups | None = None, reduce=None):
     """The fastest executor this model runs on, on this device, with its attention backends.
+    groups: the pool's KV groups (kvserve/kv/groups.py); several take a GroupedAttention and the
+    TorchExecutor (decode.c, the static path and sparse policies read one page table per step).
     reduce: a tensor-parallel rank's sum over ranks (TPGroup.all_reduce), which the C step calls
     between layers; with it, only executors that can join collectives are picked."""
     cfg = model.config
+    groups = groups or KVGroups.from_windows(kv_windows(cfg))
     # KVSERVE_ATTENTION_BACKEND=torch keeps a GPU on the PyTorch reference (as vLLM's variable of that name)
     backend = os.environ.get("KVSERVE_ATTENTION_BACKEND", "triton")
     if backend not in ("triton", "torch"):
@@ -128,17 +135,21 @@ def select_executor(model, pool, device, compile: bool = False, max_batch: int =
     cuda_kernels = str(device).startswith("cuda") and triton_available() and backend == "triton"
     kwargs = attention_kwargs(cfg)
     if cuda_kernels:
-        from kvserve.attention.triton import TritonAttention
-        attention = TritonAttention(pool, cfg.num_heads, cfg.head_dim, **kwargs)
+        from kvserve.attention.triton import TritonAttention as backend_cls
     else:
-        attention = TorchRefAttention(pool, cfg.num_heads, cfg.head_dim, **kwargs)
+        backend_cls = TorchRefAttention
+    # one backend per group, each with its group's window on every slot of the pool's pages
+    backends = [backend_cls(pool, cfg.num_heads, cfg.head_dim, **(kwargs | dict(windows=[w] * groups.slots)))
+                for w in groups.windows]
+    single = len(groups) == 1
+    attention = backends[0] if single else GroupedAttention(backends, groups)
     # sparse policies run in PyTorch ops on any device (indices made on the host, moved once per plan)
     policy_attention = PolicyAttention(TorchRefAttention(pool, cfg.num_heads, cfg.head_dim, **kwargs), pool,
-                                       cfg.num_heads, cfg.head_dim, kwargs["scale"])
-    torch_executor = TorchExecutor(model, attention, policy_attention, pool.page_size, device, compile)
-    if native_layout(cfg) and NativeDecoder.supports(model):
+                                       cfg.num_heads, cfg.head_dim, kwargs["scale"]) if single else None
+    torch_executor = TorchExecutor(model, attention, policy_attention, pool.page_size, device, compile, len(groups))
+    if single and native_layout(cfg) and NativeDecoder.supports(model):
         return NativeExecutor(NativeDecoder(model, pool, reduce), torch_executor)
-    if cuda_kernels and not enforce_eager and reduce is None:  # CUDA graphs cannot join collectives
+    if single and cuda_kernels and not enforce_eager and reduce is None:  # CUDA graphs cannot join collectives
         from kvserve.attention.triton.static import TritonStaticDecode
         from kvserve.engine.static_executor import StaticDecodeExecutor
         return StaticDecodeExecutor(model, pool, torch_executor, max_batch, cfg.max_position_embeddings,

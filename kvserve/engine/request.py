@@ -118,8 +118,8 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache
-        self.pages: list[int] = []
-        self.released_until = 0  # logical pages below this were checked for release (KVCacheManager)
+        self.tables: list[list[int]] = [[]]  # one page table per KV group (kvserve/kv/groups.py)
+        self.released_until = [0]  # per group: logical pages below this were checked for release
         self.page_hashes: list[bytes] = []  # keys of the full pages published to the prefix cache
         self.page_keys: list[bytes] = []  # keys of full pages computed so far (kv/page_keys.py)
         self.cache_salt = params.cache_salt
@@ -139,6 +139,15 @@ class Sequence:
         self.draft_token_ids: list[int] = []  # proposed this step, verified by its k + 1 rows
         self.spec = None  # speculation state (kvserve.engine.spec.speculator.SpecState)
         self.grammar = None  # xgrammar matcher of a structured request: it has accepted every output token
+
+    @property
+    def pages(self) -> list[int]:
+        """The page table of KV group 0: a plain model's only one."""
+        return self.tables[0]
+
+    @pages.setter
+    def pages(self, pages: list[int]) -> None:
+        self.tables[0] = pages
 
     @property
     def policy(self) -> AttentionPolicy:

@@ -1,9 +1,9 @@
-"""Sliding-window attention as KV memory sees it: which pages no layer will read again.
+"""Sliding-window attention as KV memory sees it: each layer's window.
 
-A layer with window W lets a query at position p read keys p-W+1..p only. Where every layer has
-one, pages wholly before (next position - largest window + 1) are dead for good and can go back to
-the pool, as streaming attention's are. Where some layers read everything (Gemma 3's global
-layers), one page table serves all layers and nothing can go."""
+A layer with window W lets a query at position p read keys p-W+1..p only, so the pages wholly
+before (next position - W + 1) are dead for that layer for good. kv/groups.py groups layers by
+window, each group with its own page tables, so that a windowed group gives those pages back
+while a global one (Gemma 3's) keeps its own."""
 
 
 def kv_windows(model_config) -> list[int | None]:
@@ -12,8 +12,3 @@ def kv_windows(model_config) -> list[int | None]:
     windows = getattr(model_config, "layer_windows", None)
     windows = windows() if callable(windows) else windows
     return list(windows) if windows else [None] * model_config.num_layers
-
-
-def shared_window(windows: list[int | None]) -> int | None:
-    """The span every layer's reads fit in (the largest window), or None where a layer has none."""
-    return None if not windows or None in windows else max(windows)

@@ -5,7 +5,7 @@ can prove that no page leaked (every used page is held by a live sequence or the
 def kv_report(engine) -> dict:
     pool, prefix = engine.pool, engine.kv.prefix
     live = engine.scheduler.running + engine.scheduler.waiting
-    active = {p for s in live for p in s.pages if p >= 0}
+    active = {p for s in live for table in s.tables for p in table if p >= 0}
     cached = set(prefix.pages.values()) if prefix else set()
     try:
         engine.kv.check_integrity(live)  # every page's ref count equals its holders
@@ -19,4 +19,6 @@ def kv_report(engine) -> dict:
             # KV memory is allocated untouched and first written when a page is first handed out, so
             # RSS grows with these until every page has been used once: growth, not a leak
             "pages_touched": sum(pool.zeroed),
-            "page_bytes": (pool.k.numel() + pool.v.numel()) * pool.k.element_size() // pool.num_pages}
+            "page_bytes": (pool.k.numel() + pool.v.numel()) * pool.k.element_size() // pool.num_pages,
+            # KV groups (kvserve/kv/groups.py): a page holds one group's layers; windowed groups give pages back
+            "kv_group_windows": engine.kv_groups.windows, "layers_per_page": engine.kv_groups.slots}

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from kvserve.engine.engine import Engine
 from kvserve.engine.request import SamplingParams
-from kvserve.kv.windows import kv_windows, shared_window
+from kvserve.kv.groups import KVGroups
+from kvserve.kv.windows import kv_windows
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.model.loader import hf_config
 from kvserve.model.random_weights import token_tokenizer
@@ -94,11 +95,11 @@ def test_kv_windows_reads_layer_windows_tolerantly():
     class Cfg:
         num_layers = 3
     cfg = Cfg()
-    assert kv_windows(cfg) == [None] * 3 and shared_window(kv_windows(cfg)) is None
+    assert kv_windows(cfg) == [None] * 3 and KVGroups.from_windows(kv_windows(cfg)).windows == [None]
     cfg.layer_windows = [4096, 4096, 4096]
-    assert shared_window(kv_windows(cfg)) == 4096
+    assert KVGroups.from_windows(kv_windows(cfg)).windows == [4096]
     cfg.layer_windows = lambda: [1024, None, 1024]  # a method: Gemma 3's local and global layers
-    assert kv_windows(cfg) == [1024, None, 1024] and shared_window(kv_windows(cfg)) is None
+    assert kv_windows(cfg) == [1024, None, 1024] and KVGroups.from_windows(kv_windows(cfg)).windows == [1024, 1024, None]
 
 
 def pages_in_use(engine):

@@ -1,15 +1,13 @@
 """PagePool, PrefixCache and KVCacheManager with hand-made sequences."""
-from types import SimpleNamespace
-
 import pytest
 
+from kvserve.engine.request import SamplingParams, Sequence
 from kvserve.kv.manager import KVCacheManager
 from kvserve.kv.pool import OutOfPagesError, PagePool
 
 
 def seq(tokens, salt=None):
-    return SimpleNamespace(token_ids=list(tokens), pages=[], page_hashes=[], page_keys=[], num_computed_tokens=0,
-                           cache_salt=salt)
+    return Sequence(0, "r", 0, list(tokens), SamplingParams(cache_salt=salt), 0.0)
 
 
 def manager(num_pages=8, page_size=4, prefix=True):

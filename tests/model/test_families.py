@@ -136,12 +136,25 @@ def test_full_width_qk_norm_equals_per_head_norm_of_one_head():
 
 
 def test_select_executor_gives_every_backend_the_windows_scale_and_softcap(hf_models):
+    """Gemma 2's local and global layers are two KV groups of 2 layers: a backend per group, with
+    the group's window on both slots of the pool's pages; the mistral variant is one group."""
+    from kvserve.attention.grouped import GroupedAttention
     from kvserve.engine.executors import TorchExecutor, select_executor
+    from kvserve.kv.groups import KVGroups
     from kvserve.kv.pool import PagePool
     _, model = hf_models("gemma2")
     cfg = model.config
-    pool = PagePool(cfg.num_layers, 8, 4, cfg.num_kv_heads, cfg.head_dim)
-    executor = select_executor(model, pool, "cpu")
+    groups = KVGroups.from_windows(cfg.layer_windows())
+    pool = PagePool(groups.slots, 8, 4, cfg.num_kv_heads, cfg.head_dim)
+    executor = select_executor(model, pool, "cpu", groups=groups)
     assert isinstance(executor, TorchExecutor)  # decode.c knows Llama's layers only
+    assert isinstance(executor.attention, GroupedAttention) and executor.num_groups == 2
+    assert executor.attention.route[2] == (executor.attention.backends[0], 1)  # layer 2: local, slot 1
+    for backend, window in zip(executor.attention.backends, [8, None]):
+        assert backend.windows == [window] * 2 and backend.softcap == 1.0 and backend.scale == 16 ** -0.5
+    _, model = hf_models("mistral")
+    cfg = model.config
+    executor = select_executor(model, PagePool(cfg.num_layers, 8, 4, cfg.num_kv_heads, cfg.head_dim), "cpu")
+    executor = getattr(executor, "fallback", executor)
     for backend in (executor.attention, executor.policy_attention.dense):
-        assert backend.windows == [8, None, 8, None] and backend.softcap == 1.0 and backend.scale == 16 ** -0.5
+        assert backend.windows == [8] * cfg.num_layers

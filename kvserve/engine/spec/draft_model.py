@@ -6,16 +6,23 @@ import torch
 
 from kvserve.engine.executors import StepBatch, select_executor
 from kvserve.engine.request import SequenceStatus
+from kvserve.kv.groups import KVGroups
 from kvserve.kv.manager import KVCacheManager
 from kvserve.kv.pool import PagePool
+from kvserve.kv.windows import kv_windows
 
 
 class _Shadow:
     def __init__(self, seq):
         self.seq = seq
-        self.pages: list[int] = []
+        self.tables: list[list[int]] = [[]]  # one page table per KV group of the draft model
+        self.released_until = [0]
         self.page_hashes: list[bytes] = []
         self.written: list[int] = []  # the token whose K/V is at each position, from 0
+
+    @property
+    def pages(self) -> list[int]:
+        return self.tables[0]
 
 
 class DraftModelProposer:
@@ -25,9 +32,10 @@ class DraftModelProposer:
                              f"({target_model.config.vocab_size})")
         cfg = model.config
         self.model = model
-        self.pool = PagePool(cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, model.dtype, device)
-        self.kv = KVCacheManager(self.pool, enable_prefix_caching=False)
-        self.executor = select_executor(model, self.pool, device)
+        groups = KVGroups.from_windows(kv_windows(cfg))  # kept whole: shadows give no page back
+        self.pool = PagePool(groups.slots, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, model.dtype, device)
+        self.kv = KVCacheManager(self.pool, enable_prefix_caching=False, groups=groups)
+        self.executor = select_executor(model, self.pool, device, groups=groups)
         self.shadows: dict[int, _Shadow] = {}
 
     def release_finished(self) -> None:
