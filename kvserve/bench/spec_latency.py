@@ -4,7 +4,8 @@ speculative decoding off and on, in one process over one loaded model, alternati
 Workloads: `grounded` (rewrite a ~1k-token text: the output copies its input), `chat` (free
 writing), `long` (continue a text of --spec-context tokens: self speculation's case; past the
 model's context length the rope is extended and the engine's length limit raised, which is
-a speed measurement, not a quality one), and --spec-batch B streams of `grounded` over 300-token texts at once.
+a speed measurement, not a quality one; --spec-rope-scale F interpolates positions instead, RoPE's
+linear scaling by F, untuned), and --spec-batch B streams of `grounded` over 300-token texts at once.
 Prints decode tok/s of each, their ratio, whether the outputs are identical, the acceptance rate
 and the mean accepted length (tokens per verification step)."""
 import dataclasses
@@ -23,6 +24,9 @@ def add_args(p) -> None:
                    help="comma list of grounded, chat, long, batch (with --speculative)")
     p.add_argument("--spec-context", type=int, default=16384, help="prompt tokens of the long workload")
     p.add_argument("--spec-batch", type=int, default=64, help="streams of the batch workload")
+    p.add_argument("--spec-rope-scale", type=float, default=None,
+                   help="long: linear RoPE scaling by this factor (position interpolation, no tuning), so the "
+                        "model reads past its context length; off: positions past it are extrapolated")
     p.add_argument("--spec-clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: this process's CPU time, steadier than wall time on a shared machine "
                         "(with --threads 1; more threads also count their spinning)")
@@ -43,6 +47,11 @@ def main(args) -> int:
     plain = Engine(plain_cfg)
     spec = Engine(dataclasses.replace(plain_cfg, speculative=cfg.speculative), model=plain.model,
                   tokenizer=plain.tokenizer)
+    if args.spec_rope_scale:
+        from kvserve.model.llama import make_rope
+        mc = plain.model.config
+        mc.rope_scaling = {"rope_type": "linear", "factor": args.spec_rope_scale}
+        plain.model.rope = make_rope(mc, mc.rope_theta, mc.rope_scaling, None, plain.device)
     tok = plain.tokenizer
     text = long_text(200_000)
     ids = tok.encode(text)
@@ -57,6 +66,7 @@ def main(args) -> int:
         "batch": [chat(GROUNDED.format(text=tok.decode(ids[i * 300:i * 300 + 300]))) for i in range(args.spec_batch)],
     }
     print(f"speculative {cfg.speculative}, k={cfg.num_speculative_tokens}; {args.output_len} output tokens, greedy; "
+          f"RoPE {plain.model.config.rope_scaling or 'as trained'}; "
           f"{torch.get_num_threads()} threads; {args.rounds} rounds, medians; {args.spec_clock} clock")
     for e in (plain, spec):
         e.max_model_len = max(e.max_model_len, need + 16)  # long: past the context length, see above

@@ -318,3 +318,26 @@ def test_self_drafts_on_the_c_step_read_the_streaming_view(tmp_path):
     spec.speculator.max_batch = 8
     assert [o.outputs[0].token_ids for o in run(spec, prompts, params)] == want
     assert spec.speculator.stats.rounds > 0 and balanced(spec)
+
+
+def test_ngram_on_the_c_step_keeps_greedy_outputs(tmp_path):
+    """decode.c runs a verification's rows on the few-rows int4 kernel (each row as it is alone) and
+    attends them as one block: greedy outputs equal plain decoding's, alone and with 2-3 sequences
+    in a step (rows past the kernel's 8 go to gemm.c)."""
+    from engine.test_native_decode import int4_model
+    from kvserve.engine.executors import NativeExecutor
+    model = int4_model(tmp_path)
+    tokenizer = token_tokenizer(model.config.vocab_size)
+
+    def engine(spec):
+        return Engine(EngineConfig(speculative=spec, cache=CacheConfig(16, 256, None, True)), model=model,
+                      tokenizer=tokenizer)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 250) for _ in range(n)] * 3 for n in (9, 17, 30)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in run(engine(None), prompts, params)]
+    spec = engine("ngram")
+    assert isinstance(spec.runner.executor, NativeExecutor)
+    assert [run(spec, [p], params)[0].outputs[0].token_ids for p in prompts] == want
+    assert [o.outputs[0].token_ids for o in run(spec, prompts, params)] == want
+    assert spec.speculator.stats.accepted > 0 and balanced(spec)
