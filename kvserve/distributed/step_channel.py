@@ -1,7 +1,8 @@
 """The step description rank 0 broadcasts to the other tensor-parallel ranks: the scheduled
 tokens and page tables (a few int64s per token and per page), never activations.
 
-One fixed header, then one flat body:
+One message of FIRST int64s: a fixed header, then the start of one flat body (a decode step's
+whole body fits); what does not fit follows in a second message of the exact size:
 header [op, tokens T, sequences S, sampled rows L, pages P, page copies C]
 body   ids[T] positions[T] q_lens[S] kv_lens[S] last_rows[L] pages_per_seq[S] pages[P] copies[2C]
 """
@@ -14,6 +15,7 @@ from kvserve.engine.executors import StepBatch
 
 STEP, STOP = 0, 1
 HEADER = 6
+FIRST = 512  # 4 KB: a small gloo broadcast costs about what an empty one does
 
 
 @dataclass
@@ -32,20 +34,26 @@ class StepChannel:
         header = [STEP, len(batch.ids), len(batch.q_lens), len(batch.last_rows), len(flat_pages), len(copies)]
         body = (batch.ids + batch.positions + batch.q_lens + batch.kv_lens + batch.last_rows
                 + [len(ps) for ps in pages] + flat_pages + [x for c in copies for x in c])
-        self.group.broadcast_step(torch.tensor(header, dtype=torch.int64))
-        self.group.broadcast_step(torch.tensor(body, dtype=torch.int64))
+        message = header + body
+        first = torch.zeros(FIRST, dtype=torch.int64)
+        first[:min(FIRST, len(message))] = torch.tensor(message[:FIRST], dtype=torch.int64)
+        self.group.broadcast_step(first)
+        if len(message) > FIRST:
+            self.group.broadcast_step(torch.tensor(message[FIRST:], dtype=torch.int64))
 
     def send_stop(self) -> None:
-        self.group.broadcast_step(torch.tensor([STOP] + [0] * (HEADER - 1), dtype=torch.int64))
+        self.group.broadcast_step(torch.tensor([STOP] + [0] * (FIRST - 1), dtype=torch.int64))
 
     def recv(self) -> tuple[StepBatch, list[tuple[int, int]]] | None:
         """The next step and the page copies to make before it; None when rank 0 stops."""
-        header = self.group.broadcast_step(torch.empty(HEADER, dtype=torch.int64)).tolist()
-        op, t, s, n_last, n_pages, n_copies = header
+        message = self.group.broadcast_step(torch.empty(FIRST, dtype=torch.int64)).tolist()
+        op, t, s, n_last, n_pages, n_copies = message[:HEADER]
         if op == STOP:
             return None
-        body = self.group.broadcast_step(torch.empty(2 * t + 4 * s + n_last + n_pages + 2 * n_copies,
-                                                     dtype=torch.int64)).tolist()
+        size = HEADER + 2 * t + 3 * s + n_last + n_pages + 2 * n_copies
+        if size > FIRST:
+            message += self.group.broadcast_step(torch.empty(size - FIRST, dtype=torch.int64)).tolist()
+        body = message[HEADER:size]
         parts, at = [], 0
         for n in (t, t, s, s, n_last, s, n_pages, 2 * n_copies):
             parts.append(body[at:at + n])
