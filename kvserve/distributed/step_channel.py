@@ -23,6 +23,10 @@ class PageTable:
     """What an executor reads of a scheduled sequence on a rank that has no Sequence objects."""
     pages: list[int]
 
+    @property
+    def tables(self) -> list[list[int]]:  # one KV group: tensor parallelism refuses models with several
+        return [self.pages]
+
 
 class StepChannel:
     def __init__(self, group: TPGroup):
