@@ -34,7 +34,9 @@ def run_worker(python: str, engine: str, args, model: str, prompts) -> dict:
            "--dtype", args.dtype, "--quantization", args.quantization] + (["--compile"] if args.compile else [])
     print(f"running {engine} ...", file=sys.stderr, flush=True)
     # the workers' own progress and logs go straight to our stderr
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": ""})
+    # kvserve's worker imports this checkout's kvserve (not whichever one the venv installed)
+    path = str(Path(__file__).parents[2]) if engine == "kvserve" else ""
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": path})
     if done.returncode:
         raise SystemExit(f"{engine} worker failed with exit code {done.returncode}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -3,8 +3,8 @@
 
 - `TorchExecutor`: PyTorch ops on any device; attention through the planned backend, non-full
   decodes through PolicyAttention, optionally torch.compile'd.
-- `NativeExecutor`: the CPU with int4 weights: a step with full attention only is one C call
-  (kvserve/native/decode.c; on a tensor-parallel rank, its shard, with the all-reduces called
+- `NativeExecutor`: the CPU with int4 / int8-group weights: a step with full attention only is one C
+  call (kvserve/native/decode.c; on a tensor-parallel rank, its shard, with the all-reduces called
   back between layers); a step with a sparse-policy decode goes to its TorchExecutor.
 - `StaticDecodeExecutor` (static_executor.py): CUDA with triton, unless enforce_eager:
   decode-only steps replay a CUDA graph captured per batch bucket (Triton decode over static
@@ -113,10 +113,11 @@ def attention_kwargs(cfg) -> dict:
 
 def native_layout(cfg) -> bool:
     """Whether kvserve/native/decode.c computes this model's layers: Llama's layout (sliding windows
-    and int4 experts included; NativeDecoder.supports names the architectures), without q/k norms,
-    Gemma's norms, GeGLU, softcapping, a score scale or partial rotary."""
-    return (cfg.qk_norm is None and cfg.hidden_act == "silu" and cfg.query_scale is None
-            and cfg.attn_softcap is None and cfg.rotary_dim == cfg.head_dim)
+    and quantized experts included; NativeDecoder.supports names the architectures) without q/k
+    norms or GeGLU, or Gemma 3's (offset and sandwich norms, per-head q/k norms, GeGLU, its local
+    RoPE table); a score scale is the config's. Not: attention softcapping (Gemma 2), partial rotary."""
+    layout = cfg.qk_norm is None and cfg.hidden_act == "silu" or cfg.architecture == "gemma3"
+    return layout and cfg.attn_softcap is None and cfg.rotary_dim == cfg.head_dim
 
 
 def select_executor(model, pool, device, compile: bool = False, max_batch: int = 64, enforce_eager: bool = False,

@@ -6,6 +6,8 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
+    offset = 0.0  # what the weight is added to before it multiplies (OffsetRMSNorm: 1)
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -19,6 +21,7 @@ class RMSNorm(nn.Module):
 class OffsetRMSNorm(RMSNorm):
     """Gemma's RMSNorm: x * (1 + w), computed in fp32 and cast back (transformers' Gemma order:
     the weight multiplies before the cast, where Llama's multiplies after)."""
+    offset = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.rms_norm(x.float(), self.weight.shape, 1.0 + self.weight.float(), self.eps).to(x.dtype)

@@ -1,9 +1,10 @@
-/* An engine step (decode tokens, prompt chunks, any mix of sequences) of a Llama-family model with
-   int4 weights, all layers in one call: the eager PyTorch step spends a fifth (a batch of decodes)
-   to two thirds (one stream) of its time dispatching ~15 small ops a layer, not in matmuls.
-   Same math as kvserve/model/llama.py (rotate-half RoPE, GQA, SiLU-gated MLP) in float32, with
-   the int4 matmuls of qmatmul.c (one row) and gemm.c (more); K/V go to the paged cache like
-   TorchRefAttention's. */
+/* An engine step (decode tokens, prompt chunks, any mix of sequences) of a Llama-family or Gemma 3
+   model with int4 or int8-group weights, all layers in one call: the eager PyTorch step spends a
+   fifth (a batch of decodes) to two thirds (one stream) of its time dispatching ~15 small ops a
+   layer, not in matmuls. Same math as kvserve/model/llama.py (rotate-half RoPE, GQA, SiLU-gated
+   MLP) and model/gemma.py (q/k norms, norms after attention and MLP, GeGLU, a local RoPE table for
+   sliding layers) in float32, with the matmuls of qmatmul.c (a few rows) and gemm.c (more); K/V go
+   to the paged cache like TorchRefAttention's. Gemma's (1 + w) norm weights come added. */
 #include <stdlib.h>
 
 /* one translation unit: the kernels inline here; native.load hashes every source */
@@ -19,10 +20,11 @@
 #define MATMUL_ROWS 8
 
 typedef struct {
-    const uint8_t *w;       /* _convert_weight_to_int4pack_for_cpu layout */
-    const uint16_t *scales; /* [K / G, N, 2] bf16 (scale, zero) */
+    const void *w;          /* int4: _convert_weight_to_int4pack_for_cpu layout */
+    const void *scales;     /* int4: [K / G, N, 2] bf16 (scale, zero) */
     const float *bias;      /* [N] or NULL */
     int64_t n, k, group, block;
+    int64_t int8;           /* w: int8 [N, K], scales: float [N, K / G] (QuantizedLinear.int8_groups) */
 } Linear;
 
 typedef struct {
@@ -33,6 +35,10 @@ typedef struct {
     int64_t num_experts, top_k, norm_topk;
     const float *router;
     const Linear *experts_gate_up, *experts_down;
+    /* Gemma 3: norms of attention's and the MLP's outputs, per-head q/k norms (each NULL: none),
+       and whether RoPE takes the local table (sliding layers) */
+    const float *post_attn_norm, *post_mlp_norm, *q_norm, *k_norm;
+    int64_t local_rope;
 } Layer;
 
 typedef struct {
@@ -47,6 +53,7 @@ typedef struct {
     /* tensor parallelism: sums o's and down's outputs [T, hidden] over the ranks in place (a
        collective of the caller's); 0, or nonzero when it failed. NULL on one process */
     int64_t (*reduce)(float *x, int64_t n);
+    int64_t gelu;             /* MLP activation: tanh-approximated GELU (GeGLU), else SiLU */
 } Model;
 
 static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out)
@@ -66,10 +73,17 @@ static void rms_norm(const float *x, const float *w, int64_t n, float eps, float
         out[i] = x[i] * r * w[i];
 }
 
+#define INT8_MATMUL_ROWS 8  /* fewer rows: int8 products (scratch: 10 * widest bytes a row); more: gemm.c */
+
 /* 0, or -1 when out of memory */
 static int64_t linear(const Linear *l, const float *x, int64_t M, float *y, void *scratch)
 {
-    if (M <= MATMUL_ROWS)
+    if (l->int8 && M < INT8_MATMUL_ROWS)
+        int8_matmul(x, M, (const int8_t *)l->w, (const float *)l->scales, l->n, l->k, l->group, y, scratch);
+    else if (l->int8) {
+        if (int8_gemm(x, M, (const int8_t *)l->w, (const float *)l->scales, l->n, l->k, l->group, y))
+            return -1;
+    } else if (M <= MATMUL_ROWS)
         int4_matmul(x, M, l->w, l->scales, l->n, l->k, l->group, l->block, y, scratch);
     else if (int4_gemm(x, M, l->w, l->scales, l->n, l->k, l->group, l->block, y))
         return -1;
@@ -84,6 +98,14 @@ static inline float sigmoid(float x)
 {
     const float e = exp_neg(-fabsf(x));
     return (x >= 0 ? 1.0f : e) / (1 + e);
+}
+
+/* x * 0.5 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))), tanh from exp_neg so that loops vectorize */
+static inline float gelu_tanh(float x)
+{
+    const float u = 0.7978845608f * (x + 0.044715f * x * x * x), e = exp_neg(-2 * fabsf(u));
+    const float t = (1 - e) / (1 + e);
+    return 0.5f * x * (1 + (u >= 0 ? t : -t));
 }
 
 /* x [heads, D] rotated in place by the position's cos/sin [D / 2] */
@@ -224,18 +246,20 @@ static void keep_rows(const int64_t *keep, int64_t kept, float *qkv, int64_t qkv
 /* T tokens: row t is at position pos[t] of the sequence whose page table starts at
    pages[page_starts[t]]. Every row's K/V is written before any row attends, so the tokens of one
    sequence (a prompt chunk, in order) attend causally. x [T, hidden]: their embeddings, overwritten
-   by the residual stream; cos/sin [T, D / 2]: their positions' rotations; out [kept, hidden]: the
+   by the residual stream; cos/sin [T, D / 2]: their positions' rotations (cos_local/sin_local:
+   those of layers with local_rope); out [kept, hidden]: the
    final normed hidden states of rows keep[0..kept) (ascending), the rows whose logits are wanted:
    the last layer computes no others past their K/V. Returns 0, or -1 when out of memory. */
-int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const float *sin, const int32_t *pages,
+int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const float *sin,
+                    const float *cos_local, const float *sin_local, const int32_t *pages,
                     const int64_t *page_starts, const int64_t *pos, int64_t page_size, const int64_t *keep,
                     int64_t kept, float *out)
 {
     const int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, I = m->intermediate, E = m->hidden;
     const int64_t qkv_n = (H + 2 * Hkv) * D, widest = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D);
     float *buf = malloc(sizeof(float) * T * (E + qkv_n + H * D + E + 3 * I + E));
-    /* int4_matmul's, per row: 2 K bytes + 8 K / G, G >= 1 */
-    void *scratch = malloc(10 * widest * (T < MATMUL_ROWS ? T : MATMUL_ROWS));
+    /* int4_matmul's for up to MATMUL_ROWS rows, int8_matmul's for INT8_MATMUL_ROWS: 2 K bytes + 8 K / G a row, G >= 1 */
+    void *scratch = malloc(10 * widest * (MATMUL_ROWS > INT8_MATMUL_ROWS ? MATMUL_ROWS : INT8_MATMUL_ROWS));
     int64_t *kept_pos = malloc(sizeof(int64_t) * 2 * (kept + 1)), *kept_starts = kept_pos + kept + 1;
     if (!buf || !scratch || !kept_pos) {
         free(buf);
@@ -256,8 +280,16 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
         for (int64_t t = 0; t < T; t++) {
             const int64_t slot = (int64_t)pages[page_starts[t] + pos[t] / page_size] * page_size + pos[t] % page_size;
             float *q = qkv + t * qkv_n, *k = q + H * D, *v = k + Hkv * D;
-            rope(q, H, D, cos + t * D / 2, sin + t * D / 2);
-            rope(k, Hkv, D, cos + t * D / 2, sin + t * D / 2);
+            if (L->q_norm)
+                for (int64_t h = 0; h < H; h++)
+                    rms_norm(q + h * D, L->q_norm, D, m->eps, q + h * D);
+            if (L->k_norm)
+                for (int64_t h = 0; h < Hkv; h++)
+                    rms_norm(k + h * D, L->k_norm, D, m->eps, k + h * D);
+            const float *c = (L->local_rope ? cos_local : cos) + t * D / 2;
+            const float *s = (L->local_rope ? sin_local : sin) + t * D / 2;
+            rope(q, H, D, c, s);
+            rope(k, Hkv, D, c, s);
             for (int64_t g = 0; g < Hkv; g++) {
                 const int64_t row = ((l * Hkv + g) * m->slots + slot) * D;
                 for (int64_t d = 0; d < D; d++) {
@@ -278,6 +310,8 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
             status |= m->reduce(proj, T * E);
         #pragma omp parallel for if (T >= PARALLEL_ROWS)
         for (int64_t t = 0; t < T; t++) {
+            if (L->post_attn_norm)
+                rms_norm(proj + t * E, L->post_attn_norm, E, m->eps, proj + t * E);
             for (int64_t i = t * E; i < (t + 1) * E; i++)
                 x[i] += proj[i];
             rms_norm(x + t * E, L->mlp_norm, E, m->eps, h + t * E);
@@ -289,14 +323,22 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
         status |= linear(&L->gate_up, h, T, gu, scratch);
         #pragma omp parallel for if (T >= PARALLEL_ROWS)
         for (int64_t t = 0; t < T; t++)  /* gate, then up */
-            for (int64_t i = 0; i < I; i++)
-                act[t * I + i] = gu[t * 2 * I + i] * sigmoid(gu[t * 2 * I + i]) * gu[t * 2 * I + I + i];
+            if (m->gelu)
+                for (int64_t i = 0; i < I; i++)
+                    act[t * I + i] = gelu_tanh(gu[t * 2 * I + i]) * gu[t * 2 * I + I + i];
+            else
+                for (int64_t i = 0; i < I; i++)
+                    act[t * I + i] = gu[t * 2 * I + i] * sigmoid(gu[t * 2 * I + i]) * gu[t * 2 * I + I + i];
         status |= linear(&L->down, act, T, proj, scratch);
         if (m->reduce && status == 0)
             status |= m->reduce(proj, T * E);
         #pragma omp parallel for if (T >= PARALLEL_ROWS)
-        for (int64_t i = 0; i < T * E; i++)
-            x[i] += proj[i];
+        for (int64_t t = 0; t < T; t++) {
+            if (L->post_mlp_norm)
+                rms_norm(proj + t * E, L->post_mlp_norm, E, m->eps, proj + t * E);
+            for (int64_t i = t * E; i < (t + 1) * E; i++)
+                x[i] += proj[i];
+        }
     }
     for (int64_t t = 0; t < kept && status == 0; t++)
         rms_norm(x + t * E, m->final_norm, E, m->eps, out + t * E);

@@ -1,5 +1,5 @@
 """decode.c from PyTorch: a whole engine step (decode tokens, prompt chunks, any mix of sequences)
-in one C call, for models whose linear layers all run on the int4 kernels. The runner takes it for
+in one C call, for models whose linear layers all run on the int4 or int8-group kernels. The runner takes it for
 every step with full attention only: PyTorch's per-op dispatch costs a fifth to two thirds of a
 step (a batch of decodes, one stream), and its prompt attention (SDPA) is slower than ours."""
 import ctypes
@@ -15,24 +15,25 @@ _REDUCE = ctypes.CFUNCTYPE(_i64, ctypes.POINTER(_f32), _i64)  # decode.c's Model
 
 class _Linear(ctypes.Structure):
     _fields_ = [("w", _ptr), ("scales", _ptr), ("bias", _ptr), ("n", _i64), ("k", _i64), ("group", _i64),
-                ("block", _i64)]
+                ("block", _i64), ("int8", _i64)]
 
 
 class _Layer(ctypes.Structure):
     _fields_ = [("attn_norm", _ptr), ("mlp_norm", _ptr), ("qkv", _Linear), ("o", _Linear),
                 ("gate_up", _Linear), ("down", _Linear), ("num_experts", _i64), ("top_k", _i64),
                 ("norm_topk", _i64), ("router", _ptr), ("experts_gate_up", ctypes.POINTER(_Linear)),
-                ("experts_down", ctypes.POINTER(_Linear))]
+                ("experts_down", ctypes.POINTER(_Linear)), ("post_attn_norm", _ptr), ("post_mlp_norm", _ptr),
+                ("q_norm", _ptr), ("k_norm", _ptr), ("local_rope", _i64)]
 
 
 class _Model(ctypes.Structure):
     _fields_ = [("num_layers", _i64), ("hidden", _i64), ("heads", _i64), ("kv_heads", _i64), ("head_dim", _i64),
                 ("intermediate", _i64), ("eps", _f32), ("scale", _f32), ("kv_bf16", _i64), ("slots", _i64),
                 ("k_cache", _ptr), ("v_cache", _ptr), ("layers", ctypes.POINTER(_Layer)), ("final_norm", _ptr),
-                ("windows", ctypes.POINTER(_i64)), ("reduce", _REDUCE)]
+                ("windows", ctypes.POINTER(_i64)), ("reduce", _REDUCE), ("gelu", _i64)]
 
-# the layer layouts decode.c computes (Llama's: RMSNorm, rotate-half RoPE, SiLU-gated MLP)
-_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral")
+# the layer layouts decode.c computes (Llama's: RMSNorm, rotate-half RoPE, SiLU-gated MLP; Gemma 3's)
+_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral", "gemma3")
 
 
 @cache
@@ -41,7 +42,8 @@ def _kernel():
     if has_avx2 is None or not has_avx2():
         return None
     return native.function("decode", "decode_step", ctypes.c_int64,
-                           [ctypes.POINTER(_Model), _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr])
+                           [ctypes.POINTER(_Model), _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64,
+                            _ptr])
 
 
 def _layer_windows(cfg) -> list:
@@ -77,10 +79,19 @@ class NativeDecoder:
         layers = (_Layer * cfg.num_layers)()
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            norms = self._fp32(layer.input_layernorm.weight), self._fp32(layer.post_attention_layernorm.weight)
+            sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma: its post_attention_layernorm
+            # normalizes attention's output, pre_feedforward_layernorm the MLP's input
+            mlp_norm = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
+            norms = self._norm(layer.input_layernorm), self._norm(mlp_norm)
             if _moe_experts(mlp) is None:
                 layers[i] = _Layer(*norms, self._linear(attn.qkv_proj), self._linear(attn.o_proj),
                                    self._linear(mlp.gate_up_proj), self._linear(mlp.down_proj))
+                if sandwich:
+                    layers[i].post_attn_norm = self._norm(layer.post_attention_layernorm)
+                    layers[i].post_mlp_norm = self._norm(layer.post_feedforward_layernorm)
+                if attn.qk_norm == "head":
+                    layers[i].q_norm, layers[i].k_norm = self._norm(attn.q_norm), self._norm(attn.k_norm)
+                layers[i].local_rope = int(attn.local_rope)
             else:  # a mixture of experts: the dense MLP's linears stay zero
                 gate_up = (_Linear * len(mlp.experts))(*(self._linear(e.gate_up_proj) for e in mlp.experts))
                 down = (_Linear * len(mlp.experts))(*(self._linear(e.down_proj) for e in mlp.experts))
@@ -92,10 +103,11 @@ class NativeDecoder:
         self._windows = (_i64 * cfg.num_layers)(*[w or 0 for w in _layer_windows(cfg)])
         width = cfg.moe_intermediate_size if cfg.num_experts else cfg.intermediate_size
         self._struct = _Model(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                              width, cfg.rms_norm_eps, cfg.head_dim ** -0.5,
+                              width, cfg.rms_norm_eps, cfg.attention_scale,
                               int(pool.k.dtype == torch.bfloat16), pool.k.shape[2], pool.k.data_ptr(),
-                              pool.v.data_ptr(), layers, self._fp32(model.norm.weight), self._windows,
-                              self._reduce_callback(reduce) if reduce else _REDUCE())
+                              pool.v.data_ptr(), layers, self._norm(model.norm), self._windows,
+                              self._reduce_callback(reduce) if reduce else _REDUCE(),
+                              int(cfg.hidden_act == "gelu_tanh"))
         self._ref = ctypes.byref(self._struct)
 
     def _reduce_callback(self, reduce):
@@ -111,7 +123,7 @@ class NativeDecoder:
 
     @staticmethod
     def supports(model) -> bool:
-        """Every linear layer on the int4 kernel, activations (and so the KV cache) float32 or
+        """Every linear layer on the int4 or int8-group kernels, activations (and so the KV cache) float32 or
         bfloat16 on the CPU. Asked of the modules, not by type: native sits below kvserve.model."""
         if not hasattr(model, "layers"):  # e.g. the null model of `bench overhead`
             return False
@@ -120,7 +132,7 @@ class NativeDecoder:
         linears = []
         for layer in model.layers:
             mlps = [layer.mlp] if hasattr(layer.mlp, "gate_up_proj") else _moe_experts(layer.mlp)
-            if mlps is None:  # experts with float weights (decode.c runs int4 ones)
+            if mlps is None:  # experts with float weights (decode.c runs quantized ones)
                 return False
             linears += [layer.self_attn.qkv_proj, layer.self_attn.o_proj]
             linears += [m for mlp in mlps for m in (mlp.gate_up_proj, mlp.down_proj)]
@@ -128,7 +140,8 @@ class NativeDecoder:
         row_parallel_bias = any(hasattr(m, "inner") and m.bias is not None for m in linears)
         return (_kernel() is not None and model.norm.weight.device.type == "cpu"
                 and model.dtype in (torch.float32, torch.bfloat16) and not row_parallel_bias
-                and all(getattr(_shard(m), "native_int4", False) for m in linears))
+                and all(getattr(_shard(m), "native_int4", False) or getattr(_shard(m), "int8_groups", False)
+                        for m in linears))
 
     def _fp32(self, t: torch.Tensor | None) -> int | None:
         if t is None:
@@ -137,8 +150,15 @@ class NativeDecoder:
         self._keep.append(t)
         return t.data_ptr()
 
+    def _norm(self, norm) -> int:
+        """An RMSNorm's fp32 weight as decode.c multiplies by it: Gemma's (offset 1) stores w for 1 + w."""
+        return self._fp32(norm.weight.detach().float() + getattr(norm, "offset", 0.0))
+
     def _linear(self, m) -> _Linear:
         m = _shard(m)
+        if getattr(m, "int8_groups", False):
+            return _Linear(m.weight_q.data_ptr(), m.scales.data_ptr(), self._fp32(m.bias), m.out_features,
+                           m.in_features, m.group, 0, 1)
         return _Linear(m.weight_q.data_ptr(), m.scales.data_ptr(), self._fp32(m.bias), m.out_features,
                        m.in_features, m.group, m.unpack_block)
 
@@ -150,16 +170,24 @@ class NativeDecoder:
         start at page_table[page_starts[t]]. Writes every token's K/V to the cache; tokens of one
         sequence come in order. rope_positions (default: positions) rotate q and k: a token placed
         at a smaller position of a shortened page table keeps its true rotation (self speculation)."""
-        x = self.model.embed_tokens(torch.tensor(tokens)).float().contiguous()
+        x = self.model.embed(torch.tensor(tokens)).float().contiguous()  # Gemma's scaled embeddings too
         keep = torch.arange(len(tokens)) if rows is None else torch.tensor(rows, dtype=torch.int64)
         out = x.new_empty(len(keep), x.shape[1])
         rope = self.model.rope
         rotated = positions if rope_positions is None else rope_positions
         rope.ensure(max(rotated) + 1)
         pos = torch.tensor(positions)
-        cos, sin = rope.cos[torch.tensor(rotated)].contiguous(), rope.sin[torch.tensor(rotated)].contiguous()
+        index = torch.tensor(rotated)
+        cos, sin = rope.cos[index].contiguous(), rope.sin[index].contiguous()
+        local = self.model.local_rope  # Gemma 3's sliding layers' table, where the model has one
+        if local is not None:
+            local.ensure(len(rope.cos))
+            cos_local, sin_local = local.cos[index].contiguous(), local.sin[index].contiguous()
+        else:
+            cos_local, sin_local = cos, sin
         pages, starts = torch.tensor(page_table, dtype=torch.int32), torch.tensor(page_starts)
-        if _kernel()(self._ref, x.data_ptr(), len(tokens), cos.data_ptr(), sin.data_ptr(), pages.data_ptr(),
+        if _kernel()(self._ref, x.data_ptr(), len(tokens), cos.data_ptr(), sin.data_ptr(), cos_local.data_ptr(),
+                     sin_local.data_ptr(), pages.data_ptr(),
                      starts.data_ptr(), pos.data_ptr(), self.pool.page_size, keep.data_ptr(), len(keep),
                      out.data_ptr()):
             error, self._error = self._error, None
