@@ -21,7 +21,8 @@ from kvserve.engine.executors import StepBatch
 class TensorParallelExecutor:
     def __init__(self, inner, model, pool, group: TPGroup):
         self.inner = inner
-        self.fallback = getattr(inner, "fallback", inner)  # the TorchExecutor: ModelRunner reaches the attention backends through it
+        # the TorchExecutor: ModelRunner reaches the attention backends through it
+        self.fallback = getattr(inner, "fallback", inner)
         self.model, self.pool, self.group = model, pool, group
         self.channel = StepChannel(group)
         self._copies: list[tuple[int, int]] = []

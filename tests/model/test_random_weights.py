@@ -41,3 +41,21 @@ def test_kvserve_and_transformers_agree_on_random_weights():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
                           pad_token_id=0)[0, len(prompt):].tolist()
     assert outs[0].outputs[0].token_ids == ref
+
+
+def test_int4_quantizes_the_linear_weights_as_a_float_checkpoint():
+    """--random-weights with --quantization int4: linears int4 (the C step's), vocabulary int8,
+    norms float; each quantized tensor is the float weight rounded, within half a step."""
+    from kvserve.model.quant import QuantizedTensor
+    plain = RandomWeights(SHAPES["tiny"], torch.float32, "cpu")
+    quantized = RandomWeights(SHAPES["tiny"], torch.float32, "cpu", quantization="int4")
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                 "model.embed_tokens.weight", "model.norm.weight"):
+        w, q = plain[name], quantized[name]
+        if name.endswith("norm.weight"):
+            assert torch.equal(q, w)
+            continue
+        assert isinstance(q, QuantizedTensor) and q.kind == ("int8" if "embed" in name else "int4")
+        groups = w.view(w.shape[0], -1, q.group)
+        step = (groups.amax(-1) - groups.amin(-1)) / 15 if q.kind == "int4" else groups.abs().amax(-1) / 127
+        assert ((q.dequantize() - w).view_as(groups).abs() <= step[..., None] / 2 + 1e-6).all()
