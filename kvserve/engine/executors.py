@@ -99,10 +99,12 @@ class NativeExecutor:
     def execute(self, batch: StepBatch) -> torch.Tensor:
         if batch.sparse:
             return self.fallback.execute(batch)
-        page_table, page_starts = [], []
+        page_starts, at = [], 0
         for seq, n in batch.scheduled:
-            page_starts.extend([len(page_table)] * n)
-            page_table.extend(seq.pages)
+            page_starts.extend([at] * n)
+            at += len(seq.pages)
+        # each KV group's tables one after the other (a sequence's tables all have its length)
+        page_table = [p for g in range(self.decoder.num_groups) for seq, _ in batch.scheduled for p in seq.tables[g]]
         return self.decoder(batch.ids, batch.positions, page_table, page_starts, batch.last_rows)
 
 
@@ -124,7 +126,7 @@ def select_executor(model, pool, device, compile: bool = False, max_batch: int =
                     groups: KVGroups | None = None, reduce=None):
     """The fastest executor this model runs on, on this device, with its attention backends.
     groups: the pool's KV groups (kvserve/kv/groups.py); several take a GroupedAttention and the
-    TorchExecutor (decode.c, the static path and sparse policies read one page table per step).
+    TorchExecutor or decode.c (the static path and sparse policies read one page table per step).
     reduce: a tensor-parallel rank's sum over ranks (TPGroup.all_reduce), which the C step calls
     between layers; with it, only executors that can join collectives are picked."""
     cfg = model.config
@@ -148,8 +150,8 @@ def select_executor(model, pool, device, compile: bool = False, max_batch: int =
     policy_attention = PolicyAttention(TorchRefAttention(pool, cfg.num_heads, cfg.head_dim, **kwargs), pool,
                                        cfg.num_heads, cfg.head_dim, kwargs["scale"]) if single else None
     torch_executor = TorchExecutor(model, attention, policy_attention, pool.page_size, device, compile, len(groups))
-    if single and native_layout(cfg) and NativeDecoder.supports(model):
-        return NativeExecutor(NativeDecoder(model, pool, reduce), torch_executor)
+    if native_layout(cfg) and NativeDecoder.supports(model):
+        return NativeExecutor(NativeDecoder(model, pool, reduce, groups), torch_executor)
     if single and cuda_kernels and not enforce_eager and reduce is None:  # CUDA graphs cannot join collectives
         from kvserve.attention.triton.static import TritonStaticDecode
         from kvserve.engine.static_executor import StaticDecodeExecutor

@@ -46,7 +46,7 @@ typedef struct {
     float eps, scale;
     int64_t kv_bf16;          /* cache dtype: bfloat16, else float32 */
     int64_t slots;            /* num_pages * page_size */
-    void *k_cache, *v_cache;  /* [layers, kv_heads, slots, head_dim] */
+    void *k_cache, *v_cache;  /* [layers per page, kv_heads, slots, head_dim] */
     const Layer *layers;
     const float *final_norm;
     const int64_t *windows;   /* [num_layers]: a layer's sliding window (keys a query reads), <= 0 none */
@@ -54,6 +54,9 @@ typedef struct {
        collective of the caller's); 0, or nonzero when it failed. NULL on one process */
     int64_t (*reduce)(float *x, int64_t n);
     int64_t gelu;             /* MLP activation: tanh-approximated GELU (GeGLU), else SiLU */
+    /* KV groups (kvserve/kv/groups.py): layer l's K/V lives at cache slot layer_slot[l] of the pages
+       of group layer_group[l]'s page table */
+    const int64_t *layer_group, *layer_slot;
 } Model;
 
 static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out)
@@ -197,7 +200,7 @@ static int64_t attend(const Model *m, int64_t layer, int64_t T, const float *q, 
                       const int64_t *page_starts, const int64_t *pos, int64_t page_size, float *out)
 {
     const int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, group = H / Hkv, window = m->windows[layer];
-    const int64_t offset = layer * Hkv * m->slots * D * (m->kv_bf16 ? 2 : 4);
+    const int64_t offset = m->layer_slot[layer] * Hkv * m->slots * D * (m->kv_bf16 ? 2 : 4);
     const char *k = (const char *)m->k_cache + offset, *v = (const char *)m->v_cache + offset;
     int64_t *starts = malloc(sizeof(int64_t) * (T + 1)), blocks = 0, failed = 0;
     if (!starts)
@@ -244,7 +247,8 @@ static void keep_rows(const int64_t *keep, int64_t kept, float *qkv, int64_t qkv
 }
 
 /* T tokens: row t is at position pos[t] of the sequence whose page table starts at
-   pages[page_starts[t]]. Every row's K/V is written before any row attends, so the tokens of one
+   pages[page_starts[t]] (with KV groups, group g's tables at pages + g * group_stride, laid out
+   alike). Every row's K/V is written before any row attends, so the tokens of one
    sequence (a prompt chunk, in order) attend causally. x [T, hidden]: their embeddings, overwritten
    by the residual stream; cos/sin [T, D / 2]: their positions' rotations (cos_local/sin_local:
    those of layers with local_rope); out [kept, hidden]: the
@@ -253,7 +257,7 @@ static void keep_rows(const int64_t *keep, int64_t kept, float *qkv, int64_t qkv
 int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const float *sin,
                     const float *cos_local, const float *sin_local, const int32_t *pages,
                     const int64_t *page_starts, const int64_t *pos, int64_t page_size, const int64_t *keep,
-                    int64_t kept, float *out)
+                    int64_t kept, float *out, int64_t group_stride)
 {
     const int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, I = m->intermediate, E = m->hidden;
     const int64_t qkv_n = (H + 2 * Hkv) * D, widest = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D);
@@ -272,13 +276,14 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
     int64_t status = 0;
     for (int64_t l = 0; l < m->num_layers && status == 0; l++) {
         const Layer *L = m->layers + l;
+        const int32_t *table = pages + m->layer_group[l] * group_stride;  /* this layer's group's tables */
         #pragma omp parallel for if (T >= PARALLEL_ROWS)
         for (int64_t t = 0; t < T; t++)
             rms_norm(x + t * E, L->attn_norm, E, m->eps, h + t * E);
         status |= linear(&L->qkv, h, T, qkv, scratch);
         #pragma omp parallel for if (T >= PARALLEL_ROWS)
         for (int64_t t = 0; t < T; t++) {
-            const int64_t slot = (int64_t)pages[page_starts[t] + pos[t] / page_size] * page_size + pos[t] % page_size;
+            const int64_t slot = (int64_t)table[page_starts[t] + pos[t] / page_size] * page_size + pos[t] % page_size;
             float *q = qkv + t * qkv_n, *k = q + H * D, *v = k + Hkv * D;
             if (L->q_norm)
                 for (int64_t h = 0; h < H; h++)
@@ -291,7 +296,7 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
             rope(q, H, D, c, s);
             rope(k, Hkv, D, c, s);
             for (int64_t g = 0; g < Hkv; g++) {
-                const int64_t row = ((l * Hkv + g) * m->slots + slot) * D;
+                const int64_t row = ((m->layer_slot[l] * Hkv + g) * m->slots + slot) * D;
                 for (int64_t d = 0; d < D; d++) {
                     kv_store(m->k_cache, row + d, k[g * D + d], (int)m->kv_bf16);
                     kv_store(m->v_cache, row + d, v[g * D + d], (int)m->kv_bf16);
@@ -304,7 +309,7 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
             if (T == 0)
                 break;
         }
-        status |= attend(m, l, T, qkv, qkv_n, pages, page_starts, pos, page_size, attn);
+        status |= attend(m, l, T, qkv, qkv_n, table, page_starts, pos, page_size, attn);
         status |= linear(&L->o, attn, T, proj, scratch);
         if (m->reduce && status == 0)
             status |= m->reduce(proj, T * E);

@@ -30,7 +30,8 @@ class _Model(ctypes.Structure):
     _fields_ = [("num_layers", _i64), ("hidden", _i64), ("heads", _i64), ("kv_heads", _i64), ("head_dim", _i64),
                 ("intermediate", _i64), ("eps", _f32), ("scale", _f32), ("kv_bf16", _i64), ("slots", _i64),
                 ("k_cache", _ptr), ("v_cache", _ptr), ("layers", ctypes.POINTER(_Layer)), ("final_norm", _ptr),
-                ("windows", ctypes.POINTER(_i64)), ("reduce", _REDUCE), ("gelu", _i64)]
+                ("windows", ctypes.POINTER(_i64)), ("reduce", _REDUCE), ("gelu", _i64),
+                ("layer_group", ctypes.POINTER(_i64)), ("layer_slot", ctypes.POINTER(_i64))]
 
 # the layer layouts decode.c computes (Llama's: RMSNorm, rotate-half RoPE, SiLU-gated MLP; Gemma 3's)
 _ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral", "gemma3")
@@ -43,7 +44,7 @@ def _kernel():
         return None
     return native.function("decode", "decode_step", ctypes.c_int64,
                            [ctypes.POINTER(_Model), _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64,
-                            _ptr])
+                            _ptr, _i64])
 
 
 def _layer_windows(cfg) -> list:
@@ -68,9 +69,10 @@ def _shard(linear):
 class NativeDecoder:
     """Holds the C view of a model and its KV pool (pointers into their tensors, which it keeps)."""
 
-    def __init__(self, model, pool, reduce=None):
+    def __init__(self, model, pool, reduce=None, groups=None):
         """reduce: a tensor-parallel rank's in-place sum over ranks (e.g. TPGroup.all_reduce), which
-        decode.c calls after each layer's o and down projections (row-parallel shards)."""
+        decode.c calls after each layer's o and down projections (row-parallel shards).
+        groups: the pool's KV groups (kvserve/kv/groups.py); None: one group of every layer."""
         assert pool.k.dtype == model.dtype and pool.k.is_contiguous(), "the cache the model writes"
         self.model, self.pool = model, pool
         self._error = None  # what reduce raised: re-raised after the C call returns
@@ -101,13 +103,16 @@ class NativeDecoder:
                                    gate_up, down)
         self._layers = layers
         self._windows = (_i64 * cfg.num_layers)(*[w or 0 for w in _layer_windows(cfg)])
+        self.num_groups = len(groups) if groups is not None else 1
+        self._layer_group = (_i64 * cfg.num_layers)(*(groups.group_of if groups else [0] * cfg.num_layers))
+        self._layer_slot = (_i64 * cfg.num_layers)(*(groups.slot_of if groups else range(cfg.num_layers)))
         width = cfg.moe_intermediate_size if cfg.num_experts else cfg.intermediate_size
         self._struct = _Model(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                               width, cfg.rms_norm_eps, cfg.attention_scale,
                               int(pool.k.dtype == torch.bfloat16), pool.k.shape[2], pool.k.data_ptr(),
                               pool.v.data_ptr(), layers, self._norm(model.norm), self._windows,
                               self._reduce_callback(reduce) if reduce else _REDUCE(),
-                              int(cfg.hidden_act == "gelu_tanh"))
+                              int(cfg.hidden_act == "gelu_tanh"), self._layer_group, self._layer_slot)
         self._ref = ctypes.byref(self._struct)
 
     def _reduce_callback(self, reduce):
@@ -167,7 +172,8 @@ class NativeDecoder:
                  rope_positions: list[int] | None = None) -> torch.Tensor:
         """The final normed hidden states [len(rows), hidden] (model dtype) of the step's tokens
         `rows` (ascending; default all): token t at position positions[t] of the sequence whose pages
-        start at page_table[page_starts[t]]. Writes every token's K/V to the cache; tokens of one
+        start at page_table[page_starts[t]] (with KV groups: every group's tables, laid out alike one
+        group after the other). Writes every token's K/V to the cache; tokens of one
         sequence come in order. rope_positions (default: positions) rotate q and k: a token placed
         at a smaller position of a shortened page table keeps its true rotation (self speculation)."""
         x = self.model.embed(torch.tensor(tokens)).float().contiguous()  # Gemma's scaled embeddings too
@@ -189,7 +195,7 @@ class NativeDecoder:
         if _kernel()(self._ref, x.data_ptr(), len(tokens), cos.data_ptr(), sin.data_ptr(), cos_local.data_ptr(),
                      sin_local.data_ptr(), pages.data_ptr(),
                      starts.data_ptr(), pos.data_ptr(), self.pool.page_size, keep.data_ptr(), len(keep),
-                     out.data_ptr()):
+                     out.data_ptr(), len(page_table) // self.num_groups):
             error, self._error = self._error, None
             if error is not None:
                 raise error

@@ -143,3 +143,28 @@ def test_ngram_speculation_trims_every_group(gemma3):
                     model=model, tokenizer=token_tokenizer(256))
     prompt = [7, 8, 9, 10, 11] * 6  # repeats: the n-gram proposer drafts
     assert run(engine, [(prompt, greedy(30))]) == [[hf_greedy(hf, prompt, 30)]]
+
+
+def test_native_step_reads_each_groups_tables(gemma3, tmp_path):
+    """int4 weights put the engine on decode.c's single C step, which reads each layer's K/V at its
+    group's slot through its group's tables: greedy tokens equal the same C step's over one plain
+    page table with nothing released (paged_logits), and the local groups still give pages back."""
+    from kvserve.engine.executors import NativeExecutor
+    from kvserve.model.families import model_class
+    from kvserve.model.loader import load_checkpoint
+    from kvserve.native.decode import NativeDecoder
+    from model.paged_forward import paged_logits
+    hf, _ = gemma3
+    cfg, weights = load_checkpoint(str(save_hf_dir(hf, tmp_path)), "int4")
+    model = model_class(cfg).from_weights(cfg, weights, torch.float32)
+    if not NativeDecoder.supports(model):
+        pytest.skip("no native decode kernel here (no C compiler or no AVX2)")
+    engine = engine_for(model)
+    assert isinstance(engine.runner.executor, NativeExecutor) and len(engine.kv_groups) == 4
+    prompt = random.Random(1).choices(range(3, 256), k=21)
+    held = []
+    [[tokens]] = run(engine, [(prompt, greedy(40))], lambda e: held.append(e.pool.num_pages - e.pool.num_free))
+    logits = paged_logits(model, prompt + tokens, page_size=PAGE, chunk=[len(prompt)], native_decode=True)
+    assert logits[len(prompt) - 1:-1].argmax(-1).tolist() == tokens
+    kv_len = len(prompt) + len(tokens)
+    assert max(held) <= window_bound(engine.kv_groups, kv_len, PAGE) < len(engine.kv_groups) * -(-kv_len // PAGE)
