@@ -94,6 +94,7 @@ class TorchExecutor:
 class NativeExecutor:
     def __init__(self, decoder: NativeDecoder, fallback: TorchExecutor):
         self.decoder = decoder
+        self.num_groups = decoder.num_groups
         self.fallback = fallback
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
@@ -104,7 +105,7 @@ class NativeExecutor:
             page_starts.extend([at] * n)
             at += len(seq.pages)
         # each KV group's tables one after the other (a sequence's tables all have its length)
-        page_table = [p for g in range(self.decoder.num_groups) for seq, _ in batch.scheduled for p in seq.tables[g]]
+        page_table = [p for g in range(self.num_groups) for seq, _ in batch.scheduled for p in seq.tables[g]]
         return self.decoder(batch.ids, batch.positions, page_table, page_starts, batch.last_rows)
 
 
