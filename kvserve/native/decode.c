@@ -16,7 +16,7 @@
 #define PARALLEL_ROWS 4  /* fewer rows than this: the threads' start-up costs more than the loops */
 /* up to this many rows (a decode, a verification's k + 1, a few decodes) the int4 linears run on
    qmatmul.c, which unpacks each group of weights once for 8 rows: gemm.c's panels cost ~12 ms a step
-   on SmolLM2 whatever the rows (issue 27: 5 rows 20 -> ? ms, one thread) */
+   on SmolLM2 whatever the rows (issue 27: a 2-row call cost 1.75x a 1-row one on them) */
 #define MATMUL_ROWS 8
 
 typedef struct {

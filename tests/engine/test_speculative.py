@@ -341,3 +341,28 @@ def test_ngram_on_the_c_step_keeps_greedy_outputs(tmp_path):
     assert [run(spec, [p], params)[0].outputs[0].token_ids for p in prompts] == want
     assert [o.outputs[0].token_ids for o in run(spec, prompts, params)] == want
     assert spec.speculator.stats.accepted > 0 and balanced(spec)
+
+
+class OracleProposer:
+    """Drafts the plain greedy continuation (known from a run without speculation): every draft is
+    accepted whole."""
+    free_drafts = True
+
+    def __init__(self, prompt, output):
+        self.full = prompt + output
+
+    def propose(self, seqs, ks):
+        return [self.full[len(s.token_ids):len(s.token_ids) + k] for s, k in zip(seqs, ks)]
+
+
+def test_drafts_accepted_whole_grow_to_twice_k(make):
+    prompt = prompts(0)[0]
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    want = run(make(), [prompt], params)[0].outputs[0].token_ids
+    engine = make("ngram", k=3)
+    engine.speculator.proposer = OracleProposer(prompt, want)
+    assert run(engine, [prompt], params)[0].outputs[0].token_ids == want
+    stats = engine.speculator.stats
+    assert stats.accepted == stats.proposed
+    assert stats.proposed / stats.rounds > 4  # k = 1 twice until trusted, then 3, then 6 on
+    assert balanced(engine)

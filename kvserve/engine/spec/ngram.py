@@ -34,6 +34,8 @@ class NgramIndex:
 
 
 class NgramProposer:
+    free_drafts = True  # see speculator.GROW
+
     def __init__(self, min_n: int = 2, max_n: int = 4):
         self.min_n, self.max_n = min_n, max_n
 

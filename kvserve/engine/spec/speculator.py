@@ -6,10 +6,12 @@ from kvserve.engine.request import SequenceStatus
 METHODS = ("ngram", "self", "draft")
 
 # Above this many decodes in a step nobody speculates: the k extra rows per sequence then cost
-# more than the tokens they save. Step time of the C step (SmolLM2-135M int4, 1 thread, 512-token
-# contexts; NativeDecoder called directly, issue 27) for B decodes vs B x (1 + 4) rows:
-# B=1: 2.2x, B=4: 2.8x, B=8: 2.8x, B=16: 3.0x, B=32: 3.4x, B=64: 3.5x. Input-grounded requests
-# reach ~4 tokens per verification, which pays up to B=8; past it only verbatim copies would.
+# more than the tokens they save. Step time of the C step + logits (SmolLM2-135M int4, 1 thread,
+# 512-token contexts; issue 27, 2026-12-06, AVX2, after verification rows moved to qmatmul.c's
+# few-rows kernel) for B decodes vs B x (1 + 4) rows: B=1: 2.58x, B=2: 2.10x, B=4: 2.26x, B=8: 2.54x,
+# B=16: 2.70x. Input-grounded requests reach ~4 tokens per verification, which pays at every B
+# measured; the batch workload of `bench latency` (300-token texts) reaches 2.1 (acceptance 0.57),
+# its break-even from B=2 on, and gains 1.07x at 64 streams with speculation below 8.
 MAX_BATCH = 8
 # per request: acceptance (accepted / proposed) as an exponential moving average; after
 # MIN_ROUNDS verifications below LOW_ACCEPTANCE it pauses, for PAUSE steps, doubling each time
@@ -25,6 +27,11 @@ LOW_ACCEPTANCE = 0.3
 # the verification's rows share the reads of the KV cache that make a step expensive.
 TRUSTED = 0.6
 PAUSE = 16
+# A proposer with `free_drafts` (ngram: a lookup) doubles a request's k after a verification that
+# accepts its whole draft, up to GROW x k, and goes back to k after one that does not: an input-
+# grounded run copies long spans, and on the C step 9 rows cost ~1.4x 5 (issue 27, SmolLM2, 1k
+# context) where 5 rows cost ~2.6x one.
+GROW = 2
 
 
 @dataclass
@@ -34,6 +41,7 @@ class SpecState:
     rounds: int = 0
     paused_until: int = 0
     pause: int = PAUSE
+    k: int = 0  # its current draft length when trusted (0: the speculator's k)
     ngrams: object = None  # its NgramIndex
     draft: object = None  # its state in the draft model's cache
 
@@ -98,7 +106,7 @@ class Speculator:
         if seq.spec.paused_until > self.steps:
             return 0
         trusted = seq.spec.ema >= TRUSTED or getattr(self.proposer, "full_drafts", False)
-        k = min(self.k if trusted else 1, self.max_model_len - len(seq.token_ids))
+        k = min((seq.spec.k or self.k) if trusted else 1, self.max_model_len - len(seq.token_ids))
         if p.max_tokens is not None:  # the target adds one token of its own
             k = min(k, p.max_tokens - (len(seq.token_ids) - seq.num_prompt_tokens) - 1)
         return k
@@ -111,6 +119,9 @@ class Speculator:
         st.emitted += emitted
         spec.rounds += 1
         spec.ema += EMA_WEIGHT * (accepted / proposed - spec.ema)
+        if getattr(self.proposer, "free_drafts", False):
+            whole = accepted == proposed and proposed >= (spec.k or self.k)
+            spec.k = min(GROW * self.k, 2 * (spec.k or self.k)) if whole else self.k
         if spec.rounds >= MIN_ROUNDS and spec.ema < LOW_ACCEPTANCE:
             spec.paused_until = self.steps + spec.pause
             spec.pause *= 2
