@@ -59,13 +59,19 @@ def run_kvserve(args, prompt: list[int], long_prompt: list[int]) -> dict:
     from kvserve.config import CacheConfig, EngineConfig
     from kvserve.engine.engine import Engine
     from kvserve.engine.request import SamplingParams
+    from kvserve.kv.groups import KVGroups
+    from kvserve.kv.windows import kv_windows
+    from kvserve.model.loader import load_checkpoint
     from kvserve.process import tune_malloc
     tune_malloc()  # as the kvserve command does
     runtime_rss = peak_rss_mb()
-    # a cache for the longest request of this benchmark, as llama.cpp's n_ctx is sized for it
+    # a cache for the longest request of this benchmark (2048 tokens), as llama.cpp's n_ctx is sized
+    # for it: 2048 tokens' pages in each KV group (a page holds one group's layers)
+    config, _ = load_checkpoint(args.model)  # the config; a GGUF's weights are read lazily
+    groups = len(KVGroups.from_windows(kv_windows(config)))
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization,
                                  threads=args.threads, compile=args.compile,
-                                 cache=CacheConfig(num_pages=2048 // 16)))
+                                 cache=CacheConfig(num_pages=groups * 2048 // 16)))
 
     def timed(ids, max_tokens):
         stamps = [time.perf_counter()]
