@@ -18,7 +18,10 @@ import torch
 
 from kvserve.bench.common import ThroughputResult
 
-SCRIPT = r"""
+def vllm_script(body: str) -> str:
+    """A peer script for vLLM's venv: `body` (the lines of main, indented 4) runs after the config
+    (cfg), the prompts and a warmed-up engine (llm) are ready."""
+    return r"""
 import json, sys, time
 
 
@@ -30,17 +33,21 @@ def main():  # vLLM starts its engine in a spawned process: keep the work under 
     llm = LLM(model=cfg["model"], dtype=cfg["dtype"], max_model_len=cfg["max_model_len"],
               max_num_seqs=cfg["max_num_seqs"], seed=0)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+""" + body + """
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+SCRIPT = vllm_script(r"""
     start = time.perf_counter()
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=cfg["output_len"], ignore_eos=True))
     seconds = time.perf_counter() - start
     print("KVSERVE_RESULT " + json.dumps({"requests": len(outs), "seconds": seconds,
           "input_tokens": sum(len(o.prompt_token_ids) for o in outs),
           "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}), flush=True)
-
-
-if __name__ == "__main__":
-    main()
-"""
+""")
 
 
 def export_hf_dir(model: str | None, dtype: torch.dtype) -> Path:

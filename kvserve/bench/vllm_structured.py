@@ -2,21 +2,10 @@
 the same prompts and schemas, measured as kvserve is: the constrained batch, then the same batch
 unconstrained with each row's constrained length, alternating rounds."""
 from kvserve.bench.common import ThroughputResult
-from kvserve.bench.vllm_peer import run_script
+from kvserve.bench.vllm_peer import run_script, vllm_script
 
-SCRIPT = r"""
-import json, sys, time
-
-
-def main():  # vLLM starts its engine in a spawned process: keep the work under a main guard
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+SCRIPT = vllm_script(r"""
     from vllm.sampling_params import StructuredOutputsParams
-    cfg = json.load(open(sys.argv[1]))
-    prompts = [TokensPrompt(prompt_token_ids=p) for p in cfg["prompts"]]
-    llm = LLM(model=cfg["model"], dtype=cfg["dtype"], max_model_len=cfg["max_model_len"],
-              max_num_seqs=cfg["max_num_seqs"], seed=0)
-    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
 
     def constrained(max_tokens):  # compact JSON, as kvserve's default (any_whitespace off)
         return [SamplingParams(temperature=cfg["temperature"], seed=i, max_tokens=max_tokens,
@@ -41,11 +30,7 @@ def main():  # vLLM starts its engine in a spawned process: keep the work under 
           "input_tokens": sum(len(o.prompt_token_ids) for o in outs),
           "texts": [o.outputs[0].text for o in outs],
           "finish_reasons": [o.outputs[0].finish_reason for o in outs]}), flush=True)
-
-
-if __name__ == "__main__":
-    main()
-"""
+""")
 
 
 def run_vllm_structured(args, prompts: list[list[int]], schemas: list[dict]):
