@@ -139,12 +139,6 @@ class Engine:
         torch.set_num_threads(threads_per_rank(config.threads, config.tensor_parallel_size))
         return group
 
-    @property
-    def release_window(self) -> int | None:
-        """The widest window where every layer has one (Mistral): all pages behind it go back."""
-        windows = self.kv_groups.windows
-        return None if None in windows else max(windows)
-
     @staticmethod
     def _check_groups(config: EngineConfig, groups: KVGroups) -> None:
         """What a model with several KV groups (global and windowed layers) cannot run yet: the
