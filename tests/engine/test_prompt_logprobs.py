@@ -107,4 +107,6 @@ def test_native_executor_scores_prompts_as_the_pytorch_one(tmp_path):
     for a, b in zip(run(native, PROMPTS, params), run(torch_engine, PROMPTS, params)):
         for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
             assert x.token_id == y.token_id and abs(x.logprob - y.logprob) < 2e-2
-            assert [t for t, _ in x.top_logprobs] == [t for t, _ in y.top_logprobs]
+            # the same top tokens with close scores (two within ~1e-5 of each other may trade places)
+            top_x, top_y = dict(x.top_logprobs), dict(y.top_logprobs)
+            assert top_x.keys() == top_y.keys() and all(abs(top_x[t] - top_y[t]) < 2e-2 for t in top_x)

@@ -119,6 +119,22 @@ def test_greedy_output_is_unchanged_alone_and_in_batches(make, spec):
     assert balanced(engine)
 
 
+def test_the_draft_model_runs_the_prompt_in_the_step_of_the_first_token(make):
+    """Its prefill belongs to the prompt's processing (time to first token), not to the decode
+    steps after it: the first verification then runs only the last token through the draft."""
+    engine = make("draft")
+    prompt = prompts(1)[0]
+    engine.add_request(prompt, GREEDY)
+    while not any(o.outputs and o.outputs[0].token_ids for o in engine.step()):
+        pass
+    seq = engine.scheduler.running[0]
+    shadow = engine.speculator.proposer.shadows[seq.seq_id]
+    assert shadow.written == prompt  # the first token's K/V waits for the first draft step
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.speculator.stats.rounds > 0
+
+
 def test_large_batches_do_not_speculate(make):
     engine = make("ngram", max_batch=2)
     run(engine, prompts(4), GREEDY)  # six at once, then fewer as they finish

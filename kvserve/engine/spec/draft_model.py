@@ -45,27 +45,40 @@ class DraftModelProposer:
                 self.kv.free(shadow)
                 del self.shadows[seq_id]
 
-    @torch.inference_mode()
-    def propose(self, seqs: list, ks: list[int]) -> list[list[int]]:
+    def _pending(self, seqs: list, extra: list[int]) -> list[tuple[int, _Shadow, list[int]]]:
+        """(index, shadow, the tokens its cache lacks) of each sequence whose shadow has pages for
+        its tokens and `extra` more positions. The last token is always among them: its row drafts."""
         self.release_finished()
-        drafts = [[] for _ in seqs]
-        shadows, chunks = [], []
-        for i, (seq, k) in enumerate(zip(seqs, ks)):
+        pending = []
+        for i, (seq, k) in enumerate(zip(seqs, extra)):
             shadow = self.shadows.setdefault(seq.seq_id, _Shadow(seq))
             tokens = seq.token_ids
             valid = 0  # positions whose K/V was computed from the tokens now there
             while valid < len(shadow.written) and valid < len(tokens) and shadow.written[valid] == tokens[valid]:
                 valid += 1
-            valid = min(valid, len(tokens) - 1)  # the last token runs again: its row drafts
+            valid = min(valid, len(tokens) - 1)
             del shadow.written[valid:]
-            if not self.kv.allocate(shadow, len(tokens) + k - 1):
-                continue
-            shadows.append((i, shadow, k))
-            chunks.append(tokens[valid:])
-        if not shadows:
+            if self.kv.allocate(shadow, len(tokens) + k - 1):
+                pending.append((i, shadow, tokens[valid:]))
+        return pending
+
+    @torch.inference_mode()
+    def catch_up(self, seqs: list) -> None:
+        """Runs the prompts of sequences that just sampled their first token, so that the draft
+        model's prefill is part of the prompt's processing (as the target's is), not of decoding."""
+        work = [(s, chunk[:-1]) for _, s, chunk in self._pending(seqs, [0] * len(seqs)) if len(chunk) > 1]
+        if work:
+            self._run(work)
+
+    @torch.inference_mode()
+    def propose(self, seqs: list, ks: list[int]) -> list[list[int]]:
+        drafts = [[] for _ in seqs]
+        pending = self._pending(seqs, ks)
+        if not pending:
             return drafts
+        shadows = [(i, s, ks[i]) for i, s, _ in pending]
         # step 0: each shadow's uncomputed tokens as a chunk; its last row drafts the first token
-        last = self._run([(s, c) for (_, s, _), c in zip(shadows, chunks)])
+        last = self._run([(s, chunk) for _, s, chunk in pending])
         for step in range(max(k for _, _, k in shadows)):
             for (i, _, _), t in zip(shadows, last):
                 drafts[i].append(t)

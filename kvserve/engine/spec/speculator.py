@@ -96,6 +96,14 @@ class Speculator:
             for s, draft in zip(seqs, self.proposer.propose(seqs, ks)):
                 s.draft_token_ids = draft
 
+    def prompts_done(self, seqs: list) -> None:
+        """Sequences that sampled their first token this step: a proposer with its own cache (a
+        draft model) runs their prompts now, in the step that ends the target's prefill."""
+        catch_up = getattr(self.proposer, "catch_up", None)
+        seqs = [s for s in seqs if s.params.speculative and s.params.structured is None and s.policy.is_full]
+        if catch_up is not None and seqs:
+            catch_up(seqs)
+
     def _room(self, seq) -> int:
         """Draft tokens worth proposing: 0 for requests that do not speculate."""
         p = seq.params
