@@ -1,9 +1,10 @@
 """Sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE, OLMoE): a router picks k of E SiLU-gated
 experts per token, and the token's output is their weighted sum.
 
-Tokens are grouped by expert, so each chosen expert runs one matmul over its own tokens and the
-experts nobody chose are never read. A single token (a one-stream decode step) skips the grouping
-and runs its k experts directly. Float weights are stacked ([E, 2I, H] gate and up fused, [E, H, I]
+Tokens are grouped by expert, so each chosen expert runs once over its own tokens and the experts
+nobody chose are never read. Float32 weights on the CPU run in kvserve/native/moe.c, every chosen
+expert of the step in one call; elsewhere PyTorch ops, where a single token (a one-stream decode
+step) skips the grouping and runs its k experts directly. Float weights are stacked ([E, 2I, H] gate and up fused, [E, H, I]
 down), as the Triton kernel on CUDA reads them; quantized ones (CPU) are one pair of
 QuantizedLinear modules per expert, on the same int4/int8 kernels as the dense layers.
 """
@@ -17,6 +18,7 @@ from torch import nn
 from kvserve.config import ModelConfig
 from kvserve.model.layers import GatedMLP
 from kvserve.model.quant import QuantizedLinear, QuantizedTensor, quantize
+from kvserve.native import moe as native_moe
 
 # checkpoint projection name -> (stacked parameter, shards per expert, shard of this projection)
 EXPERT_SHARDS = {"w1": ("experts_gate_up", 2, 0), "gate_proj": ("experts_gate_up", 2, 0),
@@ -136,6 +138,8 @@ class SparseMoE(nn.Module):
 
     def _pair_outputs(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Each (token, expert) pair's expert output, [T * k, H] in the pairs' row-major order."""
+        if self.experts is None and native_moe.available(x, self.experts_gate_up, self.experts_down):
+            return native_moe.pair_outputs(x, experts, self.experts_gate_up, self.experts_down)
         if x.shape[0] == 1:  # one token: its k experts directly, no grouping
             return torch.cat([self._expert(e, x) for e in experts[0].tolist()])
         return self._grouped(x, experts)
