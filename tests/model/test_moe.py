@@ -181,7 +181,7 @@ def test_token_output_does_not_depend_on_its_batch(expert_kernels, hidden, width
 
 
 @pytest.mark.parametrize("hidden,width", SHAPES)
-@pytest.mark.parametrize("tokens", [1, 8, 23])
+@pytest.mark.parametrize("tokens", [1, 8, 23, 160])  # 160: past NATIVE_ROWS_PER_EXPERT, PyTorch ops
 @pytest.mark.parametrize("normalize", [True, False])
 def test_grouped_path_equals_a_dense_sum_over_experts(expert_kernels, normalize, tokens, hidden, width):
     """Against the definition: every expert run on every token, weighted by the top-k mask."""
