@@ -24,7 +24,6 @@ from kvserve.kv.groups import KVGroups
 from kvserve.kv.manager import KVCacheManager
 from kvserve.kv.pool import PagePool
 from kvserve.kv.windows import kv_windows
-from kvserve.model import hugepages
 from kvserve.model.families import model_class
 from kvserve.model.loader import ModelLoadError, load_checkpoint, read_gguf, release_free_memory, resolve_model_path
 from kvserve.model.random_weights import RandomWeights, shape_config, token_tokenizer
@@ -80,8 +79,6 @@ class Engine:
             tokenizer = token_tokenizer(model.config.vocab_size) if ids_only else load_tokenizer(config.model)
         read_gguf.cache_clear()
         release_free_memory()
-        if self.device == "cpu":
-            hugepages.advise(model)
         self.model, self.tokenizer = model, tokenizer
         mc = model.config
         self.max_model_len = mc.max_position_embeddings

@@ -5,8 +5,8 @@ Tokens are grouped by expert, so each chosen expert runs once over its own token
 nobody chose are never read. Float32 weights on the CPU run in kvserve/native/moe.c, every chosen
 expert of the step in one call, up to NATIVE_ROWS_PER_EXPERT; elsewhere PyTorch ops, where a single
 token (a one-stream decode step) skips the grouping and runs its k experts directly. Float weights
-are stacked ([E, 2I, H] gate and up fused, [E, H, I] down), as moe.c and the Triton kernel on CUDA
-read them; quantized ones (CPU) are one pair of QuantizedLinear modules per expert, on the same
+are stacked ([E, 2I, H] gate and up fused, [E, H, I] down; on 2 MiB pages on the CPU), as moe.c and
+the Triton kernel on CUDA read them; quantized ones (CPU) are one pair of QuantizedLinear modules per expert, on the same
 int4/int8 kernels as the dense layers.
 """
 import functools
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from kvserve.config import ModelConfig
+from kvserve.model import hugepages
 from kvserve.model.layers import GatedMLP
 from kvserve.model.quant import QuantizedLinear, QuantizedTensor, quantize
 from kvserve.native import moe as native_moe
@@ -192,5 +193,8 @@ class SparseMoE(nn.Module):
             per_expert = tuple(parts[0].shape)
             raise ValueError(f"{attr}: the checkpoint's experts have shape {per_expert}, the model's "
                              f"{tuple(stack.shape[1:])} ({len(parts)} tensors)")
-        setattr(self, attr, nn.Parameter(value.view(stack.shape).to(device=device, dtype=dtype, copy=True),
-                                         requires_grad=False))
+        if torch.device(device or "cpu").type == "cpu":  # moe.c reads each expert's rows: keep TLB misses few
+            value = hugepages.empty(tuple(stack.shape), dtype).copy_(value.view(stack.shape))
+        else:
+            value = value.view(stack.shape).to(device=device, dtype=dtype, copy=True)
+        setattr(self, attr, nn.Parameter(value, requires_grad=False))
