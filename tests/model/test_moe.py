@@ -1,12 +1,14 @@
 """Mixture-of-experts layers against transformers on the same random weights: Mixtral end to end
 (safetensors, GGUF, quantized experts, the engine), and the MoE blocks of Qwen3-MoE and OLMoE."""
+import dataclasses
+
 import pytest
 import torch
 
 from kvserve.config import ModelConfig
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.model.loader import hf_config, load_checkpoint
-from kvserve.model.moe import SparseMoE
+from kvserve.model.moe import SparseMoE, route
 from kvserve.model.quant import QuantizedLinear
 from model.paged_forward import paged_logits
 from model.tiny_moe import make_moe_model, write_mixtral_gguf
@@ -131,8 +133,8 @@ def test_engine_batch_equals_solo(mixtral_dir):
 
 
 def tiny_moe_config(**fields) -> ModelConfig:
-    return ModelConfig("mixtral", 256, 64, 64, 1, 4, 2, 16, **({"num_experts": 8, "num_experts_per_tok": 2,
-                                                                "moe_intermediate_size": 32} | fields))
+    return dataclasses.replace(ModelConfig("mixtral", 256, 64, 64, 1, 4, 2, 16),
+                               **({"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32} | fields))
 
 
 def random_moe(cfg: ModelConfig) -> SparseMoE:
@@ -140,27 +142,51 @@ def random_moe(cfg: ModelConfig) -> SparseMoE:
     moe = SparseMoE(cfg)
     with torch.no_grad():
         for p in moe.parameters():
-            p.copy_(0.3 * torch.randn_like(p))
+            p.copy_(0.3 * (64 / cfg.hidden_size) ** 0.5 * torch.randn_like(p))  # outputs of the same size
     return moe
 
 
-def test_token_output_does_not_depend_on_its_batch():
-    """A token's output alone (the one-token path) and among random others sharing its experts."""
-    moe = random_moe(tiny_moe_config())
-    x = torch.randn(1, 64)
+@pytest.fixture(params=["native", "torch"])
+def expert_kernels(request, monkeypatch):
+    """Float32 experts on moe.c (when it builds here) or on its PyTorch twin."""
+    from kvserve.native import moe as native_moe
+    if request.param == "torch":
+        monkeypatch.setattr(native_moe, "available", lambda *tensors: False)
+    elif native_moe._kernel() is None:
+        pytest.skip("moe.c does not build here")
+    return request.param
+
+
+# (hidden, expert width): tails of the 8-wide vectors and 4-row blocks; wide enough to split between threads
+SHAPES = [(64, 32), (61, 30), (256, 128)]
+
+
+@pytest.mark.parametrize("hidden,width", SHAPES)
+def test_token_output_does_not_depend_on_its_batch(expert_kernels, hidden, width):
+    """A token's output alone (the one-token path) and among random others sharing its experts; on
+    moe.c its experts' outputs bit for bit (the router is PyTorch's matmul, whose rounding may
+    depend on the rows)."""
+    moe = random_moe(tiny_moe_config(hidden_size=hidden, moe_intermediate_size=width))
+    x = torch.randn(1, hidden)
     with torch.no_grad():
         alone = moe(x)
         for seed in range(3):
-            others = torch.randn(37, 64, generator=torch.Generator().manual_seed(seed))
+            others = torch.randn(37, hidden, generator=torch.Generator().manual_seed(seed))
             batch = torch.cat([others[:seed * 9], x, others[seed * 9:]])
-            torch.testing.assert_close(moe(batch)[seed * 9], alone[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(moe(batch)[seed * 9], alone[0], rtol=1e-5, atol=1e-5 * alone.abs().max().item())
+            if expert_kernels == "native":
+                experts = route(moe.gate(batch), 2, True)[1]
+                pairs = moe._pair_outputs(batch, experts).view(len(batch), 2, hidden)
+                assert torch.equal(pairs[seed * 9], moe._pair_outputs(x, experts[seed * 9:seed * 9 + 1]))
 
 
+@pytest.mark.parametrize("hidden,width", SHAPES)
+@pytest.mark.parametrize("tokens", [1, 8, 23, 160])  # 160: past NATIVE_ROWS_PER_EXPERT, PyTorch ops
 @pytest.mark.parametrize("normalize", [True, False])
-def test_grouped_path_equals_a_dense_sum_over_experts(normalize):
+def test_grouped_path_equals_a_dense_sum_over_experts(expert_kernels, normalize, tokens, hidden, width):
     """Against the definition: every expert run on every token, weighted by the top-k mask."""
-    moe = random_moe(tiny_moe_config(norm_topk_prob=normalize))
-    x = torch.randn(23, 64)
+    moe = random_moe(tiny_moe_config(norm_topk_prob=normalize, hidden_size=hidden, moe_intermediate_size=width))
+    x = torch.randn(tokens, hidden)
     with torch.no_grad():
         probs = torch.softmax(moe.gate(x), -1)
         top = probs.topk(2, -1)
