@@ -51,7 +51,7 @@ class SelfDraftProposer:
     def _forward(self, ids: list[int], seqs: list, positions: list[int]) -> torch.Tensor:
         if self.native is not None:
             return self._native(ids, seqs, positions)
-        views = [SimpleNamespace(policy=self.policy, pages=s.pages, num_prompt_tokens=s.num_prompt_tokens,
+        views = [SimpleNamespace(policy=self.policy, tables=s.tables, num_prompt_tokens=s.num_prompt_tokens,
                                  attn_state=None) for s in seqs]
         n = len(ids)
         batch = StepBatch([(v, 1) for v in views], ids, positions, [1] * n, [p + 1 for p in positions],
