@@ -148,8 +148,8 @@ class Engine:
         if len(groups) > 1 and config.tensor_parallel_size > 1:
             raise ValueError("tensor parallelism needs a model whose layers share one window (its ranks "
                              "read one page table for every layer)")
-        if len(groups) > 1 and config.speculative in ("self", "draft"):
-            raise ValueError("self/draft speculation needs a model whose layers share one window")
+        if len(groups) > 1 and config.speculative == "draft":
+            raise ValueError("draft speculation needs a model whose layers share one window")
 
     @property
     def failure(self) -> str | None:

@@ -212,3 +212,66 @@ def test_topk_narrower_than_the_context_keeps_each_heads_top_keys(gemma3):
     want = reference_logits(model, ids, prompt_len, keep)
     got, _ = policy_logits(model, ids, prompt_len, policy)
     assert (got - want).abs().max() < 1e-4, (got - want).abs().max()
+
+
+# ---- self speculation -------------------------------------------------------------------------
+
+def _int4(hf, tmp_path):
+    from kvserve.model.families import model_class
+    from kvserve.model.loader import load_checkpoint
+    from kvserve.native.decode import NativeDecoder
+    cfg, weights = load_checkpoint(str(save_hf_dir(hf, tmp_path)), "int4")
+    model = model_class(cfg).from_weights(cfg, weights, torch.float32)
+    if not NativeDecoder.supports(model):
+        pytest.skip("no native decode kernel here (no C compiler or no AVX2)")
+    return model
+
+
+def _spec_engine(model, spec, page=PAGE, pages=400):
+    return Engine(EngineConfig(cache=CacheConfig(page, pages, None, True), scheduler=SchedulerConfig(64, 4),
+                               speculative=spec, speculative_window=4, num_speculative_tokens=3),
+                  model=model, tokenizer=token_tokenizer(256))
+
+
+def test_self_drafts_on_the_c_step_shorten_every_groups_table(gemma3, tmp_path):
+    """One-token pages: the C step's shortened tables (every group's alike) give the draft logits
+    PolicyAttention gives with the streaming view on the global layers and the window on the
+    local ones; the view covers the widest window and a page (8 + 1 > speculative_window 4)."""
+    from kvserve.engine.executors import NativeExecutor
+    hf, _ = gemma3
+    model = _int4(hf, tmp_path)
+    engine = _spec_engine(model, "self", page=1, pages=2048)
+    assert isinstance(engine.runner.executor, NativeExecutor) and len(engine.kv_groups) == 4
+    proposer = engine.speculator.proposer
+    assert proposer.policy.window == 9 and proposer.min_context == 4 * (4 + 9)
+    prompt = random.Random(11).choices(range(3, 256), k=60)
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=5))
+    seq = engine.scheduler.waiting[0]
+    engine.step()  # the prompt's K/V; the local groups give back the pages behind their window
+    assert engine.kv.allocate(seq, 70)
+    assert any(p < 0 for p in seq.tables[0])  # local group 0 holds -1 below its window
+    assert seq.num_computed_tokens == 60 and len(seq.token_ids) == 61
+    positions, ids = [60, 61, 62], [seq.token_ids[60], 5, 6]  # the drafts' positions, past the view
+    native = proposer._forward(ids, [seq] * 3, positions)
+    proposer.native = None
+    policy = torch.cat([proposer._forward([t], [seq], [p]) for t, p in zip(ids, positions)])
+    assert torch.allclose(native, policy, atol=2e-3, rtol=1e-3), (native - policy).abs().max()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_self_speculation_keeps_greedy_tokens_on_groups(gemma3, tmp_path, native):
+    """A 70-token context (past min_context 64: the drafts run), 30 tokens: equal to plain decoding
+    (and to transformers' for float weights); drafts were verified and the pages balance."""
+    hf, model = gemma3
+    if native:
+        model = _int4(hf, tmp_path)
+    rng = random.Random(12)
+    prompts = [rng.choices(range(3, 256), k=70), rng.choices(range(3, 256), k=20) * 4]
+    requests = [(p, greedy(30)) for p in prompts]
+    want = run(_spec_engine(model, None), requests)
+    if not native:
+        assert want == [[hf_greedy(hf, p, 30)] for p in prompts]
+    engine = _spec_engine(model, "self")
+    assert engine.speculator.proposer.min_context == 64
+    assert run(engine, requests) == want
+    assert engine.speculator.stats.rounds > 0
