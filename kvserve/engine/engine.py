@@ -146,10 +146,8 @@ class Engine:
             raise ValueError("MagicPIG offload copies every layer's K/V to its own pools through one page table: "
                              "it needs a model without sliding-window layers")
         if len(groups) > 1 and config.tensor_parallel_size > 1:
-            raise ValueError("tensor parallelism needs a model whose layers share one window (its ranks "
-                             "read one page table for every layer)")
-        if len(groups) > 1 and config.speculative == "draft":
-            raise ValueError("draft speculation needs a model whose layers share one window")
+            raise ValueError("tensor parallelism is not implemented for a model with several KV groups "
+                             "(sliding-window and global layers): its ranks read one page table for every layer")
 
     @property
     def failure(self) -> str | None:

@@ -73,6 +73,14 @@ def test_magicpig_offload_is_refused_on_windowed_models(gemma3):
         engine.add_request([5, 6, 7], SamplingParams(attention="magicpig:offload=true"))
 
 
+def test_tensor_parallelism_stays_refused_on_groups(gemma3):
+    _, model = gemma3
+    groups = KVGroups.from_windows(model.config.layer_windows())
+    with pytest.raises(ValueError, match="not implemented for a model with several KV groups"):
+        Engine._check_groups(EngineConfig(tensor_parallel_size=2), groups)
+    Engine._check_groups(EngineConfig(tensor_parallel_size=2), KVGroups.from_windows([None] * 4))
+
+
 def test_policy_decodes_beside_the_c_step(gemma3, tmp_path):
     """int4 weights: full steps run in decode.c, policy decodes in the TorchExecutor over the same
     group tables; a whole-view streaming request gives the full request's tokens."""
@@ -275,3 +283,53 @@ def test_self_speculation_keeps_greedy_tokens_on_groups(gemma3, tmp_path, native
     assert engine.speculator.proposer.min_context == 64
     assert run(engine, requests) == want
     assert engine.speculator.stats.rounds > 0
+
+
+# ---- draft-model speculation --------------------------------------------------------------------
+
+@pytest.mark.parametrize("draft", ["itself", "gemma3", "llama"])
+def test_draft_model_speculation_on_groups(gemma3, tmp_path, draft):
+    """A grouped target (tiny Gemma 3) with a draft model: itself (every draft accepted), another
+    random Gemma 3 (a grouped draft pool: shadows keep every group's pages) or a Llama (one group):
+    tokens equal transformers' and the target's pages balance after every step."""
+    from tiny_models import make_hf_model
+    hf, model = gemma3
+    if draft == "itself":
+        draft_model = model
+    elif draft == "gemma3":
+        draft_model = load(save_hf_dir(make_grouped_gemma3_seeded(5), tmp_path))
+    else:
+        draft_model = load(save_hf_dir(make_hf_model("llama", seed=5), tmp_path))
+    engine = Engine(EngineConfig(cache=CacheConfig(PAGE, 400, None, True), scheduler=SchedulerConfig(64, 4),
+                                 speculative="draft", num_speculative_tokens=3),
+                    model=model, tokenizer=token_tokenizer(256), draft_model=draft_model)
+    rng = random.Random(13)
+    prompts = [rng.choices(range(3, 256), k=n) for n in (30, 12)]
+    assert run(engine, [(p, greedy(25)) for p in prompts]) == [[hf_greedy(hf, p, 25)] for p in prompts]
+    stats = engine.speculator.stats
+    assert stats.rounds > 0
+    if draft == "itself":
+        assert stats.accepted == stats.proposed > 0
+    if draft == "gemma3":
+        assert len(engine.speculator.proposer.kv.groups) == 4
+
+
+def make_grouped_gemma3_seeded(seed):
+    from model.grouped_forward import LAYER_TYPES, ROPE, W
+    from tiny_models import make_family_model
+    return make_family_model("gemma3", seed=seed, num_hidden_layers=7, layer_types=LAYER_TYPES, head_dim=16,
+                             query_pre_attn_scalar=16, sliding_window=W, tie_word_embeddings=True,
+                             rope_parameters=ROPE)
+
+
+def test_draft_model_speculation_on_the_c_step(gemma3, tmp_path):
+    """int4 target and draft on decode.c, both grouped: greedy tokens equal plain decoding's."""
+    hf, _ = gemma3
+    model = _int4(hf, tmp_path)
+    prompts = [random.Random(14).choices(range(3, 256), k=26)]
+    want = run(_spec_engine(model, None), [(p, greedy(25)) for p in prompts])
+    engine = Engine(EngineConfig(cache=CacheConfig(PAGE, 400, None, True), scheduler=SchedulerConfig(64, 4),
+                                 speculative="draft", num_speculative_tokens=3),
+                    model=model, tokenizer=token_tokenizer(256), draft_model=model)
+    assert run(engine, [(p, greedy(25)) for p in prompts]) == want
+    assert engine.speculator.stats.accepted > 0
