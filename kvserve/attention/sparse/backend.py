@@ -148,9 +148,8 @@ class PolicyAttention:
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         group, slot = self.route[layer]
         rows = self.rows[group]
-        if self.groups.windows[group] is not None:  # a windowed layer: every row by its window
-            return self.backends[group].run(slot, q[rows], k[rows], v[rows]) if len(rows) < len(q) else \
-                self.backends[group].run(slot, q, k, v)
+        if self.groups.windows[group] is not None:  # a windowed layer: every row (rows[group]) by its window
+            return self.backends[group].run(slot, q, k, v)
         out = torch.empty_like(q)
         if len(rows):
             out[rows] = self.backends[group].run(slot, q[rows], k[rows], v[rows])
