@@ -200,7 +200,9 @@ def main(args) -> int:
         args.attention = offloaded[0]
     rows = []
     if lengths:
-        args.num_pages = sum(lengths) // page + len(lengths) * (len(policies) + 2) + slack
+        # at least what one group of layers holds; --num-pages raises it (a model with KV groups
+        # holds a table per group: Gemma 3 270M, 6 groups, needs about 6x in its prompt's step)
+        args.num_pages = max(args.num_pages or 0, sum(lengths) // page + len(lengths) * (len(policies) + 2) + slack)
         args.max_num_batched_tokens = max(lengths)  # a whole prompt in one step: one causal SDPA
         config = engine_config(args)
         if offloaded and args.offload_kv_gb is None:

@@ -141,15 +141,13 @@ class Engine:
 
     @staticmethod
     def _check_groups(config: EngineConfig, groups: KVGroups) -> None:
-        """What a model with several KV groups (global and windowed layers) cannot run yet: the
-        paths below read one page table for every layer."""
-        if len(groups) == 1:
-            return
-        if not parse_attention(config.attention).is_full:
-            raise ValueError("attention policies other than full need a model whose layers share one window")
-        if config.tensor_parallel_size > 1 or config.speculative in ("self", "draft"):
-            raise ValueError("tensor parallelism and self/draft speculation need a model whose layers "
-                             "share one window")
+        """What a model with sliding-window layers or several KV groups cannot run yet."""
+        if parse_attention(config.attention).offload and any(w is not None for w in groups.windows):
+            raise ValueError("MagicPIG offload copies every layer's K/V to its own pools through one page table: "
+                             "it needs a model without sliding-window layers")
+        if len(groups) > 1 and config.tensor_parallel_size > 1:
+            raise ValueError("tensor parallelism is not implemented for a model with several KV groups "
+                             "(sliding-window and global layers): its ranks read one page table for every layer")
 
     @property
     def failure(self) -> str | None:
@@ -217,8 +215,6 @@ class Engine:
             raise ValueError(f"logit_bias and stop_token_ids keys must be token ids in [0, {vocab})")
         if self.tp is not None and params.attention is not None and not params.attention.is_full:
             raise ValueError("attention policies other than full are not supported with tensor parallelism")
-        if len(self.kv_groups) > 1 and params.attention is not None and not params.attention.is_full:
-            raise ValueError("attention policies other than full need a model whose layers share one window")
         room = 1 if params.attention is not None and params.attention.unbounded else (params.max_tokens or 1)
         if len(ids) + room > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
@@ -392,19 +388,21 @@ class Engine:
             return tokens
 
     def _release_streamed_pages(self, scheduled) -> None:
-        """Streaming requests give back the pages between their sinks and window once their
-        prompt is in (a prefill chunk still reads every earlier page). Full-attention requests
-        give back, in each KV group whose layers have a sliding window, the pages behind it,
-        prompt chunks included (a chunk reads only its own window); other policies may read any page."""
+        """Each KV group whose layers have a sliding window gives back the pages behind it, prompt
+        chunks included (a chunk reads only its own window), under any policy (windowed layers keep
+        their window). Streaming requests also give back, in the global groups, the pages between
+        their sinks and window once their prompt is in (a prefill chunk still reads every earlier
+        page); other policies may read any page of a global group."""
         for seq, _ in scheduled:
             p = seq.params.attention
             if seq.finished:
                 continue
+            self.kv.release_windows(seq)
             if p is not None and p.policy == "streaming" and seq.num_computed_tokens >= seq.num_prompt_tokens:
                 pages = droppable_pages(seq.num_computed_tokens + 1, p.sink, p.window, self.pool.page_size)
-                self.kv.release_pages(seq, pages)
-            elif p is None or p.is_full:
-                self.kv.release_windows(seq)
+                for g, window in enumerate(self.kv_groups.windows):
+                    if window is None:
+                        self.kv.release_pages(seq, pages, g)
 
     def _fail(self, request_id: str, error: Exception) -> RequestOutput:
         state = self.requests.get(request_id)

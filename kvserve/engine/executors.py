@@ -75,7 +75,8 @@ class TorchExecutor:
         return self.attention, self.forward
 
     def _plan_policies(self, batch: StepBatch):
-        """Full requests and prefills through the dense backend, each non-full decode by its policy.
+        """Full requests and prefills through the dense backend, each non-full decode by its policy
+        (in the global layers: a windowed group's layers read every row by their window).
         Runs eagerly: the compiled graph is for the full-attention path only."""
         scheduled, q_lens, kv_lens = batch.scheduled, batch.q_lens, batch.kv_lens
         row_starts = [0]
@@ -83,11 +84,15 @@ class TorchExecutor:
             row_starts.append(row_starts[-1] + n)
         sparse_set = set(batch.sparse)
         dense = [i for i in range(len(scheduled)) if i not in sparse_set]
-        meta = AttentionMetadata.build([q_lens[i] for i in dense], [scheduled[i][0].pages for i in dense],
-                                       [kv_lens[i] for i in dense], self.page_size) if dense else None
-        rows = [r for i in dense for r in range(row_starts[i], row_starts[i + 1])]
+        metas, rows = [], []
+        for g, window in enumerate(self.policy_attention.groups.windows):
+            read = dense if window is None else range(len(scheduled))
+            metas.append(AttentionMetadata.build([q_lens[i] for i in read], [scheduled[i][0].tables[g] for i in read],
+                                                 [kv_lens[i] for i in read], self.page_size) if read else None)
+            rows.append(torch.tensor([r for i in read for r in range(row_starts[i], row_starts[i + 1])],
+                                     dtype=torch.long, device=self.device))
         decodes = [(row_starts[i], scheduled[i][0], kv_lens[i]) for i in batch.sparse]
-        self.policy_attention.plan(meta, torch.tensor(rows, dtype=torch.long, device=self.device), decodes)
+        self.policy_attention.plan(metas, rows, decodes)
         return self.policy_attention
 
 
@@ -127,7 +132,7 @@ def select_executor(model, pool, device, compile: bool = False, max_batch: int =
                     groups: KVGroups | None = None, reduce=None):
     """The fastest executor this model runs on, on this device, with its attention backends.
     groups: the pool's KV groups (kvserve/kv/groups.py); several take a GroupedAttention and the
-    TorchExecutor or decode.c (the static path and sparse policies read one page table per step).
+    TorchExecutor or decode.c, not the static (CUDA graph) decode, which reads one page table per step.
     reduce: a tensor-parallel rank's sum over ranks (TPGroup.all_reduce), which the C step calls
     between layers; with it, only executors that can join collectives are picked."""
     cfg = model.config
@@ -147,9 +152,12 @@ def select_executor(model, pool, device, compile: bool = False, max_batch: int =
                 for w in groups.windows]
     single = len(groups) == 1
     attention = backends[0] if single else GroupedAttention(backends, groups)
-    # sparse policies run in PyTorch ops on any device (indices made on the host, moved once per plan)
-    policy_attention = PolicyAttention(TorchRefAttention(pool, cfg.num_heads, cfg.head_dim, **kwargs), pool,
-                                       cfg.num_heads, cfg.head_dim, kwargs["scale"]) if single else None
+    # sparse policies run in PyTorch ops on any device (indices made on the host, moved once per
+    # plan), on the global layers; windowed layers keep their window (PolicyAttention)
+    dense = [TorchRefAttention(pool, cfg.num_heads, cfg.head_dim, **(kwargs | dict(windows=[w] * groups.slots)))
+             for w in groups.windows]
+    policy_attention = PolicyAttention(dense[0] if single else GroupedAttention(dense, groups), pool, cfg.num_heads,
+                                       cfg.head_dim, kwargs["scale"], groups)
     torch_executor = TorchExecutor(model, attention, policy_attention, pool.page_size, device, compile, len(groups))
     if native_layout(cfg) and NativeDecoder.supports(model):
         return NativeExecutor(NativeDecoder(model, pool, reduce, groups), torch_executor)

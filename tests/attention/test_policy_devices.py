@@ -18,7 +18,7 @@ POLICIES = ["streaming:sink=4,window=20", "topk:k=9,window=8,dense_layers=0",
 
 class Seq:
     def __init__(self, pages, policy, prompt):
-        self.pages, self.policy, self.num_prompt_tokens, self.attn_state = pages, parse_attention(policy), prompt, None
+        self.tables, self.policy, self.num_prompt_tokens, self.attn_state = [pages], parse_attention(policy), prompt, None
 
 
 def _setup(device, page_size=4, kv_lens=(90, 77, 101), dtype=torch.float32):
@@ -46,7 +46,7 @@ def _decode(pool, decodes, qkv, steps=2):
     q, k, v = qkv
     outs = []
     for _ in range(steps):
-        backend.plan(None, torch.zeros(0, dtype=torch.long, device=pool.k.device), decodes)
+        backend.plan([None], [torch.zeros(0, dtype=torch.long, device=pool.k.device)], decodes)
         outs.append(torch.stack([backend.run(layer, q[layer], k[layer], v[layer]) for layer in range(LAYERS)]))
     return outs, backend
 

@@ -171,14 +171,14 @@ def test_policy_backend_decode_matches_full_when_nothing_is_dropped(page_size):
 
     class Seq:
         def __init__(self, pages, policy, prompt):
-            self.pages, self.params, self.num_prompt_tokens, self.attn_state = pages, None, prompt, None
+            self.tables, self.params, self.num_prompt_tokens, self.attn_state = [pages], None, prompt, None
             self.policy = policy
     policies = [parse_attention("magicpig:K=1,L=2000,window=3,dense_layers=0"),
                 parse_attention("topk:k=1000,window=2"), parse_attention("streaming:sink=4,window=4096")]
     seqs = [Seq(tables[i + 2], p, kv_lens[i + 2] - 1) for i, p in enumerate(policies)]
     dense_meta = AttentionMetadata.build(q_lens[:2], tables[:2], kv_lens[:2], page_size)
     backend = PolicyAttention(TorchRefAttention(pool, H, D), pool, H, D)
-    backend.plan(dense_meta, torch.arange(7), [(7 + i, s, kv_lens[i + 2]) for i, s in enumerate(seqs)])
+    backend.plan([dense_meta], [torch.arange(7)], [(7 + i, s, kv_lens[i + 2]) for i, s in enumerate(seqs)])
     for layer in range(2):
         out = backend.run(layer, q, k, v)
         assert (out - expected[layer]).abs().max() < 1e-4, layer

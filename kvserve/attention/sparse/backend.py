@@ -3,18 +3,24 @@
 Full requests (and every prefill) go through the dense backend in one call, as in a step with no
 policy at all; each non-full decode is then computed alone by its policy. A step where every
 request is full never comes here (the runner calls the dense backend directly).
+
+With KV groups (kv/groups.py) a policy applies to the global layers only, each reading its own
+group's page table; a layer with a sliding window keeps its window attention (the dense backend of
+its group, planned over every row), since it never reads past its window anyway.
 """
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from kvserve.attention.grouped import GroupedAttention
 from kvserve.attention.merge import grouped_attention_with_lse, merge_state
 from kvserve.attention.policy import TOPK_DEFAULT_FRACTION, AttentionPolicy
 from kvserve.attention.sparse import magicpig
 from kvserve.attention.sparse.offload import OffloadedDecodes, OffloadRead, plan_read
 from kvserve.attention.sparse.streaming import kept_positions
 from kvserve.attention.sparse.topk import topk_attention
+from kvserve.kv.groups import KVGroups
 from kvserve.native import paged_attention
 
 HASH_CHUNK = 1024  # positions hashed per matmul at build: bounds the [Hkv, rows, K*L] temporaries
@@ -72,8 +78,16 @@ class _SparseDecode:
 
 
 class PolicyAttention:
-    def __init__(self, dense, pool, num_heads: int, head_dim: int, scale: float | None = None):
+    def __init__(self, dense, pool, num_heads: int, head_dim: int, scale: float | None = None,
+                 groups: KVGroups | None = None):
+        """dense: the backend of full rows, a GroupedAttention where groups has several groups.
+        groups: the pool's KV groups; None: one group of every layer (slot = layer)."""
         self.dense, self.pool = dense, pool
+        self.groups = groups or KVGroups([None], [list(range(pool.k.shape[0]))], pool.k.shape[0])
+        self.backends = dense.backends if isinstance(dense, GroupedAttention) else [dense]
+        assert len(self.backends) == len(self.groups)
+        self.route = list(zip(self.groups.group_of, self.groups.slot_of))
+        self.global_groups = [g for g, w in enumerate(self.groups.windows) if w is None]
         self.num_heads, self.head_dim = num_heads, head_dim
         self.scale = scale if scale is not None else head_dim ** -0.5
         self._proj: dict[tuple, torch.Tensor] = {}
@@ -84,24 +98,30 @@ class PolicyAttention:
         self.offload = None  # OffloadPools, set by the engine when it runs MagicPIG with offload
         self.offloaded = OffloadedDecodes(self)
 
-    def plan(self, dense_meta, dense_rows: torch.Tensor, decodes: list[tuple[int, object, int]]) -> None:
-        """dense_meta covers the rows dense_rows of the step (None if there are none); decodes are
-        (row, sequence, kv_len) of the one-token steps of non-full sequences."""
-        self.dense_rows = dense_rows
-        if dense_meta is not None:
-            self.dense.plan(dense_meta)
-        self.decodes = [self._plan_one(row, seq, kv_len) for row, seq, kv_len in decodes]
+    def plan(self, metas: list, rows: list[torch.Tensor], decodes: list[tuple[int, object, int]]) -> None:
+        """Per KV group, metas[g] (None if none) covers the step's rows rows[g]: the full rows for a
+        global group, every row for a windowed one. decodes are (row, sequence, kv_len) of the
+        one-token steps of non-full sequences, computed by their policy in the global layers."""
+        self.rows = rows
+        for backend, meta in zip(self.backends, metas, strict=True):
+            if meta is not None:
+                backend.plan(meta)
+        # per global group: its decodes over its own page table (positions are the same in each)
+        self.by_group = {g: [self._plan_one(row, seq, kv_len, g) for row, seq, kv_len in decodes]
+                         for g in self.global_groups}
+        self.decodes = self.by_group[self.global_groups[0]] if self.global_groups else []
         self.split = [d for d in self.decodes if d.offload is not None]
         if self.split:
             start = time.perf_counter()
             self.offload.flush()  # the rows they sample must have landed on the host
             self.offloaded.seconds["copy_rows"] += time.perf_counter() - start
 
-    def _plan_one(self, row: int, seq, kv_len: int) -> _SparseDecode:
-        """Positions to slots on the host (the page table is a Python list), moved to the pool's device once."""
+    def _plan_one(self, row: int, seq, kv_len: int, group: int = 0) -> _SparseDecode:
+        """Positions to slots on the host (the group's page table is a Python list), moved to the
+        pool's device once."""
         policy, page, device = seq.policy, self.pool.page_size, self.pool.k.device
         cpu = torch.device("cpu")
-        pages = torch.tensor(seq.pages, dtype=torch.long, device=cpu)
+        pages = torch.tensor(seq.tables[group], dtype=torch.long, device=cpu)
 
         def slots(pos: torch.Tensor) -> torch.Tensor:
             return pages[pos // page] * page + pos % page
@@ -126,17 +146,21 @@ class PolicyAttention:
                              slots(torch.arange(start, end, device=cpu)).to(device) if end > start else None)
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        group, slot = self.route[layer]
+        rows = self.rows[group]
+        if self.groups.windows[group] is not None:  # a windowed layer: every row (rows[group]) by its window
+            return self.backends[group].run(slot, q, k, v)
         out = torch.empty_like(q)
-        if len(self.dense_rows):
-            rows = self.dense_rows
-            out[rows] = self.dense.run(layer, q[rows], k[rows], v[rows])
-        k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
-        for d in self.decodes:
+        if len(rows):
+            out[rows] = self.backends[group].run(slot, q[rows], k[rows], v[rows])
+        k_cache, v_cache = self.pool.k[slot], self.pool.v[slot]
+        decodes = self.by_group[group]
+        for d in decodes:
             k_cache[:, d.new_slot] = k[d.row:d.row + 1].transpose(0, 1).to(k_cache.dtype)
             v_cache[:, d.new_slot] = v[d.row:d.row + 1].transpose(0, 1).to(v_cache.dtype)
         if self.split:
             self.offloaded.run(layer, self.split, q, k_cache, v_cache, out)
-        for d in self.decodes:
+        for d in decodes:
             if d.offload is None:
                 out[d.row] = self._decode(layer, d, q[d.row], k_cache, v_cache).to(q.dtype)
         return out

@@ -8,7 +8,12 @@ num_computed_tokens: verification recomputes those k + 1 positions, so nothing i
 On the C step (NativeExecutor) the view is a shortened page table: the sink pages, then the pages
 of the window, each token placed at its position within that table but rotated by its true
 position (keys are stored rotated, so only relative distances matter). Elsewhere the draft steps
-are streaming-policy decodes through PolicyAttention."""
+are streaming-policy decodes through PolicyAttention.
+
+With KV groups (a model with sliding-window layers) the view is the global layers' only: each
+group's table is shortened the same way, and the view's window covers the widest layer window
+and a page more, so a windowed layer's keys all lie in the view's last pages, at their distances
+(its group's pages below the window, -1, are never read)."""
 from types import SimpleNamespace
 
 import torch
@@ -25,6 +30,10 @@ class SelfDraftProposer:
         executor = runner.executor
         self.native = executor.decoder if isinstance(executor, NativeExecutor) else None
         self.torch = runner._torch_executor
+        windows = [w for w in kv.groups.windows if w is not None]
+        if windows:  # see the module's docstring
+            window = max(window, max(windows) + self.page_size)
+        self.num_groups = len(kv.groups)
         self.policy = AttentionPolicy("streaming", sink=sink, window=window)
         self.sink_pages = -(-sink // self.page_size)
         self.window_pages = -(-window // self.page_size)
@@ -51,7 +60,7 @@ class SelfDraftProposer:
     def _forward(self, ids: list[int], seqs: list, positions: list[int]) -> torch.Tensor:
         if self.native is not None:
             return self._native(ids, seqs, positions)
-        views = [SimpleNamespace(policy=self.policy, pages=s.pages, num_prompt_tokens=s.num_prompt_tokens,
+        views = [SimpleNamespace(policy=self.policy, tables=s.tables, num_prompt_tokens=s.num_prompt_tokens,
                                  attn_state=None) for s in seqs]
         n = len(ids)
         batch = StepBatch([(v, 1) for v in views], ids, positions, [1] * n, [p + 1 for p in positions],
@@ -60,12 +69,14 @@ class SelfDraftProposer:
 
     def _native(self, ids: list[int], seqs: list, positions: list[int]) -> torch.Tensor:
         page = self.page_size
-        table, starts, placed = [], [], []
+        tables, starts, placed = [[] for _ in range(self.num_groups)], [], []
         for s, pos in zip(seqs, positions):
             pages = pos // page + 1  # pages holding positions 0..pos
             skip = max(0, pages - self.sink_pages - self.window_pages)
-            starts.append(len(table))
-            table.extend(s.pages[:self.sink_pages] + s.pages[self.sink_pages + skip:pages] if skip else s.pages[:pages])
+            starts.append(len(tables[0]))
+            for table, own in zip(tables, s.tables):  # every group's table shortened alike
+                table.extend(own[:self.sink_pages] + own[self.sink_pages + skip:pages] if skip else own[:pages])
             placed.append(pos - skip * page)
-        hidden = self.native(ids, placed, table, starts, None, rope_positions=positions)
+        hidden = self.native(ids, placed, [p for table in tables for p in table], starts, None,
+                             rope_positions=positions)
         return self.model.compute_logits(hidden)
