@@ -31,7 +31,7 @@ def pair_outputs(x: torch.Tensor, experts: torch.Tensor, gate_up: torch.Tensor, 
     e, i = down.shape[0], down.shape[2]
     x, experts = x.contiguous(), experts.to(torch.int64).contiguous()
     out = torch.empty(t * k, h)
-    if _kernel()(x.data_ptr(), t, h, experts.data_ptr(), k, gate_up.data_ptr(), down.data_ptr(), e, i,
+    if out.numel() and _kernel()(x.data_ptr(), t, h, experts.data_ptr(), k, gate_up.data_ptr(), down.data_ptr(), e, i,
                  out.data_ptr()):
         raise MemoryError("moe_pairs could not allocate its buffers")
     return out
