@@ -244,7 +244,7 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         if self.speculator is not None:
-            self.speculator.propose(self.scheduler.running)
+            self.speculator.propose(self.scheduler.running, len(self.scheduler.waiting))
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []

@@ -144,6 +144,21 @@ def test_large_batches_do_not_speculate(make):
     assert first < engine2.speculator.stats.rounds
 
 
+def test_requests_waiting_count_toward_the_batch_that_stops_speculation(make):
+    """One sequence runs at a time (max_seqs=1): while more than max_batch are running or waiting,
+    its decodes take no draft rows from the prompts' budget."""
+    engine = make("ngram", max_seqs=1, max_batch=2)
+    for p in prompts(4):
+        engine.add_request(p, GREEDY)
+    rounds_while_busy = 0
+    while engine.has_unfinished():
+        busy = len(engine.scheduler.running) + len(engine.scheduler.waiting) > 2
+        before = engine.speculator.stats.rounds
+        engine.step()
+        rounds_while_busy += (engine.speculator.stats.rounds - before) * busy
+    assert rounds_while_busy == 0 and engine.speculator.stats.rounds > 0
+
+
 class WrongProposer:
     """Drafts a token the greedy target never picks next (its argmax is not known here, so: one
     the model is made never to pick, by a logit bias in the test)."""

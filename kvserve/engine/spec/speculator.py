@@ -5,7 +5,7 @@ from kvserve.engine.request import SequenceStatus
 
 METHODS = ("ngram", "self", "draft")
 
-# Above this many decodes in a step nobody speculates: the k extra rows per sequence then cost
+# Above this many sequences (running or waiting) nobody speculates: the k extra rows per sequence then cost
 # more than the tokens they save. Step time of the C step + logits (SmolLM2-135M int4, 1 thread,
 # 512-token contexts; issue 27, 2026-12-06, AVX2, after verification rows moved to qmatmul.c's
 # few-rows kernel) for B decodes vs B x (1 + 4) rows: B=1: 2.58x, B=2: 2.10x, B=4: 2.26x, B=8: 2.54x,
@@ -76,15 +76,17 @@ class Speculator:
     stats: SpecStats = field(default_factory=SpecStats)
     steps: int = 0
 
-    def propose(self, running: list) -> None:
-        """Sets draft_token_ids of the running decodes that speculate this step (others: [])."""
+    def propose(self, running: list, waiting: int = 0) -> None:
+        """Sets draft_token_ids of the running decodes that speculate this step (others: []).
+        waiting: requests not yet admitted. Past max_batch sequences in all (decoding, prefilling or
+        waiting) nobody speculates: draft rows would take the step's token budget from prompts."""
         self.steps += 1
         # decodes past their first token (the prompt's last token samples alone: n > 1 forks there)
         decodes = [s for s in running if s.status is SequenceStatus.RUNNING and s.num_uncomputed == 1
                    and len(s.token_ids) > s.num_prompt_tokens]
         for s in decodes:
             s.draft_token_ids = []
-        if len(decodes) > self.max_batch:
+        if len(running) + waiting > self.max_batch:
             return
         seqs, ks = [], []
         for s in decodes:
