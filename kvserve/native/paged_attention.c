@@ -22,9 +22,7 @@ static inline __m256 kv_load8(const void *base, int64_t i, int bf16)
 }
 
 /* ((v0 + v4) + (v1 + v5)) + ((v2 + v6) + (v3 + v7)): the scalar dot product's order before it was
-   vectorized, kept so its logits stayed bit for bit (with bf16 activations SmolLM2's top-1 agreement
-   with transformers then sat a position above the 98% its test asks, and another order's rounding
-   crossed it; it measures 99.2% since) */
+   vectorized (decode's keys past the last whole 8 use it; whole 8s go through sum8x8) */
 static inline float sum8(__m256 v)
 {
     const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -127,10 +125,52 @@ static inline void cap_scores(float *s, int64_t n, float softcap)
         s[t] = softcap * tanhf(s[t] / softcap);
 }
 
+#ifdef __AVX2__
+/* [sum(a[0]), ..., sum(a[7])]: eight dot products' accumulators reduced at once */
+static inline __m256 sum8x8(const __m256 a[8])
+{
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* s[0..8) = scale * (q . rows first, first + D, ... first + 7 D) of a cache */
+static inline __attribute__((always_inline)) void dot8_kv(const float *q, const void *k, int64_t first, int64_t D,
+                                                         int bf16, float scale, float *s)
+{
+    __m256 acc[8];
+    for (int j = 0; j < 8; j++)
+        acc[j] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        for (int j = 0; j < 8; j++)
+            acc[j] = _mm256_fmadd_ps(qv, kv_load8(k, first + j * D + d, bf16), acc[j]);
+    }
+    _mm256_storeu_ps(s, _mm256_mul_ps(sum8x8(acc), _mm256_set1_ps(scale)));
+}
+
+/* out[0..64) += sum_r w[r] * v rows first + r D, r < rows (out's 64 floats kept in registers) */
+static inline __attribute__((always_inline)) void axpy64_kv(float *out, const float *w, const void *v, int64_t first,
+                                                           int64_t rows, int64_t D, int bf16)
+{
+    __m256 o[8];
+    for (int c = 0; c < 8; c++)
+        o[c] = _mm256_loadu_ps(out + c * 8);
+    for (int64_t r = 0; r < rows; r++) {
+        const __m256 p = _mm256_set1_ps(w[r]);
+        for (int c = 0; c < 8; c++)
+            o[c] = _mm256_fmadd_ps(p, kv_load8(v, first + r * D + c * 8, bf16), o[c]);
+    }
+    for (int c = 0; c < 8; c++)
+        _mm256_storeu_ps(out + c * 8, o[c]);
+}
+#endif
+
 /* The query heads of KV head g of sequence b: q [group, D] over positions lo..n-1 of its pages (the
    pages before lo are not touched: a sliding window may have given them back); out [group, D].
    scores: group * (n - lo) floats. softcap > 0 caps the scaled scores. Inlined into one copy per
-   cache dtype. */
+   cache dtype. Eight keys' dot products at a time, reduced together, and a page's V rows summed
+   into each head's output in registers. */
 static inline __attribute__((always_inline)) void attend_kv_head_as(
     const float *q, const void *k_cache, const void *v_cache, const int bf16, int64_t S, int64_t g,
     int64_t group, int64_t D, float scale, float softcap, const int32_t *pages, int64_t page_size, int64_t lo,
@@ -141,12 +181,18 @@ static inline __attribute__((always_inline)) void attend_kv_head_as(
         const int64_t p = t0 / page_size, skip = t0 % page_size;
         const int64_t first = base + ((int64_t)pages[p] * page_size + skip) * D;
         const int64_t rows = n - t0 < page_size - skip ? n - t0 : page_size - skip;
-        /* pages lie apart, where the hardware prefetcher stops: fetch the next K page and this V page
-           (read after the softmax) while this one's scores are computed */
+        /* pages lie apart, where the hardware prefetcher stops: the next K page is fetched while this
+           one's scores are computed (V is read after the softmax, past what the caches hold) */
         if (t0 + rows < n)
             prefetch_rows(k_cache, base + (int64_t)pages[p + 1] * page_size * D, page_size * D, bf16);
-        prefetch_rows(v_cache, first, rows * D, bf16);
-        for (int64_t r = 0; r < rows; r++)
+        int64_t r = 0;
+#ifdef __AVX2__
+        if (D % 8 == 0)
+            for (; r + 8 <= rows; r += 8)
+                for (int64_t h = 0; h < group; h++)
+                    dot8_kv(q + h * D, k_cache, first + r * D, D, bf16, scale, scores + h * m + t0 - lo + r);
+#endif
+        for (; r < rows; r++)
             for (int64_t h = 0; h < group; h++)
                 scores[h * m + t0 - lo + r] = dot_kv(q + h * D, k_cache, first + r * D, D, bf16) * scale;
         t0 += rows;
@@ -161,6 +207,17 @@ static inline __attribute__((always_inline)) void attend_kv_head_as(
         const int64_t p = t0 / page_size, skip = t0 % page_size;
         const int64_t first = base + ((int64_t)pages[p] * page_size + skip) * D;
         const int64_t rows = n - t0 < page_size - skip ? n - t0 : page_size - skip;
+        if (t0 + rows < n)
+            prefetch_rows(v_cache, base + (int64_t)pages[p + 1] * page_size * D, page_size * D, bf16);
+#ifdef __AVX2__
+        if (D % 64 == 0) {
+            for (int64_t h = 0; h < group; h++)
+                for (int64_t d0 = 0; d0 < D; d0 += 64)
+                    axpy64_kv(out + h * D + d0, scores + h * m + t0 - lo, v_cache, first + d0, rows, D, bf16);
+            t0 += rows;
+            continue;
+        }
+#endif
         for (int64_t r = 0; r < rows; r++)
             for (int64_t h = 0; h < group; h++)
                 axpy_kv(out + h * D, scores[h * m + t0 - lo + r], v_cache, first + r * D, D, bf16);
