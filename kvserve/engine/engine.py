@@ -285,8 +285,7 @@ class Engine:
         if drafted:
             self._verify_drafts(*drafted, failed, touched)
         if self.speculator is not None:
-            self.speculator.prompts_done([s for s in sampled if len(s.token_ids) == s.num_prompt_tokens + 1
-                                          and not s.finished])
+            self.speculator.prompts_done(sampled)
         self._release_streamed_pages(out.scheduled)
         sync_offloaded(self.kv, out.scheduled)
         return [t if isinstance(t, RequestOutput) else self._output(t) for t in touched.values()

@@ -107,13 +107,19 @@ static void pv(const float *p, const float *const *vals, int64_t count, const fl
         }
 }
 
+/* Element offset of key t's row of KV head g in a cache [Hkv, S, D] */
+static inline int64_t key_offset(int64_t S, int64_t g, int64_t D, const int32_t *pages, int64_t page_size, int64_t t)
+{
+    return (g * S + (int64_t)pages[t / page_size] * page_size + t % page_size) * D;
+}
+
 /* Rows of one cache's keys c0..c0+count-1 of KV head g: pointers into the cache (float32), or into
    `scratch` [count, D] after converting them (bfloat16) */
 static void key_rows(const void *cache, int bf16, int64_t S, int64_t g, int64_t D, const int32_t *pages,
                      int64_t page_size, int64_t c0, int64_t count, float *scratch, const float **rows)
 {
     for (int64_t j = 0; j < count; j++) {
-        const int64_t t = c0 + j, row = (g * S + (int64_t)pages[t / page_size] * page_size + t % page_size) * D;
+        const int64_t row = key_offset(S, g, D, pages, page_size, c0 + j);
         if (!bf16) {
             rows[j] = (const float *)cache + row;
             continue;
@@ -129,10 +135,8 @@ static void key_rows(const void *cache, int bf16, int64_t S, int64_t g, int64_t 
 static void prefetch_keys(const void *cache, int bf16, int64_t S, int64_t g, int64_t D, const int32_t *pages,
                           int64_t page_size, int64_t c0, int64_t count)
 {
-    for (int64_t j = 0; j < count; j++) {
-        const int64_t t = c0 + j;
-        prefetch_rows(cache, (g * S + (int64_t)pages[t / page_size] * page_size + t % page_size) * D, D, bf16);
-    }
+    for (int64_t j = 0; j < count; j++)
+        prefetch_rows(cache, key_offset(S, g, D, pages, page_size, c0 + j), D, bf16);
 }
 
 /* The online softmax of one tile for one panel: s [count, QCOLS] scores -> probabilities against the

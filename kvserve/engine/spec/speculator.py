@@ -98,19 +98,27 @@ class Speculator:
             for s, draft in zip(seqs, self.proposer.propose(seqs, ks)):
                 s.draft_token_ids = draft
 
-    def prompts_done(self, seqs: list) -> None:
-        """Sequences that sampled their first token this step: a proposer with its own cache (a
-        draft model) runs their prompts now, in the step that ends the target's prefill."""
+    def prompts_done(self, sampled: list) -> None:
+        """After a step: the sequences that sampled their first token in it get their prompts run
+        by a proposer with its own cache (a draft model), in the step that ends the target's prefill."""
         catch_up = getattr(self.proposer, "catch_up", None)
-        seqs = [s for s in seqs if s.params.speculative and s.params.structured is None and s.policy.is_full]
-        if catch_up is not None and seqs:
+        if catch_up is None:
+            return
+        seqs = [s for s in sampled if len(s.token_ids) == s.num_prompt_tokens + 1 and not s.finished
+                and self._speculates(s)]
+        if seqs:
             catch_up(seqs)
+
+    @staticmethod
+    def _speculates(seq) -> bool:
+        p = seq.params
+        return p.speculative and p.structured is None and seq.policy.is_full
 
     def _room(self, seq) -> int:
         """Draft tokens worth proposing: 0 for requests that do not speculate."""
-        p = seq.params
-        if not p.speculative or p.structured is not None or not seq.policy.is_full:
+        if not self._speculates(seq):
             return 0
+        p = seq.params
         if seq.spec is None:
             seq.spec = SpecState()
         if seq.spec.paused_until > self.steps:
