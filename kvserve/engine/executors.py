@@ -120,11 +120,12 @@ def attention_kwargs(cfg) -> dict:
 
 
 def native_layout(cfg) -> bool:
-    """Whether kvserve/native/decode.c computes this model's layers: Llama's layout (sliding windows
-    and quantized experts included; NativeDecoder.supports names the architectures) without q/k
-    norms or GeGLU, or Gemma 3's (offset and sandwich norms, per-head q/k norms, GeGLU, its local
-    RoPE table); a score scale is the config's. Not: attention softcapping (Gemma 2), partial rotary."""
-    layout = cfg.qk_norm is None and cfg.hidden_act == "silu" or cfg.architecture == "gemma3"
+    """Whether kvserve/native/decode.c computes this model's layers: Llama's layout (sliding windows,
+    quantized experts and per-head q/k norms included, as Phi-3, Qwen3 and Qwen3-MoE have them;
+    NativeDecoder.supports names the architectures) with SwiGLU, or Gemma 3's (offset and sandwich
+    norms, GeGLU, its local RoPE table); a score scale is the config's. Not: attention softcapping
+    (Gemma 2), partial rotary, a q/k norm over all heads (OLMoE)."""
+    layout = cfg.qk_norm in (None, "head") and cfg.hidden_act == "silu" or cfg.architecture == "gemma3"
     return layout and cfg.attn_softcap is None and cfg.rotary_dim == cfg.head_dim
 
 

@@ -34,7 +34,7 @@ class _Model(ctypes.Structure):
                 ("layer_group", ctypes.POINTER(_i64)), ("layer_slot", ctypes.POINTER(_i64))]
 
 # the layer layouts decode.c computes (Llama's: RMSNorm, rotate-half RoPE, SiLU-gated MLP; Gemma 3's)
-_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral", "gemma3")
+_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "phi3", "mixtral", "gemma3")
 
 
 @cache
@@ -91,9 +91,6 @@ class NativeDecoder:
                 if sandwich:
                     layers[i].post_attn_norm = self._norm(layer.post_attention_layernorm)
                     layers[i].post_mlp_norm = self._norm(layer.post_feedforward_layernorm)
-                if attn.qk_norm == "head":
-                    layers[i].q_norm, layers[i].k_norm = self._norm(attn.q_norm), self._norm(attn.k_norm)
-                layers[i].local_rope = int(attn.local_rope)
             else:  # a mixture of experts: the dense MLP's linears stay zero
                 gate_up = (_Linear * len(mlp.experts))(*(self._linear(e.gate_up_proj) for e in mlp.experts))
                 down = (_Linear * len(mlp.experts))(*(self._linear(e.down_proj) for e in mlp.experts))
@@ -101,6 +98,9 @@ class NativeDecoder:
                 layers[i] = _Layer(*norms, self._linear(attn.qkv_proj), self._linear(attn.o_proj), _Linear(), _Linear(),
                                    len(mlp.experts), mlp.top_k, int(mlp.normalize), self._fp32(mlp.gate.weight),
                                    gate_up, down)
+            if attn.qk_norm == "head":
+                layers[i].q_norm, layers[i].k_norm = self._norm(attn.q_norm), self._norm(attn.k_norm)
+            layers[i].local_rope = int(attn.local_rope)
         self._layers = layers
         self._windows = (_i64 * cfg.num_layers)(*[w or 0 for w in _layer_windows(cfg)])
         self.num_groups = len(groups) if groups is not None else 1
