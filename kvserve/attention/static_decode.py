@@ -45,21 +45,30 @@ class StaticDecodeAttention:
     def plan(self, tables: list[list[list[int]]], kv_lens: list[int], bucket: int) -> None:
         """Sequence i (of len(kv_lens) <= bucket) has kv_lens[i] tokens, its new one included, in
         its page table of each KV group, tables[i] (Sequence.tables); rows past them up to bucket
-        are padding. Only the columns in use are written: those past a row's length keep earlier
-        (valid) page ids, which no kernel reads unmasked. Pages given back before a sliding window
-        (-1) point at the scratch page."""
+        are padding. Only the columns in use are written: those past a row's length, and a windowed
+        group's before the window of every row, keep earlier (valid) page ids, which no kernel reads
+        unmasked; so a long sequence costs a window's pages in a windowed group's table. Pages given
+        back before a window (-1) point at the scratch page."""
         page, n, scratch = self.pool.page_size, len(kv_lens), self.scratch_page
         used = [-(-length // page) for length in kv_lens]
         width = max(used, default=1)
-        pad = [scratch] * width
-        block, slots = [], []
-        for g in range(len(self.groups)):
-            block += [[p if p >= 0 else scratch for p in seq_tables[g][:u]] + pad[u:]
-                      for seq_tables, u in zip(tables, used)] + [pad] * (bucket - n)
-            slots += [seq_tables[g][(length - 1) // page] * page + (length - 1) % page
-                      for seq_tables, length in zip(tables, kv_lens)] + [scratch * page] * (bucket - n)
-        self.block_table[:, :bucket, :width].copy_(
-            torch.tensor(block, dtype=self.index_dtype).view(len(self.groups), bucket, width), non_blocking=True)
+        flat, blocks, slots = [], [], []  # every group's block in one host list: one tensor made
+        for g, window in enumerate(self.groups.windows):
+            firsts = [0 if window is None else max(0, length - window) // page for length in kv_lens]
+            lo = min(firsts, default=0)
+            pad = [scratch] * (width - lo)
+            for t, f, u in zip(tables, firsts, used):
+                flat += pad[:f - lo]
+                flat += [p if p >= 0 else scratch for p in t[g][f:u]]
+                flat += pad[u - lo:]
+            flat += pad * (bucket - n)
+            blocks.append((lo, bucket * (width - lo)))
+            slots += [t[g][(length - 1) // page] * page + (length - 1) % page for t, length in zip(tables, kv_lens)]
+            slots += [scratch * page] * (bucket - n)
+        host, at = torch.tensor(flat, dtype=self.index_dtype), 0
+        for g, (lo, size) in enumerate(blocks):
+            self.block_table[g, :bucket, lo:width].copy_(host[at:at + size].view(bucket, width - lo), non_blocking=True)
+            at += size
         self.kv_lens[:bucket].copy_(torch.tensor(kv_lens + [1] * (bucket - n), dtype=self.index_dtype),
                                     non_blocking=True)
         self.slots[:, :bucket].copy_(torch.tensor(slots, dtype=self.index_dtype).view(len(self.groups), bucket),
@@ -94,3 +103,4 @@ class StaticDecodeAttention:
             hidden |= self.key_positions < self.window_starts[window][:batch, None]
         probs = scores.masked_fill(hidden[None, :, None, :], float("-inf")).softmax(-1).to(q.dtype)
         return torch.matmul(probs, vd).transpose(0, 1).reshape(batch, -1, d)
+

@@ -84,3 +84,18 @@ def test_static_decodes_on_groups_give_the_dynamic_tokens(models, name, kernel):
     assert run(engine, watch) == expected
     assert took.count(True) >= 8 and any(released)
     engine.kv.check_integrity([])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("name", ["gemma3", "mistral"])
+def test_cuda_graphs_on_groups_give_the_eager_tokens(tmp_path, name):
+    """select_executor picks the CUDA graphs for a grouped model; they give the eager steps' tokens."""
+    path = save_hf_dir(MODELS[name](), tmp_path)
+    outs = []
+    for eager in (True, False):
+        engine = Engine(EngineConfig(model=str(path), dtype="float32", device="cuda", enforce_eager=eager,
+                                     cache=CacheConfig(PAGE, 128, None, False), scheduler=SchedulerConfig(512, 4)),
+                        tokenizer=token_tokenizer(256))
+        assert isinstance(engine.runner.executor, StaticDecodeExecutor) != eager
+        outs.append(run(engine))
+    assert outs[0] == outs[1]
