@@ -103,4 +103,3 @@ class StaticDecodeAttention:
             hidden |= self.key_positions < self.window_starts[window][:batch, None]
         probs = scores.masked_fill(hidden[None, :, None, :], float("-inf")).softmax(-1).to(q.dtype)
         return torch.matmul(probs, vd).transpose(0, 1).reshape(batch, -1, d)
-
