@@ -110,7 +110,7 @@ class Engine:
                                    reduce=self.tp.all_reduce if self.tp is not None else None)
         if self.tp is not None:
             from kvserve.distributed.executor import TensorParallelExecutor
-            executor = TensorParallelExecutor(executor, model, self.pool, self.tp)
+            executor = TensorParallelExecutor(executor, model, self.pool, self.tp, len(self.kv_groups))
         self.runner = ModelRunner(model, executor)
         if self.runner.policy_attention is not None:
             self.runner.policy_attention.offload = self.offload
@@ -149,9 +149,6 @@ class Engine:
         if parse_attention(config.attention).offload and any(w is not None for w in groups.windows):
             raise ValueError("MagicPIG offload copies every layer's K/V to its own pools through one page table: "
                              "it needs a model without sliding-window layers")
-        if len(groups) > 1 and config.tensor_parallel_size > 1:
-            raise ValueError("tensor parallelism is not implemented for a model with several KV groups "
-                             "(sliding-window and global layers): its ranks read one page table for every layer")
 
     @property
     def failure(self) -> str | None:

@@ -132,8 +132,8 @@ def native_layout(cfg) -> bool:
 def select_executor(model, pool, device, compile: bool = False, max_batch: int = 64, enforce_eager: bool = False,
                     groups: KVGroups | None = None, reduce=None):
     """The fastest executor this model runs on, on this device, with its attention backends.
-    groups: the pool's KV groups (kvserve/kv/groups.py); several take a GroupedAttention and the
-    TorchExecutor or decode.c, not the static (CUDA graph) decode, which reads one page table per step.
+    groups: the pool's KV groups (kvserve/kv/groups.py); several take a GroupedAttention (one backend
+    per group), and the static (CUDA graph) decode one block table per group.
     reduce: a tensor-parallel rank's sum over ranks (TPGroup.all_reduce), which the C step calls
     between layers; with it, only executors that can join collectives are picked."""
     cfg = model.config
@@ -162,9 +162,10 @@ def select_executor(model, pool, device, compile: bool = False, max_batch: int =
     torch_executor = TorchExecutor(model, attention, policy_attention, pool.page_size, device, compile, len(groups))
     if native_layout(cfg) and NativeDecoder.supports(model):
         return NativeExecutor(NativeDecoder(model, pool, reduce, groups), torch_executor)
-    if single and cuda_kernels and not enforce_eager and reduce is None:  # CUDA graphs cannot join collectives
+    if cuda_kernels and not enforce_eager and reduce is None:  # CUDA graphs cannot join collectives
         from kvserve.attention.triton.static import TritonStaticDecode
         from kvserve.engine.static_executor import StaticDecodeExecutor
         return StaticDecodeExecutor(model, pool, torch_executor, max_batch, cfg.max_position_embeddings,
-                                    use_graphs=True, attention_cls=TritonStaticDecode, attention_kwargs=kwargs)
+                                    use_graphs=True, attention_cls=TritonStaticDecode, attention_kwargs=kwargs,
+                                    groups=groups)
     return torch_executor
