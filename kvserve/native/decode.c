@@ -57,6 +57,7 @@ typedef struct {
     /* KV groups (kvserve/kv/groups.py): layer l's K/V lives at cache slot layer_slot[l] of the pages
        of group layer_group[l]'s page table */
     const int64_t *layer_group, *layer_slot;
+    float softcap;            /* > 0: attention scores capped at +-softcap (tanh; Gemma 2) */
 } Model;
 
 static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out)
@@ -217,7 +218,7 @@ static int64_t attend(const Model *m, int64_t layer, int64_t T, const float *q, 
 #ifdef __AVX2__
         if (R > 1 && D % KEYS == 0) {
             if (attend_block(q + t0 * qkv_n + g * group * D, qkv_n, R, pos[t0], k, v, (int)m->kv_bf16, m->slots,
-                             g, group, D, m->scale, window, table, page_size,
+                             g, group, D, m->scale, m->softcap, window, table, page_size,
                              out + (t0 * H + g * group) * D, H * D))
                 failed = 1;
             continue;
@@ -225,7 +226,7 @@ static int64_t attend(const Model *m, int64_t layer, int64_t T, const float *q, 
 #endif
         for (int64_t t = t0; t < t0 + R; t++)
             if (attend_kv_head(q + t * qkv_n + g * group * D, k, v, (int)m->kv_bf16, m->slots, g, group, D, m->scale,
-                               0, table, page_size, window_start(pos[t] + 1, window), pos[t] + 1,
+                               m->softcap, table, page_size, window_start(pos[t] + 1, window), pos[t] + 1,
                                out + (t * H + g * group) * D))
                 failed = 1;
     }

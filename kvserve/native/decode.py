@@ -31,10 +31,10 @@ class _Model(ctypes.Structure):
                 ("intermediate", _i64), ("eps", _f32), ("scale", _f32), ("kv_bf16", _i64), ("slots", _i64),
                 ("k_cache", _ptr), ("v_cache", _ptr), ("layers", ctypes.POINTER(_Layer)), ("final_norm", _ptr),
                 ("windows", ctypes.POINTER(_i64)), ("reduce", _REDUCE), ("gelu", _i64),
-                ("layer_group", ctypes.POINTER(_i64)), ("layer_slot", ctypes.POINTER(_i64))]
+                ("layer_group", ctypes.POINTER(_i64)), ("layer_slot", ctypes.POINTER(_i64)), ("softcap", _f32)]
 
-# the layer layouts decode.c computes (Llama's: RMSNorm, rotate-half RoPE, SiLU-gated MLP; Gemma 3's)
-_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "phi3", "mixtral", "gemma3")
+# the layer layouts decode.c computes (Llama's: RMSNorm, rotate-half RoPE, SiLU-gated MLP; Gemma 2/3's)
+_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "phi3", "mixtral", "gemma2", "gemma3")
 
 
 @cache
@@ -112,7 +112,8 @@ class NativeDecoder:
                               int(pool.k.dtype == torch.bfloat16), pool.k.shape[2], pool.k.data_ptr(),
                               pool.v.data_ptr(), layers, self._norm(model.norm), self._windows,
                               self._reduce_callback(reduce) if reduce else _REDUCE(),
-                              int(cfg.hidden_act == "gelu_tanh"), self._layer_group, self._layer_slot)
+                              int(cfg.hidden_act == "gelu_tanh"), self._layer_group, self._layer_slot,
+                              cfg.attn_softcap or 0.0)
         self._ref = ctypes.byref(self._struct)
 
     def _reduce_callback(self, reduce):

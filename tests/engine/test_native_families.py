@@ -1,5 +1,6 @@
-"""kvserve/native/decode.c on Qwen3 (per-head q/k RMSNorm before RoPE) and Phi-3 (fused q/k/v and
-gate/up tensors, longrope, a sliding window) from GGUF files, against
+"""kvserve/native/decode.c on Qwen3 (per-head q/k RMSNorm before RoPE), Phi-3 (fused q/k/v and
+gate/up tensors, longrope, a sliding window) and Gemma 2 (attention softcapping, alternating windows)
+from GGUF files, against
 transformers on the file's values and against PyTorch's layers on the same quantized weights."""
 import functools
 import tempfile
@@ -24,6 +25,9 @@ VARIANTS = {
     "phi3-longrope": ("phi3", dict(max_position_embeddings=256, original_max_position_embeddings=64,
                                    rope_scaling=dict(LONGROPE))),
     "phi3-window": ("phi3", dict(sliding_window=8)),
+    # caps small enough to bite on random weights, alternating windowed and global layers
+    "gemma2": ("gemma2", dict(num_hidden_layers=4, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+                              tie_word_embeddings=True, attn_logit_softcapping=1.0, final_logit_softcapping=1.0)),
 }
 
 
