@@ -123,10 +123,9 @@ def native_layout(cfg) -> bool:
     """Whether kvserve/native/decode.c computes this model's layers: Llama's layout (sliding windows,
     quantized experts and per-head q/k norms included, as Phi-3, Qwen3 and Qwen3-MoE have them;
     NativeDecoder.supports names the architectures) with SwiGLU, or Gemma 2/3's (offset and sandwich
-    norms, GeGLU, attention softcapping, Gemma 3's local RoPE table); a score scale is the config's.
-    Not: partial rotary, a q/k norm over all heads (OLMoE)."""
-    layout = cfg.qk_norm in (None, "head") and cfg.hidden_act == "silu" or cfg.architecture in ("gemma2", "gemma3")
-    return layout and cfg.rotary_dim == cfg.head_dim
+    norms, GeGLU, attention softcapping, Gemma 3's local RoPE table); a score scale and partial rotary
+    are the config's. Not: a q/k norm over all heads (OLMoE)."""
+    return cfg.qk_norm in (None, "head") and cfg.hidden_act == "silu" or cfg.architecture in ("gemma2", "gemma3")
 
 
 def select_executor(model, pool, device, compile: bool = False, max_batch: int = 64, enforce_eager: bool = False,

@@ -58,6 +58,7 @@ typedef struct {
        of group layer_group[l]'s page table */
     const int64_t *layer_group, *layer_slot;
     float softcap;            /* > 0: attention scores capped at +-softcap (tanh; Gemma 2) */
+    int64_t rotary_dim;       /* RoPE rotates each head's first rotary_dim dims */
 } Model;
 
 static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out)
@@ -112,10 +113,11 @@ static inline float gelu_tanh(float x)
     return 0.5f * x * (1 + (u >= 0 ? t : -t));
 }
 
-/* x [heads, D] rotated in place by the position's cos/sin [D / 2] */
-static void rope(float *x, int64_t heads, int64_t D, const float *cos, const float *sin)
+/* x [heads, D] rotated in place by the position's cos/sin [R / 2]: each head's first R dims (partial
+   rotary, as Phi-4-mini; R = D for most families) */
+static void rope(float *x, int64_t heads, int64_t D, int64_t R, const float *cos, const float *sin)
 {
-    const int64_t half = D / 2;
+    const int64_t half = R / 2;
     for (int64_t h = 0; h < heads; h++) {
         float *v = x + h * D;
         for (int64_t i = 0; i < half; i++) {
@@ -292,10 +294,10 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
             if (L->k_norm)
                 for (int64_t h = 0; h < Hkv; h++)
                     rms_norm(k + h * D, L->k_norm, D, m->eps, k + h * D);
-            const float *c = (L->local_rope ? cos_local : cos) + t * D / 2;
-            const float *s = (L->local_rope ? sin_local : sin) + t * D / 2;
-            rope(q, H, D, c, s);
-            rope(k, Hkv, D, c, s);
+            const float *c = (L->local_rope ? cos_local : cos) + t * m->rotary_dim / 2;
+            const float *s = (L->local_rope ? sin_local : sin) + t * m->rotary_dim / 2;
+            rope(q, H, D, m->rotary_dim, c, s);
+            rope(k, Hkv, D, m->rotary_dim, c, s);
             for (int64_t g = 0; g < Hkv; g++) {
                 const int64_t row = ((m->layer_slot[l] * Hkv + g) * m->slots + slot) * D;
                 for (int64_t d = 0; d < D; d++) {

@@ -31,7 +31,8 @@ class _Model(ctypes.Structure):
                 ("intermediate", _i64), ("eps", _f32), ("scale", _f32), ("kv_bf16", _i64), ("slots", _i64),
                 ("k_cache", _ptr), ("v_cache", _ptr), ("layers", ctypes.POINTER(_Layer)), ("final_norm", _ptr),
                 ("windows", ctypes.POINTER(_i64)), ("reduce", _REDUCE), ("gelu", _i64),
-                ("layer_group", ctypes.POINTER(_i64)), ("layer_slot", ctypes.POINTER(_i64)), ("softcap", _f32)]
+                ("layer_group", ctypes.POINTER(_i64)), ("layer_slot", ctypes.POINTER(_i64)), ("softcap", _f32),
+                ("rotary_dim", _i64)]
 
 # the layer layouts decode.c computes (Llama's: RMSNorm, rotate-half RoPE, SiLU-gated MLP; Gemma 2/3's)
 _ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "phi3", "mixtral", "gemma2", "gemma3")
@@ -113,7 +114,7 @@ class NativeDecoder:
                               pool.v.data_ptr(), layers, self._norm(model.norm), self._windows,
                               self._reduce_callback(reduce) if reduce else _REDUCE(),
                               int(cfg.hidden_act == "gelu_tanh"), self._layer_group, self._layer_slot,
-                              cfg.attn_softcap or 0.0)
+                              cfg.attn_softcap or 0.0, cfg.rotary_dim)
         self._ref = ctypes.byref(self._struct)
 
     def _reduce_callback(self, reduce):

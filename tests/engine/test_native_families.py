@@ -1,5 +1,5 @@
 """kvserve/native/decode.c on Qwen3 (per-head q/k RMSNorm before RoPE), Phi-3 (fused q/k/v and
-gate/up tensors, longrope, a sliding window) and Gemma 2 (attention softcapping, alternating windows)
+gate/up tensors, longrope, a sliding window, partial rotary) and Gemma 2 (attention softcapping, alternating windows)
 from GGUF files, against
 transformers on the file's values and against PyTorch's layers on the same quantized weights."""
 import functools
@@ -25,6 +25,7 @@ VARIANTS = {
     "phi3-longrope": ("phi3", dict(max_position_embeddings=256, original_max_position_embeddings=64,
                                    rope_scaling=dict(LONGROPE))),
     "phi3-window": ("phi3", dict(sliding_window=8)),
+    "phi3-partial": ("phi3", dict(partial_rotary_factor=0.5)),  # Phi-4-mini rotates 3/4 of each head
     # caps small enough to bite on random weights, alternating windowed and global layers
     "gemma2": ("gemma2", dict(num_hidden_layers=4, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
                               tie_word_embeddings=True, attn_logit_softcapping=1.0, final_logit_softcapping=1.0)),
