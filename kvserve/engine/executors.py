@@ -120,12 +120,11 @@ def attention_kwargs(cfg) -> dict:
 
 
 def native_layout(cfg) -> bool:
-    """Whether kvserve/native/decode.c computes this model's layers: Llama's layout (sliding windows,
-    quantized experts and per-head q/k norms included, as Phi-3, Qwen3 and Qwen3-MoE have them;
-    NativeDecoder.supports names the architectures) with SwiGLU, or Gemma 2/3's (offset and sandwich
-    norms, GeGLU, attention softcapping, Gemma 3's local RoPE table); a score scale and partial rotary
-    are the config's. Not: a q/k norm over all heads (OLMoE)."""
-    return cfg.qk_norm in (None, "head") and cfg.hidden_act == "silu" or cfg.architecture in ("gemma2", "gemma3")
+    """Whether kvserve/native/decode.c computes this model's layers: Llama's layout with SwiGLU
+    (sliding windows, quantized experts, q/k norms per head or over all heads, partial rotary: the
+    families NativeDecoder.supports names), or Gemma 2/3's (offset and sandwich norms, GeGLU,
+    attention softcapping, Gemma 3's local RoPE table); a score scale is the config's."""
+    return cfg.hidden_act == "silu" or cfg.architecture in ("gemma2", "gemma3")
 
 
 def select_executor(model, pool, device, compile: bool = False, max_batch: int = 64, enforce_eager: bool = False,

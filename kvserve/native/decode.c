@@ -39,6 +39,7 @@ typedef struct {
        and whether RoPE takes the local table (sliding layers) */
     const float *post_attn_norm, *post_mlp_norm, *q_norm, *k_norm;
     int64_t local_rope;
+    int64_t qk_norm_full;   /* q_norm / k_norm over all heads at once (OLMoE), else per head */
 } Layer;
 
 typedef struct {
@@ -288,12 +289,15 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
         for (int64_t t = 0; t < T; t++) {
             const int64_t slot = (int64_t)table[page_starts[t] + pos[t] / page_size] * page_size + pos[t] % page_size;
             float *q = qkv + t * qkv_n, *k = q + H * D, *v = k + Hkv * D;
-            if (L->q_norm)
+            if (L->q_norm && L->qk_norm_full) {
+                rms_norm(q, L->q_norm, H * D, m->eps, q);
+                rms_norm(k, L->k_norm, Hkv * D, m->eps, k);
+            } else if (L->q_norm) {
                 for (int64_t h = 0; h < H; h++)
                     rms_norm(q + h * D, L->q_norm, D, m->eps, q + h * D);
-            if (L->k_norm)
                 for (int64_t h = 0; h < Hkv; h++)
                     rms_norm(k + h * D, L->k_norm, D, m->eps, k + h * D);
+            }
             const float *c = (L->local_rope ? cos_local : cos) + t * m->rotary_dim / 2;
             const float *s = (L->local_rope ? sin_local : sin) + t * m->rotary_dim / 2;
             rope(q, H, D, m->rotary_dim, c, s);

@@ -23,7 +23,7 @@ class _Layer(ctypes.Structure):
                 ("gate_up", _Linear), ("down", _Linear), ("num_experts", _i64), ("top_k", _i64),
                 ("norm_topk", _i64), ("router", _ptr), ("experts_gate_up", ctypes.POINTER(_Linear)),
                 ("experts_down", ctypes.POINTER(_Linear)), ("post_attn_norm", _ptr), ("post_mlp_norm", _ptr),
-                ("q_norm", _ptr), ("k_norm", _ptr), ("local_rope", _i64)]
+                ("q_norm", _ptr), ("k_norm", _ptr), ("local_rope", _i64), ("qk_norm_full", _i64)]
 
 
 class _Model(ctypes.Structure):
@@ -35,7 +35,7 @@ class _Model(ctypes.Structure):
                 ("rotary_dim", _i64)]
 
 # the layer layouts decode.c computes (Llama's: RMSNorm, rotate-half RoPE, SiLU-gated MLP; Gemma 2/3's)
-_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "phi3", "mixtral", "gemma2", "gemma3")
+_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "olmoe", "phi3", "mixtral", "gemma2", "gemma3")
 
 
 @cache
@@ -99,8 +99,9 @@ class NativeDecoder:
                 layers[i] = _Layer(*norms, self._linear(attn.qkv_proj), self._linear(attn.o_proj), _Linear(), _Linear(),
                                    len(mlp.experts), mlp.top_k, int(mlp.normalize), self._fp32(mlp.gate.weight),
                                    gate_up, down)
-            if attn.qk_norm == "head":
+            if attn.qk_norm is not None:
                 layers[i].q_norm, layers[i].k_norm = self._norm(attn.q_norm), self._norm(attn.k_norm)
+                layers[i].qk_norm_full = int(attn.qk_norm == "full")
             layers[i].local_rope = int(attn.local_rope)
         self._layers = layers
         self._windows = (_i64 * cfg.num_layers)(*[w or 0 for w in _layer_windows(cfg)])

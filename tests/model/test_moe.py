@@ -249,10 +249,12 @@ def test_native_decode_runs_int4_experts(tmp_path, chunk):
     torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
 
 
-def test_native_decode_runs_qwen3_moe(tmp_path):
-    """Qwen3-MoE in decode.c: per-head q/k norms and renormalised top-k over int4 experts."""
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+def test_native_decode_runs_qwen3_moe_and_olmoe(tmp_path, family):
+    """decode.c over int4 experts with Qwen3-MoE's per-head q/k norms and renormalised top-k, and
+    OLMoE's q/k norms over all heads."""
     from kvserve.native.decode import NativeDecoder
-    hf = make_moe_model("qwen3_moe", hidden_size=128, intermediate_size=64, norm_topk_prob=True)
+    hf = make_moe_model(family, hidden_size=128, intermediate_size=64, norm_topk_prob=family == "qwen3_moe")
     model = kvserve_model(save_hf_dir(hf, tmp_path / "hf"), "int4")
     if not NativeDecoder.supports(model):
         pytest.skip("no native decode kernel here (no C compiler or no AVX2)")
