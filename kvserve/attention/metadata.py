@@ -4,6 +4,8 @@ from itertools import accumulate, chain
 
 import torch
 
+from kvserve.native.lists import int_tensor
+
 
 @dataclass
 class AttentionMetadata:
@@ -25,9 +27,9 @@ class AttentionMetadata:
             raise ValueError("a page table is shorter than its KV length, or a query longer than it")
         indices = list(chain.from_iterable(pages[:n] for pages, n in zip(page_tables, num_pages)))
         last = [kv_len - (n - 1) * page_size for kv_len, n in zip(kv_lens, num_pages)]
-        i32 = dict(dtype=torch.int32)
-        return cls(torch.tensor([0, *accumulate(q_lens)], **i32), torch.tensor([0, *accumulate(num_pages)], **i32),
-                   torch.tensor(indices, **i32), torch.tensor(last, **i32), page_size)
+        i32 = torch.int32
+        return cls(int_tensor([0, *accumulate(q_lens)], i32), int_tensor([0, *accumulate(num_pages)], i32),
+                   int_tensor(indices, i32), int_tensor(last, i32), page_size)
 
     @property
     def batch_size(self) -> int:

@@ -6,6 +6,8 @@ batch is padded to a bucket size. Padding rows read and write a scratch page tha
 """
 import torch
 
+from kvserve.native.lists import int_tensor
+
 
 class StaticDecodeAttention:
     """One query token per sequence. `plan()` fills the buffers from host lists (one copy each);
@@ -29,6 +31,9 @@ class StaticDecodeAttention:
         self.slots = torch.full((max_batch,), scratch_page * page, **ints)
         # per sliding window, each row's first position to read (its kv_len - window, or 0)
         self.window_starts = {w: torch.zeros(max_batch, **ints) for w in dict.fromkeys(self.windows) if w is not None}
+        # what the host last wrote in each row of block_table (a copy of its page list, or _pad)
+        self._pad = [scratch_page]
+        self._held: list[list[int] | None] = [None] * max_batch
         self.token_offsets = torch.arange(page, device=device)
         self.key_positions = torch.arange(max_pages * page, device=device)
 
@@ -36,22 +41,49 @@ class StaticDecodeAttention:
         """Sequence i (of len(kv_lens) <= bucket) has kv_lens[i] tokens, its new one included, in
         page_tables[i]; rows past them up to bucket are padding. Only the columns in use are
         written: those past a row's length keep earlier (valid) page ids, which no kernel reads
-        unmasked. Pages given back before a sliding window (-1) point at the scratch page."""
+        unmasked. Pages given back before a sliding window (-1) point at the scratch page.
+        Between decode steps a row's pages mostly stay as they were: the host keeps what each row
+        of block_table holds and writes only the rows whose page list changed (a new page, a
+        different sequence in that row), in one indexed copy."""
         page, n, scratch = self.pool.page_size, len(kv_lens), self.scratch_page
-        used = [-(-length // page) for length in kv_lens]
-        width = max(used, default=1)
-        pad = [scratch] * width
-        table = [[p if p >= 0 else scratch for p in pages[:u]] + pad[u:] for pages, u in zip(page_tables, used)] \
-            + [pad] * (bucket - n)
+        held, changed = self._held, []
+        for i, pages in enumerate(page_tables):
+            if held[i] != pages:
+                changed.append(i)
+        pad = self._pad
+        for i in range(n, bucket):  # padding rows read one token of the scratch page
+            if held[i] is not pad:
+                changed.append(i)
+        if changed:
+            self._write_rows(changed, page_tables, n)
         slots = [pages[(length - 1) // page] * page + (length - 1) % page for pages, length in zip(page_tables, kv_lens)]
-        self.block_table[:bucket, :width].copy_(torch.tensor(table, dtype=self.index_dtype), non_blocking=True)
-        self.kv_lens[:bucket].copy_(torch.tensor(kv_lens + [1] * (bucket - n), dtype=self.index_dtype),
-                                    non_blocking=True)
-        self.slots[:bucket].copy_(torch.tensor(slots + [scratch * page] * (bucket - n), dtype=self.index_dtype),
-                                  non_blocking=True)
+        dtype, extra = self.index_dtype, bucket - n
+        self.kv_lens[:bucket].copy_(int_tensor(kv_lens + [1] * extra, dtype), non_blocking=True)
+        self.slots[:bucket].copy_(int_tensor(slots + [scratch * page] * extra, dtype), non_blocking=True)
         for w, starts in self.window_starts.items():
-            starts[:bucket].copy_(torch.tensor([max(0, length - w) for length in kv_lens] + [0] * (bucket - n),
-                                               dtype=self.index_dtype), non_blocking=True)
+            starts[:bucket].copy_(int_tensor([max(0, length - w) for length in kv_lens] + [0] * extra, dtype),
+                                  non_blocking=True)
+
+    def _write_rows(self, rows: list[int], page_tables: list[list[int]], n: int) -> None:
+        """block_table rows <- their pages (-1: the scratch page), up to max_pages columns, in one copy."""
+        scratch, held, limit = self.scratch_page, self._held, self.max_pages
+        values = [page_tables[i] if i < n else self._pad for i in rows]
+        width = max(min(len(v), limit) for v in values) or 1
+        flat = []
+        for i, pages in zip(rows, values):
+            row = pages[:limit]
+            flat += row
+            if len(row) < width:
+                flat += [scratch] * (width - len(row))
+            held[i] = pages if i >= n else list(pages)  # a copy: the sequence's own list grows in place
+        if any(p < 0 for p in flat):
+            flat = [p if p >= 0 else scratch for p in flat]
+        table = int_tensor(flat, self.index_dtype).view(len(rows), width)
+        if len(rows) == rows[-1] - rows[0] + 1:  # consecutive rows (a whole batch): a slice
+            self.block_table[rows[0]:rows[-1] + 1, :width].copy_(table, non_blocking=True)
+        else:
+            index = int_tensor(rows).to(self.block_table.device, non_blocking=True)
+            self.block_table[:, :width].index_copy_(0, index, table.to(self.block_table.device, non_blocking=True))
 
     def prefers_eager(self, kv_lens: list[int]) -> bool:
         """Whether a dynamic backend would run this step better (e.g. by splitting long sequences)."""

@@ -64,15 +64,23 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         # decodes first, so that an unfinished long prefill never starves them of the budget
         room = self.kv.page_size
-        for seq in sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed_tokens > 1):
+        running = list(self.running)  # preemption below removes from self.running
+        pending = [len(s.token_ids) - s.num_computed_tokens for s in running]
+        if max(pending, default=1) > 1:
+            order = sorted(range(len(running)), key=lambda i: pending[i] > 1)
+            running, pending = [running[i] for i in order], [pending[i] for i in order]
+        scheduled = out.scheduled
+        for seq, n in zip(running, pending):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(len(seq.token_ids) - seq.num_computed_tokens + len(seq.draft_token_ids), budget)
             if seq.draft_token_ids:  # its draft's rows count in the budget: cut it to fit
+                n = min(n + len(seq.draft_token_ids), budget)
                 del seq.draft_token_ids[n - 1:]
-            fits = seq.num_computed_tokens + n <= len(seq.pages) * room  # most decode steps
+            elif n > budget:
+                n = budget
+            fits = seq.num_computed_tokens + n <= len(seq.tables[0]) * room  # most decode steps
             while not fits and not self.kv.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -84,8 +92,8 @@ class Scheduler:
                         del out.scheduled[i]
                         budget += k
                         break
-            if seq.status == SequenceStatus.RUNNING:
-                out.scheduled.append((seq, n))
+            if seq.status is SequenceStatus.RUNNING:
+                scheduled.append((seq, n))
                 budget -= n
         if not out.preempted:
             self._admit(out, budget)

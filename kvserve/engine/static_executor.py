@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from kvserve.native.lists import int_tensor
 from kvserve.attention.static_decode import StaticDecodeAttention
 from kvserve.engine.executors import StepBatch
 
@@ -50,9 +51,9 @@ class StaticDecodeExecutor:
         n = len(batch.ids)
         bucket = next(b for b in self.buckets if b >= n)
         pad = [0] * (bucket - n)
-        self.ids[:bucket].copy_(torch.tensor(batch.ids + pad), non_blocking=True)
-        self.positions[:bucket].copy_(torch.tensor(batch.positions + pad), non_blocking=True)
-        self.attention.plan([seq.pages for seq, _ in batch.scheduled], batch.kv_lens, bucket)
+        self.ids[:bucket].copy_(int_tensor(batch.ids + pad), non_blocking=True)
+        self.positions[:bucket].copy_(int_tensor(batch.positions + pad), non_blocking=True)
+        self.attention.plan([seq.tables[0] for seq, _ in batch.scheduled], batch.kv_lens, bucket)
         if bucket in self.graphs:
             self.graphs[bucket].replay()
             return self.outputs[bucket][:n]
