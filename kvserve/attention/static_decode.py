@@ -76,7 +76,7 @@ class StaticDecodeAttention:
             if len(row) < width:
                 flat += [scratch] * (width - len(row))
             held[i] = pages if i >= n else list(pages)  # a copy: the sequence's own list grows in place
-        if any(p < 0 for p in flat):
+        if min(flat) < 0:
             flat = [p if p >= 0 else scratch for p in flat]
         table = int_tensor(flat, self.index_dtype).view(len(rows), width)
         if len(rows) == rows[-1] - rows[0] + 1:  # consecutive rows (a whole batch): a slice

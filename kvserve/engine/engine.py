@@ -499,37 +499,36 @@ class Engine:
         return None
 
     def _outputs(self, touched: dict) -> list[RequestOutput]:
-        """The step's outputs: failures as they are, each streamed request's state, each finished one."""
-        outs = []
+        """The step's outputs: failures as they are, each streamed request's state, each finished
+        one. A request of one sequence (most) is built here inline, as _output builds it: at batch
+        256 this loop is a fifth of a decode step's host time."""
+        outs, finished_status = [], SequenceStatus.FINISHED
         for t in touched.values():
             if type(t) is RequestOutput:
                 outs.append(t)
-            elif len(t.seqs) == 1 and t.params.n == 1:
-                seq = t.seqs[0]
-                if seq.status is SequenceStatus.FINISHED:
-                    self.requests.pop(t.request_id, None)
-                    outs.append(self._single_output(t, seq, True))
-                elif t.params.output_kind == "cumulative":
-                    outs.append(self._single_output(t, seq, False))
-            elif t.params.output_kind == "cumulative" or self._finished(t):
-                outs.append(self._output(t))
+                continue
+            seqs, params = t.seqs, t.params
+            if len(seqs) != 1 or params.n != 1:
+                if params.output_kind == "cumulative" or self._finished(t):
+                    outs.append(self._output(t))
+                continue
+            seq = seqs[0]
+            finished = seq.status is finished_status
+            if finished:
+                self.requests.pop(t.request_id, None)
+            elif params.output_kind != "cumulative":
+                continue
+            text, reason = seq.text, seq.finish_reason
+            if params.stop and not finished:  # hold back what may become a stop string
+                text = text[:max(0, len(text) - max(len(s) for s in params.stop) + 1)]
+            completion = CompletionOutput(seq.index, text, seq.token_ids[seq.num_prompt_tokens:],
+                                          reason.value if reason is not None else None, seq.stop_reason,
+                                          seq.logprobs if params.logprobs is not None else None)
+            outs.append(RequestOutput(t.request_id, t.prompt, t.prompt_token_ids, [completion], finished,
+                                      seq.num_cached_tokens, {"arrival": t.arrival, "first_token": t.first_token_time,
+                                                              "finished": now() if finished else None}, None,
+                                      None if params.prompt_logprobs is None else [None, *seq.prompt_logprobs]))
         return outs
-
-    @staticmethod
-    def _single_output(state: _RequestState, seq: Sequence, finished: bool) -> RequestOutput:
-        """_output of a request with one sequence, as it builds it."""
-        text, p = seq.text, seq.params
-        if p.stop and not finished:  # hold back what may become a stop string
-            text = text[:max(0, len(text) - max(len(s) for s in p.stop) + 1)]
-        reason = seq.finish_reason
-        completion = CompletionOutput(seq.index, text, seq.token_ids[seq.num_prompt_tokens:],
-                                      reason.value if reason is not None else None, seq.stop_reason,
-                                      seq.logprobs if p.logprobs is not None else None)
-        metrics = {"arrival": state.arrival, "first_token": state.first_token_time,
-                   "finished": now() if finished else None}
-        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [completion], finished,
-                             seq.num_cached_tokens, metrics, None,
-                             None if p.prompt_logprobs is None else [None, *seq.prompt_logprobs])
 
     def _output(self, state: _RequestState) -> RequestOutput:
         seqs = state.seqs if len(state.seqs) == 1 else sorted(state.seqs, key=lambda s: s.index)

@@ -100,6 +100,8 @@ class Scheduler:
         return out
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        if not self.waiting or budget == 0 or len(self.running) >= self.config.max_num_seqs:
+            return
         # first pages of prompts whose new full pages are being computed now
         page = self.kv.page_size
         prefilling = {self._first_page(s) for s in self.running if s.num_prompt_tokens - s.num_computed_tokens >= page}
