@@ -273,14 +273,17 @@ class Engine:
                 seq.num_computed_tokens += n
                 if seq.num_computed_tokens // page_size > len(seq.page_hashes):  # a page was filled
                     self.kv.cache_computed_pages(seq)
-        rows, seqs = list(range(len(sampled))), list(sampled)
+        seqs = sampled
         if self._forking:  # requests with n > 1 whose prompt may end this step
+            rows, seqs = list(range(len(sampled))), list(sampled)
             for row, seq in enumerate(sampled):
                 if seq.params.n > 1:
                     children = self._fork_children(seq)
                     rows += [row] * len(children)
                     seqs += children
-        ids, tokens = self._sample(logits[rows] if len(rows) > len(sampled) else logits, seqs, failed)
+            if len(rows) > len(sampled):
+                logits = logits[rows]
+        ids, tokens = self._sample(logits, seqs, failed)
         touched = {rid: self._fail(rid, e) for rid, e in failed.items()}
         self._append_all(seqs, ids, tokens, failed, touched)
         if drafted:
@@ -437,9 +440,11 @@ class Engine:
     def _fork_children(self, parent: Sequence) -> list[Sequence]:
         """At the end of a prompt of a request with n > 1, its other n-1 sequences share its pages."""
         state = self.requests[parent.request_id]
-        if parent.index != 0 or len(state.seqs) == state.params.n or parent.output_token_ids:
+        if parent.index != 0:
             return []
-        self._forking.discard(parent.request_id)
+        self._forking.discard(parent.request_id)  # its first sample: now or never
+        if len(state.seqs) == state.params.n or parent.output_token_ids:
+            return []
         children = []
         for i in range(1, state.params.n):
             child = Sequence(next(self._seq_ids), parent.request_id, i, state.prompt_token_ids,

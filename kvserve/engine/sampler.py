@@ -149,7 +149,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     argmax kernel is scalar, ~8x slower than its vectorized amax: on the CPU, the block of 32 columns
     holding each row's maximum is found by amax, and argmax then reads that block alone."""
     rows, vocab = logits.shape
-    if logits.device.type != "cpu" or vocab % _ARGMAX_BLOCK or vocab < 2 * _ARGMAX_BLOCK or not rows:
+    if logits.device.type != "cpu" or vocab % _ARGMAX_BLOCK or rows * vocab < 32768:  # small: one op is less
         return logits.argmax(-1)
     blocks = logits.view(rows, vocab // _ARGMAX_BLOCK, _ARGMAX_BLOCK) if logits.is_contiguous() else \
         logits.reshape(rows, vocab // _ARGMAX_BLOCK, _ARGMAX_BLOCK)

@@ -66,6 +66,10 @@ class Scheduler:
         room = self.kv.page_size
         running = list(self.running)  # preemption below removes from self.running
         pending = [len(s.token_ids) - s.num_computed_tokens for s in running]
+        if pending.count(1) == len(running) <= budget and self._decode_pages(running):
+            out.scheduled = [(s, 1) for s in running]  # every running sequence decodes one token
+            self._admit(out, budget - len(running))
+            return out
         if max(pending, default=1) > 1:
             order = sorted(range(len(running)), key=lambda i: pending[i] > 1)
             running, pending = [running[i] for i in order], [pending[i] for i in order]
@@ -98,6 +102,18 @@ class Scheduler:
         if not out.preempted:
             self._admit(out, budget)
         return out
+
+    def _decode_pages(self, running: list[Sequence]) -> bool:
+        """Whether each of these decodes (no drafts) has room for its token, pages allocated here
+        in running order where a page fills; False where one cannot get a page (the caller's
+        loop then preempts, as it would have at that sequence)."""
+        room = self.kv.page_size
+        if any(s.draft_token_ids for s in running):
+            return False
+        for seq in [s for s in running if s.num_computed_tokens >= len(s.tables[0]) * room]:
+            if not self.kv.allocate(seq, seq.num_computed_tokens + 1):
+                return False
+        return True
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         if not self.waiting or budget == 0 or len(self.running) >= self.config.max_num_seqs:

@@ -54,3 +54,44 @@ def test_static_decode_matches_float64(name, page_size, hkv, group, d):
         torch.testing.assert_close(out[i].double(), (probs @ values).reshape(-1, d), atol=2e-5, rtol=2e-5)
     # the padding rows wrote the scratch page's first slot only
     assert torch.equal(pool.k[0][:, scratch * page_size].cpu(), k[bucket - 1])
+
+
+def test_rows_kept_between_plans_match_a_fresh_plan():
+    """plan() rewrites only the rows whose page list changed: over random steps (tables growing a
+    page, pages given back as -1, a table cut and regrown to its old length with other pages, rows
+    shifting as sequences leave, buckets shrinking to padding) every column a row reads, its
+    length and its slot equal those of a plan made from nothing."""
+    rng = random.Random(0)
+    page, max_batch, max_pages = 4, 8, 6
+    pool = PagePool(1, 64, page, 1, 8, torch.float32, "cpu")
+    scratch = pool.allocate(1)[0]
+    kept = StaticDecodeAttention(pool, 1, 8, max_batch, max_pages, scratch)
+    lens = [rng.randrange(1, 12) for _ in range(max_batch)]
+    tables = [[rng.randrange(1, 64) for _ in range(-(-n // page))] for n in lens]
+    for step in range(300):
+        for i, table in enumerate(tables):
+            lens[i] = min(lens[i] + 1, max_pages * page)
+            while len(table) < -(-lens[i] // page):
+                table.append(rng.randrange(1, 64))
+            change = rng.random()
+            if change < 0.05 and len(table) > 1:
+                table[rng.randrange(len(table) - 1)] = -1  # behind a sliding window
+            elif change < 0.1:
+                keep = len(table)
+                del table[max(1, keep - 1):]
+                table.extend(rng.randrange(1, 64) for _ in range(keep - len(table)))
+        if rng.random() < 0.1 and len(tables) > 1:
+            i = rng.randrange(len(tables))
+            del tables[i], lens[i]
+        elif rng.random() < 0.1 and len(tables) < max_batch:
+            lens.append(rng.randrange(1, 12))
+            tables.append([rng.randrange(1, 64) for _ in range(-(-lens[-1] // page))])
+        bucket = next(b for b in (1, 2, 4, 8) if b >= len(tables))
+        kept.plan(tables, lens, bucket)
+        fresh = StaticDecodeAttention(pool, 1, 8, max_batch, max_pages, scratch)
+        fresh.plan(tables, lens, bucket)
+        for row, length in enumerate(lens + [1] * (bucket - len(lens))):
+            used = -(-length // page)
+            assert kept.block_table[row, :used].tolist() == fresh.block_table[row, :used].tolist(), (step, row)
+        assert torch.equal(kept.kv_lens[:bucket], fresh.kv_lens[:bucket])
+        assert torch.equal(kept.slots[:bucket], fresh.slots[:bucket])
