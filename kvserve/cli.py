@@ -13,7 +13,7 @@ from kvserve.bench import serve as bench_serve, step_profile, structured, throug
 from kvserve.eval import longctx as eval_longctx
 from kvserve.distributed.group import RankFailure
 from kvserve.model.loader import ModelLoadError
-from kvserve.process import tune_malloc
+from kvserve.process import tune_gc, tune_malloc
 from kvserve.rag import commands as rag_commands
 from kvserve.server import launch
 
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     tune_malloc()
+    tune_gc()
     try:
         return args.func(args)
     except ModelLoadError as e:

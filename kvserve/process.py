@@ -1,6 +1,7 @@
 """Process-wide settings for the `kvserve` command (a library user's process is left alone)."""
 import ctypes
 import ctypes.util
+import gc
 import sys
 
 # glibc mallopt parameters
@@ -22,3 +23,16 @@ def tune_malloc() -> bool:
     return all(mallopt(param, value) == 1 for param, value in (
         (M_MMAP_THRESHOLD, 32 * 2**20),  # glibc's maximum: blocks below 32 MiB come from the heap
         (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 256 * 2**20)))
+
+
+# collections of the youngest generation once this many more objects are alive than at the last one
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Collect the youngest generation less often. A decode step at batch 256 makes ~1,600
+    short-lived containers (schedule tuples, outputs) that live until the caller drops the outputs;
+    Python's default threshold (700) collects twice a step, each time tracing the step's live
+    outputs: 0.2-0.4 ms a step at batch 256 on a 2-core EPYC. At 50,000 a step's objects are gone
+    before a collection comes; cycles, which the engine does not make per step, wait longer."""
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])

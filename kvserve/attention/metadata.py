@@ -1,8 +1,11 @@
 """The page table of one step in FlashInfer's CSR layout: four flat int32 tensors anyone can print."""
 from dataclasses import dataclass
 from itertools import accumulate, chain
+from operator import gt
 
 import torch
+
+from kvserve.native.lists import int_tensor
 
 
 @dataclass
@@ -21,13 +24,16 @@ class AttentionMetadata:
               page_size: int) -> "AttentionMetadata":
         """From per-request query lengths, page lists and total KV lengths (new tokens included)."""
         num_pages = [-(-kv_len // page_size) for kv_len in kv_lens]
-        if any(q > k or n > len(p) for q, k, n, p in zip(q_lens, kv_lens, num_pages, page_tables)):
+        held = list(map(len, page_tables))
+        if any(map(gt, q_lens, kv_lens)) or any(map(gt, num_pages, held)):
             raise ValueError("a page table is shorter than its KV length, or a query longer than it")
-        indices = list(chain.from_iterable(pages[:n] for pages, n in zip(page_tables, num_pages)))
+        # a table mostly holds exactly its KV length's pages: no slices then
+        tables = page_tables if held == num_pages else (pages[:n] for pages, n in zip(page_tables, num_pages))
+        indices = list(chain.from_iterable(tables))
         last = [kv_len - (n - 1) * page_size for kv_len, n in zip(kv_lens, num_pages)]
-        i32 = dict(dtype=torch.int32)
-        return cls(torch.tensor([0, *accumulate(q_lens)], **i32), torch.tensor([0, *accumulate(num_pages)], **i32),
-                   torch.tensor(indices, **i32), torch.tensor(last, **i32), page_size)
+        i32 = torch.int32
+        return cls(int_tensor([0, *accumulate(q_lens)], i32), int_tensor([0, *accumulate(num_pages)], i32),
+                   int_tensor(indices, i32), int_tensor(last, i32), page_size)
 
     @property
     def batch_size(self) -> int:

@@ -9,6 +9,7 @@ block table and one slot buffer per group; layer l reads its group's and the poo
 import torch
 
 from kvserve.kv.groups import KVGroups
+from kvserve.native.lists import int_tensor
 
 
 class StaticDecodeAttention:
@@ -39,43 +40,59 @@ class StaticDecodeAttention:
         self.slots = torch.full((num_groups, max_batch), scratch_page * page, **ints)
         # per sliding window, each row's first position to read (its kv_len - window, or 0)
         self.window_starts = {w: torch.zeros(max_batch, **ints) for w in dict.fromkeys(self.windows) if w is not None}
+        # per group, what the host last wrote in each row of its block table (a copy of the page list, or _pad)
+        self._pad = [scratch_page]
+        self._held: list[list[list[int] | None]] = [[None] * max_batch for _ in range(num_groups)]
         self.token_offsets = torch.arange(page, device=device)
         self.key_positions = torch.arange(max_pages * page, device=device)
 
     def plan(self, tables: list[list[list[int]]], kv_lens: list[int], bucket: int) -> None:
         """Sequence i (of len(kv_lens) <= bucket) has kv_lens[i] tokens, its new one included, in
         its page table of each KV group, tables[i] (Sequence.tables); rows past them up to bucket
-        are padding. Only the columns in use are written: those past a row's length, and a windowed
-        group's before the window of every row, keep earlier (valid) page ids, which no kernel reads
-        unmasked; so a long sequence costs a window's pages in a windowed group's table. Pages given
-        back before a window (-1) point at the scratch page."""
-        page, n, scratch = self.pool.page_size, len(kv_lens), self.scratch_page
-        used = [-(-length // page) for length in kv_lens]
-        width = max(used, default=1)
-        flat, blocks, slots = [], [], []  # every group's block in one host list: one tensor made
+        are padding. Between decode steps a row's pages mostly stay as they were: the host keeps
+        what each row holds and writes only the rows whose page list changed (a new page, a page
+        given back, another sequence in that row). Pages given back before a window (-1) point at
+        the scratch page."""
+        page, n, scratch, extra = self.pool.page_size, len(kv_lens), self.scratch_page, bucket - len(kv_lens)
+        slots = []
         for g, window in enumerate(self.groups.windows):
-            firsts = [0 if window is None else max(0, length - window) // page for length in kv_lens]
-            lo = min(firsts, default=0)
-            pad = [scratch] * (width - lo)
-            for t, f, u in zip(tables, firsts, used):
-                flat += pad[:f - lo]
-                flat += [p if p >= 0 else scratch for p in t[g][f:u]]
-                flat += pad[u - lo:]
-            flat += pad * (bucket - n)
-            blocks.append((lo, bucket * (width - lo)))
+            held = self._held[g]
+            changed = [i for i, t in enumerate(tables) if held[i] != t[g]]
+            changed += [i for i in range(n, bucket) if held[i] is not self._pad]  # padding: the scratch page
+            if changed:
+                self._write_rows(g, window, changed, tables, kv_lens)
             slots += [t[g][(length - 1) // page] * page + (length - 1) % page for t, length in zip(tables, kv_lens)]
-            slots += [scratch * page] * (bucket - n)
-        host, at = torch.tensor(flat, dtype=self.index_dtype), 0
-        for g, (lo, size) in enumerate(blocks):
-            self.block_table[g, :bucket, lo:width].copy_(host[at:at + size].view(bucket, width - lo), non_blocking=True)
-            at += size
-        self.kv_lens[:bucket].copy_(torch.tensor(kv_lens + [1] * (bucket - n), dtype=self.index_dtype),
-                                    non_blocking=True)
-        self.slots[:, :bucket].copy_(torch.tensor(slots, dtype=self.index_dtype).view(len(self.groups), bucket),
-                                     non_blocking=True)
+            slots += [scratch * page] * extra
+        dtype = self.index_dtype
+        self.kv_lens[:bucket].copy_(int_tensor(kv_lens + [1] * extra, dtype), non_blocking=True)
+        self.slots[:, :bucket].copy_(int_tensor(slots, dtype).view(len(self.groups), bucket), non_blocking=True)
         for w, starts in self.window_starts.items():
-            starts[:bucket].copy_(torch.tensor([max(0, length - w) for length in kv_lens] + [0] * (bucket - n),
-                                               dtype=self.index_dtype), non_blocking=True)
+            starts[:bucket].copy_(int_tensor([max(0, length - w) for length in kv_lens] + [0] * extra, dtype),
+                                  non_blocking=True)
+
+    def _write_rows(self, g: int, window: int | None, rows: list[int], tables, kv_lens: list[int]) -> None:
+        """Group g's block-table rows <- their pages (-1: the scratch page), in one copy. Only the
+        columns in use are written: those past a row's length, and a windowed group's before every
+        written row's window, keep earlier (valid) page ids, which no kernel reads unmasked; so a
+        long sequence costs a window's pages in a windowed group's table."""
+        n, page, limit, held = len(kv_lens), self.pool.page_size, self.max_pages, self._held[g]
+        values = [tables[i][g] if i < n else self._pad for i in rows]
+        lo = 0 if window is None else min(max(0, kv_lens[i] - window) // page if i < n else 0 for i in rows)
+        width = max(max(min(len(v), limit) for v in values), lo + 1)
+        flat = []
+        for i, pages in zip(rows, values):
+            row = pages[lo:limit]
+            flat += row
+            flat += [self.scratch_page] * (width - lo - len(row))
+            held[i] = pages if i >= n else list(pages)  # a copy: the sequence's own list grows in place
+        if min(flat) < 0:
+            flat = [p if p >= 0 else self.scratch_page for p in flat]
+        block = int_tensor(flat, self.index_dtype).view(len(rows), width - lo)
+        if len(rows) == rows[-1] - rows[0] + 1:  # consecutive rows (a whole batch): a slice
+            self.block_table[g, rows[0]:rows[-1] + 1, lo:width].copy_(block, non_blocking=True)
+        else:
+            index = int_tensor(rows).to(self.block_table.device, non_blocking=True)
+            self.block_table[g, :, lo:width].index_copy_(0, index, block.to(self.block_table.device, non_blocking=True))
 
     def prefers_eager(self, kv_lens: list[int]) -> bool:
         """Whether a dynamic backend would run this step better (e.g. by splitting long sequences)."""

@@ -82,21 +82,29 @@ class TorchRefAttention:
         device, page = self.pool.k.device, meta.page_size
         q_lens, kv_lens = meta.q_lens(), meta.kv_lens()
         kv_indptr, kv_indices = meta.kv_indptr.long(), meta.kv_indices.long()
-        # pool slot of every new token: its request's page at its position
-        req = torch.repeat_interleave(torch.arange(meta.batch_size), q_lens)
-        pos = kv_lens[req] - q_lens[req] + torch.arange(len(req)) - meta.qo_indptr[:-1].long()[req]
-        self.slot_mapping = (kv_indices[kv_indptr[req] + pos // page] * page + pos % page).to(device)
-
         decodes = torch.nonzero(q_lens == 1).flatten()
-        self.decode_rows = meta.qo_indptr[:-1].long()[decodes].to(device)
-        if len(decodes):
-            if any(self.plain):
-                self._plan_decodes(decodes, kv_indptr, kv_indices, kv_lens[decodes], page, device)
-            self.banded = {w: self._plan_banded(decodes, kv_indptr, kv_indices, kv_lens[decodes], page, device, w)
-                           for w in self.banded_windows}
         self.all_decodes = len(decodes) == meta.batch_size
+        # pool slot of every new token: its request's page at its position
+        if self.all_decodes:  # one row per request, at its last position (most steps: fewer ops)
+            pos = kv_lens - 1
+            self.slot_mapping = (kv_indices[kv_indptr[:-1] + pos // page] * page + pos % page).to(device)
+            self.decode_rows = decodes.to(device)
+        else:
+            req = torch.repeat_interleave(torch.arange(meta.batch_size), q_lens)
+            pos = kv_lens[req] - q_lens[req] + torch.arange(len(req)) - meta.qo_indptr[:-1].long()[req]
+            self.slot_mapping = (kv_indices[kv_indptr[req] + pos // page] * page + pos % page).to(device)
+            self.decode_rows = meta.qo_indptr[:-1].long()[decodes].to(device)
+        if len(decodes):
+            decode_lens = kv_lens if self.all_decodes else kv_lens[decodes]
+            if any(self.plain):
+                self._plan_decodes(decodes, kv_indptr, kv_indices, decode_lens, page, device)
+            self.banded = {w: self._plan_banded(decodes, kv_indptr, kv_indices, decode_lens, page, device, w)
+                           for w in self.banded_windows}
 
         self.chunks, whole = [], {}
+        if self.all_decodes:
+            self.prompts = []
+            return
         qo = meta.qo_indptr.tolist()
         for i in torch.nonzero(q_lens > 1).flatten().tolist():
             q_len, kv_len = int(q_lens[i]), int(kv_lens[i])

@@ -62,8 +62,9 @@ def run_kvserve(args, prompt: list[int], long_prompt: list[int]) -> dict:
     from kvserve.kv.groups import KVGroups
     from kvserve.kv.windows import kv_windows
     from kvserve.model.loader import load_checkpoint
-    from kvserve.process import tune_malloc
+    from kvserve.process import tune_gc, tune_malloc
     tune_malloc()  # as the kvserve command does
+    tune_gc()
     runtime_rss = peak_rss_mb()
     # a cache for the longest request of this benchmark (2048 tokens), as llama.cpp's n_ctx is sized
     # for it: 2048 tokens' pages in each KV group (a page holds one group's layers)

@@ -96,8 +96,8 @@ def measure(batch: int, args, tokenizer) -> dict[str, float]:
     timer.wrap(engine.model, "forward", "model")
     timer.wrap(engine.model, "compute_logits", "model")
     timer.wrap(engine, "_sample", "sample")
-    timer.wrap(engine, "_append", "append")
-    timer.wrap(engine, "_output", "outputs")
+    timer.wrap(engine, "_append_all", "append")
+    timer.wrap(engine, "_outputs", "outputs")
     total = 0.0
     for _ in range(args.steps):
         with timer.nested("inputs", "model"):

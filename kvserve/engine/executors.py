@@ -25,6 +25,7 @@ from kvserve.engine.request import Sequence
 from kvserve.kv.groups import KVGroups
 from kvserve.kv.windows import kv_windows
 from kvserve.native.decode import NativeDecoder
+from kvserve.native.lists import int_tensor
 
 
 @dataclass
@@ -61,9 +62,10 @@ class TorchExecutor:
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """The final hidden states of batch.last_rows."""
         attention, forward = self._plan(batch)
-        hidden = forward(torch.tensor(batch.ids, device=self.device),
-                         torch.tensor(batch.positions, device=self.device), attention)
-        return hidden[torch.tensor(batch.last_rows, dtype=torch.long, device=self.device)]
+        hidden = forward(int_tensor(batch.ids).to(self.device), int_tensor(batch.positions).to(self.device), attention)
+        if len(batch.last_rows) == len(batch.ids):  # ascending and distinct: every row, in order
+            return hidden
+        return hidden[int_tensor(batch.last_rows).to(self.device)]
 
     def _plan(self, batch: StepBatch):
         """The step's planned attention backend and the forward to run it with."""

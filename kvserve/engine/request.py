@@ -7,6 +7,10 @@ from kvserve.attention.policy import FULL, AttentionPolicy, parse_attention
 from kvserve.engine.structured import StructuredOutputs
 
 
+# Below this temperature l/T can overflow float32, and the draw is the argmax anyway (vLLM's threshold).
+MIN_TEMPERATURE = 1e-5
+
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context length
@@ -85,6 +89,11 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
     @property
+    def argmax_only(self) -> bool:
+        """A row's token is the argmax of its raw logits: nothing to process, nothing drawn."""
+        return self.plain and (self.greedy or self.temperature < MIN_TEMPERATURE)
+
+    @property
     def plain(self) -> bool:
         """No logit processing before sampling: no bias, penalty, min_tokens or logprobs."""
         return (not self.logit_bias and not self.min_tokens and self.repetition_penalty == 1
@@ -139,6 +148,7 @@ class Sequence:
         self.draft_token_ids: list[int] = []  # proposed this step, verified by its k + 1 rows
         self.spec = None  # speculation state (kvserve.engine.spec.speculator.SpecState)
         self.grammar = None  # xgrammar matcher of a structured request: it has accepted every output token
+        self.argmax_only = params.argmax_only  # read by every step's sampling: the params do not change
 
     @property
     def pages(self) -> list[int]:

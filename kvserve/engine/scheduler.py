@@ -64,15 +64,27 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         # decodes first, so that an unfinished long prefill never starves them of the budget
         room = self.kv.page_size
-        for seq in sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed_tokens > 1):
+        running = list(self.running)  # preemption below removes from self.running
+        pending = [len(s.token_ids) - s.num_computed_tokens for s in running]
+        if pending.count(1) == len(running) <= budget and self._decode_pages(running):
+            out.scheduled = [(s, 1) for s in running]  # every running sequence decodes one token
+            self._admit(out, budget - len(running))
+            return out
+        if max(pending, default=1) > 1:
+            order = sorted(range(len(running)), key=lambda i: pending[i] > 1)
+            running, pending = [running[i] for i in order], [pending[i] for i in order]
+        scheduled = out.scheduled
+        for seq, n in zip(running, pending):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(len(seq.token_ids) - seq.num_computed_tokens + len(seq.draft_token_ids), budget)
             if seq.draft_token_ids:  # its draft's rows count in the budget: cut it to fit
+                n = min(n + len(seq.draft_token_ids), budget)
                 del seq.draft_token_ids[n - 1:]
-            fits = seq.num_computed_tokens + n <= len(seq.pages) * room  # most decode steps
+            elif n > budget:
+                n = budget
+            fits = seq.num_computed_tokens + n <= len(seq.tables[0]) * room  # most decode steps
             while not fits and not self.kv.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -84,14 +96,28 @@ class Scheduler:
                         del out.scheduled[i]
                         budget += k
                         break
-            if seq.status == SequenceStatus.RUNNING:
-                out.scheduled.append((seq, n))
+            if seq.status is SequenceStatus.RUNNING:
+                scheduled.append((seq, n))
                 budget -= n
         if not out.preempted:
             self._admit(out, budget)
         return out
 
+    def _decode_pages(self, running: list[Sequence]) -> bool:
+        """Whether each of these decodes (no drafts) has room for its token, pages allocated here
+        in running order where a page fills; False where one cannot get a page (the caller's
+        loop then preempts, as it would have at that sequence)."""
+        room = self.kv.page_size
+        if any(s.draft_token_ids for s in running):
+            return False
+        for seq in [s for s in running if s.num_computed_tokens >= len(s.tables[0]) * room]:
+            if not self.kv.allocate(seq, seq.num_computed_tokens + 1):
+                return False
+        return True
+
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        if not self.waiting or budget == 0 or len(self.running) >= self.config.max_num_seqs:
+            return
         # first pages of prompts whose new full pages are being computed now
         page = self.kv.page_size
         prefilling = {self._first_page(s) for s in self.running if s.num_prompt_tokens - s.num_computed_tokens >= page}

@@ -14,6 +14,7 @@ from kvserve.attention.static_decode import StaticDecodeAttention
 from kvserve.engine.executors import StepBatch
 from kvserve.kv.groups import KVGroups
 from kvserve.kv.windows import kv_windows
+from kvserve.native.lists import int_tensor
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
@@ -56,8 +57,8 @@ class StaticDecodeExecutor:
         n = len(batch.ids)
         bucket = next(b for b in self.buckets if b >= n)
         pad = [0] * (bucket - n)
-        self.ids[:bucket].copy_(torch.tensor(batch.ids + pad), non_blocking=True)
-        self.positions[:bucket].copy_(torch.tensor(batch.positions + pad), non_blocking=True)
+        self.ids[:bucket].copy_(int_tensor(batch.ids + pad), non_blocking=True)
+        self.positions[:bucket].copy_(int_tensor(batch.positions + pad), non_blocking=True)
         self.attention.plan([seq.tables for seq, _ in batch.scheduled], batch.kv_lens, bucket)
         if bucket in self.graphs:
             self.graphs[bucket].replay()

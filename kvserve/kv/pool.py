@@ -1,11 +1,17 @@
 """PagePool: the KV memory of every layer, cut into fixed pages, with ref counts and a free list."""
 from collections import deque
+from itertools import islice
 
 import torch
 
 
 class OutOfPagesError(RuntimeError):
     pass
+
+
+# free pages next in line that are zeroed along with a page handed out for the first time: a decode
+# batch crosses page boundaries together, and one zero_ over a run of pages costs what one page does
+ZERO_AHEAD = 64
 
 
 class PagePool:
@@ -45,11 +51,13 @@ class PagePool:
     def allocate(self, n: int) -> list[int]:
         if n > len(self.free_pages):
             raise OutOfPagesError(f"need {n} pages, {len(self.free_pages)} free")
-        pages = [self.free_pages.popleft() for _ in range(n)]
+        free, refs, zeroed = self.free_pages, self.ref_counts, self.zeroed
+        pages = [free.popleft() for _ in range(n)]
         for p in pages:
-            self.ref_counts[p] = 1
-            if not self.zeroed[p]:
-                self._zero(p)
+            refs[p] = 1
+        fresh = [p for p in pages if not zeroed[p]]
+        if fresh:
+            self._zero(fresh + [p for p in islice(free, ZERO_AHEAD) if not zeroed[p]])
         return pages
 
     def reserve(self) -> int:
@@ -60,15 +68,21 @@ class PagePool:
 
     def ensure_zeroed(self, pages) -> None:
         """Zeroes pages never handed out here (a tensor-parallel rank's pool, whose pages rank 0 allocates)."""
-        for p in pages:
-            if p >= 0 and not self.zeroed[p]:
-                self._zero(p)
+        self._zero([p for p in pages if p >= 0 and not self.zeroed[p]])
 
-    def _zero(self, page: int) -> None:
-        s, n = page * self.page_size, self.page_size
-        self.k[:, :, s:s + n].zero_()
-        self.v[:, :, s:s + n].zero_()
-        self.zeroed[page] = True
+    def _zero(self, pages: list[int]) -> None:
+        """Zeroes these pages, a run of consecutive ones in one zero_ per tensor."""
+        pages = sorted(set(pages))
+        n, i = self.page_size, 0
+        while i < len(pages):
+            j = i + 1
+            while j < len(pages) and pages[j] == pages[j - 1] + 1:
+                j += 1
+            self.k[:, :, pages[i] * n:(pages[j - 1] + 1) * n].zero_()
+            self.v[:, :, pages[i] * n:(pages[j - 1] + 1) * n].zero_()
+            i = j
+        for p in pages:
+            self.zeroed[p] = True
 
     def incref(self, pages) -> None:
         for p in pages:

@@ -264,13 +264,24 @@ class IncrementalDetokenizer:
         self._parts: list[str] = []
 
     def add(self, token_ids: list[int]) -> str:
-        if len(token_ids) == 1 and self._read == len(self._ids):  # nothing held back
-            piece = self._tok.piece(token_ids[0])
+        if len(token_ids) == 1:
+            return self.add_token(token_ids[0])
+        return self._add(token_ids)
+
+    def add_token(self, token_id: int) -> str:
+        """add([token_id]), the engine's call once per sequence and step."""
+        ids = self._ids
+        if self._read == len(ids):  # nothing held back
+            piece = self._tok.piece(token_id)
             if piece is not None:
-                self._ids.append(token_ids[0])
-                self._prefix, self._read = self._read, len(self._ids)
+                ids.append(token_id)
+                self._prefix = self._read
+                self._read += 1
                 self._parts.append(piece)
                 return piece
+        return self._add([token_id])
+
+    def _add(self, token_ids: list[int]) -> str:
         self._ids.extend(token_ids)
         prefix_text = self._tok.decode(self._ids[self._prefix:self._read], self._skip)
         new_text = self._tok.decode(self._ids[self._prefix:], self._skip)

@@ -8,6 +8,7 @@ from functools import cache
 import torch
 
 from kvserve import native
+from kvserve.native.lists import int_tensor
 
 _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _REDUCE = ctypes.CFUNCTYPE(_i64, ctypes.POINTER(_f32), _i64)  # decode.c's Model.reduce
@@ -179,14 +180,14 @@ class NativeDecoder:
         group after the other). Writes every token's K/V to the cache; tokens of one
         sequence come in order. rope_positions (default: positions) rotate q and k: a token placed
         at a smaller position of a shortened page table keeps its true rotation (self speculation)."""
-        x = self.model.embed(torch.tensor(tokens)).float().contiguous()  # Gemma's scaled embeddings too
-        keep = torch.arange(len(tokens)) if rows is None else torch.tensor(rows, dtype=torch.int64)
+        x = self.model.embed(int_tensor(tokens)).float().contiguous()  # Gemma's scaled embeddings too
+        keep = torch.arange(len(tokens)) if rows is None else int_tensor(rows)
         out = x.new_empty(len(keep), x.shape[1])
         rope = self.model.rope
         rotated = positions if rope_positions is None else rope_positions
         rope.ensure(max(rotated) + 1)
-        pos = torch.tensor(positions)
-        index = torch.tensor(rotated)
+        pos = int_tensor(positions)
+        index = pos if rope_positions is None else int_tensor(rotated)
         cos, sin = rope.cos[index].contiguous(), rope.sin[index].contiguous()
         local = self.model.local_rope  # Gemma 3's sliding layers' table, where the model has one
         if local is not None:
@@ -194,7 +195,7 @@ class NativeDecoder:
             cos_local, sin_local = local.cos[index].contiguous(), local.sin[index].contiguous()
         else:
             cos_local, sin_local = cos, sin
-        pages, starts = torch.tensor(page_table, dtype=torch.int32), torch.tensor(page_starts)
+        pages, starts = int_tensor(page_table, torch.int32), int_tensor(page_starts)
         if _kernel()(self._ref, x.data_ptr(), len(tokens), cos.data_ptr(), sin.data_ptr(), cos_local.data_ptr(),
                      sin_local.data_ptr(), pages.data_ptr(),
                      starts.data_ptr(), pos.data_ptr(), self.pool.page_size, keep.data_ptr(), len(keep),

@@ -106,3 +106,54 @@ def test_static_decode_over_kv_groups(name, dtype, page_size):
             qi = q[i].cpu().double().view(hkv, group, d)
             probs = (qi @ keys.transpose(1, 2) * d ** -0.5).softmax(-1)
             torch.testing.assert_close(out[i].double(), (probs @ values).reshape(-1, d), atol=tol, rtol=tol)
+
+
+def test_rows_kept_between_plans_match_a_fresh_plan():
+    """plan() rewrites only the rows whose page list changed: over random steps (tables growing a
+    page, pages given back as -1, a table cut and regrown to its old length with other pages, rows
+    shifting as sequences leave, buckets shrinking to padding) every column a row reads, its
+    length and its slots equal those of a plan made from nothing; in a full group and in a
+    windowed one (columns from the window's first page on)."""
+    from kvserve.kv.groups import KVGroups
+    rng = random.Random(0)
+    page, max_batch, max_pages, window = 4, 8, 6, 6
+    groups = KVGroups.from_windows([None, window])
+    pool = PagePool(groups.slots, 64, page, 1, 8, torch.float32, "cpu")
+    scratch = pool.allocate(1)[0]
+
+    def new_table(n):
+        return [[rng.randrange(1, 64) for _ in range(-(-n // page))] for _ in groups.windows]
+    kept = StaticDecodeAttention(pool, 1, 8, max_batch, max_pages, scratch, windows=[None, window], groups=groups)
+    lens = [rng.randrange(1, 12) for _ in range(max_batch)]
+    tables = [new_table(n) for n in lens]
+    for step in range(300):
+        for i, seq in enumerate(tables):
+            lens[i] = min(lens[i] + 1, max_pages * page)
+            for g, table in enumerate(seq):
+                while len(table) < -(-lens[i] // page):
+                    table.append(rng.randrange(1, 64))
+                change = rng.random()
+                if change < 0.05 and len(table) > 1:
+                    table[rng.randrange(len(table) - 1)] = -1  # behind a sliding window
+                elif change < 0.1:
+                    keep = len(table)
+                    del table[max(1, keep - 1):]
+                    table.extend(rng.randrange(1, 64) for _ in range(keep - len(table)))
+        if rng.random() < 0.1 and len(tables) > 1:
+            i = rng.randrange(len(tables))
+            del tables[i], lens[i]
+        elif rng.random() < 0.1 and len(tables) < max_batch:
+            lens.append(rng.randrange(1, 12))
+            tables.append(new_table(lens[-1]))
+        bucket = next(b for b in (1, 2, 4, 8) if b >= len(tables))
+        kept.plan(tables, lens, bucket)
+        fresh = StaticDecodeAttention(pool, 1, 8, max_batch, max_pages, scratch, windows=[None, window],
+                                      groups=groups)
+        fresh.plan(tables, lens, bucket)
+        for g, w in enumerate(groups.windows):
+            for row, length in enumerate(lens + [1] * (bucket - len(lens))):
+                first, used = (0 if w is None else max(0, length - w) // page), -(-length // page)
+                assert kept.block_table[g, row, first:used].tolist() == fresh.block_table[g, row, first:used].tolist(), \
+                    (step, g, row)
+        assert torch.equal(kept.kv_lens[:bucket], fresh.kv_lens[:bucket])
+        assert torch.equal(kept.slots[:, :bucket], fresh.slots[:, :bucket])

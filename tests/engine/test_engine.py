@@ -228,3 +228,40 @@ def test_final_only_outputs_come_once_and_match_cumulative(make_engine):
     assert [by_id[i].outputs[0].token_ids for i in ids] == [o.outputs[0].token_ids for o in cumulative]
     with pytest.raises(ValueError, match="output_kind"):
         SamplingParams(output_kind="delta")
+
+
+def test_streamed_outputs_hold_back_stop_strings_split_across_steps(make_engine, smollm2_tokenizer):
+    """Each step's streamed output of a batch with stop strings that end in different tokens than
+    they start: its text is a prefix of the final text and never shows the stop string, its ids
+    a prefix of the final ids; the final output is the one a final-only request gets, with the
+    text cut before the stop string and equal to the full decode of its tokens up to it."""
+    engine = make_engine()
+    ps = prompts(6, seed=5)
+    bases = [o.outputs[0] for o in run(engine, ps, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))]
+    stops = []
+    for base in bases:  # a 3-character stop string from the middle of each continuation
+        text = base.text
+        stops.append(text[len(text) // 2:len(text) // 2 + 3])
+    stops = [s if s.strip() else "zzz" for s in stops]
+    streamed = {}
+    for p, stop in zip(ps, stops):
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]),
+                           request_id=f"s{len(streamed)}")
+        streamed[f"s{len(streamed)}"] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            streamed[out.request_id].append(out)
+    finals = run(engine, ps, [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop],
+                                             output_kind="final_only") for stop in stops])
+    for i, (base, stop) in enumerate(zip(bases, stops)):
+        outs = streamed[f"s{i}"]
+        last = outs[-1].outputs[0]
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+        assert last.text == (base.text[:base.text.index(stop)] if stop in base.text else base.text)
+        assert last.text == smollm2_tokenizer.decode(last.token_ids)[:len(last.text)]
+        for o in outs[:-1]:
+            c = o.outputs[0]
+            assert last.text.startswith(c.text) and stop not in c.text
+            assert last.token_ids[:len(c.token_ids)] == c.token_ids and c.finish_reason is None
+        assert finals[i].outputs[0].text == last.text and finals[i].outputs[0].token_ids == last.token_ids
+        assert finals[i].outputs[0].finish_reason == last.finish_reason

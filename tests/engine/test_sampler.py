@@ -291,3 +291,20 @@ def test_tokens_always_in_allowed_set(vocab, logits_seed, scale, specs):
             assert out.logprob == pytest.approx(ref[t].item(), abs=1e-3)
             values = [v for _, v in out.top_logprobs]
             assert len(values) == min(p.logprobs, vocab) and values == sorted(values, reverse=True)
+
+
+def test_blocked_argmax_is_torch_argmax():
+    """argmax_rows (the CPU's greedy pick, block maxima first) returns what argmax returns: the
+    first maximum on ties, the first NaN where a row has one, column 0 of an all -inf row."""
+    from kvserve.engine.sampler import argmax_rows
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        rows, vocab = int(torch.randint(1, 300, (1,), generator=g)), 32 * int(torch.randint(1, 40, (1,), generator=g))
+        x = torch.randint(-3, 3, (rows, vocab), generator=g).float()  # many ties
+        if trial % 3 == 0:
+            x[torch.rand(rows, vocab, generator=g) < 0.01] = float("nan")
+        if trial % 5 == 0:
+            x[torch.rand(rows, vocab, generator=g) < 0.5] = float("-inf")
+            x[0] = float("-inf")
+        assert torch.equal(argmax_rows(x), x.argmax(-1)), trial
+        assert torch.equal(argmax_rows(x[:, :vocab - 1]), x[:, :vocab - 1].argmax(-1))  # not a multiple of 32

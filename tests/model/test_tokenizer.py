@@ -261,7 +261,9 @@ def test_stream_pieces_match_full_decodes(smollm, monkeypatch):
         out = []
         for prompt, ids in cases:
             det = IncrementalDetokenizer(smollm, skip, prompt_ids=prompt)
+            by_one = IncrementalDetokenizer(smollm, skip, prompt_ids=prompt)  # the engine's call
             out.append([det.add([i]) for i in ids] + [det.flush()])
+            assert [by_one.add_token(i) for i in ids] + [by_one.flush()] == out[-1]
             if smollm.decode(prompt, skip) == smollm.decode(prompt[:-1], skip) + smollm.decode(prompt[-1:], skip):
                 assert "".join(out[-1]) == smollm.decode(prompt + ids, skip)[len(smollm.decode(prompt, skip)):]
         return out
