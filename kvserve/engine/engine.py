@@ -55,9 +55,13 @@ class Engine:
         self.device = resolve_device(config.device, model)
         # ranks > 0 of a tensor-parallel engine never see text
         ids_only = config.random_weights or (self.tp is not None and self.tp.rank > 0)
+        tokenizer_error = None
         if tokenizer is None and not ids_only:
             # before the model, so that building a large vocabulary's merges never shares the peak with the weights
-            tokenizer = load_tokenizer(config.model)
+            try:
+                tokenizer = load_tokenizer(config.model)
+            except ModelLoadError as e:  # a broken checkpoint: the model's own error, if any, says more
+                tokenizer_error = e
             release_free_memory()
         if model is None:
             dtype = resolve_dtype(config.dtype, self.device)
@@ -79,6 +83,8 @@ class Engine:
                 raise ModelLoadError(f"cannot build the model from {config.model or 'the default model'}: {e}") \
                     from None
             del weights
+        if tokenizer_error is not None:
+            raise tokenizer_error
         if tokenizer is None:
             tokenizer = token_tokenizer(model.config.vocab_size)
         read_gguf.cache_clear()
