@@ -106,6 +106,10 @@ class PolicyAttention:
         for backend, meta in zip(self.backends, metas, strict=True):
             if meta is not None:
                 backend.plan(meta)
+        self.plan_decodes(decodes)
+
+    def plan_decodes(self, decodes: list[tuple[int, object, int]]) -> None:
+        """The policy decodes alone, for run_rows: a caller that computes every other row (decode.c)."""
         # per global group: its decodes over its own page table (positions are the same in each)
         self.by_group = {g: [self._plan_one(row, seq, kv_len, g) for row, seq, kv_len in decodes]
                          for g in self.global_groups}
@@ -164,6 +168,15 @@ class PolicyAttention:
             if d.offload is None:
                 out[d.row] = self._decode(layer, d, q[d.row], k_cache, v_cache).to(q.dtype)
         return out
+
+    def run_rows(self, layer: int, q: torch.Tensor, out: torch.Tensor, rows: list[int]) -> None:
+        """A global layer's planned decodes (plan_decodes) whose K/V the caller already wrote to
+        the pool: decode i's query at q[rows[i]] (-1: none), its output into out[rows[i]]."""
+        group, slot = self.route[layer]
+        k_cache, v_cache = self.pool.k[slot], self.pool.v[slot]
+        for d, r in zip(self.by_group[group], rows, strict=True):
+            if r >= 0:
+                out[r] = self._decode(layer, d, q[r].to(k_cache.dtype), k_cache, v_cache).to(out.dtype)
 
     def _decode(self, layer: int, d: _SparseDecode, q: torch.Tensor, k_cache, v_cache) -> torch.Tensor:
         h, kv_len = self.num_heads, d.kv_len
