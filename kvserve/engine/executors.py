@@ -176,7 +176,7 @@ def select_executor(model, pool, device, compile: bool = False, max_batch: int =
     if native_layout(cfg) and NativeDecoder.supports(model):
         # policy decodes called back from the C step; a tensor-parallel rank keeps them in PyTorch
         policies = policy_attention if reduce is None else None
-        decoder = NativeDecoder(model, pool, reduce, groups, policies.run_rows if policies else None)
+        decoder = NativeDecoder(model, pool, reduce, groups, policies)
         return NativeExecutor(decoder, torch_executor, policies)
     if single and cuda_kernels and not enforce_eager and reduce is None:  # CUDA graphs cannot join collectives
         from kvserve.attention.triton.static import TritonStaticDecode

@@ -75,9 +75,9 @@ class NativeDecoder:
         """reduce: a tensor-parallel rank's in-place sum over ranks (e.g. TPGroup.all_reduce), which
         decode.c calls after each layer's o and down projections (row-parallel shards).
         groups: the pool's KV groups (kvserve/kv/groups.py); None: one group of every layer.
-        policy: policy(layer, q [T, H, D], out [T, H, D], rows) computes, in a global layer, the
-        attention of the rows a step names as `policy_rows` (rows[i]: the i-th's row now, -1 when
-        the last layer dropped it) into out (e.g. PolicyAttention.run_rows); their K/V are in the pool."""
+        policy: an object whose run_rows(layer, q [T, H, D], out [T, H, D], rows) computes, in a
+        global layer, the attention of the rows a step names as `policy_rows` (rows[i]: the i-th's
+        row now, -1 when the last layer dropped it) into out (PolicyAttention); their K/V are in the pool."""
         assert pool.k.dtype == model.dtype and pool.k.is_contiguous(), "the cache the model writes"
         self.model, self.pool = model, pool
         self._error = None  # what reduce raised: re-raised after the C call returns
@@ -141,8 +141,8 @@ class NativeDecoder:
                 q = torch.frombuffer(ctypes.cast(qkv, ctypes.POINTER(_f32 * (T * qkv_n))).contents, dtype=torch.float32)
                 o = torch.frombuffer(ctypes.cast(out, ctypes.POINTER(_f32 * (T * heads * dim))).contents,
                                      dtype=torch.float32)
-                policy(layer, q.view(T, qkv_n)[:, :heads * dim].unflatten(1, (heads, dim)), o.view(T, heads, dim),
-                       rows[:n])
+                policy.run_rows(layer, q.view(T, qkv_n)[:, :heads * dim].unflatten(1, (heads, dim)),
+                                o.view(T, heads, dim), rows[:n])
                 return 0
             except BaseException as e:  # noqa: BLE001 - cannot cross the C frames: raised after the call
                 self._error = e
