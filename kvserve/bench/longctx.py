@@ -143,8 +143,9 @@ def measure(engine, prompt: list[int], policy, steps: int, timers: list[_Timed])
 
 def run_contexts(engine, prompts: dict[int, list[int]], policies, steps: int, model_name: str,
                  rounds: int = 1) -> list[dict]:
-    timers = [_Timed(engine.runner.attention), _Timed(engine.runner.policy_attention),
-              _Timed(engine.runner.policy_attention, "run_rows")]
+    timers = [_Timed(engine.runner.attention), _Timed(engine.runner.policy_attention)]
+    if hasattr(engine.runner.policy_attention, "run_rows"):  # the policy decodes of the C step
+        timers.append(_Timed(engine.runner.policy_attention, "run_rows"))
     rows = []
     for length, prompt in prompts.items():
         print(f"{model_name}: prefilling {length} tokens ...", file=sys.stderr, flush=True)
