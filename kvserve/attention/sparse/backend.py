@@ -219,7 +219,7 @@ class PolicyAttention:
             d.slot_pages = d.dense_slots.index.to(torch.int32)
         h = self.num_heads
         return paged_attention.decode(q.view(1, h, -1), k_cache, v_cache, d.slot_pages, _ZERO,
-                                      torch.tensor([len(d.dense_slots)]), 1, self.scale).view(h, -1)
+                                      torch.tensor([len(d.dense_slots)], device="cpu"), 1, self.scale).view(h, -1)
 
     @staticmethod
     def _gather_slots(k_cache, v_cache, slots: SlotSet) -> tuple[torch.Tensor, torch.Tensor]:
