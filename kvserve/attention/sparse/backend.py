@@ -243,8 +243,10 @@ class PolicyAttention:
         return grouped_attention_with_lse(q, kd, vd, self.scale)
 
     def _topk(self, d: _SparseDecode, q, k_cache, v_cache):
-        keys = k_cache.index_select(1, d.sampled_slots)
-        values = v_cache.index_select(1, d.sampled_slots)
+        # the sampled positions [start, end): a view where the pages are consecutive, else a page at a time
+        start = min(d.policy.sink, d.kv_len)
+        end = start + len(d.sampled_slots)
+        keys, values = (c[:, start:end] for c in self._gather_pages(k_cache, v_cache, d, end))
         budget = d.policy.k or max(1, round(TOPK_DEFAULT_FRACTION * keys.shape[1]))
         out, lse = topk_attention(q, keys, values, budget, self.scale)
         return out, lse, min(budget, keys.shape[1]) * self.num_heads
