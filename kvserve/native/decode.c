@@ -233,7 +233,7 @@ static int64_t attend(const Model *m, int64_t layer, int64_t T, const float *q, 
 #endif
         for (int64_t t = t0; t < t0 + R; t++)
             if (attend_kv_head(q + t * qkv_n + g * group * D, k, v, (int)m->kv_bf16, m->slots, g, group, D, m->scale,
-                               0, table, page_size, window_start(pos[t] + 1, window), pos[t] + 1,
+                               0, table, page_size, 0, window_start(pos[t] + 1, window), pos[t] + 1,
                                out + (t * H + g * group) * D))
                 failed = 1;
     }

@@ -76,7 +76,7 @@ class _SparseDecode:
     pages_start: int | None  # all_pages[0] where all_pages are consecutive (read as a view)
     sampled_slots: torch.Tensor | None  # positions [start, end) sampled by magicpig/topk, on the pool's device
     offload: OffloadRead | None = None  # magicpig with offload: where [start, end) sit in the offload pools
-    slot_pages: torch.Tensor | None = None  # dense_slots as int32 one-token pages (the C paged decode's)
+    stream_pages: torch.Tensor | None = None  # streaming: the pages of every position, int32 on the CPU (-1: given back)
 
 
 class PolicyAttention:
@@ -134,7 +134,9 @@ class PolicyAttention:
         new_slot = slots(torch.tensor([kv_len - 1], device=cpu)).to(device)
         if policy.policy == "streaming":
             dense = slots(kept_positions(kv_len, policy.sink, policy.window))
-            return _SparseDecode(row, seq, policy, kv_len, new_slot, SlotSet.of(dense, device), None, None, None)
+            stream_pages = pages[:-(-kv_len // page)].to(torch.int32) if device.type == "cpu" else None
+            return _SparseDecode(row, seq, policy, kv_len, new_slot, SlotSet.of(dense, device), None, None, None,
+                                 stream_pages=stream_pages)
         start = min(policy.sink, kv_len)
         end = max(start, min(seq.num_prompt_tokens, kv_len - policy.window, kv_len - 1))
         dense = torch.cat([torch.arange(start, device=cpu), torch.arange(end, kv_len, device=cpu)])
@@ -189,8 +191,10 @@ class PolicyAttention:
             self.sampled_pairs += n
             self.sampled_heads += h
             read = len(d.dense_slots) * h + n
-        elif d.all_pages is None and paged_attention.available(k_cache):  # streaming: its slots in place
-            out = self._slots_decode(q, k_cache, v_cache, d)
+        elif d.stream_pages is not None and paged_attention.available(k_cache):  # sinks and window in place
+            out = paged_attention.decode(q.view(1, h, -1), k_cache, v_cache, d.stream_pages, _ZERO,
+                                         torch.tensor([kv_len], device="cpu"), self.pool.page_size, self.scale,
+                                         window=max(d.policy.window, 1), sink=d.policy.sink).view(h, -1)
             read = len(d.dense_slots) * h
         elif d.all_pages is None or sparse_layer:
             out, lse = self._dense(q, *self._gather_slots(k_cache, v_cache, d.dense_slots))
@@ -211,15 +215,6 @@ class PolicyAttention:
         self.keys_read += read
         self.keys_total += kv_len * h
         return out
-
-    def _slots_decode(self, q, k_cache, v_cache, d: _SparseDecode) -> torch.Tensor:
-        """Attention over d's dense slots read in place by the C paged decode, each slot a one-token
-        page (no gather; 3-7x faster than PyTorch's gather and matmuls over a 1k-key view)."""
-        if d.slot_pages is None:
-            d.slot_pages = d.dense_slots.index.to(torch.int32)
-        h = self.num_heads
-        return paged_attention.decode(q.view(1, h, -1), k_cache, v_cache, d.slot_pages, _ZERO,
-                                      torch.tensor([len(d.dense_slots)], device="cpu"), 1, self.scale).view(h, -1)
 
     @staticmethod
     def _gather_slots(k_cache, v_cache, slots: SlotSet) -> tuple[torch.Tensor, torch.Tensor]:
