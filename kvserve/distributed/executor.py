@@ -19,12 +19,12 @@ from kvserve.engine.executors import StepBatch
 
 
 class TensorParallelExecutor:
-    def __init__(self, inner, model, pool, group: TPGroup):
+    def __init__(self, inner, model, pool, group: TPGroup, num_groups: int = 1):
         self.inner = inner
         # the TorchExecutor: ModelRunner reaches the attention backends through it
         self.fallback = getattr(inner, "fallback", inner)
         self.model, self.pool, self.group = model, pool, group
-        self.channel = StepChannel(group)
+        self.channel = StepChannel(group, num_groups)  # KV groups: each sends its page tables
         self._copies: list[tuple[int, int]] = []
         if group.rank == 0:
             pool.on_copy = lambda src, dst: self._copies.append((src, dst))
@@ -49,7 +49,7 @@ class TensorParallelExecutor:
             for src, dst in copies:
                 self.pool.ensure_zeroed([src, dst])
                 self.pool.copy_page(src, dst)
-            self.pool.ensure_zeroed(p for seq, _ in batch.scheduled for p in seq.pages)
+            self.pool.ensure_zeroed(p for seq, _ in batch.scheduled for table in seq.tables for p in table)
             self.model.compute_logits(self.inner.execute(batch))
 
     def close(self) -> None:

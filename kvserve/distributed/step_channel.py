@@ -5,6 +5,9 @@ One message of FIRST int64s: a fixed header, then the start of one flat body (a 
 whole body fits); what does not fit follows in a second message of the exact size:
 header [op, tokens T, sequences S, sampled rows L, pages P, page copies C]
 body   ids[T] positions[T] q_lens[S] kv_lens[S] last_rows[L] pages_per_seq[S] pages[P] copies[2C]
+A model with several KV groups (kvserve/kv/groups.py) sends every group's tables: a sequence's
+tables all have its length, so pages holds group 0's tables of every sequence, then group 1's, ...
+(P = groups x the sum of pages_per_seq). Both ends know the group count from the model's config.
 """
 from dataclasses import dataclass
 
@@ -20,24 +23,26 @@ FIRST = 512  # 4 KB: a small gloo broadcast costs about what an empty one does
 
 @dataclass
 class PageTable:
-    """What an executor reads of a scheduled sequence on a rank that has no Sequence objects."""
-    pages: list[int]
+    """What an executor reads of a scheduled sequence on a rank that has no Sequence objects:
+    its page table per KV group."""
+    tables: list[list[int]]
 
     @property
-    def tables(self) -> list[list[int]]:  # one KV group: tensor parallelism refuses models with several
-        return [self.pages]
+    def pages(self) -> list[int]:
+        return self.tables[0]
 
 
 class StepChannel:
-    def __init__(self, group: TPGroup):
+    def __init__(self, group: TPGroup, num_groups: int = 1):
         self.group = group
+        self.num_groups = num_groups
 
     def send(self, batch: StepBatch, copies: list[tuple[int, int]]) -> None:
-        pages = [seq.pages for seq, _ in batch.scheduled]
-        flat_pages = [p for ps in pages for p in ps]
+        seqs = [seq for seq, _ in batch.scheduled]
+        flat_pages = [p for g in range(self.num_groups) for seq in seqs for p in seq.tables[g]]
         header = [STEP, len(batch.ids), len(batch.q_lens), len(batch.last_rows), len(flat_pages), len(copies)]
         body = (batch.ids + batch.positions + batch.q_lens + batch.kv_lens + batch.last_rows
-                + [len(ps) for ps in pages] + flat_pages + [x for c in copies for x in c])
+                + [len(seq.tables[0]) for seq in seqs] + flat_pages + [x for c in copies for x in c])
         message = header + body
         first = torch.zeros(FIRST, dtype=torch.int64)
         first[:min(FIRST, len(message))] = torch.tensor(message[:FIRST], dtype=torch.int64)
@@ -63,9 +68,13 @@ class StepChannel:
             parts.append(body[at:at + n])
             at += n
         ids, positions, q_lens, kv_lens, last_rows, counts, flat, copies = parts
-        scheduled, at = [], 0
-        for n, q in zip(counts, q_lens):
-            scheduled.append((PageTable(flat[at:at + n]), q))
-            at += n
+        per_group = sum(counts)
+        tables = [[] for _ in counts]
+        for g in range(self.num_groups):
+            at = g * per_group
+            for i, n in enumerate(counts):
+                tables[i].append(flat[at:at + n])
+                at += n
+        scheduled = [(PageTable(ts), q) for ts, q in zip(tables, q_lens)]
         return (StepBatch(scheduled, ids, positions, q_lens, kv_lens, last_rows, [], []),
                 list(zip(copies[0::2], copies[1::2])))

@@ -53,6 +53,12 @@ class Engine:
         if self.tp is not None:
             config = self.config = dataclasses.replace(config, device=self.tp.device)
         self.device = resolve_device(config.device, model)
+        # ranks > 0 of a tensor-parallel engine never see text
+        ids_only = config.random_weights or (self.tp is not None and self.tp.rank > 0)
+        if tokenizer is None and not ids_only:
+            # before the model, so that building a large vocabulary's merges never shares the peak with the weights
+            tokenizer = load_tokenizer(config.model)
+            release_free_memory()
         if model is None:
             dtype = resolve_dtype(config.dtype, self.device)
             if config.random_weights:
@@ -74,9 +80,7 @@ class Engine:
                     from None
             del weights
         if tokenizer is None:
-            # ranks > 0 of a tensor-parallel engine never see text
-            ids_only = config.random_weights or (self.tp is not None and self.tp.rank > 0)
-            tokenizer = token_tokenizer(model.config.vocab_size) if ids_only else load_tokenizer(config.model)
+            tokenizer = token_tokenizer(model.config.vocab_size)
         read_gguf.cache_clear()
         release_free_memory()
         self.model, self.tokenizer = model, tokenizer
@@ -106,7 +110,7 @@ class Engine:
                                    reduce=self.tp.all_reduce if self.tp is not None else None)
         if self.tp is not None:
             from kvserve.distributed.executor import TensorParallelExecutor
-            executor = TensorParallelExecutor(executor, model, self.pool, self.tp)
+            executor = TensorParallelExecutor(executor, model, self.pool, self.tp, len(self.kv_groups))
         self.runner = ModelRunner(model, executor)
         if self.runner.policy_attention is not None:
             self.runner.policy_attention.offload = self.offload
@@ -145,9 +149,6 @@ class Engine:
         if parse_attention(config.attention).offload and any(w is not None for w in groups.windows):
             raise ValueError("MagicPIG offload copies every layer's K/V to its own pools through one page table: "
                              "it needs a model without sliding-window layers")
-        if len(groups) > 1 and config.tensor_parallel_size > 1:
-            raise ValueError("tensor parallelism is not implemented for a model with several KV groups "
-                             "(sliding-window and global layers): its ranks read one page table for every layer")
 
     @property
     def failure(self) -> str | None:

@@ -134,19 +134,18 @@ def attention_kwargs(cfg) -> dict:
 
 
 def native_layout(cfg) -> bool:
-    """Whether kvserve/native/decode.c computes this model's layers: Llama's layout (sliding windows
-    and quantized experts included; NativeDecoder.supports names the architectures) without q/k
-    norms or GeGLU, or Gemma 3's (offset and sandwich norms, per-head q/k norms, GeGLU, its local
-    RoPE table); a score scale is the config's. Not: attention softcapping (Gemma 2), partial rotary."""
-    layout = cfg.qk_norm is None and cfg.hidden_act == "silu" or cfg.architecture == "gemma3"
-    return layout and cfg.attn_softcap is None and cfg.rotary_dim == cfg.head_dim
+    """Whether kvserve/native/decode.c computes this model's layers: Llama's layout with SwiGLU
+    (sliding windows, quantized experts, q/k norms per head or over all heads, partial rotary: the
+    families NativeDecoder.supports names), or Gemma 2/3's (offset and sandwich norms, GeGLU,
+    attention softcapping, Gemma 3's local RoPE table); a score scale is the config's."""
+    return cfg.hidden_act == "silu" or cfg.architecture in ("gemma2", "gemma3")
 
 
 def select_executor(model, pool, device, compile: bool = False, max_batch: int = 64, enforce_eager: bool = False,
                     groups: KVGroups | None = None, reduce=None):
     """The fastest executor this model runs on, on this device, with its attention backends.
-    groups: the pool's KV groups (kvserve/kv/groups.py); several take a GroupedAttention and the
-    TorchExecutor or decode.c, not the static (CUDA graph) decode, which reads one page table per step.
+    groups: the pool's KV groups (kvserve/kv/groups.py); several take a GroupedAttention (one backend
+    per group), and the static (CUDA graph) decode one block table per group.
     reduce: a tensor-parallel rank's sum over ranks (TPGroup.all_reduce), which the C step calls
     between layers; with it, only executors that can join collectives are picked."""
     cfg = model.config
@@ -178,9 +177,10 @@ def select_executor(model, pool, device, compile: bool = False, max_batch: int =
         policies = policy_attention if reduce is None else None
         decoder = NativeDecoder(model, pool, reduce, groups, policies)
         return NativeExecutor(decoder, torch_executor, policies)
-    if single and cuda_kernels and not enforce_eager and reduce is None:  # CUDA graphs cannot join collectives
+    if cuda_kernels and not enforce_eager and reduce is None:  # CUDA graphs cannot join collectives
         from kvserve.attention.triton.static import TritonStaticDecode
         from kvserve.engine.static_executor import StaticDecodeExecutor
         return StaticDecodeExecutor(model, pool, torch_executor, max_batch, cfg.max_position_embeddings,
-                                    use_graphs=True, attention_cls=TritonStaticDecode, attention_kwargs=kwargs)
+                                    use_graphs=True, attention_cls=TritonStaticDecode, attention_kwargs=kwargs,
+                                    groups=groups)
     return torch_executor

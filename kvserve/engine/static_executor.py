@@ -12,6 +12,8 @@ import torch
 
 from kvserve.attention.static_decode import StaticDecodeAttention
 from kvserve.engine.executors import StepBatch
+from kvserve.kv.groups import KVGroups
+from kvserve.kv.windows import kv_windows
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
@@ -23,7 +25,10 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 class StaticDecodeExecutor:
     def __init__(self, model, pool, fallback, max_batch: int, max_len: int, use_graphs: bool = False,
-                 attention_cls=StaticDecodeAttention, attention_kwargs: dict | None = None):
+                 attention_cls=StaticDecodeAttention, attention_kwargs: dict | None = None,
+                 groups: KVGroups | None = None):
+        """groups: the pool's KV groups (default: the engine's, from the model's windows), one block
+        table each in the static buffers."""
         self.model, self.fallback = model, fallback
         self.buckets = bucket_sizes(max_batch)
         cfg, device = model.config, pool.k.device
@@ -31,7 +36,8 @@ class StaticDecodeExecutor:
         self.max_pages = -(-max_len // pool.page_size)
         # attention_kwargs: scale, windows, softcap, as every attention backend takes them
         self.attention = attention_cls(pool, cfg.num_heads, cfg.head_dim, max_batch, self.max_pages, self.scratch_page,
-                                       **(attention_kwargs or {}))
+                                       **(attention_kwargs or {}),
+                                       groups=groups or KVGroups.from_windows(kv_windows(cfg)))
         self.ids = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.graphs, self.outputs = {}, {}
@@ -52,7 +58,7 @@ class StaticDecodeExecutor:
         pad = [0] * (bucket - n)
         self.ids[:bucket].copy_(torch.tensor(batch.ids + pad), non_blocking=True)
         self.positions[:bucket].copy_(torch.tensor(batch.positions + pad), non_blocking=True)
-        self.attention.plan([seq.pages for seq, _ in batch.scheduled], batch.kv_lens, bucket)
+        self.attention.plan([seq.tables for seq, _ in batch.scheduled], batch.kv_lens, bucket)
         if bucket in self.graphs:
             self.graphs[bucket].replay()
             return self.outputs[bucket][:n]

@@ -5,9 +5,12 @@ Mirrors what transformers builds for the same files, so ids, decoded text and ch
 from __future__ import annotations
 
 import json
+from array import array
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
@@ -37,16 +40,24 @@ _MAX_MERGED_TOKEN = 1024  # characters: each split of a token copies it, so the 
 
 def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
     # SentencePiece files list no merges: every split of a token into two vocab pieces is a merge, ranked
-    # by the score of the token it makes (same order as transformers' `generate_merges`).
-    vocab = {t: i for i, t in enumerate(tokens)}
-    found = []
+    # by the score of the token it makes (same order as transformers' `generate_merges`). A 262k vocabulary
+    # has ~0.5M merges: they are ranked as arrays of ids and built from the vocabulary's own strings, not
+    # as tuples of new slices (~100 MiB less at load).
+    vocab, n = {t: i for i, t in enumerate(tokens)}, len(tokens)
+    get = vocab.get
+    pairs, score_of = array("q"), array("d")  # pair: left id * n + right id, so sorting pairs sorts by (left, right)
     for tok, score in dict(zip(tokens, scores)).items():
         if len(tok) > _MAX_MERGED_TOKEN:  # no real vocabulary has one; a hostile file's would take hours
             continue
-        local = [(tok[:k], tok[k:], score) for k in range(1, len(tok)) if tok[:k] in vocab and tok[k:] in vocab]
-        found += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
-    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(a, b) for a, b, _ in found]
+        local = sorted(a * n + b for k in range(1, len(tok))
+                       if (a := get(tok[:k])) is not None and (b := get(tok[k:])) is not None)
+        pairs.extend(local)
+        score_of.extend([score] * len(local))
+    left, right = np.divmod(np.frombuffer(pairs, dtype=np.int64), n)
+    lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+    # highest score first, then the longer left and right pieces; a stable sort keeps ties in the order found
+    order = np.lexsort((-lengths[right], -lengths[left], -np.frombuffer(score_of, dtype=np.float64)))
+    return [(tokens[a], tokens[b]) for a, b in zip(left[order].tolist(), right[order].tolist())]
 
 
 def _byte_level_bpe(tokens, merges, pre) -> tuple[_Backend, dict[str, int]]:

@@ -169,10 +169,11 @@ static void tile_softmax(float *s, int64_t count, float *m, float *l, float *alp
 
 /* Query rows 0..R-1 (q: row 0's heads of KV head g, rows ldq apart) at positions first..first+R-1
    -> out (row r's heads at out + r * ldo); row r reads keys from window_start(first + r + 1, window)
-   on (a sliding window). D a multiple of 16. Returns 0, or -1 when out of memory. */
+   on (a sliding window); softcap > 0 caps the scaled scores (tanh). D a multiple of 16. Returns 0, or
+   -1 when out of memory. */
 static int64_t attend_block(const float *q, int64_t ldq, int64_t R, int64_t first, const void *k_cache,
                             const void *v_cache, int bf16, int64_t S, int64_t g, int64_t group, int64_t D,
-                            float scale, int64_t window, const int32_t *pages, int64_t page_size,
+                            float scale, float softcap, int64_t window, const int32_t *pages, int64_t page_size,
                             float *out, int64_t ldo)
 {
     const int64_t Q = R * group, panels = (Q + QCOLS - 1) / QCOLS, n = first + R;
@@ -206,6 +207,8 @@ static int64_t attend_block(const float *q, int64_t ldq, int64_t R, int64_t firs
             float *qt = buf + p * per_panel, *o = qt + D * QCOLS, *m = o + D * QCOLS, *l = m + QCOLS;
             const int64_t cols = Q - p * QCOLS < QCOLS ? Q - p * QCOLS : QCOLS;
             qk(krows, count, qt, D, s);
+            if (softcap > 0)
+                cap_scores(s, count * QCOLS, softcap);
             for (int64_t c = 0; masked && c < cols; c++) {
                 const int64_t pos = first + (p * QCOLS + c) / group, from = window_start(pos + 1, window);
                 for (int64_t j = 0; j < count; j++)

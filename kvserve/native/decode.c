@@ -39,6 +39,7 @@ typedef struct {
        and whether RoPE takes the local table (sliding layers) */
     const float *post_attn_norm, *post_mlp_norm, *q_norm, *k_norm;
     int64_t local_rope;
+    int64_t qk_norm_full;   /* q_norm / k_norm over all heads at once (OLMoE), else per head */
 } Layer;
 
 typedef struct {
@@ -57,6 +58,8 @@ typedef struct {
     /* KV groups (kvserve/kv/groups.py): layer l's K/V lives at cache slot layer_slot[l] of the pages
        of group layer_group[l]'s page table */
     const int64_t *layer_group, *layer_slot;
+    float softcap;            /* > 0: attention scores capped at +-softcap (tanh; Gemma 2) */
+    int64_t rotary_dim;       /* RoPE rotates each head's first rotary_dim dims */
     /* attention policies (kvserve/attention/sparse/): in a global layer (no window), the caller's
        attention of the step's policy rows, rows[i] the row of its i-th (-1: dropped at the last
        layer), their K/V already in the cache: reads q from qkv [T, qkv_n], writes out [T, H, D];
@@ -116,10 +119,11 @@ static inline float gelu_tanh(float x)
     return 0.5f * x * (1 + (u >= 0 ? t : -t));
 }
 
-/* x [heads, D] rotated in place by the position's cos/sin [D / 2] */
-static void rope(float *x, int64_t heads, int64_t D, const float *cos, const float *sin)
+/* x [heads, D] rotated in place by the position's cos/sin [R / 2]: each head's first R dims (partial
+   rotary, as Phi-4-mini; R = D for most families) */
+static void rope(float *x, int64_t heads, int64_t D, int64_t R, const float *cos, const float *sin)
 {
-    const int64_t half = D / 2;
+    const int64_t half = R / 2;
     for (int64_t h = 0; h < heads; h++) {
         float *v = x + h * D;
         for (int64_t i = 0; i < half; i++) {
@@ -225,7 +229,7 @@ static int64_t attend(const Model *m, int64_t layer, int64_t T, const float *q, 
 #ifdef __AVX2__
         if (R > 1 && D % KEYS == 0) {
             if (attend_block(q + t0 * qkv_n + g * group * D, qkv_n, R, pos[t0], k, v, (int)m->kv_bf16, m->slots,
-                             g, group, D, m->scale, window, table, page_size,
+                             g, group, D, m->scale, m->softcap, window, table, page_size,
                              out + (t0 * H + g * group) * D, H * D))
                 failed = 1;
             continue;
@@ -233,7 +237,7 @@ static int64_t attend(const Model *m, int64_t layer, int64_t T, const float *q, 
 #endif
         for (int64_t t = t0; t < t0 + R; t++)
             if (attend_kv_head(q + t * qkv_n + g * group * D, k, v, (int)m->kv_bf16, m->slots, g, group, D, m->scale,
-                               0, table, page_size, 0, window_start(pos[t] + 1, window), pos[t] + 1,
+                               m->softcap, table, page_size, 0, window_start(pos[t] + 1, window), pos[t] + 1,
                                out + (t * H + g * group) * D))
                 failed = 1;
     }
@@ -310,16 +314,19 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
         for (int64_t t = 0; t < T; t++) {
             const int64_t slot = (int64_t)table[page_starts[t] + pos[t] / page_size] * page_size + pos[t] % page_size;
             float *q = qkv + t * qkv_n, *k = q + H * D, *v = k + Hkv * D;
-            if (L->q_norm)
+            if (L->q_norm && L->qk_norm_full) {
+                rms_norm(q, L->q_norm, H * D, m->eps, q);
+                rms_norm(k, L->k_norm, Hkv * D, m->eps, k);
+            } else if (L->q_norm) {
                 for (int64_t h = 0; h < H; h++)
                     rms_norm(q + h * D, L->q_norm, D, m->eps, q + h * D);
-            if (L->k_norm)
                 for (int64_t h = 0; h < Hkv; h++)
                     rms_norm(k + h * D, L->k_norm, D, m->eps, k + h * D);
-            const float *c = (L->local_rope ? cos_local : cos) + t * D / 2;
-            const float *s = (L->local_rope ? sin_local : sin) + t * D / 2;
-            rope(q, H, D, c, s);
-            rope(k, Hkv, D, c, s);
+            }
+            const float *c = (L->local_rope ? cos_local : cos) + t * m->rotary_dim / 2;
+            const float *s = (L->local_rope ? sin_local : sin) + t * m->rotary_dim / 2;
+            rope(q, H, D, m->rotary_dim, c, s);
+            rope(k, Hkv, D, m->rotary_dim, c, s);
             for (int64_t g = 0; g < Hkv; g++) {
                 const int64_t row = ((m->layer_slot[l] * Hkv + g) * m->slots + slot) * D;
                 for (int64_t d = 0; d < D; d++) {

@@ -25,7 +25,7 @@ class _Layer(ctypes.Structure):
                 ("gate_up", _Linear), ("down", _Linear), ("num_experts", _i64), ("top_k", _i64),
                 ("norm_topk", _i64), ("router", _ptr), ("experts_gate_up", ctypes.POINTER(_Linear)),
                 ("experts_down", ctypes.POINTER(_Linear)), ("post_attn_norm", _ptr), ("post_mlp_norm", _ptr),
-                ("q_norm", _ptr), ("k_norm", _ptr), ("local_rope", _i64)]
+                ("q_norm", _ptr), ("k_norm", _ptr), ("local_rope", _i64), ("qk_norm_full", _i64)]
 
 
 class _Model(ctypes.Structure):
@@ -33,10 +33,11 @@ class _Model(ctypes.Structure):
                 ("intermediate", _i64), ("eps", _f32), ("scale", _f32), ("kv_bf16", _i64), ("slots", _i64),
                 ("k_cache", _ptr), ("v_cache", _ptr), ("layers", ctypes.POINTER(_Layer)), ("final_norm", _ptr),
                 ("windows", ctypes.POINTER(_i64)), ("reduce", _REDUCE), ("gelu", _i64),
-                ("layer_group", ctypes.POINTER(_i64)), ("layer_slot", ctypes.POINTER(_i64)), ("policy", _POLICY)]
+                ("layer_group", ctypes.POINTER(_i64)), ("layer_slot", ctypes.POINTER(_i64)), ("softcap", _f32),
+                ("rotary_dim", _i64), ("policy", _POLICY)]
 
-# the layer layouts decode.c computes (Llama's: RMSNorm, rotate-half RoPE, SiLU-gated MLP; Gemma 3's)
-_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral", "gemma3")
+# the layer layouts decode.c computes (Llama's: RMSNorm, rotate-half RoPE, SiLU-gated MLP; Gemma 2/3's)
+_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "olmoe", "phi3", "mixtral", "gemma2", "gemma3")
 
 
 @cache
@@ -96,9 +97,6 @@ class NativeDecoder:
                 if sandwich:
                     layers[i].post_attn_norm = self._norm(layer.post_attention_layernorm)
                     layers[i].post_mlp_norm = self._norm(layer.post_feedforward_layernorm)
-                if attn.qk_norm == "head":
-                    layers[i].q_norm, layers[i].k_norm = self._norm(attn.q_norm), self._norm(attn.k_norm)
-                layers[i].local_rope = int(attn.local_rope)
             else:  # a mixture of experts: the dense MLP's linears stay zero
                 gate_up = (_Linear * len(mlp.experts))(*(self._linear(e.gate_up_proj) for e in mlp.experts))
                 down = (_Linear * len(mlp.experts))(*(self._linear(e.down_proj) for e in mlp.experts))
@@ -106,6 +104,10 @@ class NativeDecoder:
                 layers[i] = _Layer(*norms, self._linear(attn.qkv_proj), self._linear(attn.o_proj), _Linear(), _Linear(),
                                    len(mlp.experts), mlp.top_k, int(mlp.normalize), self._fp32(mlp.gate.weight),
                                    gate_up, down)
+            if attn.qk_norm is not None:
+                layers[i].q_norm, layers[i].k_norm = self._norm(attn.q_norm), self._norm(attn.k_norm)
+                layers[i].qk_norm_full = int(attn.qk_norm == "full")
+            layers[i].local_rope = int(attn.local_rope)
         self._layers = layers
         self._windows = (_i64 * cfg.num_layers)(*[w or 0 for w in _layer_windows(cfg)])
         self.num_groups = len(groups) if groups is not None else 1
@@ -118,6 +120,7 @@ class NativeDecoder:
                               pool.v.data_ptr(), layers, self._norm(model.norm), self._windows,
                               self._reduce_callback(reduce) if reduce else _REDUCE(),
                               int(cfg.hidden_act == "gelu_tanh"), self._layer_group, self._layer_slot,
+                              cfg.attn_softcap or 0.0, cfg.rotary_dim,
                               self._policy_callback(policy) if policy else _POLICY())
         self.policies = policy is not None
         self._ref = ctypes.byref(self._struct)

@@ -41,7 +41,7 @@ def test_static_decode_matches_float64(name, page_size, hkv, group, d):
     pool.v.normal_()
     attn = backend(name)(pool, hkv * group, d, max_batch, max_pages, scratch)
     bucket = 4 if len(kv_lens) <= 4 else 8  # padding rows past the batch
-    attn.plan(tables, kv_lens, bucket)
+    attn.plan([[t] for t in tables], kv_lens, bucket)
     q, k, v = (torch.randn(bucket, h, d, device=DEVICE) for h in (hkv * group, hkv, hkv))
     out = attn.run(0, q, k, v).cpu()
     q, k, v = q.cpu(), k.cpu(), v.cpu()
@@ -54,3 +54,55 @@ def test_static_decode_matches_float64(name, page_size, hkv, group, d):
         torch.testing.assert_close(out[i].double(), (probs @ values).reshape(-1, d), atol=2e-5, rtol=2e-5)
     # the padding rows wrote the scratch page's first slot only
     assert torch.equal(pool.k[0][:, scratch * page_size].cpu(), k[bucket - 1])
+
+
+@pytest.mark.parametrize("name,dtype", [("torch", torch.float32)] + [(n, dt) for n in BACKENDS if n == "triton"
+                                                                     for dt in (torch.float32, torch.float16)])
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_static_decode_over_kv_groups(name, dtype, page_size):
+    """Three KV groups (window 5 on layers 0, 1, 4, 5; full on 2, 3) in a pool of two slots a page:
+    each layer reads its group's own table at its slot. The windowed groups' pages before the
+    window are -1 (given back), which the buffers point at the scratch page: for the Triton kernel,
+    which reads only the window, the scratch page is NaN."""
+    from kvserve.kv.groups import KVGroups
+    windows = [5, 5, None, None, 5, 5]
+    groups = KVGroups.from_windows(windows)
+    assert len(groups) == 3 and groups.slots == 2
+    rng = random.Random(page_size)
+    torch.manual_seed(page_size)
+    hkv, group, d, max_batch = 2, 2, 32, 4
+    kv_lens = [13, 1, 6]
+    max_pages = -(-16 // page_size)
+    pool = PagePool(groups.slots, 3 * 3 * max_pages + 2, page_size, hkv, d, dtype, DEVICE)
+    free = pool.allocate(pool.num_pages)
+    rng.shuffle(free)
+    scratch = free.pop()
+    pool.k.normal_()
+    pool.v.normal_()
+    tables = []  # per sequence, per group
+    for n in kv_lens:
+        seq = []
+        for w in groups.windows:
+            pages = [free.pop() for _ in range(-(-n // page_size))]
+            gone = 0 if w is None else max(0, n - w) // page_size  # wholly before the window
+            seq.append([-1] * gone + pages[gone:])
+        tables.append(seq)
+    if name == "triton":
+        pool.k[:, :, scratch * page_size:(scratch + 1) * page_size] = float("nan")
+        pool.v[:, :, scratch * page_size:(scratch + 1) * page_size] = float("nan")
+    attn = backend(name)(pool, hkv * group, d, max_batch, max_pages, scratch, windows=windows, groups=groups)
+    attn.plan(tables, kv_lens, len(kv_lens))
+    tol = 2e-5 if dtype == torch.float32 else 2e-3
+    for layer, w in enumerate(windows):
+        g, slot = groups.group_of[layer], groups.slot_of[layer]
+        q, k, v = (torch.randn(len(kv_lens), h, d, device=DEVICE, dtype=dtype) for h in (hkv * group, hkv, hkv))
+        out = attn.run(layer, q, k, v).cpu()
+        for i, n in enumerate(kv_lens):
+            first = 0 if w is None else max(0, n - w)
+            pages = tables[i][g]
+            slots = torch.tensor([pages[p // page_size] * page_size + p % page_size for p in range(first, n)])
+            keys, values = pool.k[slot].cpu()[:, slots].double(), pool.v[slot].cpu()[:, slots].double()
+            assert torch.equal(keys[:, -1], k[i].cpu().double())
+            qi = q[i].cpu().double().view(hkv, group, d)
+            probs = (qi @ keys.transpose(1, 2) * d ** -0.5).softmax(-1)
+            torch.testing.assert_close(out[i].double(), (probs @ values).reshape(-1, d), atol=tol, rtol=tol)

@@ -151,7 +151,7 @@ def test_static_decode_windows_and_softcap(cls, page_size):
     static = StaticDecodeAttention if cls == "torch" else TritonStaticDecode
     attn = static(step.pool, step.h, D, 8, 80 // page_size + 1, scratch, scale=0.3, windows=windows,
                   softcap=softcap)
-    attn.plan(step.tables, step.kv_lens, 8)  # padded to a bucket of 8
+    attn.plan([[t] for t in step.tables], step.kv_lens, 8)  # padded to a bucket of 8
     for layer in range(len(windows)):
         q, k, v = step.inputs(layer)
         pad = 8 - len(q)

@@ -31,7 +31,7 @@ class Loopback:
 def batch(num_seqs: int, q: int, pages_per_seq: int) -> StepBatch:
     scheduled, ids, positions = [], [], []
     for i in range(num_seqs):
-        scheduled.append((PageTable(list(range(i * pages_per_seq, (i + 1) * pages_per_seq))), q))
+        scheduled.append((PageTable([list(range(i * pages_per_seq, (i + 1) * pages_per_seq))]), q))
         ids += list(range(i, i + q))
         positions += list(range(q))
     last = [(i + 1) * q - 1 for i in range(num_seqs)]
@@ -52,3 +52,19 @@ def test_rank_receives_the_step_rank0_sent(num_seqs, q, pages, messages):
     for name in ("ids", "positions", "q_lens", "kv_lens", "last_rows"):
         assert getattr(got, name) == getattr(sent, name)
     assert [(p.pages, n) for p, n in got.scheduled] == [(s.pages, n) for s, n in sent.scheduled]
+
+
+def test_every_kv_group_table_arrives():
+    """Three KV groups: each sequence's three tables (a windowed one with pages given back, -1)."""
+    group = Loopback()
+    channel = StepChannel(group, num_groups=3)
+    sent = batch(5, 1, 4)
+    for i, (table, _) in enumerate(sent.scheduled):
+        pages = table.tables[0]
+        table.tables += [[-1, -1] + [100 + 10 * i + j for j in range(2)], [200 + 10 * i + j for j in range(4)]]
+        assert len(table.tables[1]) == len(pages)
+    channel.send(sent, [])
+    group.sending = False
+    got, _ = channel.recv()
+    assert [(p.tables, n) for p, n in got.scheduled] == [(s.tables, n) for s, n in sent.scheduled]
+    assert [p.pages for p, _ in got.scheduled] == [s.tables[0] for s, _ in sent.scheduled]

@@ -120,3 +120,6 @@ def test_one_rank_under_torchrun_goes_through_the_group(model_dir, monkeypatch):
     with llm(model_dir("llama"), 1) as grouped:
         assert grouped.engine.tp is not None and grouped.engine.tp.world == 1
         assert tokens(grouped.generate(PROMPTS, GREEDY, use_tqdm=False)) == want
+        if torch.cuda.is_available():  # scripts/gpu_check.sh: the forward's collectives went through NCCL
+            import torch.distributed as dist
+            assert "nccl" in str(dist.get_backend(grouped.engine.tp.compute_group))

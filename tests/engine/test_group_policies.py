@@ -73,14 +73,6 @@ def test_magicpig_offload_is_refused_on_windowed_models(gemma3):
         engine.add_request([5, 6, 7], SamplingParams(attention="magicpig:offload=true"))
 
 
-def test_tensor_parallelism_stays_refused_on_groups(gemma3):
-    _, model = gemma3
-    groups = KVGroups.from_windows(model.config.layer_windows())
-    with pytest.raises(ValueError, match="not implemented for a model with several KV groups"):
-        Engine._check_groups(EngineConfig(tensor_parallel_size=2), groups)
-    Engine._check_groups(EngineConfig(tensor_parallel_size=2), KVGroups.from_windows([None] * 4))
-
-
 def test_policy_decodes_beside_the_c_step(gemma3, tmp_path):
     """int4 weights: full steps run in decode.c, policy decodes in the TorchExecutor over the same
     group tables; a whole-view streaming request gives the full request's tokens."""

@@ -249,6 +249,21 @@ def test_native_decode_runs_int4_experts(tmp_path, chunk):
     torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+def test_native_decode_runs_qwen3_moe_and_olmoe(tmp_path, family):
+    """decode.c over int4 experts with Qwen3-MoE's per-head q/k norms and renormalised top-k, and
+    OLMoE's q/k norms over all heads."""
+    from kvserve.native.decode import NativeDecoder
+    hf = make_moe_model(family, hidden_size=128, intermediate_size=64, norm_topk_prob=family == "qwen3_moe")
+    model = kvserve_model(save_hf_dir(hf, tmp_path / "hf"), "int4")
+    if not NativeDecoder.supports(model):
+        pytest.skip("no native decode kernel here (no C compiler or no AVX2)")
+    expected = paged_logits(model, IDS, page_size=4, chunk=1)
+    got = paged_logits(model, IDS, page_size=4, chunk=7, native_decode=True)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
+
+
 def test_config_fields_from_gguf_and_hf_metadata():
     from kvserve.model.moe import gguf_moe_fields, hf_moe_fields
     qwen3moe = {"qwen3moe.expert_count": 128, "qwen3moe.expert_used_count": 8, "qwen3moe.feed_forward_length": 6144,
