@@ -83,6 +83,16 @@ def test_bench_longctx_runs_small():
     assert "(round 2/2)" in r.stderr and r.stdout.count("x | ") == 3  # the medians' ratios, then each round's
 
 
+def test_bench_longctx_int4_runs_policies_on_the_c_step():
+    """--quantization int4: the random Llama's linears int4, so decode.c runs full steps and policy decodes."""
+    r = kvserve("bench", "longctx", "--lengths", "", "--long-lengths", "320", "--steps", "3", "--quantization", "int4")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[2]: line.split() for line in r.stdout.splitlines() if line.startswith("random-2L")}
+    assert set(rows) == {"full", "streaming", "magicpig", "topk"}
+    assert float(rows["full"][4]) == 0 and float(rows["magicpig"][4]) > 0  # full's attention is inside decode.c
+    assert "full's attention runs inside decode.c" in r.stdout and "magicpig" in r.stdout.split("tok/s")[-1]
+
+
 def test_eval_longctx_runs_small(smollm2_path):
     r = kvserve("eval", "longctx", "--lengths", "512", "--trials", "1", "--agg-lengths", "256", "--agg-trials", "1",
                 "--ppl-context", "256", "--ppl-tokens", "4", "--policies", "streaming")

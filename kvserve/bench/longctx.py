@@ -40,26 +40,32 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 class _Timed:
-    """Wraps a backend's run() to add up the seconds each layer spends in attention."""
+    """Wraps a backend's run() (or another per-layer method: PolicyAttention.run_rows, which the C
+    step calls back) to add up the seconds each layer spends in attention. Attention inside
+    decode.c (full rows, windowed layers) is not seen: there only the step time compares."""
 
-    def __init__(self, backend):
+    def __init__(self, backend, method: str = "run"):
         self.by_layer: dict[int, float] = defaultdict(float)
-        inner = backend.run
+        inner = getattr(backend, method)
 
-        def run(layer, q, k, v):
+        def run(layer, *args):
             start = time.perf_counter()
-            out = inner(layer, q, k, v)
-            if out.is_cuda:  # what the layer's attention took, not its launch
+            out = inner(layer, *args)
+            if out is not None and out.is_cuda:  # what the layer's attention took, not its launch
                 torch.cuda.synchronize()
             self.by_layer[layer] += time.perf_counter() - start
             return out
-        backend.run = run
+        setattr(backend, method, run)
 
 
-def random_long_llama(layers: int, max_positions: int, dtype=torch.float32, seed: int = 0):
-    """SmolLM2-135M's shapes (576 wide, 9 query heads and 3 KV heads of 64), a small vocabulary."""
+def random_long_llama(layers: int, max_positions: int, dtype=torch.float32, seed: int = 0,
+                      quantization: str = "none"):
+    """SmolLM2-135M's shapes (576 wide, 9 query heads and 3 KV heads of 64), a small vocabulary;
+    quantization int4 / int8: its linears quantized as a float checkpoint's are (int4: decode.c runs it)."""
     from kvserve.config import ModelConfig
     from kvserve.model.families import model_class
+    from kvserve.model.loader import _quant_kind
+    from kvserve.model.quant import quantize
     cfg = ModelConfig("llama", vocab_size=2048, hidden_size=576, intermediate_size=1536, num_layers=layers,
                       num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=1_000_000.0,
                       max_position_embeddings=max_positions, eos_token_ids=[0])
@@ -78,6 +84,11 @@ def random_long_llama(layers: int, max_positions: int, dtype=torch.float32, seed
                    pre + "mlp.down_proj.weight": (hidden, inter)}
     weights = {name: (1 + 0.1 * torch.randn(shape, generator=g)) if "norm" in name
                else 0.05 * torch.randn(shape, generator=g) for name, shape in shapes.items()}
+    if quantization not in ("none", "auto"):
+        for name, w in weights.items():
+            kind, group = _quant_kind(name, w.shape, quantization)
+            if kind:
+                weights[name] = quantize(w, kind, group)
     return model_class(cfg).from_weights(cfg, weights, dtype)
 
 
@@ -133,6 +144,8 @@ def measure(engine, prompt: list[int], policy, steps: int, timers: list[_Timed])
 def run_contexts(engine, prompts: dict[int, list[int]], policies, steps: int, model_name: str,
                  rounds: int = 1) -> list[dict]:
     timers = [_Timed(engine.runner.attention), _Timed(engine.runner.policy_attention)]
+    if hasattr(engine.runner.policy_attention, "run_rows"):  # the policy decodes of the C step
+        timers.append(_Timed(engine.runner.policy_attention, "run_rows"))
     rows = []
     for length, prompt in prompts.items():
         print(f"{model_name}: prefilling {length} tokens ...", file=sys.stderr, flush=True)
@@ -166,9 +179,18 @@ def print_table(rows: list[dict]) -> None:
             print(f"  {r['model']} {r['context']} offload, per step: CPU sampled attention (candidates + softmax, "
                   f"one C call) {r['cpu_ms']:.2f} ms, copies {r['copy_ms']:.2f} ms, the rest (device, host "
                   f"around it) {rest:.2f} ms")
+    print("end to end decode tok/s (1000 / step ms), and vs full's:")
+    for (model, length), group in _by_context(rows).items():
+        full = group.get("full")
+        print(f"  {model} {length}: " + ", ".join(
+            f"{name} {1e3 / r['step_ms']:.1f}" + (f" ({full['step_ms'] / r['step_ms']:.2f}x)" if full else "")
+            for name, r in group.items()))
     print("magicpig vs full decode attention speed (full time / magicpig time), all layers | per sampled layer:")
     for (model, length), group in _by_context(rows).items():
         if "full" in group and "magicpig" in group:
+            if not group["full"]["attn_ms"] or not group["magicpig"]["attn_ms"]:
+                print(f"  {model} {length}: - (full's attention runs inside decode.c: compare the step times)")
+                continue
             f, m = group["full"], group["magicpig"]
             by_round = ""
             if len(f["rounds"]) > 1:
@@ -225,7 +247,8 @@ def main(args) -> int:
         rows += run_contexts(engine, prompts, policies, args.steps, args.random_weights or "default", args.rounds)
         del engine
     if long_lengths:
-        model = random_long_llama(args.long_layers, max(long_lengths) + slack, resolve_dtype(args.dtype, "cpu"))
+        model = random_long_llama(args.long_layers, max(long_lengths) + slack, resolve_dtype(args.dtype, "cpu"),
+                                  quantization=args.quantization)
         cache = CacheConfig(page, sum(long_lengths) // page + slack * len(long_lengths))
         if offloaded:
             cache.offload_pages = cache.num_pages

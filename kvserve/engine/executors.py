@@ -3,9 +3,11 @@
 
 - `TorchExecutor`: PyTorch ops on any device; attention through the planned backend, non-full
   decodes through PolicyAttention, optionally torch.compile'd.
-- `NativeExecutor`: the CPU with int4 / int8-group weights: a step with full attention only is one C
-  call (kvserve/native/decode.c; on a tensor-parallel rank, its shard, with the all-reduces called
-  back between layers); a step with a sparse-policy decode goes to its TorchExecutor.
+- `NativeExecutor`: the CPU with int4 / int8-group weights: a step is one C call
+  (kvserve/native/decode.c; on a tensor-parallel rank, its shard, with the all-reduces called back
+  between layers); sparse-policy decodes' attention in the global layers is called back into
+  PolicyAttention.run_rows, the rest of their layers stay in C. Tensor-parallel ranks and MagicPIG
+  offload send a step with a policy decode to the TorchExecutor.
 - `StaticDecodeExecutor` (static_executor.py): CUDA with triton, unless enforce_eager:
   decode-only steps replay a CUDA graph captured per batch bucket (Triton decode over static
   buffers); other steps go to its TorchExecutor, whose dense attention is TritonAttention.
@@ -99,21 +101,33 @@ class TorchExecutor:
 
 
 class NativeExecutor:
-    def __init__(self, decoder: NativeDecoder, fallback: TorchExecutor):
+    def __init__(self, decoder: NativeDecoder, fallback: TorchExecutor, policy_attention: PolicyAttention | None = None):
+        """policy_attention: what decoder's policy callback runs (PolicyAttention.run_rows); None:
+        steps with policy decodes go to the fallback."""
         self.decoder = decoder
         self.num_groups = decoder.num_groups
         self.fallback = fallback
+        self.policy_attention = policy_attention
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
+        policy_rows = None
         if batch.sparse:
-            return self.fallback.execute(batch)
+            if self.policy_attention is None or any(batch.scheduled[i][0].policy.offload for i in batch.sparse):
+                return self.fallback.execute(batch)  # offload's split reads run in PolicyAttention.run
+            first_rows = [0]
+            for n in batch.q_lens:
+                first_rows.append(first_rows[-1] + n)
+            decodes = [(first_rows[i], batch.scheduled[i][0], batch.kv_lens[i]) for i in batch.sparse]
+            self.policy_attention.plan_decodes(decodes)
+            policy_rows = [row for row, _, _ in decodes]
         page_starts, at = [], 0
         for seq, n in batch.scheduled:
             page_starts.extend([at] * n)
             at += len(seq.pages)
         # each KV group's tables one after the other (a sequence's tables all have its length)
         page_table = [p for g in range(self.num_groups) for seq, _ in batch.scheduled for p in seq.tables[g]]
-        return self.decoder(batch.ids, batch.positions, page_table, page_starts, batch.last_rows)
+        return self.decoder(batch.ids, batch.positions, page_table, page_starts, batch.last_rows,
+                            policy_rows=policy_rows)
 
 
 def attention_kwargs(cfg) -> dict:
@@ -161,7 +175,10 @@ def select_executor(model, pool, device, compile: bool = False, max_batch: int =
                                        cfg.head_dim, kwargs["scale"], groups)
     torch_executor = TorchExecutor(model, attention, policy_attention, pool.page_size, device, compile, len(groups))
     if native_layout(cfg) and NativeDecoder.supports(model):
-        return NativeExecutor(NativeDecoder(model, pool, reduce, groups), torch_executor)
+        # policy decodes called back from the C step; a tensor-parallel rank keeps them in PyTorch
+        policies = policy_attention if reduce is None else None
+        decoder = NativeDecoder(model, pool, reduce, groups, policies)
+        return NativeExecutor(decoder, torch_executor, policies)
     if cuda_kernels and not enforce_eager and reduce is None:  # CUDA graphs cannot join collectives
         from kvserve.attention.triton.static import TritonStaticDecode
         from kvserve.engine.static_executor import StaticDecodeExecutor

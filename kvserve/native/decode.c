@@ -60,6 +60,11 @@ typedef struct {
     const int64_t *layer_group, *layer_slot;
     float softcap;            /* > 0: attention scores capped at +-softcap (tanh; Gemma 2) */
     int64_t rotary_dim;       /* RoPE rotates each head's first rotary_dim dims */
+    /* attention policies (kvserve/attention/sparse/): in a global layer (no window), the caller's
+       attention of the step's policy rows, rows[i] the row of its i-th (-1: dropped at the last
+       layer), their K/V already in the cache: reads q from qkv [T, qkv_n], writes out [T, H, D];
+       0, or nonzero when it failed. NULL: no policies */
+    int64_t (*policy)(int64_t layer, float *qkv, int64_t qkv_n, float *out, int64_t T, int64_t n, const int64_t *rows);
 } Model;
 
 static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out)
@@ -199,9 +204,10 @@ static int64_t experts(const Layer *L, const float *h, int64_t T, int64_t E, flo
 /* Row t's query heads (q: row 0's, rows qkv_n apart) against the layer's cache rows of its positions
    0..pos[t] (the last `window` of them under the layer's sliding window) -> out [T, H, D]: a task
    per (block, KV head), a block being up to BLOCK_ROWS consecutive positions of one sequence (a
-   decode is a block of one). Returns 0, or -1 when out of memory. */
+   decode is a block of one). Rows with skip[t] set (skip may be NULL) are left to the caller.
+   Returns 0, or -1 when out of memory. */
 static int64_t attend(const Model *m, int64_t layer, int64_t T, const float *q, int64_t qkv_n, const int32_t *pages,
-                      const int64_t *page_starts, const int64_t *pos, int64_t page_size, float *out)
+                      const int64_t *page_starts, const int64_t *pos, int64_t page_size, const char *skip, float *out)
 {
     const int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, group = H / Hkv, window = m->windows[layer];
     const int64_t offset = m->layer_slot[layer] * Hkv * m->slots * D * (m->kv_bf16 ? 2 : 4);
@@ -211,13 +217,15 @@ static int64_t attend(const Model *m, int64_t layer, int64_t T, const float *q, 
         return -1;
     for (int64_t t = 0; t < T; t++)
         if (t == 0 || page_starts[t] != page_starts[t - 1] || pos[t] != pos[t - 1] + 1
-            || t - starts[blocks - 1] == BLOCK_ROWS)
+            || t - starts[blocks - 1] == BLOCK_ROWS || (skip && skip[t] != skip[t - 1]))
             starts[blocks++] = t;
     starts[blocks] = T;
     #pragma omp parallel for schedule(dynamic)
     for (int64_t task = 0; task < blocks * Hkv; task++) {
         const int64_t b = task / Hkv, g = task % Hkv, t0 = starts[b], R = starts[b + 1] - t0;
         const int32_t *table = pages + page_starts[t0];
+        if (skip && skip[t0])  /* a block's rows are all skipped or none */
+            continue;
 #ifdef __AVX2__
         if (R > 1 && D % KEYS == 0) {
             if (attend_block(q + t0 * qkv_n + g * group * D, qkv_n, R, pos[t0], k, v, (int)m->kv_bf16, m->slots,
@@ -229,7 +237,7 @@ static int64_t attend(const Model *m, int64_t layer, int64_t T, const float *q, 
 #endif
         for (int64_t t = t0; t < t0 + R; t++)
             if (attend_kv_head(q + t * qkv_n + g * group * D, k, v, (int)m->kv_bf16, m->slots, g, group, D, m->scale,
-                               m->softcap, table, page_size, window_start(pos[t] + 1, window), pos[t] + 1,
+                               m->softcap, table, page_size, 0, window_start(pos[t] + 1, window), pos[t] + 1,
                                out + (t * H + g * group) * D))
                 failed = 1;
     }
@@ -237,16 +245,26 @@ static int64_t attend(const Model *m, int64_t layer, int64_t T, const float *q, 
     return failed ? -1 : 0;
 }
 
-/* Rows keep[0..kept) (ascending) of qkv [T, qkv_n] and x [T, E], their positions and page table
-   starts moved to rows 0..kept-1 */
+/* Rows keep[0..kept) (ascending) of qkv [T, qkv_n] and x [T, E], their positions, page table
+   starts and skip flags moved to rows 0..kept-1; policy row i to its kept row (-1: not kept) */
 static void keep_rows(const int64_t *keep, int64_t kept, float *qkv, int64_t qkv_n, float *x, int64_t E,
-                      const int64_t *pos, const int64_t *page_starts, int64_t *kept_pos, int64_t *kept_starts)
+                      const int64_t *pos, const int64_t *page_starts, int64_t *kept_pos, int64_t *kept_starts,
+                      char *skip, int64_t *policy_rows, int64_t n_policy)
 {
     for (int64_t i = 0; i < kept; i++) {
         memmove(qkv + i * qkv_n, qkv + keep[i] * qkv_n, sizeof(float) * qkv_n);
         memmove(x + i * E, x + keep[i] * E, sizeof(float) * E);
         kept_pos[i] = pos[keep[i]];
         kept_starts[i] = page_starts[keep[i]];
+        if (skip)
+            skip[i] = 0;
+    }
+    for (int64_t j = 0, i = 0; j < n_policy; j++) {  /* both ascending */
+        while (i < kept && keep[i] < policy_rows[j])
+            i++;
+        policy_rows[j] = i < kept && keep[i] == policy_rows[j] ? i : -1;
+        if (policy_rows[j] >= 0)
+            skip[i] = 1;
     }
 }
 
@@ -257,24 +275,31 @@ static void keep_rows(const int64_t *keep, int64_t kept, float *qkv, int64_t qkv
    by the residual stream; cos/sin [T, D / 2]: their positions' rotations (cos_local/sin_local:
    those of layers with local_rope); out [kept, hidden]: the
    final normed hidden states of rows keep[0..kept) (ascending), the rows whose logits are wanted:
-   the last layer computes no others past their K/V. Returns 0, or -1 when out of memory. */
+   the last layer computes no others past their K/V. policy_rows[0..n_policy) (ascending): rows whose
+   attention m->policy computes in the global layers (their K/V written here). Returns 0, or -1 when
+   out of memory (or a callback failed). */
 int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const float *sin,
                     const float *cos_local, const float *sin_local, const int32_t *pages,
                     const int64_t *page_starts, const int64_t *pos, int64_t page_size, const int64_t *keep,
-                    int64_t kept, float *out, int64_t group_stride)
+                    int64_t kept, float *out, int64_t group_stride, const int64_t *policy_rows, int64_t n_policy)
 {
     const int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, I = m->intermediate, E = m->hidden;
     const int64_t qkv_n = (H + 2 * Hkv) * D, widest = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D);
     float *buf = malloc(sizeof(float) * T * (E + qkv_n + H * D + E + 3 * I + E));
     /* int4_matmul's for up to MATMUL_ROWS rows, int8_matmul's for INT8_MATMUL_ROWS: 2 K bytes + 8 K / G a row, G >= 1 */
     void *scratch = malloc(10 * widest * (MATMUL_ROWS > INT8_MATMUL_ROWS ? MATMUL_ROWS : INT8_MATMUL_ROWS));
-    int64_t *kept_pos = malloc(sizeof(int64_t) * 2 * (kept + 1)), *kept_starts = kept_pos + kept + 1;
-    if (!buf || !scratch || !kept_pos) {
+    int64_t *kept_pos = malloc(sizeof(int64_t) * (2 * (kept + 1) + n_policy)), *kept_starts = kept_pos + kept + 1;
+    int64_t *policy_at = kept_starts + kept + 1;  /* each policy row's row as rows are dropped */
+    char *skip = n_policy ? calloc(T, 1) : NULL;
+    if (!buf || !scratch || !kept_pos || (n_policy && !skip)) {
         free(buf);
         free(scratch);
         free(kept_pos);
+        free(skip);
         return -1;
     }
+    for (int64_t i = 0; i < n_policy; i++)
+        skip[policy_at[i] = policy_rows[i]] = 1;
     float *h = buf, *qkv = h + T * E, *attn = qkv + T * qkv_n, *proj = attn + T * H * D, *gu = proj + T * E;
     float *act = gu + T * 2 * I, *rows_in = act + T * I;
     int64_t status = 0;
@@ -311,12 +336,16 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
             }
         }
         if (l == m->num_layers - 1) {
-            keep_rows(keep, kept, qkv, qkv_n, x, E, pos, page_starts, kept_pos, kept_starts);
+            keep_rows(keep, kept, qkv, qkv_n, x, E, pos, page_starts, kept_pos, kept_starts, skip, policy_at, n_policy);
             T = kept, pos = kept_pos, page_starts = kept_starts;
             if (T == 0)
                 break;
         }
-        status |= attend(m, l, T, qkv, qkv_n, table, page_starts, pos, page_size, attn);
+        /* a policy decides a global layer's attention of its rows; a windowed layer keeps its window */
+        const int64_t by_policy = n_policy && m->windows[l] <= 0;
+        status |= attend(m, l, T, qkv, qkv_n, table, page_starts, pos, page_size, by_policy ? skip : NULL, attn);
+        if (by_policy && status == 0)
+            status |= m->policy(l, qkv, qkv_n, attn, T, n_policy, policy_at);
         status |= linear(&L->o, attn, T, proj, scratch);
         if (m->reduce && status == 0)
             status |= m->reduce(proj, T * E);
@@ -357,5 +386,6 @@ int64_t decode_step(const Model *m, float *x, int64_t T, const float *cos, const
     free(buf);
     free(scratch);
     free(kept_pos);
+    free(skip);
     return status;
 }

@@ -12,6 +12,8 @@ from kvserve.native.lists import int_tensor
 
 _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _REDUCE = ctypes.CFUNCTYPE(_i64, ctypes.POINTER(_f32), _i64)  # decode.c's Model.reduce
+_POLICY = ctypes.CFUNCTYPE(_i64, _i64, ctypes.POINTER(_f32), _i64, ctypes.POINTER(_f32), _i64, _i64,
+                           ctypes.POINTER(_i64))  # decode.c's Model.policy
 
 
 class _Linear(ctypes.Structure):
@@ -33,7 +35,7 @@ class _Model(ctypes.Structure):
                 ("k_cache", _ptr), ("v_cache", _ptr), ("layers", ctypes.POINTER(_Layer)), ("final_norm", _ptr),
                 ("windows", ctypes.POINTER(_i64)), ("reduce", _REDUCE), ("gelu", _i64),
                 ("layer_group", ctypes.POINTER(_i64)), ("layer_slot", ctypes.POINTER(_i64)), ("softcap", _f32),
-                ("rotary_dim", _i64)]
+                ("rotary_dim", _i64), ("policy", _POLICY)]
 
 # the layer layouts decode.c computes (Llama's: RMSNorm, rotate-half RoPE, SiLU-gated MLP; Gemma 2/3's)
 _ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "olmoe", "phi3", "mixtral", "gemma2", "gemma3")
@@ -46,7 +48,7 @@ def _kernel():
         return None
     return native.function("decode", "decode_step", ctypes.c_int64,
                            [ctypes.POINTER(_Model), _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64,
-                            _ptr, _i64])
+                            _ptr, _i64, _ptr, _i64])
 
 
 def _layer_windows(cfg) -> list:
@@ -71,10 +73,13 @@ def _shard(linear):
 class NativeDecoder:
     """Holds the C view of a model and its KV pool (pointers into their tensors, which it keeps)."""
 
-    def __init__(self, model, pool, reduce=None, groups=None):
+    def __init__(self, model, pool, reduce=None, groups=None, policy=None):
         """reduce: a tensor-parallel rank's in-place sum over ranks (e.g. TPGroup.all_reduce), which
         decode.c calls after each layer's o and down projections (row-parallel shards).
-        groups: the pool's KV groups (kvserve/kv/groups.py); None: one group of every layer."""
+        groups: the pool's KV groups (kvserve/kv/groups.py); None: one group of every layer.
+        policy: an object whose run_rows(layer, q [T, H, D], out [T, H, D], rows) computes, in a
+        global layer, the attention of the rows a step names as `policy_rows` (rows[i]: the i-th's
+        row now, -1 when the last layer dropped it) into out (PolicyAttention); their K/V are in the pool."""
         assert pool.k.dtype == model.dtype and pool.k.is_contiguous(), "the cache the model writes"
         self.model, self.pool = model, pool
         self._error = None  # what reduce raised: re-raised after the C call returns
@@ -116,7 +121,9 @@ class NativeDecoder:
                               pool.v.data_ptr(), layers, self._norm(model.norm), self._windows,
                               self._reduce_callback(reduce) if reduce else _REDUCE(),
                               int(cfg.hidden_act == "gelu_tanh"), self._layer_group, self._layer_slot,
-                              cfg.attn_softcap or 0.0, cfg.rotary_dim)
+                              cfg.attn_softcap or 0.0, cfg.rotary_dim,
+                              self._policy_callback(policy) if policy else _POLICY())
+        self.policies = policy is not None
         self._ref = ctypes.byref(self._struct)
 
     def _reduce_callback(self, reduce):
@@ -129,6 +136,23 @@ class NativeDecoder:
                 return -1
         self._callback = _REDUCE(call)  # kept alive as long as the struct points to it
         return self._callback
+
+    def _policy_callback(self, policy):
+        heads, dim = self.model.config.num_heads, self.model.config.head_dim
+
+        def call(layer: int, qkv, qkv_n: int, out, T: int, n: int, rows) -> int:
+            try:
+                q = torch.frombuffer(ctypes.cast(qkv, ctypes.POINTER(_f32 * (T * qkv_n))).contents, dtype=torch.float32)
+                o = torch.frombuffer(ctypes.cast(out, ctypes.POINTER(_f32 * (T * heads * dim))).contents,
+                                     dtype=torch.float32)
+                policy.run_rows(layer, q.view(T, qkv_n)[:, :heads * dim].unflatten(1, (heads, dim)),
+                                o.view(T, heads, dim), rows[:n])
+                return 0
+            except BaseException as e:  # noqa: BLE001 - cannot cross the C frames: raised after the call
+                self._error = e
+                return -1
+        self._policy = _POLICY(call)  # kept alive as long as the struct points to it
+        return self._policy
 
     @staticmethod
     def supports(model) -> bool:
@@ -173,13 +197,15 @@ class NativeDecoder:
 
     def __call__(self, tokens: list[int], positions: list[int], page_table: list[int],
                  page_starts: list[int], rows: list[int] | None = None,
-                 rope_positions: list[int] | None = None) -> torch.Tensor:
+                 rope_positions: list[int] | None = None, policy_rows: list[int] | None = None) -> torch.Tensor:
         """The final normed hidden states [len(rows), hidden] (model dtype) of the step's tokens
         `rows` (ascending; default all): token t at position positions[t] of the sequence whose pages
         start at page_table[page_starts[t]] (with KV groups: every group's tables, laid out alike one
         group after the other). Writes every token's K/V to the cache; tokens of one
         sequence come in order. rope_positions (default: positions) rotate q and k: a token placed
-        at a smaller position of a shortened page table keeps its true rotation (self speculation)."""
+        at a smaller position of a shortened page table keeps its true rotation (self speculation).
+        policy_rows (ascending; needs the decoder's `policy`): rows whose attention in the global
+        layers the policy callback computes."""
         x = self.model.embed(int_tensor(tokens)).float().contiguous()  # Gemma's scaled embeddings too
         keep = torch.arange(len(tokens)) if rows is None else int_tensor(rows)
         out = x.new_empty(len(keep), x.shape[1])
@@ -196,10 +222,12 @@ class NativeDecoder:
         else:
             cos_local, sin_local = cos, sin
         pages, starts = int_tensor(page_table, torch.int32), int_tensor(page_starts)
+        assert not policy_rows or self.policies, "policy rows without a policy callback"
+        by_policy = int_tensor(policy_rows or [])
         if _kernel()(self._ref, x.data_ptr(), len(tokens), cos.data_ptr(), sin.data_ptr(), cos_local.data_ptr(),
                      sin_local.data_ptr(), pages.data_ptr(),
                      starts.data_ptr(), pos.data_ptr(), self.pool.page_size, keep.data_ptr(), len(keep),
-                     out.data_ptr(), len(page_table) // self.num_groups):
+                     out.data_ptr(), len(page_table) // self.num_groups, by_policy.data_ptr(), len(by_policy)):
             error, self._error = self._error, None
             if error is not None:
                 raise error

@@ -166,63 +166,70 @@ static inline __attribute__((always_inline)) void axpy64_kv(float *out, const fl
 }
 #endif
 
-/* The query heads of KV head g of sequence b: q [group, D] over positions lo..n-1 of its pages (the
-   pages before lo are not touched: a sliding window may have given them back); out [group, D].
-   scores: group * (n - lo) floats. softcap > 0 caps the scaled scores. Inlined into one copy per
-   cache dtype. Eight keys' dot products at a time, reduced together, and a page's V rows summed
-   into each head's output in registers. */
+/* The query heads of KV head g of sequence b: q [group, D] over positions lo..n-1 of its pages, and
+   0..sink-1 before them (StreamingLLM's attention sinks; none when sink <= 0 or lo == 0). Pages of
+   neither range are not touched: a sliding window or streaming may have given them back; out
+   [group, D]. scores: group * (sink + n - lo) floats. softcap > 0 caps the scaled scores. Inlined
+   into one copy per cache dtype. Eight keys' dot products at a time, reduced together, and a page's
+   V rows summed into each head's output in registers. */
 static inline __attribute__((always_inline)) void attend_kv_head_as(
     const float *q, const void *k_cache, const void *v_cache, const int bf16, int64_t S, int64_t g,
-    int64_t group, int64_t D, float scale, float softcap, const int32_t *pages, int64_t page_size, int64_t lo,
-    int64_t n, float *scores, float *out)
+    int64_t group, int64_t D, float scale, float softcap, const int32_t *pages, int64_t page_size, int64_t sink,
+    int64_t lo, int64_t n, float *scores, float *out)
 {
-    const int64_t base = g * S * D, m = n - lo;
-    for (int64_t t0 = lo; t0 < n;) {
-        const int64_t p = t0 / page_size, skip = t0 % page_size;
-        const int64_t first = base + ((int64_t)pages[p] * page_size + skip) * D;
-        const int64_t rows = n - t0 < page_size - skip ? n - t0 : page_size - skip;
-        /* pages lie apart, where the hardware prefetcher stops: the next K page is fetched while this
-           one's scores are computed (V is read after the softmax, past what the caches hold) */
-        if (t0 + rows < n)
-            prefetch_rows(k_cache, base + (int64_t)pages[p + 1] * page_size * D, page_size * D, bf16);
-        int64_t r = 0;
+    const int64_t sinks = sink <= 0 ? 0 : sink < lo ? sink : lo, base = g * S * D, m = sinks + n - lo;
+    /* the ranges read, [0, sinks) then [lo, n), their scores one after the other */
+    const int64_t from[2] = {0, lo}, to[2] = {sinks, n}, at[2] = {0, sinks - lo};
+    for (int part = 0; part < 2; part++)
+        for (int64_t t0 = from[part], end = to[part]; t0 < end;) {
+            const int64_t p = t0 / page_size, skip = t0 % page_size;
+            const int64_t first = base + ((int64_t)pages[p] * page_size + skip) * D;
+            const int64_t rows = end - t0 < page_size - skip ? end - t0 : page_size - skip;
+            float *row_scores = scores + t0 + at[part];
+            /* pages lie apart, where the hardware prefetcher stops: the next K page is fetched while
+               this one's scores are computed (V is read after the softmax, past what the caches hold) */
+            if (t0 + rows < end)
+                prefetch_rows(k_cache, base + (int64_t)pages[p + 1] * page_size * D, page_size * D, bf16);
+            int64_t r = 0;
 #ifdef __AVX2__
-        if (D % 8 == 0)
-            for (; r + 8 <= rows; r += 8)
-                for (int64_t h = 0; h < group; h++)
-                    dot8_kv(q + h * D, k_cache, first + r * D, D, bf16, scale, scores + h * m + t0 - lo + r);
+            if (D % 8 == 0)
+                for (; r + 8 <= rows; r += 8)
+                    for (int64_t h = 0; h < group; h++)
+                        dot8_kv(q + h * D, k_cache, first + r * D, D, bf16, scale, row_scores + h * m + r);
 #endif
-        for (; r < rows; r++)
-            for (int64_t h = 0; h < group; h++)
-                scores[h * m + t0 - lo + r] = dot_kv(q + h * D, k_cache, first + r * D, D, bf16) * scale;
-        t0 += rows;
-    }
+            for (; r < rows; r++)
+                for (int64_t h = 0; h < group; h++)
+                    row_scores[h * m + r] = dot_kv(q + h * D, k_cache, first + r * D, D, bf16) * scale;
+            t0 += rows;
+        }
     for (int64_t h = 0; h < group; h++) {
         if (softcap > 0)
             cap_scores(scores + h * m, m, softcap);
         softmax(scores + h * m, m);
     }
     memset(out, 0, group * D * sizeof *out);
-    for (int64_t t0 = lo; t0 < n;) {
-        const int64_t p = t0 / page_size, skip = t0 % page_size;
-        const int64_t first = base + ((int64_t)pages[p] * page_size + skip) * D;
-        const int64_t rows = n - t0 < page_size - skip ? n - t0 : page_size - skip;
-        if (t0 + rows < n)
-            prefetch_rows(v_cache, base + (int64_t)pages[p + 1] * page_size * D, page_size * D, bf16);
+    for (int part = 0; part < 2; part++)
+        for (int64_t t0 = from[part], end = to[part]; t0 < end;) {
+            const int64_t p = t0 / page_size, skip = t0 % page_size;
+            const int64_t first = base + ((int64_t)pages[p] * page_size + skip) * D;
+            const int64_t rows = end - t0 < page_size - skip ? end - t0 : page_size - skip;
+            const float *row_scores = scores + t0 + at[part];
+            if (t0 + rows < end)
+                prefetch_rows(v_cache, base + (int64_t)pages[p + 1] * page_size * D, page_size * D, bf16);
 #ifdef __AVX2__
-        if (D % 64 == 0) {
-            for (int64_t h = 0; h < group; h++)
-                for (int64_t d0 = 0; d0 < D; d0 += 64)
-                    axpy64_kv(out + h * D + d0, scores + h * m + t0 - lo, v_cache, first + d0, rows, D, bf16);
-            t0 += rows;
-            continue;
-        }
+            if (D % 64 == 0) {
+                for (int64_t h = 0; h < group; h++)
+                    for (int64_t d0 = 0; d0 < D; d0 += 64)
+                        axpy64_kv(out + h * D + d0, row_scores + h * m, v_cache, first + d0, rows, D, bf16);
+                t0 += rows;
+                continue;
+            }
 #endif
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t h = 0; h < group; h++)
-                axpy_kv(out + h * D, scores[h * m + t0 - lo + r], v_cache, first + r * D, D, bf16);
-        t0 += rows;
-    }
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t h = 0; h < group; h++)
+                    axpy_kv(out + h * D, row_scores[h * m + r], v_cache, first + r * D, D, bf16);
+            t0 += rows;
+        }
 }
 
 /* First position a query at position n - 1 reads under a sliding window of `window` keys (<= 0:
@@ -235,15 +242,17 @@ static inline int64_t window_start(int64_t n, int64_t window)
 /* attend_kv_head_as with its scores allocated here; returns 0, or -1 when out of memory */
 static int64_t attend_kv_head(const float *q, const void *k_cache, const void *v_cache, int bf16, int64_t S,
                               int64_t g, int64_t group, int64_t D, float scale, float softcap, const int32_t *pages,
-                              int64_t page_size, int64_t lo, int64_t n, float *out)
+                              int64_t page_size, int64_t sink, int64_t lo, int64_t n, float *out)
 {
-    float *scores = malloc(group * (n - lo) * sizeof *scores);
+    float *scores = malloc(group * ((sink > 0 ? sink : 0) + n - lo) * sizeof *scores);
     if (!scores)
         return -1;
     if (bf16)
-        attend_kv_head_as(q, k_cache, v_cache, 1, S, g, group, D, scale, softcap, pages, page_size, lo, n, scores, out);
+        attend_kv_head_as(q, k_cache, v_cache, 1, S, g, group, D, scale, softcap, pages, page_size, sink, lo, n, scores,
+                          out);
     else
-        attend_kv_head_as(q, k_cache, v_cache, 0, S, g, group, D, scale, softcap, pages, page_size, lo, n, scores, out);
+        attend_kv_head_as(q, k_cache, v_cache, 0, S, g, group, D, scale, softcap, pages, page_size, sink, lo, n, scores,
+                          out);
     free(scores);
     return 0;
 }
@@ -255,7 +264,7 @@ static int64_t attend_kv_head(const float *q, const void *k_cache, const void *v
 int64_t paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, int64_t bf16, int64_t S,
                                int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale, float softcap,
                                int64_t window, const int32_t *page_table, const int64_t *page_starts,
-                               const int64_t *kv_lens, int64_t page_size, float *out)
+                               const int64_t *kv_lens, int64_t page_size, float *out, int64_t sink)
 {
     const int64_t group = H / Hkv;
     int64_t failed = 0;
@@ -263,7 +272,7 @@ int64_t paged_decode_attention(const float *q, const void *k_cache, const void *
     for (int64_t task = 0; task < B * Hkv; task++) {
         const int64_t b = task / Hkv, g = task % Hkv;
         if (attend_kv_head(q + (b * H + g * group) * D, k_cache, v_cache, (int)bf16, S, g, group, D, scale, softcap,
-                           page_table + page_starts[b], page_size, window_start(kv_lens[b], window), kv_lens[b],
+                           page_table + page_starts[b], page_size, sink, window_start(kv_lens[b], window), kv_lens[b],
                            out + (b * H + g * group) * D))
             failed = 1;
     }

@@ -14,7 +14,7 @@ _ptr, _i64 = ctypes.c_void_p, ctypes.c_int64
 def _kernel():
     return native.function("paged_attention", "paged_decode_attention", _i64,
                            [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, ctypes.c_float, ctypes.c_float,
-                            _i64, _ptr, _ptr, _ptr, _i64, _ptr])
+                            _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i64])
 
 
 def available(cache_tensor: torch.Tensor) -> bool:
@@ -24,17 +24,18 @@ def available(cache_tensor: torch.Tensor) -> bool:
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
            page_starts: torch.Tensor, kv_lens: torch.Tensor, page_size: int, scale: float,
-           window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+           window: int | None = None, softcap: float | None = None, sink: int = 0) -> torch.Tensor:
     """q [B, H, D] -> [B, H, D] in q's dtype. Caches [Hkv, S, D] (one layer's); sequence b attends its
     first kv_lens[b] positions, in pages page_table[page_starts[b]:] (int32, int64, int64).
     window: only the last `window` of them (a sliding window; pages before it are never read, so
-    they may be -1). softcap: scores = softcap * tanh(scores / softcap) after the scale."""
+    they may be -1). softcap: scores = softcap * tanh(scores / softcap) after the scale. sink: with a
+    window, the first `sink` positions too (StreamingLLM; the pages between may be -1 as well)."""
     b, h, d = q.shape
     hkv, slots = k_cache.shape[0], k_cache.shape[1]
     qf = q.float().contiguous()
     out = torch.empty_like(qf)
     if _kernel()(qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16), slots,
                  b, h, hkv, d, scale, softcap or 0.0, window or 0, page_table.data_ptr(), page_starts.data_ptr(),
-                 kv_lens.data_ptr(), page_size, out.data_ptr()):
+                 kv_lens.data_ptr(), page_size, out.data_ptr(), sink):
         raise MemoryError("paged_decode_attention could not allocate its scores")
     return out.to(q.dtype)

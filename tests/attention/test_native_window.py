@@ -11,11 +11,12 @@ from kvserve.native import paged_attention
 H, HKV, D = 4, 2, 16
 
 
-def reference(q, k, v, window, softcap, scale):
+def reference(q, k, v, window, softcap, scale, sink=0):
     """One query (the last position) over k/v [n, HKV, D] in float64: SDPA with an explicit mask,
-    or the scores written out where they are soft-capped."""
+    or the scores written out where they are soft-capped; sink: the first positions kept too."""
     n = k.shape[0]
     keep = torch.ones(n, dtype=torch.bool) if window is None else torch.arange(n) > n - 1 - window
+    keep |= torch.arange(n) < sink
     q = q.double()[None, :, None]  # [1, H, 1, D]
     k, v = (x.double().transpose(0, 1)[None].repeat_interleave(H // HKV, 1) for x in (k, v))  # [1, H, n, D]
     if softcap is None:
@@ -29,9 +30,11 @@ def reference(q, k, v, window, softcap, scale):
 @pytest.mark.skipif(not paged_attention.available(torch.empty(1)), reason="paged_attention.c not built here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("page_size", [1, 4, 16])
-@pytest.mark.parametrize("window, softcap", [(None, None), (5, None), (16, None), (1, None), (None, 2.0),
-                                             (7, 3.0), (1000, None)])
-def test_paged_decode_window_and_softcap_match_sdpa(dtype, page_size, window, softcap):
+@pytest.mark.parametrize("window, softcap, sink", [(None, None, 0), (5, None, 0), (16, None, 0), (1, None, 0),
+                                                   (None, 2.0, 0), (7, 3.0, 0), (1000, None, 0),
+                                                   (5, None, 3), (16, None, 4), (1, None, 1), (7, 3.0, 6)])
+def test_paged_decode_window_and_softcap_match_sdpa(dtype, page_size, window, softcap, sink):
+    """sink (StreamingLLM): the first positions too, the pages between them and the window -1."""
     rng = random.Random(page_size)
     torch.manual_seed(0)
     lens = [1, 3, 17, 40, 33]
@@ -49,18 +52,19 @@ def test_paged_decode_window_and_softcap_match_sdpa(dtype, page_size, window, so
         values.append(v_cache[:, slots].transpose(0, 1).float())
         if window is not None:  # what is before the window is never read: NaN there would show
             first = max(0, n - window)
-            k_cache[:, slots[:first]] = float("nan")
-            v_cache[:, slots[:first]] = float("nan")
-            # pages wholly before it may have gone back to the pool (-1)
-            table = [-1 if (i + 1) * page_size <= first else p for i, p in enumerate(table)]
+            k_cache[:, slots[sink:first]] = float("nan")
+            v_cache[:, slots[sink:first]] = float("nan")
+            # pages wholly before it (after the sinks' pages) may have gone back to the pool (-1)
+            table = [-1 if i * page_size >= sink and (i + 1) * page_size <= first else p for i, p in enumerate(table)]
         tables.append(table)
     q = torch.randn(len(lens), H, D)
     page_table = torch.tensor([p for t in tables for p in t], dtype=torch.int32)
     starts = torch.tensor([0] + [len(t) for t in tables[:-1]]).cumsum(0)
     scale = 0.3
     out = paged_attention.decode(q, k_cache, v_cache, page_table, starts, torch.tensor(lens), page_size, scale,
-                                 window=window, softcap=softcap)
-    expected = torch.stack([reference(q[i], keys[i], values[i], window, softcap, scale) for i in range(len(lens))])
+                                 window=window, softcap=softcap, sink=sink)
+    expected = torch.stack([reference(q[i], keys[i], values[i], window, softcap, scale, sink if window else 0)
+                            for i in range(len(lens))])
     assert not out.isnan().any()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 

@@ -90,9 +90,9 @@ def test_engine_runs_decode_steps_natively(tmp_path, smollm2_tokenizer):
     assert isinstance(engine.runner.executor, NativeExecutor)
     decoder, calls = engine.runner.executor.decoder, []
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         calls.append(args)
-        return decoder(*args)
+        return decoder(*args, **kwargs)
     engine.runner.executor.decoder = counted
     assert [generate(engine, [p])[0] for p in prompts[:2]] == expected[:2]
     assert len(calls) == 2 * 8  # every step of a lone stream: its whole prompt, then 7 decodes

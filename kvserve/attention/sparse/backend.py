@@ -23,6 +23,7 @@ from kvserve.attention.sparse.topk import topk_attention
 from kvserve.kv.groups import KVGroups
 from kvserve.native import paged_attention
 
+_ZERO = torch.zeros(1, dtype=torch.int64)  # the one sequence's page table start
 HASH_CHUNK = 1024  # positions hashed per matmul at build: bounds the [Hkv, rows, K*L] temporaries
 
 
@@ -75,6 +76,7 @@ class _SparseDecode:
     pages_start: int | None  # all_pages[0] where all_pages are consecutive (read as a view)
     sampled_slots: torch.Tensor | None  # positions [start, end) sampled by magicpig/topk, on the pool's device
     offload: OffloadRead | None = None  # magicpig with offload: where [start, end) sit in the offload pools
+    stream_pages: torch.Tensor | None = None  # streaming: the pages of every position, int32 on the CPU (-1: given back)
 
 
 class PolicyAttention:
@@ -106,6 +108,10 @@ class PolicyAttention:
         for backend, meta in zip(self.backends, metas, strict=True):
             if meta is not None:
                 backend.plan(meta)
+        self.plan_decodes(decodes)
+
+    def plan_decodes(self, decodes: list[tuple[int, object, int]]) -> None:
+        """The policy decodes alone, for run_rows: a caller that computes every other row (decode.c)."""
         # per global group: its decodes over its own page table (positions are the same in each)
         self.by_group = {g: [self._plan_one(row, seq, kv_len, g) for row, seq, kv_len in decodes]
                          for g in self.global_groups}
@@ -128,7 +134,9 @@ class PolicyAttention:
         new_slot = slots(torch.tensor([kv_len - 1], device=cpu)).to(device)
         if policy.policy == "streaming":
             dense = slots(kept_positions(kv_len, policy.sink, policy.window))
-            return _SparseDecode(row, seq, policy, kv_len, new_slot, SlotSet.of(dense, device), None, None, None)
+            stream_pages = pages[:-(-kv_len // page)].to(torch.int32) if device.type == "cpu" else None
+            return _SparseDecode(row, seq, policy, kv_len, new_slot, SlotSet.of(dense, device), None, None, None,
+                                 stream_pages=stream_pages)
         start = min(policy.sink, kv_len)
         end = max(start, min(seq.num_prompt_tokens, kv_len - policy.window, kv_len - 1))
         dense = torch.cat([torch.arange(start, device=cpu), torch.arange(end, kv_len, device=cpu)])
@@ -165,6 +173,15 @@ class PolicyAttention:
                 out[d.row] = self._decode(layer, d, q[d.row], k_cache, v_cache).to(q.dtype)
         return out
 
+    def run_rows(self, layer: int, q: torch.Tensor, out: torch.Tensor, rows: list[int]) -> None:
+        """A global layer's planned decodes (plan_decodes) whose K/V the caller already wrote to
+        the pool: decode i's query at q[rows[i]] (-1: none), its output into out[rows[i]]."""
+        group, slot = self.route[layer]
+        k_cache, v_cache = self.pool.k[slot], self.pool.v[slot]
+        for d, r in zip(self.by_group[group], rows, strict=True):
+            if r >= 0:
+                out[r] = self._decode(layer, d, q[r].to(k_cache.dtype), k_cache, v_cache).to(out.dtype)
+
     def _decode(self, layer: int, d: _SparseDecode, q: torch.Tensor, k_cache, v_cache) -> torch.Tensor:
         h, kv_len = self.num_heads, d.kv_len
         sparse_layer = d.sampled_slots is not None and layer not in d.policy.dense_layers
@@ -174,6 +191,11 @@ class PolicyAttention:
             self.sampled_pairs += n
             self.sampled_heads += h
             read = len(d.dense_slots) * h + n
+        elif d.stream_pages is not None and paged_attention.available(k_cache):  # sinks and window in place
+            out = paged_attention.decode(q.view(1, h, -1), k_cache, v_cache, d.stream_pages, _ZERO,
+                                         torch.tensor([kv_len], device="cpu"), self.pool.page_size, self.scale,
+                                         window=max(d.policy.window, 1), sink=d.policy.sink).view(h, -1)
+            read = len(d.dense_slots) * h
         elif d.all_pages is None or sparse_layer:
             out, lse = self._dense(q, *self._gather_slots(k_cache, v_cache, d.dense_slots))
             read = len(d.dense_slots) * h
@@ -216,8 +238,10 @@ class PolicyAttention:
         return grouped_attention_with_lse(q, kd, vd, self.scale)
 
     def _topk(self, d: _SparseDecode, q, k_cache, v_cache):
-        keys = k_cache.index_select(1, d.sampled_slots)
-        values = v_cache.index_select(1, d.sampled_slots)
+        # the sampled positions [start, end): a view where the pages are consecutive, else a page at a time
+        start = min(d.policy.sink, d.kv_len)
+        end = start + len(d.sampled_slots)
+        keys, values = (c[:, start:end] for c in self._gather_pages(k_cache, v_cache, d, end))
         budget = d.policy.k or max(1, round(TOPK_DEFAULT_FRACTION * keys.shape[1]))
         out, lse = topk_attention(q, keys, values, budget, self.scale)
         return out, lse, min(budget, keys.shape[1]) * self.num_heads
