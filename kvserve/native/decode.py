@@ -126,32 +126,34 @@ class NativeDecoder:
         self.policies = policy is not None
         self._ref = ctypes.byref(self._struct)
 
-    def _reduce_callback(self, reduce):
-        def call(x, n: int) -> int:
+    def _guarded(self, fn):
+        """fn as a C callback: what it raises cannot cross the C frames, so it is kept, the call
+        returns -1, and __call__ raises it after the C step returns."""
+        def call(*args) -> int:
             try:
-                reduce(torch.frombuffer(ctypes.cast(x, ctypes.POINTER(_f32 * n)).contents, dtype=torch.float32))
+                fn(*args)
                 return 0
-            except BaseException as e:  # noqa: BLE001 - cannot cross the C frames: raised after the call
+            except BaseException as e:  # noqa: BLE001
                 self._error = e
                 return -1
-        self._callback = _REDUCE(call)  # kept alive as long as the struct points to it
+        return call
+
+    def _reduce_callback(self, reduce):
+        def run(x, n: int) -> None:
+            reduce(torch.frombuffer(ctypes.cast(x, ctypes.POINTER(_f32 * n)).contents, dtype=torch.float32))
+        self._callback = _REDUCE(self._guarded(run))  # kept alive as long as the struct points to it
         return self._callback
 
     def _policy_callback(self, policy):
         heads, dim = self.model.config.num_heads, self.model.config.head_dim
 
-        def call(layer: int, qkv, qkv_n: int, out, T: int, n: int, rows) -> int:
-            try:
-                q = torch.frombuffer(ctypes.cast(qkv, ctypes.POINTER(_f32 * (T * qkv_n))).contents, dtype=torch.float32)
-                o = torch.frombuffer(ctypes.cast(out, ctypes.POINTER(_f32 * (T * heads * dim))).contents,
-                                     dtype=torch.float32)
-                policy.run_rows(layer, q.view(T, qkv_n)[:, :heads * dim].unflatten(1, (heads, dim)),
-                                o.view(T, heads, dim), rows[:n])
-                return 0
-            except BaseException as e:  # noqa: BLE001 - cannot cross the C frames: raised after the call
-                self._error = e
-                return -1
-        self._policy = _POLICY(call)  # kept alive as long as the struct points to it
+        def run(layer: int, qkv, qkv_n: int, out, T: int, n: int, rows) -> None:
+            q = torch.frombuffer(ctypes.cast(qkv, ctypes.POINTER(_f32 * (T * qkv_n))).contents, dtype=torch.float32)
+            o = torch.frombuffer(ctypes.cast(out, ctypes.POINTER(_f32 * (T * heads * dim))).contents,
+                                 dtype=torch.float32)
+            policy.run_rows(layer, q.view(T, qkv_n)[:, :heads * dim].unflatten(1, (heads, dim)),
+                            o.view(T, heads, dim), rows[:n])
+        self._policy = _POLICY(self._guarded(run))  # kept alive as long as the struct points to it
         return self._policy
 
     @staticmethod

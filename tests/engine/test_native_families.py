@@ -3,19 +3,13 @@ gate/up tensors, longrope, a sliding window, partial rotary) and Gemma 2 (attent
 from GGUF files, against
 transformers on the file's values and against PyTorch's layers on the same quantized weights."""
 import functools
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 
-from engine.test_native_gemma3 import EXACT, IDS, with_file_weights
-from kvserve.engine.executors import native_layout
-from kvserve.model.families import model_class
-from kvserve.model.loader import load_checkpoint
-from kvserve.native.decode import NativeDecoder
+from engine.test_native_gemma3 import EXACT, IDS, file_models
 from model.paged_forward import paged_logits
-from tiny_models import make_family_model, write_family_gguf
+from tiny_models import make_family_model
 
 LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.3 * i for i in range(8)],
             "long_factor": [1.0 + 2.0 * i for i in range(8)]}
@@ -34,16 +28,8 @@ VARIANTS = {
 
 @functools.cache
 def models(variant: str, qtype: str):
-    """(transformers on the file's values, kvserve's fp32 model with `auto` quantization)"""
     arch, overrides = VARIANTS[variant]
-    hf = make_family_model(arch, **overrides)
-    path = write_family_gguf(hf, Path(tempfile.mkdtemp()) / f"{variant}-{qtype}.gguf", qtype)
-    cfg, weights = load_checkpoint(str(path), "auto")
-    model = model_class(cfg).from_weights(cfg, weights, torch.float32)
-    assert native_layout(cfg)
-    if not NativeDecoder.supports(model):
-        pytest.skip("no native decode kernel here (no C compiler or no AVX2)")
-    return with_file_weights(hf, qtype), model
+    return file_models(make_family_model(arch, **overrides), variant, qtype)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -47,17 +47,21 @@ def with_file_weights(hf, qtype: str):
     return hf
 
 
-@functools.cache
-def models(qtype: str):
-    """(transformers on the file's values, kvserve's fp32 model with `auto` quantization)"""
-    hf = tiny_gemma3()
-    path = write_family_gguf(hf, Path(tempfile.mkdtemp()) / f"gemma3-{qtype}.gguf", qtype)
+def file_models(hf, name: str, qtype: str):
+    """(hf on the values of its GGUF file of qtype, kvserve's fp32 model of that file with `auto`
+    quantization); skipped where the C step cannot run."""
+    path = write_family_gguf(hf, Path(tempfile.mkdtemp()) / f"{name}-{qtype}.gguf", qtype)
     cfg, weights = load_checkpoint(str(path), "auto")
     model = model_class(cfg).from_weights(cfg, weights, torch.float32)
     assert native_layout(cfg)
     if not NativeDecoder.supports(model):
         pytest.skip("no native decode kernel here (no C compiler or no AVX2)")
     return with_file_weights(hf, qtype), model
+
+
+@functools.cache
+def models(qtype: str):
+    return file_models(tiny_gemma3(), "gemma3", qtype)
 
 
 @pytest.mark.parametrize("qtype", EXACT)
