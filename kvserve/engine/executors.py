@@ -45,6 +45,14 @@ class StepBatch:
     prompt_spans: list[PromptSpan] = field(default_factory=list)
     sample_index: list[int] | None = None  # where each sampled row is in last_rows; None: last_rows are all
 
+    def policy_decodes(self) -> tuple[list[int], list[tuple[int, Sequence, int]]]:
+        """Each scheduled sequence's first row (and the end), and (row, sequence, kv_len) of each
+        policy decode: what PolicyAttention plans."""
+        starts = [0]
+        for n in self.q_lens:
+            starts.append(starts[-1] + n)
+        return starts, [(starts[i], self.scheduled[i][0], self.kv_lens[i]) for i in self.sparse]
+
 
 class TorchExecutor:
     def __init__(self, model, attention, policy_attention, page_size: int, device, compile: bool = False,
@@ -83,9 +91,7 @@ class TorchExecutor:
         (in the global layers: a windowed group's layers read every row by their window).
         Runs eagerly: the compiled graph is for the full-attention path only."""
         scheduled, q_lens, kv_lens = batch.scheduled, batch.q_lens, batch.kv_lens
-        row_starts = [0]
-        for n in q_lens:
-            row_starts.append(row_starts[-1] + n)
+        row_starts, decodes = batch.policy_decodes()
         sparse_set = set(batch.sparse)
         dense = [i for i in range(len(scheduled)) if i not in sparse_set]
         metas, rows = [], []
@@ -95,7 +101,6 @@ class TorchExecutor:
                                                  [kv_lens[i] for i in read], self.page_size) if read else None)
             rows.append(torch.tensor([r for i in read for r in range(row_starts[i], row_starts[i + 1])],
                                      dtype=torch.long, device=self.device))
-        decodes = [(row_starts[i], scheduled[i][0], kv_lens[i]) for i in batch.sparse]
         self.policy_attention.plan(metas, rows, decodes)
         return self.policy_attention
 
@@ -114,10 +119,7 @@ class NativeExecutor:
         if batch.sparse:
             if self.policy_attention is None or any(batch.scheduled[i][0].policy.offload for i in batch.sparse):
                 return self.fallback.execute(batch)  # offload's split reads run in PolicyAttention.run
-            first_rows = [0]
-            for n in batch.q_lens:
-                first_rows.append(first_rows[-1] + n)
-            decodes = [(first_rows[i], batch.scheduled[i][0], batch.kv_lens[i]) for i in batch.sparse]
+            _, decodes = batch.policy_decodes()
             self.policy_attention.plan_decodes(decodes)
             policy_rows = [row for row, _, _ in decodes]
         page_starts, at = [], 0
