@@ -2,6 +2,7 @@
 timeout 503, admitted requests untouched; cache_salt and per-key prefix-cache isolation."""
 import asyncio
 import contextlib
+import threading
 import time
 
 import httpx
@@ -15,7 +16,8 @@ PROMPT = [{"role": "user", "content": "Tell me a long story about a cat."}]
 
 @contextlib.contextmanager
 def serve(tiny_model, smollm2_tokenizer, limits=None, step_delay=0.0, api_key=API_KEY, **server):
-    """A server over its own engine that runs one sequence at a time, each step >= step_delay s."""
+    """A server over its own engine that runs one sequence at a time, each step >= step_delay s.
+    Clearing engine.resume holds the steps, so that a running request cannot finish meanwhile."""
     from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
     from kvserve.engine.async_engine import AsyncEngine
     from kvserve.engine.engine import Engine
@@ -24,8 +26,11 @@ def serve(tiny_model, smollm2_tokenizer, limits=None, step_delay=0.0, api_key=AP
     engine = Engine(EngineConfig(cache=CacheConfig(16, 256, None, True), scheduler=SchedulerConfig(512, 1)),
                     model=tiny_model, tokenizer=smollm2_tokenizer)
     step = engine.step
+    engine.resume = threading.Event()
+    engine.resume.set()
 
     def slow_step():
+        engine.resume.wait()
         time.sleep(step_delay)
         return step()
     engine.step = slow_step
@@ -70,11 +75,13 @@ def test_past_the_queue_limit_429_with_retry_after_and_admitted_requests_finish(
             async with httpx.AsyncClient(base_url=url) as http:
                 running = asyncio.create_task(chat(client))
                 await until(http, lambda load: load["running"] == 1 and load["queued_requests"] == 0)
+                engine.resume.clear()
                 queued = [asyncio.create_task(chat(client)) for _ in range(2)]
                 await until(http, lambda load: load["queued_requests"] == 2)
                 with pytest.raises(openai.RateLimitError) as busy:
                     await chat(client)
                 load = (await http.get("/health")).json()["load"]
+                engine.resume.set()
                 return await asyncio.gather(running, *queued), busy.value, load
 
         admitted, busy, load = asyncio.run(scenario())
@@ -97,11 +104,13 @@ def test_queued_tokens_limit_admits_into_an_empty_queue(tiny_model, smollm2_toke
         async def scenario():
             async with httpx.AsyncClient(base_url=url) as http:
                 running = asyncio.create_task(chat(client))
-                await until(http, lambda load: load["running"] == 1)
+                await until(http, lambda load: load["running"] == 1 and load["queued_requests"] == 0)
+                engine.resume.clear()
                 queued = asyncio.create_task(chat(client))  # longer than the limit, but the queue is empty
                 await until(http, lambda load: load["queued_requests"] == 1)
                 with pytest.raises(openai.RateLimitError):
                     await chat(client)
+                engine.resume.set()
                 return await asyncio.gather(running, queued)
 
         assert all(r.choices[0].finish_reason == "length" for r in asyncio.run(scenario()))
