@@ -13,10 +13,15 @@ def merge_state(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, l
     return (out_a.float() * w_a + out_b.float() * w_b).to(out_a.dtype), lse
 
 
+def capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's bound on the scaled scores: softcap * tanh(scores / softcap); None leaves them."""
+    return scores if not softcap else torch.tanh(scores / softcap) * softcap
+
+
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                       bias: torch.Tensor | None = None):
+                       bias: torch.Tensor | None = None, softcap: float | None = None):
     """Plain attention returning its state: q [..., L, D], k/v [..., S, D] -> out [..., L, D], lse [..., L]."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    scores = capped(torch.matmul(q, k.transpose(-1, -2)).float() * scale, softcap)
     if bias is not None:
         scores = scores + bias
     lse = torch.logsumexp(scores, -1)
@@ -24,10 +29,11 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     return torch.matmul(probs, v), lse
 
 
-def grouped_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+def grouped_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                               softcap: float | None = None):
     """One decode token's heads against their KV heads' keys: q [H, D], k/v [Hkv, S, D] (query head h
     reads KV head h // (H / Hkv)) -> out [H, D] float32, lse [H]. [Hkv, group, D] against [Hkv, S, D]:
     batched matmuls, no broadcast copies of K/V."""
     hkv, d = k.shape[0], k.shape[2]
-    out, lse = attention_with_lse(q.view(hkv, -1, d), k.to(q.dtype), v.to(q.dtype), scale)
+    out, lse = attention_with_lse(q.view(hkv, -1, d), k.to(q.dtype), v.to(q.dtype), scale, softcap=softcap)
     return out.reshape(-1, d).float(), lse.reshape(-1)

@@ -174,7 +174,7 @@ def select_executor(model, pool, device, compile: bool = False, max_batch: int =
     dense = [TorchRefAttention(pool, cfg.num_heads, cfg.head_dim, **(kwargs | dict(windows=[w] * groups.slots)))
              for w in groups.windows]
     policy_attention = PolicyAttention(dense[0] if single else GroupedAttention(dense, groups), pool, cfg.num_heads,
-                                       cfg.head_dim, kwargs["scale"], groups)
+                                       cfg.head_dim, kwargs["scale"], groups, kwargs["softcap"])
     torch_executor = TorchExecutor(model, attention, policy_attention, pool.page_size, device, compile, len(groups))
     if native_layout(cfg) and NativeDecoder.supports(model):
         # policy decodes called back from the C step; a tensor-parallel rank keeps them in PyTorch

@@ -103,6 +103,12 @@ static inline float log_weight(float cos, const float *table, int64_t n)
     return table[i] + (x - i) * (table[i + 1] - table[i]);
 }
 
+/* Gemma 2's bound on a scaled score (softcap > 0), or the score as it is */
+static inline float capped(float s, float softcap)
+{
+    return softcap > 0 ? softcap * tanhf(s / softcap) : s;
+}
+
 /* One key into a head's online softmax (top, total, acc): rescale what was summed under the old
    maximum when the logit is a new one */
 static inline __attribute__((always_inline)) void softmax_add(float logit, const void *v_cache, int64_t row,
@@ -126,13 +132,13 @@ static inline __attribute__((always_inline)) void softmax_add(float logit, const
    sampled keys ids (key i at row slots[i]), importance-weighted, and the n_dense keys at
    dense_slots with weight 1, in one softmax (what merging a dense attention over them by
    log-sum-exp gives, without its own pass). mean [D]: the KV head's key mean; log_w: see
-   log_weight. -> out [D], lse (natural log; -inf with no key).
+   log_weight. softcap > 0 caps the scaled scores (Gemma 2). -> out [D], lse (natural log; -inf with no key).
    Inlined into one copy per cache dtype: with the dtype a variable, GCC leaves the loops over D
    scalar (1.5x the time at 32k). */
 static inline __attribute__((always_inline)) void head_softmax(
     const float *qh, const void *k_cache, const void *v_cache, const int bf16, const int64_t *slots,
     const int32_t *ids, int64_t n, const int64_t *dense_slots, int64_t n_dense, const float *mean, int64_t D,
-    float scale, const float *log_w, int64_t table_n, float *out, float *lse)
+    float scale, float softcap, const float *log_w, int64_t table_n, float *out, float *lse)
 {
     float qm = 0, qn = 0, mm = 0, top = -INFINITY, total = 0;
     for (int64_t d = 0; d < D; d++) {
@@ -148,7 +154,7 @@ static inline __attribute__((always_inline)) void head_softmax(
         #pragma omp simd reduction(+:qk)
         for (int64_t d = 0; d < D; d++)
             qk += qh[d] * kv_load(k_cache, row + d, bf16);
-        softmax_add(qk * scale, v_cache, row, bf16, D, &top, &total, out);
+        softmax_add(capped(qk * scale, softcap), v_cache, row, bf16, D, &top, &total, out);
     }
     const int64_t elem = bf16 ? 2 : 4, ahead = 8;
     for (int64_t i = 0; i < n; i++) {
@@ -174,7 +180,8 @@ static inline __attribute__((always_inline)) void head_softmax(
         }
         /* the cosine to the centred key k - mean (what was hashed); the raw key gives the score */
         float centred = kk - 2 * km + mm, norm = qn * sqrtf(centred > 0 ? centred : 0);
-        float logit = qk * scale - log_weight((qk - qm) / (norm > 1e-12f ? norm : 1e-12f), log_w, table_n);
+        float cos = (qk - qm) / (norm > 1e-12f ? norm : 1e-12f);
+        float logit = capped(qk * scale, softcap) - log_weight(cos, log_w, table_n);
         softmax_add(logit, v_cache, row, bf16, D, &top, &total, out);
     }
     for (int64_t d = 0; d < D; d++)
@@ -195,6 +202,7 @@ static int64_t hash_rows(const float *x, int64_t T, int64_t D, const float *pane
    hash (no AVX2: pass qcodes and no new key). found: NULL, or room [H, T + P + n_new] for each
    head's candidate ids, -1 after the last. */
 int64_t magicpig_decode(const float *q, const int16_t *qcodes, int64_t H, int64_t group, int64_t D, float scale,
+                        float softcap,
                         const void *k_cache, const void *v_cache, int64_t bf16, int64_t S, const int64_t *slots,
                         const int64_t *dense_slots, int64_t n_dense, const float *key_mean, const void *sorted_ids,
                         int64_t narrow, const int64_t *offsets, int64_t K, int64_t L, int64_t T, int16_t *extra, int64_t P,
@@ -259,10 +267,10 @@ int64_t magicpig_decode(const float *q, const int16_t *qcodes, int64_t H, int64_
             const char *k_head = (const char *)k_cache + kv * S * D * elem, *v_head = (const char *)v_cache + kv * S * D * elem;
             if (bf16)
                 head_softmax(q + h * D, k_head, v_head, 1, slots, ids, n, dense_slots, n_dense, key_mean + kv * D, D,
-                             scale, log_w, table_n, out + h * D, lse + h);
+                             scale, softcap, log_w, table_n, out + h * D, lse + h);
             else
                 head_softmax(q + h * D, k_head, v_head, 0, slots, ids, n, dense_slots, n_dense, key_mean + kv * D, D,
-                             scale, log_w, table_n, out + h * D, lse + h);
+                             scale, softcap, log_w, table_n, out + h * D, lse + h);
         }
         free(mine);
         free(ids);

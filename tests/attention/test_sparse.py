@@ -79,8 +79,8 @@ def test_bucket_tables_find_every_brute_force_candidate(K, num_heads, t, L, nati
     assert len(ids) == len(found)  # no pair twice
 
 
-def _full(q, keys, values, scale):
-    out, lse = attention_with_lse(q.view(HKV, -1, 1, D), keys[:, None], values[:, None], scale)
+def _full(q, keys, values, scale, softcap=None):
+    out, lse = attention_with_lse(q.view(HKV, -1, 1, D), keys[:, None], values[:, None], scale, softcap=softcap)
     return out.reshape(H, D), lse.reshape(H)
 
 
@@ -147,10 +147,11 @@ def test_streaming_never_reads_a_dropped_page():
             assert not set((kept // page).tolist()) & set(dropped)
 
 
-@pytest.mark.parametrize("page_size", [1, 16])
-def test_policy_backend_decode_matches_full_when_nothing_is_dropped(page_size):
+@pytest.mark.parametrize("page_size, softcap", [(1, None), (16, None), (16, 0.5)])
+def test_policy_backend_decode_matches_full_when_nothing_is_dropped(page_size, softcap):
     """One step: a full decode, a prefill chunk, and magicpig/topk/streaming decodes whose budgets
-    cover every key, over scattered pages, against the dense backend alone."""
+    cover every key, over scattered pages, against the dense backend alone; with Gemma 2's score
+    cap (small enough to change every softmax) in both."""
     torch.manual_seed(3)
     kv_lens = [40, 30, 50, 45, 37]
     q_lens = [1, 6, 1, 1, 1]
@@ -165,7 +166,7 @@ def test_policy_backend_decode_matches_full_when_nothing_is_dropped(page_size):
     q = torch.randn(sum(q_lens), H, D)
     k, v = torch.randn(sum(q_lens), HKV, D), torch.randn(sum(q_lens), HKV, D)
     meta = AttentionMetadata.build(q_lens, tables, kv_lens, page_size)
-    ref = TorchRefAttention(pool, H, D)
+    ref = TorchRefAttention(pool, H, D, softcap=softcap)
     ref.plan(meta)
     expected = [ref.run(layer, q, k, v) for layer in range(2)]
 
@@ -177,7 +178,7 @@ def test_policy_backend_decode_matches_full_when_nothing_is_dropped(page_size):
                 parse_attention("topk:k=1000,window=2"), parse_attention("streaming:sink=4,window=4096")]
     seqs = [Seq(tables[i + 2], p, kv_lens[i + 2] - 1) for i, p in enumerate(policies)]
     dense_meta = AttentionMetadata.build(q_lens[:2], tables[:2], kv_lens[:2], page_size)
-    backend = PolicyAttention(TorchRefAttention(pool, H, D), pool, H, D)
+    backend = PolicyAttention(TorchRefAttention(pool, H, D, softcap=softcap), pool, H, D, softcap=softcap)
     backend.plan([dense_meta], [torch.arange(7)], [(7 + i, s, kv_lens[i + 2]) for i, s in enumerate(seqs)])
     for layer in range(2):
         out = backend.run(layer, q, k, v)
@@ -203,8 +204,8 @@ def test_hash_kernel_gives_the_sign_bits_of_the_projections(K, L):
         assert torch.equal(codes[clear], expected[clear])
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-def test_magicpig_c_kernels_match_their_torch_twins(cache_dtype, monkeypatch):
+@pytest.mark.parametrize("cache_dtype, softcap", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, 2.0)])
+def test_magicpig_c_kernels_match_their_torch_twins(cache_dtype, softcap, monkeypatch):
     """Table building, and a decode step (hashing the query and the keys that left the window,
     candidates with keys outside the tables, and the weighted softmax read in place from a
     scattered cache, with and without dense keys), against the PyTorch ops the C kernels replace."""
@@ -225,7 +226,7 @@ def test_magicpig_c_kernels_match_their_torch_twins(cache_dtype, monkeypatch):
     proj = magicpig.projections(D, K, L, seed=0, layer=0)
     panels = magicpig.projection_panels(proj)
     qcodes = magicpig.simhash(q, proj, K, L, panels)
-    step = dict(key_mean=mean, proj=proj, panels=panels, scale=D ** -0.5, K=K, L=L)
+    step = dict(key_mean=mean, proj=proj, panels=panels, scale=D ** -0.5, K=K, L=L, softcap=softcap)
     kernel = {}
     for dense_slots in (torch.arange(0), dense):
         tables = fresh_tables()
@@ -243,7 +244,7 @@ def test_magicpig_c_kernels_match_their_torch_twins(cache_dtype, monkeypatch):
     assert n == 0 and not out.any() and torch.isneginf(lse).all()
     out, lse, _ = magicpig.sampled_decode(q, k_cache, v_cache, slots[:0], dense,
                                           tables=magicpig.BucketTables.build(codes[:, :0], K), qcodes=qcodes, **step)
-    full_out, full_lse = _full(q, k_cache[:, dense].float(), v_cache[:, dense].float(), D ** -0.5)
+    full_out, full_lse = _full(q, k_cache[:, dense].float(), v_cache[:, dense].float(), D ** -0.5, softcap)
     assert (out - full_out).abs().max() < 1e-4 and (lse - full_lse).abs().max() < 1e-4
 
     monkeypatch.setattr(magicpig, "_kernel", lambda name: None)

@@ -24,7 +24,7 @@ from kvserve.kv.pool import PagePool
 from kvserve.model.random_weights import token_tokenizer
 from model.grouped_forward import PAGE, make_grouped_gemma3
 from model.test_families import load
-from tiny_models import save_hf_dir
+from tiny_models import make_family_model, save_hf_dir
 
 WHOLE_VIEW = ["streaming:sink=4,window=1000", "topk:k=1000,window=2", "magicpig:K=1,L=2000,window=3"]
 
@@ -52,6 +52,29 @@ def test_a_policy_seeing_every_position_gives_transformers_tokens(gemma3, policy
     assert len(pa.groups) == 4 and pa.keys_total > 0
 
 
+@pytest.fixture(scope="module")
+def gemma2(tmp_path_factory):
+    """A tiny Gemma 2: windowed and global layers alternate; queries scaled up so that scores pass the cap."""
+    hf = make_family_model("gemma2", num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                           tie_word_embeddings=True, attn_logit_softcapping=1.0, final_logit_softcapping=1.0)
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.q_proj.weight.mul_(40)
+    return hf, load(save_hf_dir(hf, tmp_path_factory.mktemp("gemma2-policies")))
+
+
+@pytest.mark.parametrize("policy", WHOLE_VIEW)
+def test_every_policy_caps_scores_as_gemma2_does(gemma2, policy):
+    """Gemma 2's attention softcap holds in the global layers under every policy: tokens equal
+    transformers' (a policy that skipped the cap would change them)."""
+    hf, model = gemma2
+    rng = random.Random(3)
+    prompts = [rng.choices(range(3, 256), k=n) for n in (26, 17)]
+    want = [[hf_greedy(hf, p, 16)] for p in prompts]
+    requests = [(p, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, attention=policy)) for p in prompts]
+    assert run(engine_for(model, max_tokens_per_step=16), requests) == want
+
+
 def test_engine_default_policy_on_groups(gemma3):
     """--attention streaming on a grouped model: requests without their own policy take it."""
     hf, model = gemma3
@@ -73,14 +96,16 @@ def test_magicpig_offload_is_refused_on_windowed_models(gemma3):
         engine.add_request([5, 6, 7], SamplingParams(attention="magicpig:offload=true"))
 
 
-def test_policy_decodes_beside_the_c_step(gemma3, tmp_path):
-    """int4 weights: full steps run in decode.c, policy decodes in the TorchExecutor over the same
-    group tables; a whole-view streaming request gives the full request's tokens."""
+@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+def test_policy_decodes_beside_the_c_step(family, request, tmp_path):
+    """int4 weights: full steps run in decode.c, policy decodes called back from it over the same
+    group tables (Gemma 2: with its score cap); a whole-view streaming request gives the full
+    request's tokens."""
     from kvserve.engine.executors import NativeExecutor
     from kvserve.model.families import model_class
     from kvserve.model.loader import load_checkpoint
     from kvserve.native.decode import NativeDecoder
-    hf, _ = gemma3
+    hf, _ = request.getfixturevalue(family)
     cfg, weights = load_checkpoint(str(save_hf_dir(hf, tmp_path)), "int4")
     model = model_class(cfg).from_weights(cfg, weights, torch.float32)
     if not NativeDecoder.supports(model):

@@ -81,9 +81,10 @@ class _SparseDecode:
 
 class PolicyAttention:
     def __init__(self, dense, pool, num_heads: int, head_dim: int, scale: float | None = None,
-                 groups: KVGroups | None = None):
+                 groups: KVGroups | None = None, softcap: float | None = None):
         """dense: the backend of full rows, a GroupedAttention where groups has several groups.
-        groups: the pool's KV groups; None: one group of every layer (slot = layer)."""
+        groups: the pool's KV groups; None: one group of every layer (slot = layer). softcap: the
+        model's bound on attention scores (Gemma 2), applied by every policy."""
         self.dense, self.pool = dense, pool
         self.groups = groups or KVGroups([None], [list(range(pool.k.shape[0]))], pool.k.shape[0])
         self.backends = dense.backends if isinstance(dense, GroupedAttention) else [dense]
@@ -92,6 +93,7 @@ class PolicyAttention:
         self.global_groups = [g for g, w in enumerate(self.groups.windows) if w is None]
         self.num_heads, self.head_dim = num_heads, head_dim
         self.scale = scale if scale is not None else head_dim ** -0.5
+        self.softcap = softcap
         self._proj: dict[tuple, torch.Tensor] = {}
         self.keys_read = 0  # (query head, key) pairs read by sparse decodes, for the benchmarks
         self.keys_total = 0  # ... and what full attention would have read
@@ -194,7 +196,8 @@ class PolicyAttention:
         elif d.stream_pages is not None and paged_attention.available(k_cache):  # sinks and window in place
             out = paged_attention.decode(q.view(1, h, -1), k_cache, v_cache, d.stream_pages, _ZERO,
                                          torch.tensor([kv_len], device="cpu"), self.pool.page_size, self.scale,
-                                         window=max(d.policy.window, 1), sink=d.policy.sink).view(h, -1)
+                                         window=max(d.policy.window, 1), softcap=self.softcap,
+                                         sink=d.policy.sink).view(h, -1)
             read = len(d.dense_slots) * h
         elif d.all_pages is None or sparse_layer:
             out, lse = self._dense(q, *self._gather_slots(k_cache, v_cache, d.dense_slots))
@@ -203,7 +206,7 @@ class PolicyAttention:
             out = paged_attention.decode(q.view(1, h, -1), k_cache, v_cache, d.all_pages,
                                          torch.zeros(1, dtype=torch.int64, device="cpu"),
                                          torch.tensor([kv_len], device="cpu"), self.pool.page_size,
-                                         self.scale).view(h, -1)
+                                         self.scale, softcap=self.softcap).view(h, -1)
             read = kv_len * h
         else:
             out, lse = self._dense(q, *self._gather_pages(k_cache, v_cache, d, kv_len))
@@ -235,7 +238,7 @@ class PolicyAttention:
                      for c in (k_cache, v_cache))
 
     def _dense(self, q, kd, vd) -> tuple[torch.Tensor, torch.Tensor]:
-        return grouped_attention_with_lse(q, kd, vd, self.scale)
+        return grouped_attention_with_lse(q, kd, vd, self.scale, self.softcap)
 
     def _topk(self, d: _SparseDecode, q, k_cache, v_cache):
         # the sampled positions [start, end): a view where the pages are consecutive, else a page at a time
@@ -243,7 +246,7 @@ class PolicyAttention:
         end = start + len(d.sampled_slots)
         keys, values = (c[:, start:end] for c in self._gather_pages(k_cache, v_cache, d, end))
         budget = d.policy.k or max(1, round(TOPK_DEFAULT_FRACTION * keys.shape[1]))
-        out, lse = topk_attention(q, keys, values, budget, self.scale)
+        out, lse = topk_attention(q, keys, values, budget, self.scale, self.softcap)
         return out, lse, min(budget, keys.shape[1]) * self.num_heads
 
     def projections(self, policy: AttentionPolicy, layer: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,7 +266,7 @@ class PolicyAttention:
             tables = state.layers[layer] = self._build(d.sampled_slots[:state.built_end - state.start],
                                                        k_cache, proj, panels, p)
         return magicpig.sampled_decode(q, k_cache, v_cache, d.sampled_slots, d.dense_slots.index, tables.key_mean,
-                                       tables.tables, proj, panels, self.scale, p.K, p.L)
+                                       tables.tables, proj, panels, self.scale, p.K, p.L, softcap=self.softcap)
 
     @staticmethod
     def _build(slots: torch.Tensor, k_cache, proj, panels, p: AttentionPolicy) -> _LayerTables:

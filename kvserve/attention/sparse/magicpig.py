@@ -15,7 +15,7 @@ from functools import cache
 import torch
 
 from kvserve import native
-from kvserve.attention.merge import grouped_attention_with_lse, merge_state
+from kvserve.attention.merge import capped, grouped_attention_with_lse, merge_state
 
 MIN_COLLISIONS = 2
 MAX_NARROW_KEYS = 1 << 16  # tables of up to this many keys store ids as 16 bits: half the memory
@@ -149,7 +149,7 @@ _PTR, _INT = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {  # kvserve/native/magicpig.c
     "magicpig_build": (None, [_PTR] + [_INT] * 3 + [_PTR] * 2 + [_INT]),
     "magicpig_hash": (_INT, [_PTR] + [_INT] * 2 + [_PTR] + [_INT] * 3 + [_PTR]),
-    "magicpig_decode": (_INT, [_PTR, _PTR, _INT, _INT, _INT, ctypes.c_float, _PTR, _PTR, _INT, _INT, _PTR, _PTR, _INT]
+    "magicpig_decode": (_INT, [_PTR, _PTR, _INT, _INT, _INT] + [ctypes.c_float] * 2 + [_PTR, _PTR, _INT, _INT, _PTR, _PTR, _INT]
                         + [_PTR] * 2 + [_INT, _PTR] + [_INT] * 3 + [_PTR] + [_INT] * 3 + [_PTR, _INT, _PTR, _INT]
                         + [_PTR] * 3),
 }
@@ -196,12 +196,13 @@ def inclusion_probability(cos: torch.Tensor, K: int, L: int) -> torch.Tensor:
 
 def sampled_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mean: torch.Tensor,
                       heads: torch.Tensor, kv_heads: torch.Tensor, scale: float, K: int, L: int,
-                      num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      num_heads: int, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance-weighted softmax over sampled (head, key) pairs.
 
     q [H, D]; keys/values [C, D] of the C pairs, heads [C] their query head, kv_heads [C] their KV
-    head (for key_mean [Hkv, D]). Logit q.k * scale - ln(w + eps), with w from the angle between q and
-    the centred key (what was hashed); the raw key gives the score, so lse merges with dense parts.
+    head (for key_mean [Hkv, D]). Logit q.k * scale (capped by softcap) - ln(w + eps), with w from
+    the angle between q and the centred key (what was hashed); the raw key gives the score, so lse
+    merges with dense parts.
     -> out [H, D] float32, lse [H] (natural log; -inf for a head with no sample)."""
     qf, kf, mean, device = q.float(), keys.float(), key_mean.float(), q.device
     c = torch.arange(len(heads), device=device)
@@ -213,7 +214,7 @@ def sampled_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     centred_sq = (kf * kf).sum(-1) - 2 * km + (mean * mean).sum(-1)[kv_heads]
     cos = (qk - qm[heads]) / (qf.norm(dim=-1)[heads] * centred_sq.clamp_min(0).sqrt()).clamp_min(1e-12)
     w = inclusion_probability(cos, K, L)
-    logits = qk * scale - torch.log(w + W_EPS).float()
+    logits = capped(qk * scale, softcap) - torch.log(w + W_EPS).float()
     top = torch.full((num_heads,), float("-inf"), device=device).scatter_reduce(0, heads, logits, "amax", include_self=True)
     e = torch.exp(logits - top[heads])
     weights = torch.zeros(num_heads, len(heads), device=device)
@@ -225,8 +226,8 @@ def sampled_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 def paged_sampled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                             heads: torch.Tensor, ids: torch.Tensor, key_mean: torch.Tensor, scale: float,
-                            K: int, L: int, dense_slots: torch.Tensor | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+                            K: int, L: int, dense_slots: torch.Tensor | None = None,
+                            softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """sampled_attention over candidates() whose key id i of KV head kv sits at k_cache[kv, slots[i]]
     (caches [Hkv, S, D]), merged with full attention over the keys at dense_slots (every head reads
     them, unweighted): gathered, and the two parts merged by log-sum-exp. The twin of the C
@@ -236,25 +237,26 @@ def paged_sampled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     kv_heads = heads // group
     flat = kv_heads * s + slots[ids]
     keys, values = k_cache.reshape(-1, dim).index_select(0, flat), v_cache.reshape(-1, dim).index_select(0, flat)
-    out, lse = sampled_attention(q, keys, values, key_mean, heads, kv_heads, scale, K, L, h)
+    out, lse = sampled_attention(q, keys, values, key_mean, heads, kv_heads, scale, K, L, h, softcap)
     if dense_slots is None or not len(dense_slots):
         return out, lse
     out_d, lse_d = grouped_attention_with_lse(q.float(), k_cache.index_select(1, dense_slots),
-                                              v_cache.index_select(1, dense_slots), scale)
+                                              v_cache.index_select(1, dense_slots), scale, softcap)
     return merge_state(out_d, lse_d, out, lse)
 
 
 def sampled_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                    dense_slots: torch.Tensor, key_mean: torch.Tensor, tables: BucketTables, proj: torch.Tensor,
                    panels: torch.Tensor, scale: float, K: int, L: int, qcodes: torch.Tensor | None = None,
-                   found: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                   found: torch.Tensor | None = None, softcap: float | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One sampled layer's decode over the keys at slots (key id i at k_cache[kv, slots[i]]): the
     keys past the tables' (those that left the dense window since) hashed, centred by key_mean
     [Hkv, D], and added to them; q [H, D] hashed (unless its qcodes [H, L] are given); its
     candidates(), and paged_sampled_attention() over them and the dense keys -> (out [H, D],
     lse [H], number of (head, key) pairs sampled). One C call where the caches allow; those
     functions otherwise. found: None, or int32 [H, len(slots)] to receive each head's candidate
-    ids, -1 after the last (for tests)."""
+    ids, -1 after the last (for tests). softcap: scores capped as Gemma 2's (None: not)."""
     h, (hkv, s, dim) = q.shape[0], k_cache.shape
     t, new = tables.num_keys, len(slots) - tables.num_keys - tables.num_extra
     kernel = _kernel("magicpig_decode")
@@ -266,7 +268,7 @@ def sampled_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         tables.reserve(new)
 
         def call(codes: torch.Tensor | None, new: int) -> int:
-            n = kernel(qf.data_ptr(), 0 if codes is None else codes.data_ptr(), h, h // hkv, dim, scale,
+            n = kernel(qf.data_ptr(), 0 if codes is None else codes.data_ptr(), h, h // hkv, dim, scale, softcap or 0.0,
                        k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16), s,
                        slots.data_ptr(), dense_slots.data_ptr(), len(dense_slots), mean.data_ptr(),
                        tables.sorted_ids.data_ptr(), int(tables.narrow), tables.offsets.data_ptr(), K, L, t,
@@ -293,7 +295,8 @@ def sampled_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         for head in range(h):
             mine = ids[heads == head]
             found[head, :len(mine)] = mine.to(torch.int32)
-    out, lse = paged_sampled_attention(q, k_cache, v_cache, slots, heads, ids, key_mean, scale, K, L, dense_slots)
+    out, lse = paged_sampled_attention(q, k_cache, v_cache, slots, heads, ids, key_mean, scale, K, L, dense_slots,
+                                       softcap)
     return out, lse, len(ids)
 
 

@@ -87,7 +87,8 @@ class OffloadedDecodes:
             tables = state.layers[layer] = b._build(d.offload.host_slots[:state.built_end - state.start], hk,
                                                     proj, panels, p)
         out, lse, n = magicpig.sampled_decode(q_host, hk, hv, d.offload.host_slots, self._no_slots,
-                                              tables.key_mean, tables.tables, proj, panels, b.scale, p.K, p.L)
+                                              tables.key_mean, tables.tables, proj, panels, b.scale, p.K, p.L,
+                                              softcap=b.softcap)
         self.seconds["cpu_sampled"] += time.perf_counter() - start
         h = b.num_heads
         b.sampled_pairs += n

@@ -2,13 +2,16 @@
 an oracle of what a key budget can buy (it still scores every key, so it saves no time)."""
 import torch
 
+from kvserve.attention.merge import capped
+
 
 def topk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [H, D] over keys/values [Hkv, T, D] -> out [H, D] float32, lse [H] over each head's top k."""
+                   scale: float, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [H, D] over keys/values [Hkv, T, D] -> out [H, D] float32, lse [H] over each head's top k
+    (ranked by the scores, capped by softcap if any)."""
     hkv, t, d = keys.shape
     qg = q.float().view(hkv, -1, d)
-    scores = torch.matmul(qg, keys.float().transpose(1, 2)) * scale  # [Hkv, g, T]
+    scores = capped(torch.matmul(qg, keys.float().transpose(1, 2)) * scale, softcap)  # [Hkv, g, T]
     top, idx = scores.topk(min(k, t), dim=-1)
     lse = torch.logsumexp(top, -1)
     probs = torch.exp(top - lse[..., None])
