@@ -36,13 +36,12 @@ def reference(gguf_path, ids):
 
 @pytest.mark.parametrize("quantization,dtype,native,min_agreement", [("none", torch.float32, False, 0.98),
                                                                       ("auto", torch.bfloat16, False, 0.98),
-                                                                      ("auto", torch.float32, False, 0.98),
                                                                       ("auto", torch.bfloat16, True, 0.98)])
 def test_top1_agrees_with_transformers(gguf_path, ids, reference, quantization, dtype, native, min_agreement):
     """none: the file's weights dequantized as transformers does, so only the order of float ops
     differs (measured: 100%). auto: each linear weight kept in its own GGUF type's precision (Q4_K
     as int4 with its own scales and mins, Q5_0 / Q8_0 as exact int8 groups, Q6_K as int8 groups),
-    as served on CPU (measured: 98.75% bf16, 99.5% fp32; 77.7% when all were requantized to int4).
+    as served on CPU (measured: 98.75% bf16, 99.5% fp32 (not rerun here); 77.7% when all were requantized to int4).
     native: the engine's CPU executor, every layer in kvserve/native/decode.c (measured: 98.75%)."""
     from kvserve.model.families import model_class
     from kvserve.model.loader import load_checkpoint

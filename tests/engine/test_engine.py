@@ -130,7 +130,7 @@ def test_bad_requests_are_refused_without_side_effects(make_engine):
         SamplingParams(temperature=-1)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.data())
 def test_random_workloads_balance_pages_and_survive_preemption(make_engine, data):
     """Arrivals over time, aborts, n > 1 and a pool small enough to preempt: every request
