@@ -278,3 +278,144 @@ int64_t paged_decode_attention(const float *q, const void *k_cache, const void *
     }
     return failed ? -1 : 0;
 }
+
+/* The k-th largest (k counted from 0) of x[0..n); reorders x (quickselect) */
+static float kth_largest(float *x, int64_t n, int64_t k)
+{
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const float pivot = x[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (x[i] > pivot)
+                i++;
+            while (x[j] < pivot)
+                j--;
+            if (i <= j) {
+                const float t = x[i];
+                x[i++] = x[j];
+                x[j--] = t;
+            }
+        }
+        if (k <= j)
+            hi = j;
+        else if (k >= i)
+            lo = i;
+        else
+            return x[k];
+    }
+    return x[k];
+}
+
+/* The k-th largest (from 0) of s[0..m), k < m: a histogram over the range of s finds the bucket
+   that holds it, quickselect finishes among that bucket's values (pick: room for m floats). Two
+   streaming passes instead of quickselect's unpredictable branches over every value. */
+static float kth_largest_scores(const float *s, int64_t m, int64_t k, float *pick)
+{
+    enum { BUCKETS = 2048 };
+    float lo = INFINITY, hi = -INFINITY;
+    for (int64_t t = 0; t < m; t++) {
+        lo = s[t] < lo ? s[t] : lo;
+        hi = s[t] > hi ? s[t] : hi;
+    }
+    if (!(hi > lo))  /* all equal (or not finite): nothing to bucket */
+        return hi;
+    const float width = BUCKETS / (hi - lo);
+    int32_t count[BUCKETS] = {0};
+    for (int64_t t = 0; t < m; t++) {
+        const int64_t b = (int64_t)((s[t] - lo) * width);
+        count[b < BUCKETS ? b : BUCKETS - 1]++;
+    }
+    int64_t above = 0, b = BUCKETS - 1;
+    while (above + count[b] <= k)
+        above += count[b--];
+    int64_t n = 0;
+    for (int64_t t = 0; t < m; t++) {
+        const int64_t tb = (int64_t)((s[t] - lo) * width);
+        if ((tb < BUCKETS ? tb : BUCKETS - 1) == b)
+            pick[n++] = s[t];
+    }
+    return kth_largest(pick, n, k - above);
+}
+
+/* scores[h * n + t] = scale * q_h . key t, for the group query heads q [group, D] of KV head g over
+   positions [0, n) of its pages (eight keys at a time where D allows, as attend_kv_head_as) */
+static void score_kv_head(const float *q, const void *k_cache, int bf16, int64_t S, int64_t g, int64_t group,
+                          int64_t D, float scale, const int32_t *pages, int64_t page_size, int64_t n, float *scores)
+{
+    const int64_t base = g * S * D;
+    for (int64_t t0 = 0; t0 < n;) {
+        const int64_t first = base + (int64_t)pages[t0 / page_size] * page_size * D;
+        const int64_t rows = n - t0 < page_size ? n - t0 : page_size;
+        int64_t r = 0;
+#ifdef __AVX2__
+        if (D % 8 == 0)
+            for (; r + 8 <= rows; r += 8)
+                for (int64_t h = 0; h < group; h++)
+                    dot8_kv(q + h * D, k_cache, first + r * D, D, bf16, scale, scores + h * n + t0 + r);
+#endif
+        for (; r < rows; r++)
+            for (int64_t h = 0; h < group; h++)
+                scores[h * n + t0 + r] = dot_kv(q + h * D, k_cache, first + r * D, D, bf16) * scale;
+        t0 += rows;
+    }
+}
+
+/* Exact top-k decode of one sequence (the topk policy): query head h of q [H, D] attends positions
+   [0, start) and [end, n) of its pages, and the k highest-scoring positions of [start, end) (ties
+   at the k-th score taken in position order), in one softmax; out [H, D]. Caches [Hkv, S, D] as in
+   paged_decode_attention. Every key is scored, but only the kept rows of V are read. Returns 0, or
+   -1 when out of memory. */
+int64_t topk_decode_attention(const float *q, const void *k_cache, const void *v_cache, int64_t bf16, int64_t S,
+                              int64_t H, int64_t Hkv, int64_t D, float scale, float softcap, const int32_t *pages,
+                              int64_t page_size, int64_t n, int64_t start, int64_t end, int64_t k, float *out)
+{
+    const int64_t group = H / Hkv, m = end - start, keep = k < m ? k : m;
+    int64_t failed = 0;
+    #pragma omp parallel for schedule(dynamic)
+    for (int64_t g = 0; g < Hkv; g++) {
+        float *scores = malloc(group * n * sizeof *scores), *pick = malloc((m > 0 ? m : 1) * sizeof *pick);
+        int64_t *kept_pos = malloc(n * sizeof *kept_pos);
+        if (!scores || !pick || !kept_pos) {
+            failed = 1;
+            free(scores);
+            free(pick);
+            free(kept_pos);
+            continue;
+        }
+        score_kv_head(q + g * group * D, k_cache, (int)bf16, S, g, group, D, scale, pages, page_size, n, scores);
+        for (int64_t h = 0; h < group; h++) {
+            float *s = scores + h * n;
+            if (softcap > 0)
+                cap_scores(s, n, softcap);
+            float floor = -INFINITY;
+            int64_t ties = 0;  /* how many keys scoring exactly the k-th score are kept */
+            if (keep < m && keep > 0) {
+                floor = kth_largest_scores(s + start, m, keep - 1, pick);
+                ties = keep;
+                for (int64_t t = start; t < end; t++)
+                    ties -= s[t] > floor;
+            }
+            int64_t kept = 0;
+            for (int64_t t = 0; t < n; t++) {  /* compact the kept keys' scores and positions */
+                const int sampled = t >= start && t < end;
+                if (sampled && keep < m && !(s[t] > floor || (s[t] == floor && ties-- > 0)))
+                    continue;
+                s[kept] = s[t];
+                kept_pos[kept++] = t;
+            }
+            softmax(s, kept);
+            float *o = out + (g * group + h) * D;
+            memset(o, 0, D * sizeof *o);
+            for (int64_t r = 0; r < kept; r++) {
+                const int64_t t = kept_pos[r];
+                axpy_kv(o, s[r], v_cache, (g * S + (int64_t)pages[t / page_size] * page_size + t % page_size) * D, D,
+                        (int)bf16);
+            }
+        }
+        free(scores);
+        free(pick);
+        free(kept_pos);
+    }
+    return failed ? -1 : 0;
+}

@@ -137,6 +137,35 @@ def test_topk_with_every_key_is_full():
     assert (out - full).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("cache_dtype, softcap", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, 1.0)])
+def test_topk_c_kernel_matches_the_pytorch_oracle(cache_dtype, softcap):
+    """paged_attention.topk_decode over scattered pages against topk_attention over the gathered
+    range [start, end), merged with full attention over the positions outside it."""
+    from kvserve.attention.merge import grouped_attention_with_lse, merge_state
+    from kvserve.native import paged_attention
+    page, n = 4, 61
+    pool = PagePool(1, 40, page, HKV, D, dtype=cache_dtype)
+    if not paged_attention.available(pool.k):
+        pytest.skip("no C compiler here")
+    torch.manual_seed(5)
+    pool.k.normal_()
+    pool.v.normal_()
+    pages = torch.randperm(40)[:-(-n // page)]
+    slots = (pages[:, None] * page + torch.arange(page)).flatten()[:n]
+    keys, values = pool.k[0][:, slots], pool.v[0][:, slots]
+    q = 2 * torch.randn(H, D)
+    for start, end, k in [(4, 50, 7), (4, 50, 1), (0, 61, 10), (4, 50, 46), (4, 50, 100), (3, 3, 5)]:
+        got = paged_attention.topk_decode(q, pool.k[0], pool.v[0], pages.to(torch.int32), n, start, end, k, page,
+                                          D ** -0.5, softcap)
+        outside = torch.cat([torch.arange(start), torch.arange(end, n)])
+        out, lse = grouped_attention_with_lse(q, keys[:, outside].float(), values[:, outside].float(), D ** -0.5,
+                                              softcap)
+        if end > start:
+            out_s, lse_s = topk_attention(q, keys[:, start:end], values[:, start:end], k, D ** -0.5, softcap)
+            out, lse = merge_state(out, lse, out_s, lse_s) if len(outside) else (out_s, lse_s)
+        assert (got - out).abs().max() < 1e-4, (start, end, k)
+
+
 def test_streaming_never_reads_a_dropped_page():
     sink, window, page = 4, 10, 4
     for next_len in range(1, 60):

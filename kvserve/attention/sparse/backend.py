@@ -188,11 +188,19 @@ class PolicyAttention:
         h, kv_len = self.num_heads, d.kv_len
         sparse_layer = d.sampled_slots is not None and layer not in d.policy.dense_layers
         magicpig_layer = sparse_layer and d.policy.policy == "magicpig"
+        topk_in_place = sparse_layer and not magicpig_layer and d.all_pages is not None and paged_attention.available(
+            k_cache)
         if magicpig_layer:  # one softmax over the dense keys and the sampled ones
             out, _, n = self._magicpig(layer, d, q, k_cache, v_cache)
             self.sampled_pairs += n
             self.sampled_heads += h
             read = len(d.dense_slots) * h + n
+        elif topk_in_place:  # the dense keys and each head's top k in one C call
+            start = min(d.policy.sink, kv_len)
+            sampled, budget = len(d.sampled_slots), self._topk_budget(d)
+            out = paged_attention.topk_decode(q, k_cache, v_cache, d.all_pages, kv_len, start, start + sampled,
+                                              budget, self.pool.page_size, self.scale, self.softcap)
+            read = (kv_len - sampled + min(budget, sampled)) * h
         elif d.stream_pages is not None and paged_attention.available(k_cache):  # sinks and window in place
             out = paged_attention.decode(q.view(1, h, -1), k_cache, v_cache, d.stream_pages, _ZERO,
                                          torch.tensor([kv_len], device="cpu"), self.pool.page_size, self.scale,
@@ -211,7 +219,7 @@ class PolicyAttention:
         else:
             out, lse = self._dense(q, *self._gather_pages(k_cache, v_cache, d, kv_len))
             read = kv_len * h
-        if sparse_layer and not magicpig_layer:  # topk
+        if sparse_layer and not magicpig_layer and not topk_in_place:  # topk: the PyTorch oracle
             out_s, lse_s, n = self._topk(d, q, k_cache, v_cache)
             out, lse = merge_state(out, lse, out_s, lse_s)
             read += n
@@ -245,9 +253,13 @@ class PolicyAttention:
         start = min(d.policy.sink, d.kv_len)
         end = start + len(d.sampled_slots)
         keys, values = (c[:, start:end] for c in self._gather_pages(k_cache, v_cache, d, end))
-        budget = d.policy.k or max(1, round(TOPK_DEFAULT_FRACTION * keys.shape[1]))
+        budget = self._topk_budget(d)
         out, lse = topk_attention(q, keys, values, budget, self.scale, self.softcap)
         return out, lse, min(budget, keys.shape[1]) * self.num_heads
+
+    @staticmethod
+    def _topk_budget(d: _SparseDecode) -> int:
+        return d.policy.k or max(1, round(TOPK_DEFAULT_FRACTION * len(d.sampled_slots)))
 
     def projections(self, policy: AttentionPolicy, layer: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's hash matrix on `device` (drawn on the CPU: the same on every device) and its

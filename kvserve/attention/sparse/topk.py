@@ -1,5 +1,6 @@
 """Exact top-k attention: each query head keeps its k highest-scoring keys. MagicPIG's baseline,
-an oracle of what a key budget can buy (it still scores every key, so it saves no time)."""
+an oracle of what a key budget can buy: it still scores every key, and saves only V's reads. The
+PyTorch path for any device; on the CPU, paged_attention.topk_decode does it in place."""
 import torch
 
 from kvserve.attention.merge import capped
