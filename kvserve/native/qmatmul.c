@@ -180,9 +180,11 @@ void int4_matmul(const float *x, int64_t M, const uint8_t *w, const uint16_t *sc
                         high[(k - g * G) / 2] = _mm256_and_si256(_mm256_srli_epi16(pairs, 4), low4);  /* half + */
                     }
                 const uint16_t *group_pairs = scales + g * N * 2;
-                /* the scales two groups on: a stream per group is more than the prefetcher follows */
-                _mm_prefetch((const char *)(group_pairs + 4 * N + rows[0] * 2), _MM_HINT_T0);
-                _mm_prefetch((const char *)(group_pairs + 4 * N + rows[2] * 2), _MM_HINT_T0);
+                /* this group's scales for the next block of rows (the thread's next chunk, in
+                   static order): a stream per group is more than the prefetcher follows, and two
+                   groups ahead was too close to hide DRAM's latency (M = 1 streamed 13 -> 21 GB/s) */
+                _mm_prefetch((const char *)(group_pairs + (rows[0] + block) * 2), _MM_HINT_T0);
+                _mm_prefetch((const char *)(group_pairs + (rows[2] + block) * 2), _MM_HINT_T0);
                 for (int64_t m = 0; m < mr; m++) {
                     const int8_t *xm = xq + (m0 + m) * K, *xrm = xr + (m0 + m) * K;
                     __m256i sum[4];
