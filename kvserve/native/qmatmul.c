@@ -1,7 +1,8 @@
 /* Quantized weight x float activation matmuls for a few rows (decode):
    - int4 on the weight layout of PyTorch's _convert_weight_to_int4pack_for_cpu, so the same buffer
      serves both kernels;
-   - int8 in groups with a float scale each (GGUF's Q8_0), for the vocabulary table (lm_head).
+   - int8 in groups with a float scale each (GGUF's Q8_0), for an int8 vocabulary table (lm_head;
+     a 4-bit one runs on the int4 kernel).
    As llama.cpp does for Q4_1 x Q8_1, activations are quantized to int8 per group of the weight
    and the products summed as integers (AVX2 maddubs), one float multiply-add per group. */
 #include <stdint.h>
