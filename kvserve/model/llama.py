@@ -93,7 +93,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(self.layer_cls(cfg, i) for i in range(cfg.num_layers))
         self.norm = self.norm_cls(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.lm_head_rows: QuantizedEmbedding | None = None  # the int8 table of a quantized lm_head
+        self.lm_head_rows: QuantizedEmbedding | None = None  # the int8 (or 4-bit) table of a quantized lm_head
         self.tie_weights()
         self.rope = None  # set by from_weights once the model is on its device
         self.local_rope = None  # the sliding layers' table where it differs (Gemma 3)
@@ -204,7 +204,7 @@ class LlamaForCausalLM(nn.Module):
         parent_name, _, attr = module_name.rpartition(".")
         parent = self.get_submodule(parent_name)
         if attr in ("embed_tokens", "lm_head"):
-            if qt.kind != "int8":
+            if qt.kind != "int8" and not QuantizedEmbedding.int4_fits(qt):
                 qt = qt.requantize("int8", GROUP)
             table = QuantizedEmbedding(qt, dtype)
             if attr == "embed_tokens":

@@ -175,6 +175,8 @@ def _gguf_kind(name: str, t, quantization: str) -> tuple[str | None, int | None]
     if quantization != "auto":
         return _quant_kind(name, shape, quantization)
     kind, group = _quant_kind(name, shape, "int8")
+    if kind is not None and group is not None and quant.AUTO_BY_GGUF_TYPE.get(t.tensor_type.name) == "int4":
+        return "int4", None  # a 4-bit vocabulary table stays exact (int8 if the int4 kernels cannot take it)
     if kind is None or group is not None:  # not a linear weight, or a vocabulary table
         return kind, group
     kind = quant.AUTO_BY_GGUF_TYPE.get(t.tensor_type.name, "int8")

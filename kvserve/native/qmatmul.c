@@ -1,7 +1,8 @@
 /* Quantized weight x float activation matmuls for a few rows (decode):
    - int4 on the weight layout of PyTorch's _convert_weight_to_int4pack_for_cpu, so the same buffer
      serves both kernels;
-   - int8 in groups with a float scale each (GGUF's Q8_0), for the vocabulary table (lm_head).
+   - int8 in groups with a float scale each (GGUF's Q8_0), for an int8 vocabulary table (lm_head;
+     a 4-bit one runs on the int4 kernel).
    As llama.cpp does for Q4_1 x Q8_1, activations are quantized to int8 per group of the weight
    and the products summed as integers (AVX2 maddubs), one float multiply-add per group. */
 #include <stdint.h>
@@ -73,24 +74,58 @@ static inline __m256i pair(const int8_t *x)
     return _mm256_set1_epi16(both);
 }
 
-/* 8 int16 sums of the coarse digit and 8 of the fine one -> 8 int32 of 254 * coarse + fine */
-static inline __m256i widen(__m128i coarse, __m128i fine)
+/* int16 sums of 16 rows (lanes: rows 0-3, 8-11 | 4-7, 12-15, column_pairs' order) of the coarse
+   digit c and the fine one f -> int32 254 c + f added to rows 0-7 (lo) and 8-15 (hi): one unpack
+   and one vpmaddwd per 8 rows, where sign extension and shifts took five shuffle-port ops */
+static inline void widen(__m256i c, __m256i f, __m256i *lo, __m256i *hi)
 {
-    const __m256i c = _mm256_cvtepi16_epi32(coarse);
-    return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(c, 8), _mm256_slli_epi32(c, 1)),
-                            _mm256_cvtepi16_epi32(fine));
+    const __m256i digits = _mm256_set1_epi32(254 | (1 << 16));
+    *lo = _mm256_add_epi32(*lo, _mm256_madd_epi16(_mm256_unpacklo_epi16(c, f), digits));
+    *hi = _mm256_add_epi32(*hi, _mm256_madd_epi16(_mm256_unpackhi_epi16(c, f), digits));
 }
 
 /* The 16 bytes at p of column k and those of column k + 1 (`half` bytes on) as 16 byte pairs, one
-   per byte position j: lane 0 holds j = 0-7, lane 1 j = 8-15 */
+   per byte position j: lane 0 holds j = 0-3 and 8-11, lane 1 j = 4-7 and 12-15, so that widen's
+   in-lane unpacks put rows in order */
 static inline __m256i column_pairs(const uint8_t *p, int64_t half)
 {
     const __m256i both = half == 16 ? _mm256_loadu_si256((const __m256i *)p)
         : _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(p + half)), _mm_loadu_si128((const __m128i *)p));
-    /* 8-byte quarters to (k 0-7, k+1 0-7 | k 8-15, k+1 8-15), then interleaved within each lane */
-    const __m256i order = _mm256_permute4x64_epi64(both, 0xD8);
+    /* 4-byte quarters to (k 0-3, k 8-11, k+1 0-3, k+1 8-11 | the rest), then interleaved in each lane */
+    const __m256i order = _mm256_permutevar8x32_epi32(both, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
     return _mm256_shuffle_epi8(order, _mm256_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15,
                                                        0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15));
+}
+
+/* One row's integer sums over a group (columns g0..g0+G) for 32 weight rows: rows 16c + 0-7, 8-15
+   (low nibbles), half + 16c + 0-7, 8-15 (high). The column pairs come unpacked in low/high
+   (several rows share them), or, with `fused` (one row), straight from the weights at wc. */
+static inline __attribute__((always_inline)) void group_products(const uint8_t *wc, int64_t half, const __m256i *low,
+                                                                const __m256i *high, int fused, const int8_t *xm,
+                                                                const int8_t *xrm, int64_t g0, int64_t G, __m256i sum[4])
+{
+    const __m256i low4 = _mm256_set1_epi8(15);
+    sum[0] = sum[1] = sum[2] = sum[3] = _mm256_setzero_si256();
+    for (int64_t k0 = g0; k0 < g0 + G; k0 += 16) {
+        /* 8 column pairs: int16 sums stay below 8 * 2 * 15 * 127 < 2^15 */
+        __m256i lo = _mm256_setzero_si256(), hi = lo, lo_r = lo, hi_r = lo;
+        for (int64_t k = k0; k < k0 + 16; k += 2) {
+            __m256i pl, ph;
+            if (fused) {
+                const __m256i pairs = column_pairs(wc + k * half, half);
+                pl = _mm256_and_si256(pairs, low4);
+                ph = _mm256_and_si256(_mm256_srli_epi16(pairs, 4), low4);
+            } else
+                pl = low[(k - g0) / 2], ph = high[(k - g0) / 2];
+            const __m256i xk = pair(xm + k), xk_r = pair(xrm + k);
+            lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(pl, xk));
+            hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(ph, xk));
+            lo_r = _mm256_add_epi16(lo_r, _mm256_maddubs_epi16(pl, xk_r));
+            hi_r = _mm256_add_epi16(hi_r, _mm256_maddubs_epi16(ph, xk_r));
+        }
+        widen(lo, lo_r, &sum[0], &sum[1]);
+        widen(hi, hi_r, &sum[2], &sum[3]);
+    }
 }
 
 /* out + 8 rows' group product: their integer sums times scale * d, plus zero' times the
@@ -139,40 +174,29 @@ void int4_matmul(const float *x, int64_t M, const uint8_t *w, const uint16_t *sc
                    prefetcher to hide memory latency (~8 -> ~11-13 GB/s for the whole model) */
                 for (int64_t f = 0; f < G * half; f += 64)
                     _mm_prefetch((const char *)(wc + (g + 2) * G * half + f), _MM_HINT_T0);
-                for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
-                    const __m256i pairs = column_pairs(wc + k * half, half);
-                    low[(k - g * G) / 2] = _mm256_and_si256(pairs, low4);  /* rows 16c + 0-15 */
-                    high[(k - g * G) / 2] = _mm256_and_si256(_mm256_srli_epi16(pairs, 4), low4);  /* half + */
-                }
+                if (mr > 1)  /* unpacked once for the rows */
+                    for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
+                        const __m256i pairs = column_pairs(wc + k * half, half);
+                        low[(k - g * G) / 2] = _mm256_and_si256(pairs, low4);  /* rows 16c + 0-15 */
+                        high[(k - g * G) / 2] = _mm256_and_si256(_mm256_srli_epi16(pairs, 4), low4);  /* half + */
+                    }
                 const uint16_t *group_pairs = scales + g * N * 2;
-                /* the scales two groups on: a stream per group is more than the prefetcher follows */
-                _mm_prefetch((const char *)(group_pairs + 4 * N + rows[0] * 2), _MM_HINT_T0);
-                _mm_prefetch((const char *)(group_pairs + 4 * N + rows[2] * 2), _MM_HINT_T0);
+                /* this group's scales for the next block of rows (the thread's next chunk, in
+                   static order): a stream per group is more than the prefetcher follows, and two
+                   groups ahead was too close to hide DRAM's latency (M = 1 streamed 13 -> 21 GB/s) */
+                _mm_prefetch((const char *)(group_pairs + (rows[0] + block) * 2), _MM_HINT_T0);
+                _mm_prefetch((const char *)(group_pairs + (rows[2] + block) * 2), _MM_HINT_T0);
                 for (int64_t m = 0; m < mr; m++) {
                     const int8_t *xm = xq + (m0 + m) * K, *xrm = xr + (m0 + m) * K;
-                    __m256i sum0 = _mm256_setzero_si256(), sum1 = sum0, sum2 = sum0, sum3 = sum0;
-                    for (int64_t k0 = g * G; k0 < (g + 1) * G; k0 += 16) {
-                        /* 8 column pairs: int16 sums stay below 8 * 2 * 15 * 127 < 2^15 */
-                        __m256i lo = _mm256_setzero_si256(), hi = lo, lo_r = lo, hi_r = lo;
-                        for (int64_t k = k0; k < k0 + 16; k += 2) {
-                            const __m256i pl = low[(k - g * G) / 2], ph = high[(k - g * G) / 2];
-                            const __m256i xk = pair(xm + k), xk_r = pair(xrm + k);
-                            lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(pl, xk));
-                            hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(ph, xk));
-                            lo_r = _mm256_add_epi16(lo_r, _mm256_maddubs_epi16(pl, xk_r));
-                            hi_r = _mm256_add_epi16(hi_r, _mm256_maddubs_epi16(ph, xk_r));
-                        }
-                        sum0 = _mm256_add_epi32(sum0, widen(_mm256_castsi256_si128(lo), _mm256_castsi256_si128(lo_r)));
-                        sum1 = _mm256_add_epi32(sum1, widen(_mm256_extracti128_si256(lo, 1), _mm256_extracti128_si256(lo_r, 1)));
-                        sum2 = _mm256_add_epi32(sum2, widen(_mm256_castsi256_si128(hi), _mm256_castsi256_si128(hi_r)));
-                        sum3 = _mm256_add_epi32(sum3, widen(_mm256_extracti128_si256(hi, 1), _mm256_extracti128_si256(hi_r, 1)));
-                    }
+                    __m256i sum[4];
+                    if (mr == 1)  /* a decode: the registers' unpacking costs less than L1's round trip */
+                        group_products(wc, half, low, high, 1, xm, xrm, g * G, G, sum);
+                    else
+                        group_products(wc, half, low, high, 0, xm, xrm, g * G, G, sum);
                     const int64_t gi = (m0 + m) * (K / G) + g;
                     const __m256 d = _mm256_set1_ps(xd[gi]), s = _mm256_set1_ps(xs[gi]);
-                    out[m][0] = group_sum(sum0, group_pairs + rows[0] * 2, d, s, out[m][0]);
-                    out[m][1] = group_sum(sum1, group_pairs + rows[1] * 2, d, s, out[m][1]);
-                    out[m][2] = group_sum(sum2, group_pairs + rows[2] * 2, d, s, out[m][2]);
-                    out[m][3] = group_sum(sum3, group_pairs + rows[3] * 2, d, s, out[m][3]);
+                    for (int i = 0; i < 4; i++)
+                        out[m][i] = group_sum(sum[i], group_pairs + rows[i] * 2, d, s, out[m][i]);
                 }
             }
             for (int64_t m = 0; m < mr; m++)

@@ -139,6 +139,24 @@ def test_embedding_rows_are_the_dequantized_table():
     assert table(ids).dtype == torch.bfloat16
 
 
+def test_int4_table_rows_and_logits_are_the_dequantized_table():
+    """A 4-bit vocabulary table (GGUF Q4_0 / Q4_1) held as int4: exact rows for embeddings and the
+    rescoring, logits through the int4 kernels (one row and many) on its bf16 scales."""
+    qt = quantize(torch.randn(96, 64), "int4", 32)
+    if not QuantizedEmbedding.int4_fits(qt):
+        pytest.skip("int4 kernels not built (no C compiler or no AVX2)")
+    table = QuantizedEmbedding(qt, torch.bfloat16)
+    assert table.kind == "int4" and table.native
+    ids = torch.tensor([[3, 95], [0, 3], [40, 63]])
+    assert torch.equal(table.rows(ids), qt.dequantize()[ids])
+    assert table(ids).dtype == torch.bfloat16
+    _, exact = _int4_scales(qt)
+    g = torch.Generator().manual_seed(0)
+    for m in (1, 3, 9):
+        x = torch.randn(m, 64, generator=g)
+        assert rel_err(VocabProjection(table)(x), x.double() @ exact.t()) < 1e-4, m
+
+
 def _pack_int4(q: torch.Tensor, block: int) -> torch.Tensor:
     """The inverse of _unpack_int4: `_convert_weight_to_int4pack_for_cpu`'s layout for `block` rows."""
     n, k = q.shape
