@@ -4,11 +4,13 @@ Order (vLLM / OpenAI semantics): logit_bias -> min_tokens mask -> repetition pen
 presence/frequency penalties -> logprobs -> temperature -> top-k -> top-p -> min-p -> sample.
 """
 import math
+from array import array
 from dataclasses import dataclass
 
 import torch
 
 from kvserve.engine.request import MIN_TEMPERATURE as _MIN_TEMPERATURE, SamplingParams
+from kvserve.native.lists import int_tensor
 from kvserve.native.sampling import sample_rows
 
 
@@ -168,9 +170,7 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     every = len(rand) == len(rows)  # the common sampled batch: the logits are read as they are
     params = [rows[i].params for i in rand]
     u = uniforms([rows[i].generator for i in rand])
-    drawn = sample_rows(logits, torch.tensor([(p.temperature, p.top_k, p.top_p, p.min_p) for p in params],
-                                             dtype=torch.float64),
-                        u, None if every else torch.tensor(rand, dtype=torch.int64))
+    drawn = sample_rows(logits, _option_table(params), u, None if every else int_tensor(rand))
     if drawn is None:  # GPU, or no C compiler: the same draw in PyTorch ops
         drawn = inverse_cdf(truncated(logits if every else logits[rand], params),
                             u.to(logits.device, non_blocking=True))
@@ -179,6 +179,12 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     tokens = argmax_rows(logits)  # greedy rows keep theirs
     tokens[rand] = drawn
     return tokens
+
+
+def _option_table(params: list[SamplingParams]) -> torch.Tensor:
+    """[R, 4] float64 of temperature, top_k, top_p, min_p (packed by array: torch.tensor of tuples is ~5x slower)"""
+    flat = array("d", [v for p in params for v in (p.temperature, p.top_k, p.top_p, p.min_p)])
+    return torch.frombuffer(flat, dtype=torch.float64).view(len(params), 4)
 
 
 def uniforms(generators: list[torch.Generator | None]) -> torch.Tensor:

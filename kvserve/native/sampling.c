@@ -164,14 +164,15 @@ static int64_t sample_row(const float *x, int64_t n, float temperature, int64_t 
         best = x[i] > best ? x[i] : best;
     if (best == -INFINITY)
         return 0;  /* every token masked: the argmax of such a row */
-    const float top = best / temperature;  /* the largest of x / T: division by T > 0 keeps the order */
+    /* x / T as x * (1 / T): a product, not a division, per token; either keeps the order (and ties) */
+    const float inv = 1.0f / temperature, top = best * inv;
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
     for (int64_t k = 0; k < blocks; k++) {
         const int64_t end = (k + 1) * BLOCK < n ? (k + 1) * BLOCK : n;
         float s = 0;
         #pragma omp simd reduction(+:s)
         for (int64_t i = k * BLOCK; i < end; i++)
-            s += w[i] = exp_neg(x[i] / temperature - top);
+            s += w[i] = exp_neg(x[i] * inv - top);
         sums[k] = s;
     }
     /* the row's maximum has w = 1: every threshold is <= 1, so the row keeps at least that token */
@@ -230,7 +231,8 @@ static int64_t sample_row(const float *x, int64_t n, float temperature, int64_t 
 void sample_rows(const float *logits, int64_t stride, const int64_t *index, int64_t rows, int64_t n,
                  const double *params, const float *u, float *work, int64_t work_stride, int64_t *out)
 {
-    #pragma omp parallel for schedule(dynamic) if (rows * n >= (1 << 16))
+    /* threads only for work worth ~0.2 ms: a team's start and a busy core cost more below it */
+    #pragma omp parallel for schedule(dynamic) if (rows * n >= (1 << 18))
     for (int64_t j = 0; j < rows; j++) {
         float *w = work + omp_get_thread_num() * work_stride;
         const double *p = params + 4 * j;
