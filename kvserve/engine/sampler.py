@@ -4,11 +4,14 @@ Order (vLLM / OpenAI semantics): logit_bias -> min_tokens mask -> repetition pen
 presence/frequency penalties -> logprobs -> temperature -> top-k -> top-p -> min-p -> sample.
 """
 import math
+from array import array
 from dataclasses import dataclass
 
 import torch
 
 from kvserve.engine.request import MIN_TEMPERATURE as _MIN_TEMPERATURE, SamplingParams
+from kvserve.native.lists import int_tensor
+from kvserve.native.sampling import sample_rows
 
 
 @dataclass(slots=True)
@@ -161,33 +164,62 @@ _ARGMAX_BLOCK = 32  # amax over 32 floats vectorizes; fewer would make the block
 
 
 def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    tokens = argmax_rows(logits)  # greedy rows keep theirs
     rand = random_rows(rows)
     if not rand:
-        return tokens
-    sub = truncated(logits[rand], [rows[i].params for i in rand])
-    vocab = sub.shape[1]
-
-    # Exponential race: argmax(p / q) with q ~ Exp(1) is a draw from p. Each seeded row draws its own V
-    # noises from its own generator, so its token does not depend on the rest of the batch.
-    probs = sub.softmax(-1)
-    noise = torch.empty_like(probs)
-    unseeded = [j for j, i in enumerate(rand) if rows[i].generator is None]
-    if unseeded:
-        noise[unseeded] = torch.empty(len(unseeded), vocab, device=probs.device).exponential_()
-    for j, i in enumerate(rand):
-        if (g := rows[i].generator) is not None:
-            noise[j] = torch.empty(vocab, device=g.device).exponential_(generator=g)
-    # a zero noise would make a masked token's 0/0 a NaN, which argmax picks
-    tokens[rand] = probs.div_(noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(-1)
+        return argmax_rows(logits)
+    every = len(rand) == len(rows)  # the common sampled batch: the logits are read as they are
+    params = [rows[i].params for i in rand]
+    u = uniforms([rows[i].generator for i in rand])
+    drawn = sample_rows(logits, _option_table(params), u, None if every else int_tensor(rand))
+    if drawn is None:  # GPU, or no C compiler: the same draw in PyTorch ops
+        drawn = inverse_cdf(truncated(logits if every else logits[rand], params),
+                            u.to(logits.device, non_blocking=True))
+    if every:
+        return drawn
+    tokens = argmax_rows(logits)  # greedy rows keep theirs
+    tokens[rand] = drawn
     return tokens
 
 
+def _option_table(params: list[SamplingParams]) -> torch.Tensor:
+    """[R, 4] float64 of temperature, top_k, top_p, min_p (packed by array: torch.tensor of tuples is ~5x slower)"""
+    flat = array("d", [v for p in params for v in (p.temperature, p.top_k, p.top_p, p.min_p)])
+    return torch.frombuffer(flat, dtype=torch.float64).view(len(params), 4)
+
+
+def uniforms(generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One uniform in [0, 1) a row, on the CPU: a seeded row's from its own generator (so its token does
+    not depend on the rest of the batch), the others' from the global RNG in one call."""
+    seeded = [j for j, g in enumerate(generators) if g is not None]
+    u = torch.rand(len(generators)) if len(seeded) < len(generators) else torch.empty(len(generators))
+    if seeded:
+        u[seeded] = torch.cat([torch.rand(1, generator=generators[j]) for j in seeded])
+    return u
+
+
+def inverse_cdf(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Truncated logits [R, V] and uniforms [R] -> a token a row drawn from their softmax (sampling.c's twin)."""
+    return draw(logits.softmax(-1), u)
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs [R, V] (unnormalized is fine) and uniforms [R] in [0, 1) -> per row, the first token whose
+    cumulative probability exceeds u times the row's total. A token of probability 0 never is one, for
+    any u: where rounding leaves no such token, the last token of nonzero probability is taken."""
+    cdf = probs.cumsum(-1)
+    kept = probs > 0
+    hit = kept & (cdf > u.unsqueeze(1) * cdf[:, -1:])
+    last = torch.where(kept, torch.arange(probs.shape[1], device=probs.device), 0).amax(-1)
+    return torch.where(hit.any(-1), hit.to(torch.uint8).argmax(-1), last)
+
+
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """top_k: [R, 1] (V where off); top_p: [R, 1] (inf where off). Ties at the k-th value are kept."""
-    ordered, order = logits.sort(-1, descending=True)
-    ordered.masked_fill_(ordered < ordered.gather(1, top_k - 1), -math.inf)
-    probs = ordered.softmax(-1)
-    # drop a token once the mass before it reaches top_p: the smallest prefix with mass >= top_p stays
-    ordered.masked_fill_(probs.cumsum(-1) - probs >= top_p, -math.inf)
-    return torch.empty_like(logits).scatter_(1, order, ordered)
+    """top_k: [R, 1] (V where off); top_p: [R, 1] (inf where off). Each keeps the tokens at or above a
+    value (sampling.c's rule): top-k the k-th largest, top-p the last of the smallest sorted prefix
+    with mass >= top_p, so tokens tied with either are kept."""
+    ordered = logits.sort(-1, descending=True).values
+    kth = ordered.gather(1, top_k - 1)
+    probs = ordered.masked_fill_(ordered < kth, -math.inf).softmax(-1)
+    # a token stays while the mass before it is below top_p: the first always does
+    kept = (probs.cumsum(-1) - probs < top_p).sum(-1, keepdim=True)
+    return logits.masked_fill_(logits < torch.maximum(kth, ordered.gather(1, kept - 1)), -math.inf)

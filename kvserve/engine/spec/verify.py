@@ -9,7 +9,7 @@ min-p), computed with the sampler's own functions. Greedy rows accept while d is
 """
 import torch
 
-from kvserve.engine.sampler import SampledToken, SamplingRow, process, random_rows, truncated
+from kvserve.engine.sampler import SampledToken, SamplingRow, draw, process, random_rows, truncated, uniforms
 
 
 def verify(logits: torch.Tensor, seqs: list, eos_token_ids: list[int]) -> list[list[SampledToken]]:
@@ -42,12 +42,12 @@ def verify(logits: torch.Tensor, seqs: list, eos_token_ids: list[int]) -> list[l
             p = probs[prob_row[r]]
             if j < len(draft):
                 d = draft[j]
-                if float(torch.rand(1, generator=g, device=p.device)) < float(p[d]):
+                if float(uniforms([g])) < float(p[d]):
                     tokens.append(d)
                     continue
                 p = p.clone()
                 p[d] = 0  # the residual max(0, p - one_hot(d)); p(d) < 1 here, so it has mass
-            tokens.append(int(torch.multinomial(p, 1, generator=g)))
+            tokens.append(int(draw(p.unsqueeze(0), uniforms([g]).to(p.device))))
             break
         out.append(tokens)
     return [_with_logprobs(seq, start, tokens, processed) for seq, start, tokens in zip(seqs, starts, out)]
