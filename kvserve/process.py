@@ -36,3 +36,32 @@ def tune_gc() -> None:
     outputs: 0.2-0.4 ms a step at batch 256 on a 2-core EPYC. At 50,000 a step's objects are gone
     before a collection comes; cycles, which the engine does not make per step, wait longer."""
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
+def release_openmp_workers() -> None:
+    """The calling thread runs OpenMP work on itself alone from now on, and its idle workers exit,
+    for a process whose compute runs in another thread (the server's engine thread). libgomp
+    counts every thread's team: past the core count, idle workers stop spinning between parallel
+    regions and each region of the engine's waits for a futex wake-up: a SmolLM2 decode step took
+    2x as long in the server's engine thread as in a lone thread, on 2 cores."""
+    import torch
+    torch.set_num_threads(1)
+    for path in _openmp_runtimes():
+        try:
+            pause = ctypes.CDLL(path).omp_pause_resource_all
+        except (OSError, AttributeError):
+            continue
+        pause(OMP_PAUSE_HARD)  # frees this thread's pool of workers (OpenMP 5.0)
+
+
+OMP_PAUSE_HARD = 2
+
+
+def _openmp_runtimes() -> list[str]:
+    """The OpenMP runtimes loaded in this process (torch's; a wheel may bundle its own)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/lib" in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if p.rsplit("/", 1)[-1].startswith(("libgomp", "libomp", "libiomp")))

@@ -34,6 +34,7 @@ class AsyncEngine:
         self._stopping = False
         self.failure: str | None = None  # set when the engine failed for good (Engine.failure)
         self._ids = itertools.count()
+        self._threads = torch.get_num_threads()  # the caller's: it may give up its own afterwards
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
         self._thread.start()
 
@@ -93,7 +94,7 @@ class AsyncEngine:
     def _run(self) -> None:
         # OpenMP's thread count is per thread: without this, kvserve/native's kernels in this thread
         # would use every core whatever --threads says, until some torch op happened to set it
-        torch.set_num_threads(torch.get_num_threads())
+        torch.set_num_threads(self._threads)
         while not self._stopping:
             if self._check_failure():
                 return

@@ -63,6 +63,7 @@ def main(args) -> int:
 
 
 def _serve(args, engine) -> int:
+    from kvserve import process
     from kvserve.engine.async_engine import AsyncEngine
     from kvserve.model.loader import resolve_model_path
     from kvserve.server.app import build_app, run
@@ -77,6 +78,7 @@ def _serve(args, engine) -> int:
                           rag_prefetch_nprobe=args.rag_prefetch_nprobe,
                           prefix_cache_isolation=args.prefix_cache_isolation)
     async_engine = AsyncEngine(engine, isolation_args.queue_limits(args))
+    process.release_openmp_workers()  # the engine thread computes; this one serves HTTP
     app = build_app(async_engine, config)
     with _signals_end_cleanly():
         _stop_on_failure(async_engine)
