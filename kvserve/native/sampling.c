@@ -9,28 +9,15 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "exp_neg.h"
+
 #define BLOCK 64  /* weights per block sum: the draw skips whole blocks */
 #define LEVELS 8  /* levels a bracketing pass tests */
 
-/* e^x for x <= 0, relative error ~2e-7, and exactly 0 below -87 (a masked token's -inf included):
-   branch-free, so the loops over it vectorize where libm's expf is a call per element */
-static inline float exp_neg(float x)
+/* exp_neg, and exactly 0 below -87 (a masked token's -inf included): a weight never drawn */
+static inline float weight_of(float x)
 {
-    const int under = !(x > -87.0f);
-    x = under ? -87.0f : x;
-    const float n = nearbyintf(x * 1.44269504f);
-    const float r = x - n * 0.693145752f - n * 1.42860677e-06f;  /* ln 2 in two parts */
-    float p = 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return under ? 0.0f : p * scale;
+    return x > -87.0f ? exp_neg(x) : 0.0f;
 }
 
 int64_t sampling_threads(void)
@@ -172,7 +159,7 @@ static int64_t sample_row(const float *x, int64_t n, float temperature, int64_t 
         float s = 0;
         #pragma omp simd reduction(+:s)
         for (int64_t i = k * BLOCK; i < end; i++)
-            s += w[i] = exp_neg(x[i] * inv - top);
+            s += w[i] = weight_of(x[i] * inv - top);
         sums[k] = s;
     }
     /* the row's maximum has w = 1: every threshold is <= 1, so the row keeps at least that token */
