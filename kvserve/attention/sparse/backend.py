@@ -188,19 +188,19 @@ class PolicyAttention:
         h, kv_len = self.num_heads, d.kv_len
         sparse_layer = d.sampled_slots is not None and layer not in d.policy.dense_layers
         magicpig_layer = sparse_layer and d.policy.policy == "magicpig"
-        topk_in_place = sparse_layer and not magicpig_layer and d.all_pages is not None and paged_attention.available(
-            k_cache)
+        topk_in_place = (sparse_layer and not magicpig_layer and d.all_pages is not None
+                         and paged_attention.available(k_cache))
         if magicpig_layer:  # one softmax over the dense keys and the sampled ones
             out, _, n = self._magicpig(layer, d, q, k_cache, v_cache)
             self.sampled_pairs += n
             self.sampled_heads += h
             read = len(d.dense_slots) * h + n
         elif topk_in_place:  # the dense keys and each head's top k in one C call
-            start = min(d.policy.sink, kv_len)
-            sampled, budget = len(d.sampled_slots), self._topk_budget(d)
-            out = paged_attention.topk_decode(q, k_cache, v_cache, d.all_pages, kv_len, start, start + sampled,
-                                              budget, self.pool.page_size, self.scale, self.softcap)
-            read = (kv_len - sampled + min(budget, sampled)) * h
+            start, end = self._sampled_range(d)
+            budget = self._topk_budget(d)
+            out = paged_attention.topk_decode(q, k_cache, v_cache, d.all_pages, kv_len, start, end, budget,
+                                              self.pool.page_size, self.scale, self.softcap)
+            read = (kv_len - (end - start) + min(budget, end - start)) * h
         elif d.stream_pages is not None and paged_attention.available(k_cache):  # sinks and window in place
             out = paged_attention.decode(q.view(1, h, -1), k_cache, v_cache, d.stream_pages, _ZERO,
                                          torch.tensor([kv_len], device="cpu"), self.pool.page_size, self.scale,
@@ -211,8 +211,7 @@ class PolicyAttention:
             out, lse = self._dense(q, *self._gather_slots(k_cache, v_cache, d.dense_slots))
             read = len(d.dense_slots) * h
         elif paged_attention.available(k_cache):  # a dense layer: read in place, as full attention does
-            out = paged_attention.decode(q.view(1, h, -1), k_cache, v_cache, d.all_pages,
-                                         torch.zeros(1, dtype=torch.int64, device="cpu"),
+            out = paged_attention.decode(q.view(1, h, -1), k_cache, v_cache, d.all_pages, _ZERO,
                                          torch.tensor([kv_len], device="cpu"), self.pool.page_size,
                                          self.scale, softcap=self.softcap).view(h, -1)
             read = kv_len * h
@@ -250,12 +249,17 @@ class PolicyAttention:
 
     def _topk(self, d: _SparseDecode, q, k_cache, v_cache):
         # the sampled positions [start, end): a view where the pages are consecutive, else a page at a time
-        start = min(d.policy.sink, d.kv_len)
-        end = start + len(d.sampled_slots)
+        start, end = self._sampled_range(d)
         keys, values = (c[:, start:end] for c in self._gather_pages(k_cache, v_cache, d, end))
         budget = self._topk_budget(d)
         out, lse = topk_attention(q, keys, values, budget, self.scale, self.softcap)
         return out, lse, min(budget, keys.shape[1]) * self.num_heads
+
+    @staticmethod
+    def _sampled_range(d: _SparseDecode) -> tuple[int, int]:
+        """The positions [start, end) a magicpig/topk decode samples (after the sinks)."""
+        start = min(d.policy.sink, d.kv_len)
+        return start, start + len(d.sampled_slots)
 
     @staticmethod
     def _topk_budget(d: _SparseDecode) -> int:
