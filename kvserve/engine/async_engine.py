@@ -93,7 +93,10 @@ class AsyncEngine:
 
     def _run(self) -> None:
         # OpenMP's thread count is per thread: without this, kvserve/native's kernels in this thread
-        # would use every core whatever --threads says, until some torch op happened to set it
+        # would use every core whatever --threads says, until some torch op happened to set it. The
+        # get first: a thread's first torch call copies the process-wide count into the thread, and
+        # the server's HTTP thread sets that to 1 (release_openmp_workers) after this thread starts
+        torch.get_num_threads()
         torch.set_num_threads(self._threads)
         while not self._stopping:
             if self._check_failure():
