@@ -70,6 +70,7 @@ def add_ask_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_ask(args) -> int:
+    from kvserve import process
     from kvserve.args import engine_config
     from kvserve.engine.async_engine import AsyncEngine
     from kvserve.engine.engine import Engine
@@ -82,6 +83,7 @@ def cmd_ask(args) -> int:
               f"(have: {', '.join(registry.names()) or 'none'})", file=sys.stderr)
         return 2
     engine = AsyncEngine(Engine(engine_config(args)))
+    process.release_openmp_workers()  # the engine thread decodes; this one waits (2x faster decoding)
     try:
         answer, got = asyncio.run(_ask(engine, coll, args))
     finally:
