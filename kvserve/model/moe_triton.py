@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+BLOCK_N = BLOCK_K = 64  # output columns and reduction depth of a program's tile
 
 @triton.jit
 def gate_up_kernel(X, W, Act, Pairs, BlockExpert, stride_xt, stride_we, stride_wn, stride_at,
@@ -111,12 +112,11 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w_g
     act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(num_pairs, h, dtype=torch.float32, device=x.device)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only ever applies to fp32 dots
-    bn, bk = 64, 64
-    gate_up_kernel[(num_blocks, triton.cdiv(inter, bn))](
+    gate_up_kernel[(num_blocks, triton.cdiv(inter, BLOCK_N))](
         x, w_gate_up, act, pairs, block_expert, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), act.stride(0),
-        num_pairs, TOP_K=top_k, I=inter, H=h, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, DOT_PREC=prec)
-    down_kernel[(num_blocks, triton.cdiv(h, bn))](
+        num_pairs, TOP_K=top_k, I=inter, H=h, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PREC=prec)
+    down_kernel[(num_blocks, triton.cdiv(h, BLOCK_N))](
         act, w_down, out, pairs, block_expert, weights.flatten().float().contiguous(), act.stride(0),
         w_down.stride(0), w_down.stride(1), out.stride(0),
-        num_pairs, I=inter, H=h, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, DOT_PREC=prec)
+        num_pairs, I=inter, H=h, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PREC=prec)
     return out.view(t, top_k, h).sum(1).to(x.dtype)

@@ -2,14 +2,11 @@
 lengths, batches padded to a bucket, page sizes 1 and 16, GQA; the PyTorch reference and the
 Triton kernel (under the interpreter without a GPU)."""
 import importlib.util
-import os
 import random
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kvserve.attention.static_decode import StaticDecodeAttention  # noqa: E402
 from kvserve.kv.pool import PagePool  # noqa: E402

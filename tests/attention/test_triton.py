@@ -1,16 +1,13 @@
 """The Triton backend against attention written out in float64 (and against TorchRefAttention).
 
-Without a GPU the kernels run under triton's interpreter, set here before any kernel is defined
-(kvserve imports triton only when the backend is built). The interpreter's tl.dot is wrong in
-bfloat16, so the CPU runs float16 and float32; the CUDA tests add bfloat16."""
-import os
+Without a GPU the kernels run under triton's interpreter (set in conftest.py, before triton is
+first imported). The interpreter's tl.dot is wrong in bfloat16, so the CPU runs float16 and
+float32; the CUDA tests add bfloat16."""
 import random
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from kvserve.attention.metadata import AttentionMetadata  # noqa: E402

@@ -3,15 +3,12 @@
 
 Positions a query may not read are poisoned with NaN, and pages wholly before a request's window
 are -1 in its page table (as after the engine gave them back): a kernel that reads them fails."""
-import os
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from kvserve.attention.metadata import AttentionMetadata  # noqa: E402

@@ -1,12 +1,8 @@
 """The static-buffer decode path (what CUDA graphs replay) against the dynamic path, on the CPU."""
 import importlib.util
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():  # the Triton kernel's CPU run, set before triton is first imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kvserve.engine.request import SamplingParams
 from kvserve.engine.static_executor import StaticDecodeExecutor, bucket_sizes

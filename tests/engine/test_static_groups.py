@@ -4,14 +4,11 @@ Mistral with its window, through sequences several windows long whose windowed g
 back. The same greedy tokens as the dynamic path (TorchExecutor + GroupedAttention), with the
 PyTorch reference and the Triton kernel (under the interpreter without a GPU, float32)."""
 import importlib.util
-import os
 import random
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # the Triton kernel's CPU run, set before triton is first imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from kvserve.engine.engine import Engine  # noqa: E402

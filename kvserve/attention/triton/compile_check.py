@@ -1,5 +1,5 @@
 """Compiles the kernels for a CUDA GPU on a machine without one (triton ships ptxas), with the
-tiles and constexprs TritonAttention launches them with. It catches what only the compiler sees
+tiles and constexprs TritonAttention and the Triton MoE launch them with. It catches what only the compiler sees
 and the CPU interpreter does not: bfloat16 code paths, types carried through loops, constexpr
 branches, shared memory over the limit. Run with TRITON_INTERPRET unset:
 
@@ -52,6 +52,18 @@ def variants(dtype: str, head_dim: int = 128, group: int = 4, page_size: int = 1
                group * num_kv_heads), BLOCK_HKV=triton.next_power_of_2(num_kv_heads), D=head_dim), dict(num_warps=4))
 
 
+def moe_variants(dtype: str, hidden: int = 2048, inter: int = 768, top_k: int = 8):
+    """The two expert kernels of `fused_moe` at its decode and prefill block sizes (Qwen3-MoE's widths)."""
+    from kvserve.model.moe_triton import BLOCK_K, BLOCK_N, down_kernel, gate_up_kernel
+    prec = "ieee" if dtype == "fp32" else "tf32"
+    ints = {"Pairs": "*i64", "BlockExpert": "*i64", "Weights": "*fp32"}
+    for block_m in (16, 64):
+        tiles = dict(I=inter, H=hidden, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PREC=prec)
+        yield (gate_up_kernel, ints | {"X": f"*{dtype}", "W": f"*{dtype}", "Act": f"*{dtype}"},
+               tiles | dict(TOP_K=top_k), {})
+        yield down_kernel, ints | {"Act": f"*{dtype}", "W": f"*{dtype}", "Out": "*fp32"}, tiles, {}
+
+
 def compile_variant(kernel, types, constexprs, options, arch: int):
     """-> the compiled kernel's shared memory in bytes; raises on a compile error."""
     import triton
@@ -75,20 +87,21 @@ def main(argv=None) -> int:
         return 2
     failed = 0
     for dtype in args.dtypes.split(","):
-        for head_dim in map(int, args.head_dims.split(",")):
-            for kernel, types, constexprs, options in variants(dtype, head_dim):
-                start = time.perf_counter()
-                flags = {k: v for k, v in constexprs.items() if isinstance(v, bool) or k == "SOFTCAP" and v}
-                name = f"{kernel.__name__} {dtype} d{head_dim} {flags or ''}"
-                try:
-                    smem = compile_variant(kernel, types, constexprs, options, args.arch)
-                except Exception as e:  # report every variant, then fail
-                    print(f"FAIL {name}: {type(e).__name__}: {e}")
-                    failed += 1
-                    continue
-                over = smem > args.smem_limit
-                failed += over
-                print(f"{'FAIL' if over else 'ok  '} {name}: {smem} B shared, {time.perf_counter() - start:.1f} s")
+        runs = [(f"d{d}", v) for d in map(int, args.head_dims.split(",")) for v in variants(dtype, d)]
+        for label, (kernel, types, constexprs, options) in runs + [("moe", v) for v in moe_variants(dtype)]:
+            start = time.perf_counter()
+            flags = {k: v for k, v in constexprs.items()
+                     if isinstance(v, bool) or k == "SOFTCAP" and v or k == "BLOCK_M" and label == "moe"}
+            name = f"{kernel.__name__} {dtype} {label} {flags or ''}"
+            try:
+                smem = compile_variant(kernel, types, constexprs, options, args.arch)
+            except Exception as e:  # report every variant, then fail
+                print(f"FAIL {name}: {type(e).__name__}: {e}")
+                failed += 1
+                continue
+            over = smem > args.smem_limit
+            failed += over
+            print(f"{'FAIL' if over else 'ok  '} {name}: {smem} B shared, {time.perf_counter() - start:.1f} s")
     return 1 if failed else 0
 
 
