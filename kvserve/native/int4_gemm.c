@@ -14,24 +14,33 @@
 #define I16_MR 3  /* rows a tile: 3 x 2 int32 sums and 3 x 2 float outputs fit the 16 registers */
 
 /* x [M, K] -> x ~ xq * xd per group of G, and xs = xd * sum(xq) (the sum of the approximations,
-   so the rounding of zero' * sum cancels as in qmatmul.c). Runs on the calling team's threads. */
+   so the rounding of zero' * sum cancels as in qmatmul.c). Runs on the calling team's threads;
+   8 values at a time (G is a multiple of 8 here), as the scalar definition rounds them. */
 static void quantize_int16(const float *x, int64_t M, int64_t K, int64_t G, int16_t *xq, float *xd, float *xs)
 {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
     #pragma omp for schedule(static)
     for (int64_t i = 0; i < M * K / G; i++) {
         const float *v = x + i * G;
-        float amax = 0;
-        for (int64_t j = 0; j < G; j++)
-            amax = fabsf(v[j]) > amax ? fabsf(v[j]) : amax;
+        __m256 amax8 = _mm256_setzero_ps();
+        for (int64_t j = 0; j < G; j += 8)
+            amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + j)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
         const float d = amax / 32767, inv = d > 0 ? 1 / d : 0;
-        int32_t sum = 0;
-        for (int64_t j = 0; j < G; j++) {
-            const int32_t q = (int32_t)nearbyintf(v[j] * inv);
-            xq[i * G + j] = (int16_t)q;
-            sum += q;
+        __m256i sum8 = _mm256_setzero_si256();
+        for (int64_t j = 0; j < G; j += 8) {  /* cvtps2dq rounds to nearest even, as nearbyintf does */
+            const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + j), _mm256_set1_ps(inv)));
+            sum8 = _mm256_add_epi32(sum8, q);
+            const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+            _mm_storeu_si128((__m128i *)(xq + i * G + j), q16);
         }
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
         xd[i] = d;
-        xs[i] = d * sum;
+        xs[i] = d * _mm_cvtsi128_si32(s4);
     }
 }
 
@@ -106,11 +115,85 @@ static inline __attribute__((always_inline)) void kernel16(const int16_t *x, int
             _mm256_storeu_ps(y + r * ldy + 8 * h, out[r][h]);
 }
 
-/* rows 0..M-1 of y[:, 16 columns] (+)= x[:, k0..k0+kc) . panel */
-static void tiles16(const int16_t *x, int64_t M, int64_t ldx, const float *xd, const float *xs, int64_t ldg,
-                    const int16_t *panel, const float *group_scales, int64_t kc, int64_t G, float *y, int64_t ldy,
-                    int accumulate)
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define TILE_PANELS 2  /* panels a tile reads: 32 columns, so each broadcast row value feeds two products */
+
+/* kernel16 on AVX-512 VNNI over `panels` (1 or 2) adjacent panels, `pstride` and `sstride` apart: a
+   column pair's 16 rows are one register, and vpdpwssd multiplies and accumulates in one instruction
+   (vpmaddwd then vpaddd above). The same integer sums and float steps, so the same results. */
+static inline __attribute__((always_inline)) void kernel_512(const int16_t *x, int64_t ldx, const float *xd,
+                                                            const float *xs, int64_t ldg, const int16_t *panel,
+                                                            int64_t pstride, const float *group_scales,
+                                                            int64_t sstride, int64_t K, int64_t G, float *y,
+                                                            int64_t ldy, int rows, int panels, int accumulate)
 {
+    __m512 out[8][2];
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < panels; h++)
+            out[r][h] = accumulate ? _mm512_loadu_ps(y + r * ldy + NR * h) : _mm512_setzero_ps();
+    for (int64_t g = 0; g < K / G; g++) {
+        __m512i sum[8][2];
+        for (int r = 0; r < rows; r++)
+            for (int h = 0; h < panels; h++)
+                sum[r][h] = _mm512_setzero_si512();
+        #pragma GCC unroll 16
+        for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
+            __m512i b[2];
+            for (int h = 0; h < panels; h++)
+                b[h] = _mm512_loadu_si512((const void *)(panel + h * pstride + k * NR));
+            for (int r = 0; r < rows; r++) {
+                int32_t both;
+                memcpy(&both, x + r * ldx + k, 4);
+                const __m512i a = _mm512_set1_epi32(both);
+                for (int h = 0; h < panels; h++)
+                    sum[r][h] = _mm512_dpwssd_epi32(sum[r][h], a, b[h]);
+            }
+        }
+        for (int h = 0; h < panels; h++) {
+            const float *s = group_scales + h * sstride + g * 2 * NR;
+            const __m512 scale = _mm512_loadu_ps(s), zero0 = _mm512_loadu_ps(s + NR);
+            for (int r = 0; r < rows; r++) {
+                const __m512 z = _mm512_fmadd_ps(zero0, _mm512_set1_ps(xs[r * ldg + g]), out[r][h]);
+                out[r][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][h]),
+                                            _mm512_mul_ps(scale, _mm512_set1_ps(xd[r * ldg + g])), z);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < panels; h++)
+            _mm512_storeu_ps(y + r * ldy + NR * h, out[r][h]);
+}
+
+/* rows 0..M-1 of y[:, 16 * panels columns] (+)= x[:, k0..k0+kc) . panels; rows and panels constants
+   in every call below, so the accumulators stay in registers (6 x 2 or 8 x 1 of 32) */
+static void tiles16(const int16_t *x, int64_t M, int64_t ldx, const float *xd, const float *xs, int64_t ldg,
+                    const int16_t *panel, int64_t pstride, const float *group_scales, int64_t sstride, int panels,
+                    int64_t kc, int64_t G, float *y, int64_t ldy, int accumulate)
+{
+#define KERNEL(n, p) kernel_512(x, ldx, xd, xs, ldg, panel, pstride, group_scales, sstride, kc, G, y, ldy, n, p, \
+                                accumulate)
+    const int64_t mr = panels == 2 ? 6 : 8;
+    int64_t m = 0;
+    for (; m + mr <= M; m += mr, x += mr * ldx, xd += mr * ldg, xs += mr * ldg, y += mr * ldy)
+        if (panels == 2) KERNEL(6, 2); else KERNEL(8, 1);
+    if (panels == 2)
+        switch (M - m) { case 1: KERNEL(1, 2); break; case 2: KERNEL(2, 2); break; case 3: KERNEL(3, 2); break;
+                         case 4: KERNEL(4, 2); break; case 5: KERNEL(5, 2); break; }
+    else
+        switch (M - m) { case 1: KERNEL(1, 1); break; case 2: KERNEL(2, 1); break; case 3: KERNEL(3, 1); break;
+                         case 4: KERNEL(4, 1); break; case 5: KERNEL(5, 1); break; case 6: KERNEL(6, 1); break;
+                         case 7: KERNEL(7, 1); break; }
+#undef KERNEL
+}
+#else
+#define TILE_PANELS 1
+
+/* rows 0..M-1 of y[:, 16 columns] (+)= x[:, k0..k0+kc) . panel (one: `panels` is 1) */
+static void tiles16(const int16_t *x, int64_t M, int64_t ldx, const float *xd, const float *xs, int64_t ldg,
+                    const int16_t *panel, int64_t pstride, const float *group_scales, int64_t sstride, int panels,
+                    int64_t kc, int64_t G, float *y, int64_t ldy, int accumulate)
+{
+    (void)pstride, (void)sstride, (void)panels;
     int64_t m = 0;
     for (; m + I16_MR <= M; m += I16_MR)
         kernel16(x + m * ldx, ldx, xd + m * ldg, xs + m * ldg, ldg, panel, group_scales, kc, G, y + m * ldy, ldy,
@@ -121,6 +204,7 @@ static void tiles16(const int16_t *x, int64_t M, int64_t ldx, const float *xd, c
     else if (M - m == 2)
         kernel16(x, ldx, xd, xs, ldg, panel, group_scales, kc, G, y, ldy, 2, accumulate);
 }
+#endif
 
 /* x [M, K], y [M, N]; N a multiple of 16 and of `block` (a multiple of 32), K of G (even). W as
    qmatmul.c's int4_matmul reads it. Returns 0, or -1 when out of memory. */
@@ -155,10 +239,13 @@ int64_t int4_gemm(const float *x, int64_t M, const uint8_t *w, const uint16_t *s
                     int4_panel16(w, scales, N, K, G, block, p * NR, k0, k1, slices + (p - p0) * KC * NR,
                                  slice_scales + (p - p0) * (KC / G) * 2 * NR);
                 for (int64_t m0 = 0; m0 < M; m0 += MC)
-                    for (int64_t p = p0; p < p1; p++)
+                    for (int64_t p = p0; p < p1; p += TILE_PANELS) {
+                        const int panels = p + TILE_PANELS <= p1 ? TILE_PANELS : 1;
                         tiles16(xq + m0 * K + k0, M - m0 < MC ? M - m0 : MC, K, xd + m0 * ldg + k0 / G,
-                                xs + m0 * ldg + k0 / G, ldg, slices + (p - p0) * KC * NR,
-                                slice_scales + (p - p0) * (KC / G) * 2 * NR, k1 - k0, G, y + m0 * N + p * NR, N, k0 > 0);
+                                xs + m0 * ldg + k0 / G, ldg, slices + (p - p0) * KC * NR, KC * NR,
+                                slice_scales + (p - p0) * (KC / G) * 2 * NR, (KC / G) * 2 * NR, panels, k1 - k0, G,
+                                y + m0 * N + p * NR, N, k0 > 0);
+                    }
             }
         }
         free(slices);

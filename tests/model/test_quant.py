@@ -240,8 +240,9 @@ def test_int8_logits_kernel_matches_dequantized_weights(group):
 
 @pytest.mark.parametrize("block", [32, 64])
 def test_many_rows_kernel_matches_dequantized_weights(block):
-    """gemm.c's int4 kernel on both packed layouts: int16 activations, rows in and out of its 3-row
-    tiles, groups of 32 and 128, an outlier among the activations."""
+    """gemm.c's int4 kernel on both packed layouts: int16 activations, rows in and out of its tiles
+    (3 rows on AVX2; 8, or 6 over two panels, on AVX-512, odd panel counts per thread included),
+    groups of 32 and 128, an outlier among the activations."""
     if not qmatmul.gemm_available(block, 128, 32, block):
         pytest.skip("gemm kernels not built (no C compiler or no AVX2)")
     g = torch.Generator().manual_seed(block)
@@ -249,7 +250,7 @@ def test_many_rows_kernel_matches_dequantized_weights(block):
         n, k = 3 * block, 256
         qt = quantize(torch.randn(n, k, generator=g), "int4", group)
         scales, exact = _int4_scales(qt)
-        for m in (2, 6, 7, 64):
+        for m in (2, 6, 7, 13, 64):
             x = torch.randn(m, k, generator=g)
             x[0, 5] = 40
             y = qmatmul.int4_gemm(x, _pack_int4(qt.q, block), scales, group, block)
