@@ -5,10 +5,12 @@
    ever written (which is what unpacking to a dense matrix for PyTorch's matmul costs), nor are
    activations emulated in bfloat16 (what PyTorch's int4 kernel does on CPUs without native
    bfloat16).
-   - int8 (GGUF's Q8_0: rows [N, K] with a float scale per group of G, w = q * scale; the logits):
-     float panels and a 6 x 16 FMA kernel, here; its `tiles` also serve magicpig.c.
+   Both weight kinds run as integer products on int16 activations, in int16_gemm.c:
    - int4 (_convert_weight_to_int4pack_for_cpu's blocks of `block` rows, bf16 (scale, zero) pairs
-     [K/G, N, 2], w = (q - 8) * scale + zero; every linear layer): integer products, int4_gemm.c. */
+     [K/G, N, 2], w = (q - 8) * scale + zero; every linear layer);
+   - int8 (GGUF's Q8_0: rows [N, K] with a float scale per group of G, w = q * scale; the logits,
+     int8 linears): 1.3-1.7x the float panels and FMA kernel it had (M = 64-256, Q8_0 logits).
+   The float 6 x 16 FMA kernel here (`tiles`) serves magicpig.c. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <omp.h>
@@ -83,63 +85,14 @@ static inline void transpose8(__m256 v[8])
     }
 }
 
-/* Columns k0..k1-1 of the int8 weight's rows n0..n0+15, transposed, with their groups' scales, 8
-   rows by 8 columns at a time (G a multiple of 8) */
-static void int8_panel(const int8_t *w, const float *scales, int64_t K, int64_t G, int64_t n0, int64_t k0, int64_t k1,
-                       float *panel)
-{
-    for (int64_t k = k0; k < k1; k += 8)
-        for (int64_t h = 0; h < 2; h++) {
-            __m256 v[8];
-            for (int64_t j = 0; j < 8; j++) {
-                const int64_t n = n0 + 8 * h + j;
-                const __m128i q = _mm_loadl_epi64((const __m128i *)(w + n * K + k));
-                v[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_set1_ps(scales[n * (K / G) + k / G]));
-            }
-            transpose8(v);
-            for (int64_t c = 0; c < 8; c++)
-                _mm256_store_ps(panel + (k - k0 + c) * NR + 8 * h, v[c]);
-        }
-}
+#include "int16_gemm.c"
 
-/* Each thread takes a range of 16-column panels, NC of them at a time; for each slice of KC columns
-   of K it unpacks those panels' slice once (KC x 16 floats each, ~L2 size for the NC of them), then
-   for each block of MC rows of x (MC x KC floats, in L2) runs the 6 x 16 tiles over every panel.
-   G a multiple of 8. Returns 0, or -1 when out of memory. */
+/* G a multiple of 16 */
 int64_t int8_gemm(const float *x, int64_t M, const int8_t *w, const float *scales, int64_t N, int64_t K,
                   int64_t G, float *y)
 {
-    /* K in even slices of at most ~600 columns, whole groups each: each slice costs the tiles a load
-       and store of y, and a short last slice would pay them for little work. Slices of 512-576
-       measured ~6% faster than of 192-256 on SmolLM2's shapes (the panel need not stay in L1: it is
-       read two vectors per 12 FMAs). */
-    const int64_t slices_k = (K + 599) / 600, KC = ((K + slices_k - 1) / slices_k + G - 1) / G * G, MC = 48, NC = 16;
-    int64_t failed = 0;
-    #pragma omp parallel
-    {
-        const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num(), panels = N / NR;
-        const int64_t first = panels * t / threads, end = panels * (t + 1) / threads;
-        float *slices = aligned_alloc(32, NC * KC * NR * sizeof(float));
-        if (!slices)
-            failed = 1;
-        for (int64_t p0 = first; p0 < end && slices; p0 += NC) {
-            const int64_t p1 = p0 + NC < end ? p0 + NC : end;
-            for (int64_t k0 = 0; k0 < K; k0 += KC) {
-                const int64_t k1 = k0 + KC < K ? k0 + KC : K;
-                for (int64_t p = p0; p < p1; p++)
-                    int8_panel(w, scales, K, G, p * NR, k0, k1, slices + (p - p0) * KC * NR);
-                for (int64_t m0 = 0; m0 < M; m0 += MC)
-                    for (int64_t p = p0; p < p1; p++)
-                        tiles(x + m0 * K + k0, M - m0 < MC ? M - m0 : MC, K, slices + (p - p0) * KC * NR, NR, k1 - k0,
-                              y + m0 * N + p * NR, N, k0 > 0);
-            }
-        }
-        free(slices);
-    }
-    return failed ? -1 : 0;
+    return int16_gemm(x, M, NULL, NULL, w, scales, N, K, G, 0, y);
 }
-
-#include "int4_gemm.c"
 #else
 int64_t gemm_available(void) { return 0; }  /* callers keep PyTorch's kernels */
 

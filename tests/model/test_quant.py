@@ -264,7 +264,8 @@ def test_many_rows_kernel_matches_dequantized_weights(block):
 
 @pytest.mark.parametrize("group", [32, 64])
 def test_int8_many_rows_kernel_matches_dequantized_weights(group):
-    """gemm.c's int8 kernel (the logits of a batch) on Q8_0-style groups, through VocabProjection."""
+    """gemm.c's int8 kernel (the logits of a batch) on Q8_0-style groups, through VocabProjection:
+    integer products on activations rounded to int16 per group, as the int4 kernel's."""
     if not qmatmul.gemm_available(304, 256, group, None):
         pytest.skip("gemm kernels not built (no C compiler or no AVX2)")
     g = torch.Generator().manual_seed(group)
@@ -273,5 +274,5 @@ def test_int8_many_rows_kernel_matches_dequantized_weights(group):
     table = QuantizedEmbedding(QuantizedTensor("int8", q, scales), torch.float32)
     for m in (qmatmul.INT8_GEMM_MIN_ROWS, 13, 64):
         x = torch.randn(m, k, generator=g)
-        assert rel_err(qmatmul.int8_gemm(x, q, scales), x.double() @ exact.t()) < 1e-5
-        assert rel_err(VocabProjection(table)(x), x.double() @ exact.t()) < 1e-5
+        assert rel_err(qmatmul.int8_gemm(x, q, scales), x.double() @ exact.t()) < 1e-4
+        assert rel_err(VocabProjection(table)(x), x.double() @ exact.t()) < 1e-4

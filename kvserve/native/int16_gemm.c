@@ -1,10 +1,11 @@
-/* y [M, N] = x [M, K] W^T on int4 weights for many rows (prompts, batched decodes), as integer
-   products: activations are rounded to int16 per group of the weight (15 bits of its largest
-   value: as precise as qmatmul.c's two int8 digits), weights unpacked to int16, and vpmaddwd does
-   16 multiply-adds where an FMA does 8. With the adds that accumulate them this runs ~1.2x gemm.c's
-   float tiles on SmolLM2's shapes; int8 activations would run faster but cost SmolLM2 3 points of
-   top-1 agreement with transformers. Each group's integer sums then take one float multiply-add
-   for the weights' scales, and one for their zero' times the activations' sum.
+/* y [M, N] = x [M, K] W^T on int4 or int8 weights for many rows (prompts, batched decodes), as
+   integer products: activations are rounded to int16 per group of the weight (15 bits of its
+   largest value: as precise as qmatmul.c's two int8 digits), weights unpacked to int16, and
+   vpmaddwd does 16 multiply-adds where an FMA does 8 (vpdpwssd on AVX-512 VNNI: 32, with the add).
+   On AVX2 with the adds that accumulate them this runs ~1.2x float FMA tiles on SmolLM2's shapes;
+   int8 activations would run faster but cost SmolLM2 3 points of top-1 agreement with
+   transformers. Each group's integer sums then take one float multiply-add for the weights'
+   scales, and one for their zero' (0 for int8) times the activations' sum.
    Included by gemm.c, whose blocking (panels of 16 output columns, K in slices) this follows. */
 #include <math.h>
 #include <string.h>
@@ -68,6 +69,31 @@ static void int4_panel16(const uint8_t *w, const uint16_t *scales, int64_t N, in
             load_scales(scales + (g * N + n0 + 8 * h) * 2, &scale, &zero0);
             _mm256_store_ps(s + 8 * h, scale);
             _mm256_store_ps(s + NR + 8 * h, zero0);
+        }
+    }
+}
+
+/* int4_panel16's layout from an int8 weight (GGUF's Q8_0: rows [N, K], a float scale per group of
+   G, w = q * scale), zero's 0: 8 rows x 8 column pairs at a time, transposed as 32-bit elements
+   (G a multiple of 16) */
+static void int8_panel16(const int8_t *w, const float *scales, int64_t K, int64_t G, int64_t n0, int64_t k0,
+                         int64_t k1, int16_t *panel, float *group_scales)
+{
+    for (int64_t k = k0; k < k1; k += 16)
+        for (int64_t h = 0; h < 2; h++) {
+            __m256 v[8];
+            for (int64_t j = 0; j < 8; j++)
+                v[j] = _mm256_castsi256_ps(_mm256_cvtepi8_epi16(
+                    _mm_loadu_si128((const __m128i *)(w + (n0 + 8 * h + j) * K + k))));
+            transpose8(v);  /* v[c]: column pair c of the 8 rows */
+            for (int64_t c = 0; c < 8; c++)
+                _mm256_store_si256((__m256i *)(panel + ((k - k0) / 2 + c) * 2 * NR + NR * h), _mm256_castps_si256(v[c]));
+        }
+    for (int64_t g = k0 / G; g < k1 / G; g++) {
+        float *s = group_scales + (g - k0 / G) * 2 * NR;
+        for (int64_t n = 0; n < NR; n++) {
+            s[n] = scales[(n0 + n) * (K / G) + g];
+            s[NR + n] = 0;
         }
     }
 }
@@ -206,11 +232,14 @@ static void tiles16(const int16_t *x, int64_t M, int64_t ldx, const float *xd, c
 }
 #endif
 
-/* x [M, K], y [M, N]; N a multiple of 16 and of `block` (a multiple of 32), K of G (even). W as
-   qmatmul.c's int4_matmul reads it. Returns 0, or -1 when out of memory. */
-int64_t int4_gemm(const float *x, int64_t M, const uint8_t *w, const uint16_t *scales, int64_t N, int64_t K,
-                  int64_t G, int64_t block, float *y)
+/* x [M, K], y [M, N]; N a multiple of 16, K of G. The weight: int4 (w4, bf16 scale pairs; N a
+   multiple of `block`, a multiple of 32) as qmatmul.c's int4_matmul reads it, or int8 (w8, float
+   scales; G a multiple of 16). Returns 0, or -1 when out of memory. */
+static int64_t int16_gemm(const float *x, int64_t M, const uint8_t *w4, const uint16_t *scales4, const int8_t *w8,
+                          const float *scales8, int64_t N, int64_t K, int64_t G, int64_t block, float *y)
 {
+    /* K in even slices of at most ~600 columns, whole groups each: each slice costs the tiles a load
+       and store of y, and a short last slice would pay them for little work */
     const int64_t slices_k = (K + 599) / 600, KC = ((K + slices_k - 1) / slices_k + G - 1) / G * G, MC = 48, NC = 16;
     const int64_t ldg = K / G;
     int16_t *xq = malloc(M * K * sizeof(int16_t));
@@ -236,8 +265,12 @@ int64_t int4_gemm(const float *x, int64_t M, const uint8_t *w, const uint16_t *s
             for (int64_t k0 = 0; k0 < K; k0 += KC) {
                 const int64_t k1 = k0 + KC < K ? k0 + KC : K;
                 for (int64_t p = p0; p < p1; p++)
-                    int4_panel16(w, scales, N, K, G, block, p * NR, k0, k1, slices + (p - p0) * KC * NR,
-                                 slice_scales + (p - p0) * (KC / G) * 2 * NR);
+                    if (w4)
+                        int4_panel16(w4, scales4, N, K, G, block, p * NR, k0, k1, slices + (p - p0) * KC * NR,
+                                     slice_scales + (p - p0) * (KC / G) * 2 * NR);
+                    else
+                        int8_panel16(w8, scales8, K, G, p * NR, k0, k1, slices + (p - p0) * KC * NR,
+                                     slice_scales + (p - p0) * (KC / G) * 2 * NR);
                 for (int64_t m0 = 0; m0 < M; m0 += MC)
                     for (int64_t p = p0; p < p1; p += TILE_PANELS) {
                         const int panels = p + TILE_PANELS <= p1 ? TILE_PANELS : 1;
@@ -255,4 +288,10 @@ int64_t int4_gemm(const float *x, int64_t M, const uint8_t *w, const uint16_t *s
     free(xd);
     free(xs);
     return failed ? -1 : 0;
+}
+
+int64_t int4_gemm(const float *x, int64_t M, const uint8_t *w, const uint16_t *scales, int64_t N, int64_t K,
+                  int64_t G, int64_t block, float *y)
+{
+    return int16_gemm(x, M, w, scales, NULL, NULL, N, K, G, block, y);
 }
