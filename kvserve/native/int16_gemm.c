@@ -12,8 +12,6 @@
 
 #include "int4_scales.h"
 
-#define I16_MR 3  /* rows a tile: 3 x 2 int32 sums and 3 x 2 float outputs fit the 16 registers */
-
 /* x [M, K] -> x ~ xq * xd per group of G, and xs = xd * sum(xq) (the sum of the approximations,
    so the rounding of zero' * sum cancels as in qmatmul.c). Runs on the calling team's threads;
    8 values at a time (G is a multiple of 8 here), as the scalar definition rounds them. */
@@ -98,55 +96,13 @@ static void int8_panel16(const int8_t *w, const float *scales, int64_t K, int64_
     }
 }
 
-/* y[r, 0..15] (+)= x[r, 0..K) . panel for `rows` (1..I16_MR) rows; xd and xs: the rows' group
-   scales and sums, ldg apart. G is 32 for every GGUF format, hence the unrolling. */
-static inline __attribute__((always_inline)) void kernel16(const int16_t *x, int64_t ldx, const float *xd,
-                                                          const float *xs, int64_t ldg, const int16_t *panel,
-                                                          const float *group_scales, int64_t K, int64_t G, float *y,
-                                                          int64_t ldy, int rows, int accumulate)
-{
-    __m256 out[I16_MR][2];
-    for (int r = 0; r < rows; r++)
-        for (int h = 0; h < 2; h++)
-            out[r][h] = accumulate ? _mm256_loadu_ps(y + r * ldy + 8 * h) : _mm256_setzero_ps();
-    for (int64_t g = 0; g < K / G; g++) {
-        /* below G * 15 * 32767 < 2^31 for G up to 4096 */
-        __m256i sum[I16_MR][2];
-        for (int r = 0; r < rows; r++)
-            sum[r][0] = sum[r][1] = _mm256_setzero_si256();
-        #pragma GCC unroll 16
-        for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
-            const __m256i b0 = _mm256_load_si256((const __m256i *)(panel + k * NR));
-            const __m256i b1 = _mm256_load_si256((const __m256i *)(panel + k * NR + 16));
-            for (int r = 0; r < rows; r++) {
-                int32_t both;
-                memcpy(&both, x + r * ldx + k, 4);
-                const __m256i a = _mm256_set1_epi32(both);
-                sum[r][0] = _mm256_add_epi32(sum[r][0], _mm256_madd_epi16(a, b0));
-                sum[r][1] = _mm256_add_epi32(sum[r][1], _mm256_madd_epi16(a, b1));
-            }
-        }
-        const float *s = group_scales + g * 2 * NR;
-        for (int h = 0; h < 2; h++) {
-            const __m256 scale = _mm256_load_ps(s + 8 * h), zero0 = _mm256_load_ps(s + NR + 8 * h);
-            for (int r = 0; r < rows; r++) {
-                const __m256 z = _mm256_fmadd_ps(zero0, _mm256_broadcast_ss(xs + r * ldg + g), out[r][h]);
-                out[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][h]),
-                                            _mm256_mul_ps(scale, _mm256_broadcast_ss(xd + r * ldg + g)), z);
-            }
-        }
-    }
-    for (int r = 0; r < rows; r++)
-        for (int h = 0; h < 2; h++)
-            _mm256_storeu_ps(y + r * ldy + 8 * h, out[r][h]);
-}
-
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define TILE_PANELS 2  /* panels a tile reads: 32 columns, so each broadcast row value feeds two products */
 
-/* kernel16 on AVX-512 VNNI over `panels` (1 or 2) adjacent panels, `pstride` and `sstride` apart: a
-   column pair's 16 rows are one register, and vpdpwssd multiplies and accumulates in one instruction
-   (vpmaddwd then vpaddd above). The same integer sums and float steps, so the same results. */
+/* kernel16 (below, AVX2) on AVX-512 VNNI over `panels` (1 or 2) adjacent panels, `pstride` and
+   `sstride` apart: a column pair's 16 rows are one register, and vpdpwssd multiplies and
+   accumulates in one instruction (vpmaddwd then vpaddd there). The same integer sums and float
+   steps, so the same results. */
 static inline __attribute__((always_inline)) void kernel_512(const int16_t *x, int64_t ldx, const float *xd,
                                                             const float *xs, int64_t ldg, const int16_t *panel,
                                                             int64_t pstride, const float *group_scales,
@@ -213,6 +169,50 @@ static void tiles16(const int16_t *x, int64_t M, int64_t ldx, const float *xd, c
 }
 #else
 #define TILE_PANELS 1
+#define I16_MR 3  /* rows a tile: 3 x 2 int32 sums and 3 x 2 float outputs fit the 16 registers */
+
+/* y[r, 0..15] (+)= x[r, 0..K) . panel for `rows` (1..I16_MR) rows; xd and xs: the rows' group
+   scales and sums, ldg apart. G is 32 for every GGUF format, hence the unrolling. */
+static inline __attribute__((always_inline)) void kernel16(const int16_t *x, int64_t ldx, const float *xd,
+                                                          const float *xs, int64_t ldg, const int16_t *panel,
+                                                          const float *group_scales, int64_t K, int64_t G, float *y,
+                                                          int64_t ldy, int rows, int accumulate)
+{
+    __m256 out[I16_MR][2];
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < 2; h++)
+            out[r][h] = accumulate ? _mm256_loadu_ps(y + r * ldy + 8 * h) : _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / G; g++) {
+        /* below G * 128 * 32767 < 2^31: G up to 512 (int8 weights; int4: 4096) */
+        __m256i sum[I16_MR][2];
+        for (int r = 0; r < rows; r++)
+            sum[r][0] = sum[r][1] = _mm256_setzero_si256();
+        #pragma GCC unroll 16
+        for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
+            const __m256i b0 = _mm256_load_si256((const __m256i *)(panel + k * NR));
+            const __m256i b1 = _mm256_load_si256((const __m256i *)(panel + k * NR + 16));
+            for (int r = 0; r < rows; r++) {
+                int32_t both;
+                memcpy(&both, x + r * ldx + k, 4);
+                const __m256i a = _mm256_set1_epi32(both);
+                sum[r][0] = _mm256_add_epi32(sum[r][0], _mm256_madd_epi16(a, b0));
+                sum[r][1] = _mm256_add_epi32(sum[r][1], _mm256_madd_epi16(a, b1));
+            }
+        }
+        const float *s = group_scales + g * 2 * NR;
+        for (int h = 0; h < 2; h++) {
+            const __m256 scale = _mm256_load_ps(s + 8 * h), zero0 = _mm256_load_ps(s + NR + 8 * h);
+            for (int r = 0; r < rows; r++) {
+                const __m256 z = _mm256_fmadd_ps(zero0, _mm256_broadcast_ss(xs + r * ldg + g), out[r][h]);
+                out[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][h]),
+                                            _mm256_mul_ps(scale, _mm256_broadcast_ss(xd + r * ldg + g)), z);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < 2; h++)
+            _mm256_storeu_ps(y + r * ldy + 8 * h, out[r][h]);
+}
 
 /* rows 0..M-1 of y[:, 16 columns] (+)= x[:, k0..k0+kc) . panel (one: `panels` is 1) */
 static void tiles16(const int16_t *x, int64_t M, int64_t ldx, const float *xd, const float *xs, int64_t ldg,
@@ -234,7 +234,7 @@ static void tiles16(const int16_t *x, int64_t M, int64_t ldx, const float *xd, c
 
 /* x [M, K], y [M, N]; N a multiple of 16, K of G. The weight: int4 (w4, bf16 scale pairs; N a
    multiple of `block`, a multiple of 32) as qmatmul.c's int4_matmul reads it, or int8 (w8, float
-   scales; G a multiple of 16). Returns 0, or -1 when out of memory. */
+   scales; G a multiple of 16, at most 512). Returns 0, or -1 when out of memory. */
 static int64_t int16_gemm(const float *x, int64_t M, const uint8_t *w4, const uint16_t *scales4, const int8_t *w8,
                           const float *scales8, int64_t N, int64_t K, int64_t G, int64_t block, float *y)
 {

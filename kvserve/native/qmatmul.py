@@ -45,8 +45,8 @@ def int8_available(in_features: int, group: int) -> bool:
 def gemm_available(out_features: int, in_features: int, group: int, block: int | None = 32) -> bool:
     """int4 (with `block`) or int8 (block None) weights of this shape through gemm.c"""
     return (_gemm_kernels() is not None and out_features % 16 == 0 and in_features % group == 0
-            and group % (16 if block is None else 8) == 0
-            and (block is None or block % 32 == 0 and out_features % block == 0))
+            and (block is None and group % 16 == 0 and group <= 512  # int8: int32 sums of a group
+                 or block is not None and group % 8 == 0 and block % 32 == 0 and out_features % block == 0))
 
 
 def _run(kind: str, x: torch.Tensor, n: int, group: int, weight: torch.Tensor, scales: torch.Tensor,
