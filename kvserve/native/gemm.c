@@ -48,8 +48,8 @@ static inline __attribute__((always_inline)) void kernel(const float *x, int64_t
 }
 
 /* rows 0..M-1 of y[:, 16 columns] (+)= x[:, k0..k0+kc) . panel */
-static void tiles(const float *x, int64_t M, int64_t ldx, const float *panel, int64_t ldb, int64_t kc, float *y,
-                  int64_t ldy, int accumulate)
+static inline void tiles(const float *x, int64_t M, int64_t ldx, const float *panel, int64_t ldb, int64_t kc,
+                         float *y, int64_t ldy, int accumulate)
 {
     int64_t m = 0;
     for (; m + MR <= M; m += MR)

@@ -128,6 +128,49 @@ static inline __attribute__((always_inline)) void group_products(const uint8_t *
     }
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+/* group_products for one row (`fused`) on AVX-512 VNNI: four columns' bytes gathered into each byte
+   position's 32-bit lane (vpermb), so that vpdpbusd multiplies them by the row's four activation
+   digits and adds them in int32: ~2x fewer instructions than maddubs over column pairs, and the
+   same integer sums, so the same results */
+static inline __attribute__((always_inline)) void group_products_vnni(const uint8_t *wc, int64_t half, const int8_t *xm,
+                                                                     const int8_t *xrm, int64_t g0, int64_t G,
+                                                                     __m256i sum[4])
+{
+    static const uint8_t quads[64] = {  /* byte 4j + i <- column i's byte j */
+        0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21, 37, 53,
+        6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
+        12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
+    const __m512i order = _mm512_loadu_si512((const void *)quads), low4 = _mm512_set1_epi8(15);
+    __m512i lo = _mm512_setzero_si512(), hi = lo, lo_r = lo, hi_r = lo;
+    for (int64_t k = g0; k < g0 + G; k += 4) {
+        const uint8_t *p = wc + k * half;
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + half)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 2 * half)), 2);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 3 * half)), 3);
+        v = _mm512_permutexvar_epi8(order, v);
+        const __m512i pl = _mm512_and_si512(v, low4), ph = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        int32_t q4, r4;
+        memcpy(&q4, xm + k, 4);
+        memcpy(&r4, xrm + k, 4);
+        const __m512i xq4 = _mm512_set1_epi32(q4), xr4 = _mm512_set1_epi32(r4);
+        lo = _mm512_dpbusd_epi32(lo, pl, xq4);
+        hi = _mm512_dpbusd_epi32(hi, ph, xq4);
+        lo_r = _mm512_dpbusd_epi32(lo_r, pl, xr4);
+        hi_r = _mm512_dpbusd_epi32(hi_r, ph, xr4);
+    }
+    const __m512i digit = _mm512_set1_epi32(254);
+    const __m512i l = _mm512_add_epi32(_mm512_mullo_epi32(lo, digit), lo_r);
+    const __m512i h = _mm512_add_epi32(_mm512_mullo_epi32(hi, digit), hi_r);
+    sum[0] = _mm512_castsi512_si256(l), sum[1] = _mm512_extracti64x4_epi64(l, 1);
+    sum[2] = _mm512_castsi512_si256(h), sum[3] = _mm512_extracti64x4_epi64(h, 1);
+}
+#define FUSED_PRODUCTS(wc, half, low, high, xm, xrm, g0, G, sum) group_products_vnni(wc, half, xm, xrm, g0, G, sum)
+#else
+#define FUSED_PRODUCTS(wc, half, low, high, xm, xrm, g0, G, sum) group_products(wc, half, low, high, 1, xm, xrm, g0, G, sum)
+#endif
+
 /* out + 8 rows' group product: their integer sums times scale * d, plus zero' times the
    activations' sum s (their bf16 (scale, zero) pairs at `pairs`) */
 static inline __m256 group_sum(__m256i isum, const uint16_t *pairs, __m256 d, __m256 s, __m256 out)
@@ -190,7 +233,7 @@ void int4_matmul(const float *x, int64_t M, const uint8_t *w, const uint16_t *sc
                     const int8_t *xm = xq + (m0 + m) * K, *xrm = xr + (m0 + m) * K;
                     __m256i sum[4];
                     if (mr == 1)  /* a decode: the registers' unpacking costs less than L1's round trip */
-                        group_products(wc, half, low, high, 1, xm, xrm, g * G, G, sum);
+                        FUSED_PRODUCTS(wc, half, low, high, xm, xrm, g * G, G, sum);
                     else
                         group_products(wc, half, low, high, 0, xm, xrm, g * G, G, sum);
                     const int64_t gi = (m0 + m) * (K / G) + g;
