@@ -252,9 +252,15 @@ void int4_matmul(const float *x, int64_t M, const uint8_t *w, const uint16_t *sc
    wants them, |w| times x with w's sign */
 static inline __m256i dot32_i8(__m256i w, __m256i xc, __m256i xf)
 {
-    const __m256i aw = _mm256_sign_epi8(w, w), ones = _mm256_set1_epi16(1);
+    const __m256i aw = _mm256_sign_epi8(w, w);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)  /* the same 4-byte sums in one instruction */
+    const __m256i c = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(xc, w));
+    const __m256i f = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(xf, w));
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
     const __m256i c = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xc, w)), ones);
     const __m256i f = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xf, w)), ones);
+#endif
     return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(c, 8), _mm256_slli_epi32(c, 1)), f);
 }
 
