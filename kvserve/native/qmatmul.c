@@ -129,28 +129,42 @@ static inline __attribute__((always_inline)) void group_products(const uint8_t *
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
-/* group_products for one row (`fused`) on AVX-512 VNNI: four columns' bytes gathered into each byte
-   position's 32-bit lane (vpermb), so that vpdpbusd multiplies them by the row's four activation
-   digits and adds them in int32: ~2x fewer instructions than maddubs over column pairs, and the
-   same integer sums, so the same results */
-static inline __attribute__((always_inline)) void group_products_vnni(const uint8_t *wc, int64_t half, const int8_t *xm,
-                                                                     const int8_t *xrm, int64_t g0, int64_t G,
-                                                                     __m256i sum[4])
+#define UNPACK_COLUMNS 4  /* columns an unpacked vector holds */
+typedef __m512i unpacked;
+
+/* Columns k..k+3 (`half` bytes apart from p) with each byte position's four bytes gathered into
+   its 32-bit lane (vpermb): lane j's low nibbles (rows 16c + j) in lo, high (half + 16c + j) in hi */
+static inline __attribute__((always_inline)) void unpack_columns(const uint8_t *p, int64_t half, unpacked *lo,
+                                                                unpacked *hi)
 {
     static const uint8_t quads[64] = {  /* byte 4j + i <- column i's byte j */
         0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21, 37, 53,
         6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
         12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
-    const __m512i order = _mm512_loadu_si512((const void *)quads), low4 = _mm512_set1_epi8(15);
+    const __m512i low4 = _mm512_set1_epi8(15);
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + half)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 2 * half)), 2);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 3 * half)), 3);
+    v = _mm512_permutexvar_epi8(_mm512_loadu_si512((const void *)quads), v);
+    *lo = _mm512_and_si512(v, low4);
+    *hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+}
+
+/* group_products on AVX-512 VNNI: vpdpbusd multiplies four columns by the row's four activation
+   digits and adds them in int32, ~2x fewer instructions than maddubs over column pairs, and the
+   same integer sums, so the same results */
+static inline __attribute__((always_inline)) void products(const uint8_t *wc, int64_t half, const unpacked *low,
+                                                          const unpacked *high, int fused, const int8_t *xm,
+                                                          const int8_t *xrm, int64_t g0, int64_t G, __m256i sum[4])
+{
     __m512i lo = _mm512_setzero_si512(), hi = lo, lo_r = lo, hi_r = lo;
     for (int64_t k = g0; k < g0 + G; k += 4) {
-        const uint8_t *p = wc + k * half;
-        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p));
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + half)), 1);
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 2 * half)), 2);
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 3 * half)), 3);
-        v = _mm512_permutexvar_epi8(order, v);
-        const __m512i pl = _mm512_and_si512(v, low4), ph = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        __m512i pl, ph;
+        if (fused)
+            unpack_columns(wc + k * half, half, &pl, &ph);
+        else
+            pl = low[(k - g0) / 4], ph = high[(k - g0) / 4];
         int32_t q4, r4;
         memcpy(&q4, xm + k, 4);
         memcpy(&r4, xrm + k, 4);
@@ -166,9 +180,18 @@ static inline __attribute__((always_inline)) void group_products_vnni(const uint
     sum[0] = _mm512_castsi512_si256(l), sum[1] = _mm512_extracti64x4_epi64(l, 1);
     sum[2] = _mm512_castsi512_si256(h), sum[3] = _mm512_extracti64x4_epi64(h, 1);
 }
-#define FUSED_PRODUCTS(wc, half, low, high, xm, xrm, g0, G, sum) group_products_vnni(wc, half, xm, xrm, g0, G, sum)
 #else
-#define FUSED_PRODUCTS(wc, half, low, high, xm, xrm, g0, G, sum) group_products(wc, half, low, high, 1, xm, xrm, g0, G, sum)
+#define UNPACK_COLUMNS 2
+typedef __m256i unpacked;
+
+static inline __attribute__((always_inline)) void unpack_columns(const uint8_t *p, int64_t half, unpacked *lo,
+                                                                unpacked *hi)
+{
+    const __m256i pairs = column_pairs(p, half), low4 = _mm256_set1_epi8(15);
+    *lo = _mm256_and_si256(pairs, low4);  /* rows 16c + 0-15 */
+    *hi = _mm256_and_si256(_mm256_srli_epi16(pairs, 4), low4);  /* half + */
+}
+#define products group_products
 #endif
 
 /* out + 8 rows' group product: their integer sums times scale * d, plus zero' times the
@@ -197,7 +220,6 @@ void int4_matmul(const float *x, int64_t M, const uint8_t *w, const uint16_t *sc
     float *xd = (float *)(xr + M * K), *xs = xd + M * K / G;
     quantize_activations(x, M, K, G, xq, xr, xd, xs);
     const int64_t half = block / 2, chunks = N / block * (half / 16);
-    const __m256i low4 = _mm256_set1_epi8(15);
     #pragma omp parallel for schedule(static)  /* torch's OpenMP threads: the same libgomp */
     for (int64_t chunk = 0; chunk < chunks; chunk++) {
         /* rows nb*block + 16c.. (low nibbles) and + half (high) */
@@ -205,7 +227,7 @@ void int4_matmul(const float *x, int64_t M, const uint8_t *w, const uint16_t *sc
         const uint8_t *wc = w + nb * K * half + 16 * c;
         const int64_t rows[4] = {nb * block + 16 * c, nb * block + 16 * c + 8,
                                  nb * block + half + 16 * c, nb * block + half + 16 * c + 8};
-        __m256i low[128], high[128];  /* a group's column pairs: G / 2 <= 128 */
+        unpacked low[256 / UNPACK_COLUMNS], high[256 / UNPACK_COLUMNS];  /* a group's columns: G <= 256 */
         for (int64_t m0 = 0; m0 < M; m0 += MATMUL_ROWS) {
             const int64_t mr = M - m0 < MATMUL_ROWS ? M - m0 : MATMUL_ROWS;
             __m256 out[MATMUL_ROWS][4];
@@ -218,11 +240,9 @@ void int4_matmul(const float *x, int64_t M, const uint8_t *w, const uint16_t *sc
                 for (int64_t f = 0; f < G * half; f += 64)
                     _mm_prefetch((const char *)(wc + (g + 2) * G * half + f), _MM_HINT_T0);
                 if (mr > 1)  /* unpacked once for the rows */
-                    for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
-                        const __m256i pairs = column_pairs(wc + k * half, half);
-                        low[(k - g * G) / 2] = _mm256_and_si256(pairs, low4);  /* rows 16c + 0-15 */
-                        high[(k - g * G) / 2] = _mm256_and_si256(_mm256_srli_epi16(pairs, 4), low4);  /* half + */
-                    }
+                    for (int64_t k = g * G; k < (g + 1) * G; k += UNPACK_COLUMNS)
+                        unpack_columns(wc + k * half, half, &low[(k - g * G) / UNPACK_COLUMNS],
+                                       &high[(k - g * G) / UNPACK_COLUMNS]);
                 const uint16_t *group_pairs = scales + g * N * 2;
                 /* this group's scales for the next block of rows (the thread's next chunk, in
                    static order): a stream per group is more than the prefetcher follows, and two
@@ -233,9 +253,9 @@ void int4_matmul(const float *x, int64_t M, const uint8_t *w, const uint16_t *sc
                     const int8_t *xm = xq + (m0 + m) * K, *xrm = xr + (m0 + m) * K;
                     __m256i sum[4];
                     if (mr == 1)  /* a decode: the registers' unpacking costs less than L1's round trip */
-                        FUSED_PRODUCTS(wc, half, low, high, xm, xrm, g * G, G, sum);
+                        products(wc, half, low, high, 1, xm, xrm, g * G, G, sum);
                     else
-                        group_products(wc, half, low, high, 0, xm, xrm, g * G, G, sum);
+                        products(wc, half, low, high, 0, xm, xrm, g * G, G, sum);
                     const int64_t gi = (m0 + m) * (K / G) + g;
                     const __m256 d = _mm256_set1_ps(xd[gi]), s = _mm256_set1_ps(xs[gi]);
                     for (int i = 0; i < 4; i++)
