@@ -4,7 +4,8 @@
    - int8 in groups with a float scale each (GGUF's Q8_0), for an int8 vocabulary table (lm_head;
      a 4-bit one runs on the int4 kernel).
    As llama.cpp does for Q4_1 x Q8_1, activations are quantized to int8 per group of the weight
-   and the products summed as integers (AVX2 maddubs), one float multiply-add per group. */
+   and the products summed as integers (AVX2 maddubs; AVX-512 VNNI vpdpbusd), one float multiply-add
+   per group. */
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -191,7 +192,12 @@ static inline __attribute__((always_inline)) void unpack_columns(const uint8_t *
     *lo = _mm256_and_si256(pairs, low4);  /* rows 16c + 0-15 */
     *hi = _mm256_and_si256(_mm256_srli_epi16(pairs, 4), low4);  /* half + */
 }
-#define products group_products
+static inline __attribute__((always_inline)) void products(const uint8_t *wc, int64_t half, const unpacked *low,
+                                                          const unpacked *high, int fused, const int8_t *xm,
+                                                          const int8_t *xrm, int64_t g0, int64_t G, __m256i sum[4])
+{
+    group_products(wc, half, low, high, fused, xm, xrm, g0, G, sum);
+}
 #endif
 
 /* out + 8 rows' group product: their integer sums times scale * d, plus zero' times the
@@ -209,7 +215,7 @@ static inline __m256 group_sum(__m256i isum, const uint16_t *pairs, __m256 d, __
 /* y [M, N] = x [M, K] W^T. W: per block of `block` rows, column k's block/2 bytes hold row j (low
    nibble) and row block/2 + j (high nibble); scales [K/G, N, 2] bf16 (scale, zero), w = (q - 8) *
    scale + zero. G: a multiple of 16, at most 256; scratch: 2 * M * K bytes + 2 * M * K / G floats.
-   Each group of 32 weight rows x G columns is unpacked once (to 2 G 32-byte vectors, in L1) for up
+   Each group of 32 weight rows x G columns is unpacked once (2 G x 32 bytes, in L1) for up
    to MATMUL_ROWS rows of x, whose products then run over it: a verification's k + 1 rows cost about
    one read of the weights plus their products, where the unpacking once per row cost as much as the
    products. Each row's arithmetic is the same whatever M, so a row comes out bit for bit as alone. */
