@@ -13,6 +13,7 @@ import triton.language as tl
 
 BLOCK_N = BLOCK_K = 64  # output columns and reduction depth of a program's tile
 
+
 @triton.jit
 def gate_up_kernel(X, W, Act, Pairs, BlockExpert, stride_xt, stride_we, stride_wn, stride_at,
                    num_pairs, TOP_K: tl.constexpr, I: tl.constexpr, H: tl.constexpr,

@@ -85,7 +85,8 @@ static void int8_panel16(const int8_t *w, const float *scales, int64_t K, int64_
                     _mm_loadu_si128((const __m128i *)(w + (n0 + 8 * h + j) * K + k))));
             transpose8(v);  /* v[c]: column pair c of the 8 rows */
             for (int64_t c = 0; c < 8; c++)
-                _mm256_store_si256((__m256i *)(panel + ((k - k0) / 2 + c) * 2 * NR + NR * h), _mm256_castps_si256(v[c]));
+                _mm256_store_si256((__m256i *)(panel + ((k - k0) / 2 + c) * 2 * NR + NR * h),
+                                   _mm256_castps_si256(v[c]));
         }
     for (int64_t g = k0 / G; g < k1 / G; g++) {
         float *s = group_scales + (g - k0 / G) * 2 * NR;
