@@ -26,10 +26,16 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def context_len(args, prompt: list[int], long_prompt: list[int]) -> int:
+    """The tokens both engines' caches hold: the longest request of the run, at least 2048."""
+    return max(2048, len(prompt) + args.output_len, len(long_prompt) + 1)
+
+
 def run_llama_cpp(args, prompt: list[int], long_prompt: list[int]) -> dict:
     from llama_cpp import Llama
     runtime_rss = peak_rss_mb()
-    llm = Llama(args.model, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=2048,
+    llm = Llama(args.model, n_threads=args.threads, n_threads_batch=args.threads,
+                n_ctx=context_len(args, prompt, long_prompt),
                 n_batch=512, verbose=False)
     llm.eval(prompt[:8])  # warm-up
 
@@ -66,13 +72,14 @@ def run_kvserve(args, prompt: list[int], long_prompt: list[int]) -> dict:
     tune_malloc()  # as the kvserve command does
     tune_gc()
     runtime_rss = peak_rss_mb()
-    # a cache for the longest request of this benchmark (2048 tokens), as llama.cpp's n_ctx is sized
-    # for it: 2048 tokens' pages in each KV group (a page holds one group's layers)
+    # a cache for the longest request of this benchmark, as llama.cpp's n_ctx is sized for it: its
+    # pages in each KV group (a page holds one group's layers)
     config, _ = load_checkpoint(args.model)  # the config; a GGUF's weights are read lazily
     groups = len(KVGroups.from_windows(kv_windows(config)))
+    pages = -(-context_len(args, prompt, long_prompt) // 16)
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization,
                                  threads=args.threads, compile=args.compile,
-                                 cache=CacheConfig(num_pages=groups * 2048 // 16)))
+                                 cache=CacheConfig(num_pages=groups * pages)))
 
     def timed(ids, max_tokens):
         stamps = [time.perf_counter()]
