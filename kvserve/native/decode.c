@@ -203,45 +203,62 @@ static int64_t experts(const Layer *L, const float *h, int64_t T, int64_t E, flo
 
 /* Row t's query heads (q: row 0's, rows qkv_n apart) against the layer's cache rows of its positions
    0..pos[t] (the last `window` of them under the layer's sliding window) -> out [T, H, D]: a task
-   per (block, KV head), a block being up to BLOCK_ROWS consecutive positions of one sequence (a
-   decode is a block of one). Rows with skip[t] set (skip may be NULL) are left to the caller.
-   Returns 0, or -1 when out of memory. */
+   per (block, KV head), a block being up to BLOCK_ROWS consecutive positions of one sequence; a
+   decode (a block of one) is attend_heads' task, in pieces of its keys. Rows with skip[t] set
+   (skip may be NULL) are left to the caller. Returns 0, or -1 when out of memory. */
 static int64_t attend(const Model *m, int64_t layer, int64_t T, const float *q, int64_t qkv_n, const int32_t *pages,
                       const int64_t *page_starts, const int64_t *pos, int64_t page_size, const char *skip, float *out)
 {
     const int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, group = H / Hkv, window = m->windows[layer];
     const int64_t offset = m->layer_slot[layer] * Hkv * m->slots * D * (m->kv_bf16 ? 2 : 4);
     const char *k = (const char *)m->k_cache + offset, *v = (const char *)m->v_cache + offset;
-    int64_t *starts = malloc(sizeof(int64_t) * (T + 1)), blocks = 0, failed = 0;
-    if (!starts)
+    int64_t *starts = malloc(sizeof(int64_t) * (T + 1)), blocks = 0, failed = 0, single = 0, multi = 0;
+    HeadTask *singles = malloc(sizeof(HeadTask) * T * Hkv);
+    if (!starts || !singles) {
+        free(starts);
+        free(singles);
         return -1;
+    }
     for (int64_t t = 0; t < T; t++)
         if (t == 0 || page_starts[t] != page_starts[t - 1] || pos[t] != pos[t - 1] + 1
             || t - starts[blocks - 1] == BLOCK_ROWS || (skip && skip[t] != skip[t - 1]))
             starts[blocks++] = t;
     starts[blocks] = T;
-    #pragma omp parallel for schedule(dynamic)
-    for (int64_t task = 0; task < blocks * Hkv; task++) {
-        const int64_t b = task / Hkv, g = task % Hkv, t0 = starts[b], R = starts[b + 1] - t0;
-        const int32_t *table = pages + page_starts[t0];
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t t0 = starts[b], R = starts[b + 1] - t0;
         if (skip && skip[t0])  /* a block's rows are all skipped or none */
             continue;
 #ifdef __AVX2__
-        if (R > 1 && D % KEYS == 0) {
-            if (attend_block(q + t0 * qkv_n + g * group * D, qkv_n, R, pos[t0], k, v, (int)m->kv_bf16, m->slots,
-                             g, group, D, m->scale, m->softcap, window, table, page_size,
-                             out + (t0 * H + g * group) * D, H * D))
-                failed = 1;
+        if (R > 1 && D % KEYS == 0) {  /* attend_block's, below */
+            multi++;
             continue;
         }
 #endif
         for (int64_t t = t0; t < t0 + R; t++)
-            if (attend_kv_head(q + t * qkv_n + g * group * D, k, v, (int)m->kv_bf16, m->slots, g, group, D, m->scale,
-                               m->softcap, table, page_size, 0, window_start(pos[t] + 1, window), pos[t] + 1,
-                               out + (t * H + g * group) * D))
-                failed = 1;
+            for (int64_t g = 0; g < Hkv; g++)
+                singles[single++] = (HeadTask){q + t * qkv_n + g * group * D, pages + page_starts[t0], g, 0,
+                                               window_start(pos[t] + 1, window), pos[t] + 1,
+                                               out + (t * H + g * group) * D};
     }
+#ifdef __AVX2__
+    if (multi) {
+        #pragma omp parallel for schedule(dynamic)
+        for (int64_t task = 0; task < blocks * Hkv; task++) {
+            const int64_t b = task / Hkv, g = task % Hkv, t0 = starts[b], R = starts[b + 1] - t0;
+            if (R == 1 || D % KEYS || (skip && skip[t0]))
+                continue;
+            if (attend_block(q + t0 * qkv_n + g * group * D, qkv_n, R, pos[t0], k, v, (int)m->kv_bf16, m->slots, g,
+                             group, D, m->scale, m->softcap, window, pages + page_starts[t0], page_size,
+                             out + (t0 * H + g * group) * D, H * D))
+                failed = 1;
+        }
+    }
+#endif
+    if (single && attend_heads(singles, single, k, v, (int)m->kv_bf16, m->slots, group, D, m->scale, m->softcap,
+                               page_size))
+        failed = 1;
     free(starts);
+    free(singles);
     return failed ? -1 : 0;
 }
 

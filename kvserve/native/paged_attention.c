@@ -60,8 +60,9 @@ static inline void axpy_kv(float *o, float w, const void *v, int64_t row, int64_
         o[d] += w * kv_load(v, row + d, bf16);
 }
 
-/* s[0..n) -> its softmax, in place (GCC leaves the max and the sum scalar: a float reduction) */
-static inline void softmax(float *s, int64_t n)
+/* s[0..n) -> its softmax, in place (GCC leaves the max and the sum scalar: a float reduction);
+   returns log(sum(exp(s))) of the scores given */
+static inline float softmax(float *s, int64_t n)
 {
     float best = -INFINITY, total = 0;
     int64_t t = 0;
@@ -88,6 +89,7 @@ static inline void softmax(float *s, int64_t n)
     const float inverse = 1 / total;
     for (t = 0; t < n; t++)
         s[t] *= inverse;
+    return best + logf(total);
 }
 
 /* elements i..i+n of a cache into the CPU's caches */
@@ -150,13 +152,14 @@ static inline __attribute__((always_inline)) void axpy64_kv(float *out, const fl
 /* The query heads of KV head g of sequence b: q [group, D] over positions lo..n-1 of its pages, and
    0..sink-1 before them (StreamingLLM's attention sinks; none when sink <= 0 or lo == 0). Pages of
    neither range are not touched: a sliding window or streaming may have given them back; out
-   [group, D]. scores: group * (sink + n - lo) floats. softcap > 0 caps the scaled scores. Inlined
+   [group, D], and each head's log-sum-exp of its scores in lse [group] unless NULL. scores:
+   group * (sink + n - lo) floats. softcap > 0 caps the scaled scores. Inlined
    into one copy per cache dtype. Eight keys' dot products at a time, reduced together, and a page's
    V rows summed into each head's output in registers. */
 static inline __attribute__((always_inline)) void attend_kv_head_as(
     const float *q, const void *k_cache, const void *v_cache, const int bf16, int64_t S, int64_t g,
     int64_t group, int64_t D, float scale, float softcap, const int32_t *pages, int64_t page_size, int64_t sink,
-    int64_t lo, int64_t n, float *scores, float *out)
+    int64_t lo, int64_t n, float *scores, float *out, float *lse)
 {
     const int64_t sinks = sink <= 0 ? 0 : sink < lo ? sink : lo, base = g * S * D, m = sinks + n - lo;
     /* the ranges read, [0, sinks) then [lo, n), their scores one after the other */
@@ -186,7 +189,9 @@ static inline __attribute__((always_inline)) void attend_kv_head_as(
     for (int64_t h = 0; h < group; h++) {
         if (softcap > 0)
             cap_scores(scores + h * m, m, softcap);
-        softmax(scores + h * m, m);
+        const float sum = softmax(scores + h * m, m);
+        if (lse)
+            lse[h] = sum;
     }
     memset(out, 0, group * D * sizeof *out);
     for (int part = 0; part < 2; part++)
@@ -223,19 +228,113 @@ static inline int64_t window_start(int64_t n, int64_t window)
 /* attend_kv_head_as with its scores allocated here; returns 0, or -1 when out of memory */
 static int64_t attend_kv_head(const float *q, const void *k_cache, const void *v_cache, int bf16, int64_t S,
                               int64_t g, int64_t group, int64_t D, float scale, float softcap, const int32_t *pages,
-                              int64_t page_size, int64_t sink, int64_t lo, int64_t n, float *out)
+                              int64_t page_size, int64_t sink, int64_t lo, int64_t n, float *out, float *lse)
 {
     float *scores = malloc(group * ((sink > 0 ? sink : 0) + n - lo) * sizeof *scores);
     if (!scores)
         return -1;
     if (bf16)
         attend_kv_head_as(q, k_cache, v_cache, 1, S, g, group, D, scale, softcap, pages, page_size, sink, lo, n, scores,
-                          out);
+                          out, lse);
     else
         attend_kv_head_as(q, k_cache, v_cache, 0, S, g, group, D, scale, softcap, pages, page_size, sink, lo, n, scores,
-                          out);
+                          out, lse);
     free(scores);
     return 0;
+}
+
+/* A decode's keys are attended in pieces of this many, whose outputs merge by their log-sum-exp
+   (flash-decoding, vLLM's partition size): one long sequence's few KV heads then keep every thread
+   busy (SmolLM2's 3 on 2 threads left one idle a third of the time). A fixed size, not one from the
+   batch or the threads, so that a sequence's output does not depend on either. */
+#define PIECE_KEYS 512
+
+/* The query heads q [group, D] of KV head g of one decode over its keys [lo, n), and the sinks
+   [0, min(sink, lo)), of the page table `pages` -> out [group, D]: attend_kv_head_as's arguments */
+typedef struct {
+    const float *q;
+    const int32_t *pages;
+    int64_t g, sink, lo, n;
+    float *out;
+} HeadTask;
+
+static inline int64_t pieces_of(const HeadTask *t)
+{
+    return (t->n - t->lo + PIECE_KEYS - 1) / PIECE_KEYS;
+}
+
+/* out [group, D] <- the pieces' outputs parts [P, group, D] weighted by their share of the softmax's
+   sum, from their log-sum-exps lse [P, group] */
+static void merge_pieces(const float *parts, const float *lse, int64_t P, int64_t group, int64_t D, float *out)
+{
+    for (int64_t h = 0; h < group; h++) {
+        float top = -INFINITY, total = 0;
+        for (int64_t p = 0; p < P; p++)
+            top = lse[p * group + h] > top ? lse[p * group + h] : top;
+        memset(out + h * D, 0, D * sizeof *out);
+        for (int64_t p = 0; p < P; p++) {
+            const float w = expf(lse[p * group + h] - top);
+            total += w;
+            for (int64_t d = 0; d < D; d++)
+                out[h * D + d] += w * parts[(p * group + h) * D + d];
+        }
+        for (int64_t d = 0; d < D; d++)
+            out[h * D + d] /= total;
+    }
+}
+
+/* tasks[0..count) over the threads, a piece of PIECE_KEYS keys a parallel task; a task of one
+   piece writes its output directly. Returns 0, or -1 when out of memory. */
+static int64_t attend_heads(const HeadTask *tasks, int64_t count, const void *k_cache, const void *v_cache, int bf16,
+                            int64_t S, int64_t group, int64_t D, float scale, float softcap, int64_t page_size)
+{
+    /* first[i]: task i's first piece; at[i]: its first slot in parts (tasks of several pieces) */
+    int64_t *first = malloc(sizeof(int64_t) * (2 * count + 1)), *at = first + count + 1, pieces = 0, slots = 0;
+    if (!first)
+        return -1;
+    for (int64_t i = 0; i < count; i++) {
+        const int64_t n = pieces_of(tasks + i);
+        first[i] = pieces;
+        at[i] = slots;
+        pieces += n;
+        slots += n > 1 ? n : 0;
+    }
+    first[count] = pieces;
+    int64_t *owner = malloc(sizeof(int64_t) * pieces), failed = 0;
+    float *parts = slots ? malloc(sizeof(float) * slots * group * (D + 1)) : NULL;
+    float *lse = parts ? parts + slots * group * D : NULL;
+    if (!owner || (slots && !parts)) {
+        free(first);
+        free(owner);
+        free(parts);
+        return -1;
+    }
+    for (int64_t i = 0; i < count; i++)
+        for (int64_t p = first[i]; p < first[i + 1]; p++)
+            owner[p] = i;
+    #pragma omp parallel
+    {
+        #pragma omp for schedule(dynamic)
+        for (int64_t p = 0; p < pieces; p++) {
+            const int64_t i = owner[p], piece = p - first[i], whole = first[i + 1] - first[i] == 1;
+            const HeadTask *t = tasks + i;
+            const int64_t lo = t->lo + piece * PIECE_KEYS, n = t->n < lo + PIECE_KEYS ? t->n : lo + PIECE_KEYS;
+            const int64_t slot = at[i] + piece;
+            if (attend_kv_head(t->q, k_cache, v_cache, bf16, S, t->g, group, D, scale, softcap, t->pages, page_size,
+                               piece == 0 ? t->sink : 0, lo, n, whole ? t->out : parts + slot * group * D,
+                               whole ? NULL : lse + slot * group))
+                failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < count; i++)
+            if (first[i + 1] - first[i] > 1 && !failed)
+                merge_pieces(parts + at[i] * group * D, lse + at[i] * group, first[i + 1] - first[i], group, D,
+                             tasks[i].out);
+    }
+    free(first);
+    free(owner);
+    free(parts);
+    return failed ? -1 : 0;
 }
 
 /* q [B, H, D] -> out [B, H, D]: sequence b attends positions 0..kv_lens[b]-1 (its last `window` of
@@ -248,16 +347,18 @@ int64_t paged_decode_attention(const float *q, const void *k_cache, const void *
                                const int64_t *kv_lens, int64_t page_size, float *out, int64_t sink)
 {
     const int64_t group = H / Hkv;
-    int64_t failed = 0;
-    #pragma omp parallel for schedule(dynamic)
+    HeadTask *tasks = malloc(sizeof(HeadTask) * B * Hkv);
+    if (!tasks)
+        return -1;
     for (int64_t task = 0; task < B * Hkv; task++) {
         const int64_t b = task / Hkv, g = task % Hkv;
-        if (attend_kv_head(q + (b * H + g * group) * D, k_cache, v_cache, (int)bf16, S, g, group, D, scale, softcap,
-                           page_table + page_starts[b], page_size, sink, window_start(kv_lens[b], window), kv_lens[b],
-                           out + (b * H + g * group) * D))
-            failed = 1;
+        tasks[task] = (HeadTask){q + (b * H + g * group) * D, page_table + page_starts[b], g, sink,
+                                 window_start(kv_lens[b], window), kv_lens[b], out + (b * H + g * group) * D};
     }
-    return failed ? -1 : 0;
+    const int64_t failed = attend_heads(tasks, B * Hkv, k_cache, v_cache, (int)bf16, S, group, D, scale, softcap,
+                                        page_size);
+    free(tasks);
+    return failed;
 }
 
 /* The k-th largest (k counted from 0) of x[0..n); reorders x (quickselect) */
@@ -385,7 +486,7 @@ int64_t topk_decode_attention(const float *q, const void *k_cache, const void *v
                 s[kept] = s[t];
                 kept_pos[kept++] = t;
             }
-            softmax(s, kept);
+            softmax(s, kept);  /* its log-sum-exp unused */
             float *o = out + (g * group + h) * D;
             memset(o, 0, D * sizeof *o);
             for (int64_t r = 0; r < kept; r++) {

@@ -32,12 +32,14 @@ def reference(q, k, v, window, softcap, scale, sink=0):
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 @pytest.mark.parametrize("window, softcap, sink", [(None, None, 0), (5, None, 0), (16, None, 0), (1, None, 0),
                                                    (None, 2.0, 0), (7, 3.0, 0), (1000, None, 0),
-                                                   (5, None, 3), (16, None, 4), (1, None, 1), (7, 3.0, 6)])
+                                                   (5, None, 3), (16, None, 4), (1, None, 1), (7, 3.0, 6),
+                                                   (700, None, 5), (700, 3.0, 0)])
 def test_paged_decode_window_and_softcap_match_sdpa(dtype, page_size, window, softcap, sink):
-    """sink (StreamingLLM): the first positions too, the pages between them and the window -1."""
+    """sink (StreamingLLM): the first positions too, the pages between them and the window -1.
+    Sequences longer than PIECE_KEYS (512) are attended in pieces merged by their log-sum-exp."""
     rng = random.Random(page_size)
     torch.manual_seed(0)
-    lens = [1, 3, 17, 40, 33]
+    lens = [1, 3, 17, 40, 33, 1100, 513, 512]
     need = sum(-(-n // page_size) for n in lens)
     num_pages = need + 4
     k_cache = torch.randn(HKV, num_pages * page_size, D).to(dtype)
