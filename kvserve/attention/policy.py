@@ -61,6 +61,11 @@ class AttentionPolicy:
         return self.policy == "full"
 
     @property
+    def label(self) -> str:
+        """The policy's name in reports: magicpig+offload for the CPU-GPU split."""
+        return self.policy + ("+offload" if self.offload else "")
+
+    @property
     def unbounded(self) -> bool:
         """A request under this policy may run past the model's context length."""
         return self.policy == "streaming"

@@ -161,7 +161,7 @@ def run_contexts(engine, prompts: dict[int, list[int]], policies, steps: int, mo
                       file=sys.stderr, flush=True)
                 results.append(measure(engine, prompt, policy, steps, timers))
         for policy, results in zip(policies, runs):
-            name = policy.policy + ("+offload" if policy.offload else "")
+            name = policy.label
             rows.append({"model": model_name, "context": length, "policy": name, "rounds": results}
                         | {key: median(x[key] for x in results) for key in results[0] if key != "policy"})
     return rows

@@ -46,8 +46,7 @@ class ModelRunner:
                 return ModelRunner._batch(scheduled)  # a one-token prompt chunk to score
             return StepBatch(scheduled, [seq.token_ids[p] for seq, p in zip(seqs, positions)], positions,
                              [1] * len(seqs), [p + 1 for p in positions], last, [seqs[i] for i in last],
-                             [i for i, seq in enumerate(seqs)
-                              if seq.params.attention is not None and not seq.params.attention.is_full])
+                             [i for i, seq in enumerate(seqs) if _policy_decode(seq, seq.num_computed_tokens)])
         return ModelRunner._batch(scheduled)
 
     @staticmethod
@@ -59,7 +58,7 @@ class ModelRunner:
             if n == 1:
                 ids.append(seq.token_ids[start])
                 positions.append(start)
-                if seq.params.attention is not None and not seq.params.attention.is_full:
+                if _policy_decode(seq, start):
                     sparse.append(i)
             else:
                 ids.extend(seq.token_ids[start:start + n])
@@ -80,3 +79,10 @@ class ModelRunner:
                 sampled.append(seq)
         return StepBatch(scheduled, ids, positions, q_lens, kv_lens, last_rows, sampled, sparse, spans,
                          sample_index if spans else None)
+
+
+def _policy_decode(seq: Sequence, position: int) -> bool:
+    """Whether the token at `position`, alone in its step, is attended by seq's non-full policy: a
+    generated token. A prompt's last token left alone by a prefix hit is the prompt's: full attention
+    (and for offload, its K/V staged before any policy decode samples them)."""
+    return seq.params.attention is not None and not seq.params.attention.is_full and position >= seq.num_prompt_tokens

@@ -117,7 +117,7 @@ def passkey(engine, lengths, trials, policies) -> dict:
             for policy, a in answers.items():
                 hits[length, policy] += re.sub(r"\D", "", a).startswith(str(key))
             print(f"passkey {length} tokens (built {len(prompt)}), depth {(t + 0.5) / trials:.2f}, key {key}: "
-                  + ", ".join(f"{p.policy}={a.strip()[:12]!r}" for p, a in answers.items())
+                  + ", ".join(f"{p.label}={a.strip()[:12]!r}" for p, a in answers.items())
                   + f" ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
     return {"hits": hits, "budgets": budgets}
 
@@ -140,7 +140,7 @@ def common_word(engine, lengths, trials, share, policies) -> dict:
                 hits[length, p] += w == word
                 same[length, p] += w == full
             print(f"common word {length} tokens (built {len(prompt)}), word {word!r}: "
-                  + ", ".join(f"{p.policy}={w!r}" for p, w in named.items())
+                  + ", ".join(f"{p.label}={w!r}" for p, w in named.items())
                   + f" ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
     return {"hits": hits, "same": same, "budgets": budgets}
 
@@ -221,7 +221,7 @@ def continuation(engine, context: int, tokens: int, policies) -> list[dict]:
 
 
 def _print_rates(res, lengths, trials, policies) -> None:
-    print(f"{'length':>8}" + "".join(f"{p.policy:>16}" for p in policies) + "   topk k")
+    print(f"{'length':>8}" + "".join(f"{p.label:>16}" for p in policies) + "   topk k")
     for n in lengths:
         budget = res["budgets"].get(n)
         rates = [f"{100 * res['hits'][n, p] / trials:.0f}%" for p in policies]

@@ -32,8 +32,9 @@ def _engine(model, tokenizer, attention, num_pages=128, offload_pages=None, pref
     return Engine(cfg, model=model, tokenizer=tokenizer)
 
 
-def _run(engine, prompts, max_tokens=20):
-    ids = [engine.add_request(p, SamplingParams(max_tokens=max_tokens, **GREEDY)) for p in prompts]
+def _run(engine, prompts, max_tokens=20, attention=None):
+    ids = [engine.add_request(p, SamplingParams(max_tokens=max_tokens, attention=attention, **GREEDY))
+           for p in prompts]
     done = {}
     while engine.has_unfinished():
         for out in engine.step():
@@ -59,6 +60,21 @@ def test_offload_decodes_what_magicpig_on_the_device_decodes(model, smollm2_toke
     assert pb.offloaded.seconds["cpu_sampled"] > 0
     split.kv.check_integrity([])
     assert split.offload.host.num_free == split.offload.host.num_pages
+
+
+@pytest.mark.parametrize("policy", [POLICY, POLICY + ",offload=true", "streaming:sink=4,window=8"])
+def test_a_cached_prompt_s_last_token_is_computed_as_uncached(model, smollm2_tokenizer, policy):
+    """A prefix hit leaves the last prompt token alone in its step. It is still the prompt's: full
+    attention, its K/V staged for offload, not a policy decode (offload then sampled rows that had
+    not reached the host yet: SmolLM2's passkey with offload fell from 100% to 0-25%)."""
+    prompt = _prompts(1, seed=3, lengths=(41, 42))[0]  # 10 pages of 4 and one token
+    offload = 128 if "offload" in policy else None
+    cold = _run(_engine(model, smollm2_tokenizer, policy, offload_pages=offload, prefix=False), [prompt])
+    warm = _engine(model, smollm2_tokenizer, policy, offload_pages=offload)
+    _run(warm, [prompt], attention=policy.replace(",offload=true", ""))  # caches the prompt's pages
+    hits = warm.kv.prefix.hit_tokens
+    assert _run(warm, [prompt]) == cold
+    assert warm.kv.prefix.hit_tokens - hits == 40
 
 
 def test_main_pool_keeps_only_the_sinks_window_and_generated_tokens(model, smollm2_tokenizer):
