@@ -23,6 +23,7 @@ import torch
 from kvserve.args import at_least_one, token_lengths
 from kvserve.attention.policy import parse_attention
 from kvserve.attention.sparse.backend import SlotSet
+from kvserve.engine.offload import sync_offloaded
 from kvserve.engine.request import SamplingParams, Sequence, now
 from kvserve.eval.common_word import answered_word, common_word_prompt
 
@@ -161,31 +162,31 @@ def forced_logits(engine, ids: list[int], context: int, policy) -> torch.Tensor:
             engine.kv.cache_computed_pages(seq)
             rows.append(logits[0].float())
             seq.token_ids.append(ids[nxt])
+            sync_offloaded(engine.kv, [(seq, n)])  # as Engine.step: offload's rows to its pools
     finally:
         engine.kv.free(seq)
     return torch.stack(rows)
 
 
 class ErrorProbe:
-    """Wraps PolicyAttention.run: each sparse decode's output against full attention over the
-    same K/V, relative L2 error per layer."""
+    """Wraps PolicyAttention._decode, which every sparse decode whose K/V the pool holds goes through
+    (offloaded ones do not): its output against full attention over the same K/V, relative L2 error
+    per layer."""
 
     def __init__(self, pa):
         self.errors: dict[int, list[float]] = defaultdict(list)
-        inner = pa.run
+        inner = pa._decode
 
-        def run(layer, q, k, v):
-            out = inner(layer, q, k, v)
-            for d in pa.decodes:
-                pages = torch.tensor(d.seq.pages, dtype=torch.long)
-                pos = torch.arange(d.kv_len)
-                slots = pages[pos // pa.pool.page_size] * pa.pool.page_size + pos % pa.pool.page_size
-                ref, _ = pa._dense(q[d.row], *pa._gather_slots(pa.pool.k[layer], pa.pool.v[layer],
-                                                                SlotSet.of(slots, pa.pool.k.device)))
-                self.errors[layer].append(((out[d.row].float() - ref).norm() / ref.norm()).item())
+        def decode(layer, d, q, k_cache, v_cache):
+            out = inner(layer, d, q, k_cache, v_cache)
+            pages = torch.tensor(d.seq.pages, dtype=torch.long)
+            pos = torch.arange(d.kv_len)
+            slots = pages[pos // pa.pool.page_size] * pa.pool.page_size + pos % pa.pool.page_size
+            ref, _ = pa._dense(q, *pa._gather_slots(k_cache, v_cache, SlotSet.of(slots, k_cache.device)))
+            self.errors[layer].append(((out.float() - ref.float()).norm() / ref.float().norm()).item())
             return out
-        pa.run = run
-        self.restore = lambda: setattr(pa, "run", inner)
+        pa._decode = decode  # shadows the method for this instance, until restore
+        self.restore = lambda: delattr(pa, "_decode")
 
 
 def continuation(engine, context: int, tokens: int, policies) -> list[dict]:
@@ -210,7 +211,7 @@ def continuation(engine, context: int, tokens: int, policies) -> list[dict]:
         # the first row comes from the prompt's prefill, full under every policy: scored rows are decodes
         lp = torch.log_softmax(logits[1:], -1)
         nll = -lp[torch.arange(len(target) - 1), target[1:]]
-        results.append({"policy": run.policy if run.policy != "topk" else f"topk(k={run.k})",
+        results.append({"policy": run.label if run.policy != "topk" else f"topk(k={run.k})",
                         "agree": (logits[1:].argmax(-1) == full[1:].argmax(-1)).float().mean().item(),
                         "ppl": torch.exp(nll.mean()).item(),
                         "keys_read": pa.keys_read / pa.keys_total if pa.keys_total else 1.0,

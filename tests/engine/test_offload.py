@@ -5,6 +5,7 @@ on all three pools after random workloads with preemption and aborts."""
 import random
 
 import pytest
+import torch
 
 from kvserve.engine.request import SamplingParams
 from strict_devices import strict_devices
@@ -75,6 +76,18 @@ def test_a_cached_prompt_s_last_token_is_computed_as_uncached(model, smollm2_tok
     hits = warm.kv.prefix.hit_tokens
     assert _run(warm, [prompt]) == cold
     assert warm.kv.prefix.hit_tokens - hits == 40
+
+
+def test_teacher_forced_logits_with_offload_are_magicpig_s(model, smollm2_tokenizer):
+    """kvserve eval longctx's forced_logits runs the steps itself: offload's rows reach its pools there
+    too (they did not: SmolLM2's top-1 agreement with full under offload read 19%)."""
+    from kvserve.attention.policy import parse_attention
+    from kvserve.eval.longctx import forced_logits
+    engine = _engine(model, smollm2_tokenizer, POLICY + ",offload=true", offload_pages=128)
+    ids = _prompts(1, seed=5, lengths=(60, 61))[0]
+    on_device = forced_logits(engine, ids, 40, parse_attention(POLICY))
+    split = forced_logits(engine, ids, 40, parse_attention(POLICY + ",offload=true"))
+    torch.testing.assert_close(split, on_device, atol=1e-5, rtol=1e-5)
 
 
 def test_main_pool_keeps_only_the_sinks_window_and_generated_tokens(model, smollm2_tokenizer):
