@@ -288,6 +288,8 @@ static void merge_pieces(const float *parts, const float *lse, int64_t P, int64_
 static int64_t attend_heads(const HeadTask *tasks, int64_t count, const void *k_cache, const void *v_cache, int bf16,
                             int64_t S, int64_t group, int64_t D, float scale, float softcap, int64_t page_size)
 {
+    if (count == 0)
+        return 0;
     /* first[i]: task i's first piece; at[i]: its first slot in parts (tasks of several pieces) */
     int64_t *first = malloc(sizeof(int64_t) * (2 * count + 1)), *at = first + count + 1, pieces = 0, slots = 0;
     if (!first)
@@ -347,7 +349,7 @@ int64_t paged_decode_attention(const float *q, const void *k_cache, const void *
                                const int64_t *kv_lens, int64_t page_size, float *out, int64_t sink)
 {
     const int64_t group = H / Hkv;
-    HeadTask *tasks = malloc(sizeof(HeadTask) * B * Hkv);
+    HeadTask *tasks = malloc(sizeof(HeadTask) * (B * Hkv + 1));
     if (!tasks)
         return -1;
     for (int64_t task = 0; task < B * Hkv; task++) {
