@@ -1,6 +1,7 @@
-"""MagicPIG with offload, the engine's part: its pools, which requests may use it, and after each
-step the copy of new K/V rows into the offload pools and the release of the main-pool pages that
-decodes now read from there (the sampled layers from CPU memory, the dense layers from the dense pool)."""
+"""MagicPIG with offload, the engine's part: its pools, which requests may use it, and the copies of
+K/V rows into the offload pools (before a step those a sequence took from the prefix cache, after it
+the new ones) with the release of the main-pool pages that decodes then read from there (the sampled
+layers from CPU memory, the dense layers from the dense pool)."""
 from kvserve.kv.manager import KVCacheManager
 from kvserve.kv.offload_pools import OffloadPools
 
@@ -30,6 +31,17 @@ def check_offload(policy, pools: OffloadPools | None, n: int) -> None:
         raise ValueError(f"attention offload: dense_layers must be the engine's {list(pools.dense_layers)}")
     if n > 1:
         raise ValueError("attention offload takes n=1")
+
+
+def stage_cached(kv: KVCacheManager, scheduled) -> None:
+    """Before a step: rows an offloaded sequence took from the prefix cache, never staged, go to the
+    offload pools. A sequence readmitted after a preemption with every computed token cached decodes
+    at once, and that decode samples them."""
+    if kv.offload is None:
+        return
+    for seq, _ in scheduled:
+        if seq.offload is not None and seq.offload.synced < seq.num_computed_tokens:
+            kv.offload.stage(kv.pool, seq.pages, seq.offload, seq.num_computed_tokens)
 
 
 def sync_offloaded(kv: KVCacheManager, scheduled) -> None:

@@ -78,6 +78,31 @@ def test_a_cached_prompt_s_last_token_is_computed_as_uncached(model, smollm2_tok
     assert warm.kv.prefix.hit_tokens - hits == 40
 
 
+def test_a_preempted_decode_whose_pages_are_cached_reads_staged_rows(model, smollm2_tokenizer):
+    """Preempted, then readmitted with every computed token cached: its next token is a policy decode
+    at once, in the step that takes the cached pages. The rows it samples are staged to the host first,
+    so it decodes what it would have without the preemption. (A window of 1: the sampled range is the
+    whole prompt from the first decode on, so tables rebuilt after the preemption are the same.)"""
+    policy = POLICY.replace("window=8", "window=1") + ",offload=true"
+    prompt = _prompts(1, seed=4, lengths=(41, 42))[0]
+    expected = _run(_engine(model, smollm2_tokenizer, policy, offload_pages=128), [prompt])
+    engine = _engine(model, smollm2_tokenizer, policy, offload_pages=128)
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=20, **GREEDY))
+    seq = engine.requests[rid].seqs[0]
+    while not (len(seq.token_ids) > len(prompt) + 4 and (len(seq.token_ids) - 1) % 4 == 0):
+        engine.step()
+    engine.scheduler.preempt(seq)  # its pages, all full, stay in the prefix cache
+    hits, cached = engine.kv.prefix.hit_tokens, len(seq.token_ids) - 1
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.error is None, out.error
+            if out.finished:
+                done[out.request_id] = out
+    assert engine.kv.prefix.hit_tokens - hits == cached
+    assert [done[rid].outputs[0].token_ids] == expected
+
+
 def test_teacher_forced_logits_with_offload_are_magicpig_s(model, smollm2_tokenizer):
     """kvserve eval longctx's forced_logits runs the steps itself: offload's rows reach its pools there
     too (they did not: SmolLM2's top-1 agreement with full under offload read 19%)."""
