@@ -36,6 +36,11 @@ def _engine(model, tokenizer, attention, num_pages=128, offload_pages=None, pref
 def _run(engine, prompts, max_tokens=20, attention=None):
     ids = [engine.add_request(p, SamplingParams(max_tokens=max_tokens, attention=attention, **GREEDY))
            for p in prompts]
+    return _finish(engine, ids)
+
+
+def _finish(engine, ids):
+    """Steps the engine until every request is done: their output tokens."""
     done = {}
     while engine.has_unfinished():
         for out in engine.step():
@@ -93,14 +98,8 @@ def test_a_preempted_decode_whose_pages_are_cached_reads_staged_rows(model, smol
         engine.step()
     engine.scheduler.preempt(seq)  # its pages, all full, stay in the prefix cache
     hits, cached = engine.kv.prefix.hit_tokens, len(seq.token_ids) - 1
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            assert out.error is None, out.error
-            if out.finished:
-                done[out.request_id] = out
+    assert _finish(engine, [rid]) == expected
     assert engine.kv.prefix.hit_tokens - hits == cached
-    assert [done[rid].outputs[0].token_ids] == expected
 
 
 def test_teacher_forced_logits_with_offload_are_magicpig_s(model, smollm2_tokenizer):
