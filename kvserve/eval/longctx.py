@@ -179,7 +179,7 @@ class ErrorProbe:
 
         def decode(layer, d, q, k_cache, v_cache):
             out = inner(layer, d, q, k_cache, v_cache)
-            pages = torch.tensor(d.seq.pages, dtype=torch.long)
+            pages = torch.tensor(d.seq.tables[pa.route[layer][0]], dtype=torch.long)  # its KV group's
             pos = torch.arange(d.kv_len)
             slots = pages[pos // pa.pool.page_size] * pa.pool.page_size + pos % pa.pool.page_size
             ref, _ = pa._dense(q, *pa._gather_slots(k_cache, v_cache, SlotSet.of(slots, k_cache.device)))

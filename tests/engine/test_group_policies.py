@@ -350,3 +350,19 @@ def test_draft_model_speculation_on_the_c_step(gemma3, tmp_path):
                     model=model, tokenizer=token_tokenizer(256), draft_model=model)
     assert run(engine, [(p, greedy(25)) for p in prompts]) == want
     assert engine.speculator.stats.accepted > 0
+
+
+def test_eval_error_probe_reads_each_layer_s_own_group(gemma3):
+    """kvserve eval longctx's ErrorProbe measures a policy's decode against full attention over that
+    layer's KV group's pages (it read group 0's, a local group, -1 behind the window after a prefix
+    hit: Gemma 3 270M's continuation crashed). A policy that sees every position errs by nothing."""
+    from kvserve.eval.longctx import ErrorProbe, forced_logits
+    _, model = gemma3
+    engine = engine_for(model, prefix=True, max_tokens_per_step=16)
+    ids = random.Random(3).choices(range(3, 256), k=60)
+    forced_logits(engine, ids, 40, parse_attention("full"))  # caches the prompt's pages, as the eval does
+    probe = ErrorProbe(engine.runner.policy_attention)
+    forced_logits(engine, ids, 40, parse_attention(WHOLE_VIEW[0]))
+    probe.restore()
+    assert sorted(probe.errors) == [2, 6]  # the global layers
+    assert max(e for errors in probe.errors.values() for e in errors) < 1e-3
