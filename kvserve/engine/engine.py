@@ -11,7 +11,7 @@ from kvserve.attention.policy import parse_attention
 from kvserve.attention.sparse.streaming import droppable_pages
 from kvserve.config import EngineConfig
 from kvserve.engine.executors import select_executor
-from kvserve.engine.offload import build_offload_pools, check_offload, stage_cached, sync_offloaded
+from kvserve.engine.offload import build_offload_pools, check_offload, stage_computed, sync_offloaded
 from kvserve.engine.request import (CompletionOutput, FinishReason, Logprob, RequestOutput,
                                     SamplingParams, Sequence, SequenceStatus, now)
 from kvserve.engine.runner import ModelRunner
@@ -268,7 +268,7 @@ class Engine:
         # grammar masks of the rows sampled this step: filled on a thread while the model runs
         self._bitmasks.fill_ahead([s.grammar for s, n in out.scheduled
                                    if s.grammar is not None and s.num_computed_tokens + n == len(s.token_ids)])
-        stage_cached(self.kv, out.scheduled)
+        stage_computed(self.kv, out.scheduled)
         logits, sampled = self._execute(out.scheduled, failed)
         drafted = []
         if self.speculator is not None and any(s.draft_token_ids for s in sampled):

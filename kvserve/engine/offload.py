@@ -33,30 +33,29 @@ def check_offload(policy, pools: OffloadPools | None, n: int) -> None:
         raise ValueError("attention offload takes n=1")
 
 
-def stage_cached(kv: KVCacheManager, scheduled) -> None:
-    """Before a step: rows an offloaded sequence took from the prefix cache, never staged, go to the
-    offload pools. A sequence readmitted after a preemption with every computed token cached decodes
-    at once, and that decode samples them."""
+def stage_computed(kv: KVCacheManager, scheduled) -> None:
+    """Each offloaded sequence's computed rows not staged yet go to the offload pools: before a step
+    those it took from the prefix cache (a preempted sequence readmitted with every computed token
+    cached decodes in that very step, sampling them), after it the new ones."""
     if kv.offload is None:
         return
     for seq, _ in scheduled:
-        if seq.offload is not None and seq.offload.synced < seq.num_computed_tokens:
+        if seq.offload is not None and not seq.finished:
             kv.offload.stage(kv.pool, seq.pages, seq.offload, seq.num_computed_tokens)
 
 
 def sync_offloaded(kv: KVCacheManager, scheduled) -> None:
-    """Each offloaded sequence's newly computed rows go to the offload pools; once only decodes are
-    left, its main-pool pages between the sinks and the sampled range's end are given back."""
+    """After a step: stage_computed; once only decodes are left, a sequence's main-pool pages between
+    the sinks and the sampled range's end are given back."""
+    stage_computed(kv, scheduled)
     if kv.offload is None:
         return
     page = kv.page_size
     for seq, _ in scheduled:
-        if seq.offload is None or seq.finished:
+        if seq.offload is None or seq.finished or len(seq.token_ids) - seq.num_computed_tokens > 1:
             continue
-        kv.offload.stage(kv.pool, seq.pages, seq.offload, seq.num_computed_tokens)
-        if len(seq.token_ids) - seq.num_computed_tokens <= 1:
-            p = seq.policy
-            next_len = seq.num_computed_tokens + 1
-            # as PolicyAttention plans it: positions [sink, end) are sampled, or read from the dense pool
-            end = min(seq.num_prompt_tokens, next_len - p.window, next_len - 1)
-            kv.release_pages(seq, range(-(-p.sink // page), max(0, end) // page))
+        p = seq.policy
+        next_len = seq.num_computed_tokens + 1
+        # as PolicyAttention plans it: positions [sink, end) are sampled, or read from the dense pool
+        end = min(seq.num_prompt_tokens, next_len - p.window, next_len - 1)
+        kv.release_pages(seq, range(-(-p.sink // page), max(0, end) // page))
