@@ -25,6 +25,9 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
                    help="torch.compile the decoder: faster steps after a compile of ~1 min at the first requests")
     p.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run every step op by op instead of replaying CUDA graphs for decode steps")
+    p.add_argument("--overlap-schedule", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule and launch each step before the previous one's tokens reach the host, hiding "
+                        "the host's work behind the device's (default: on for a GPU, off for the CPU)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size (default: from free memory)")
     p.add_argument("--num-pages", type=int, default=None, help="KV cache size in pages (overrides --kv-cache-gb)")
@@ -62,7 +65,8 @@ def engine_config(args):
     from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
     return EngineConfig(
         model=args.model, random_weights=args.random_weights, dtype=args.dtype, quantization=args.quantization, device=args.device,
-        threads=args.threads, compile=args.compile, enforce_eager=args.enforce_eager, attention=args.attention,
+        threads=args.threads, compile=args.compile, enforce_eager=args.enforce_eager,
+        overlap_schedule=args.overlap_schedule, attention=args.attention,
         tensor_parallel_size=args.tensor_parallel_size or int(os.environ.get("WORLD_SIZE", "1")),
         speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
         speculative_model=args.speculative_model, speculative_window=args.speculative_window,

@@ -85,6 +85,7 @@ class EngineConfig:
     threads: int | None = None
     compile: bool = False  # torch.compile the decoder (CPU); the first steps compile it
     enforce_eager: bool = False  # CUDA: no graphs, every step runs op by op
+    overlap_schedule: bool | None = None  # launch step N+1 before step N's ids land (engine/overlap.py); None: on a GPU
     seed: int = 0
     attention: object = "full"  # default decode attention policy (kvserve.attention.policy)
     speculative: str | None = None  # ngram | self | draft (kvserve.engine.spec); None: off

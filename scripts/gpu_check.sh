@@ -11,13 +11,16 @@ step() { echo; echo "=== $*"; "$@" || echo "=== FAILED ($?): $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 step python3 -m pytest -q -p no:cacheprovider tests/attention/test_triton.py tests/attention/test_static_decode.py \
-    tests/engine/test_static_executor.py tests/engine/test_static_groups.py -k "cuda or static_decode_matches"
+    tests/engine/test_static_executor.py tests/engine/test_static_groups.py tests/engine/test_overlap.py \
+    -k "cuda or static_decode_matches"
 step python3 -m pytest -q -p no:cacheprovider tests/model/test_moe_triton.py  # all of it on CUDA there
 # every family through the engine on CUDA (Triton attention, CUDA graphs over KV groups) against
 # transformers, and TP=1 over NCCL against one process (issues 25 and 26)
 step python3 -m pytest -q -p no:cacheprovider tests/model/test_families_engine.py \
     tests/distributed/test_tensor_parallel.py -k "cuda or one_rank_under_torchrun"
 step $bench attention --device cuda
+# overlapped steps (on by default on a GPU) against synchronous ones
+step $bench latency --device cuda --random-weights llama-1b --prompt-len 128 --output-len 128 --no-overlap-schedule
 for shape in llama-1b $big; do
     step $bench latency --device cuda --random-weights $shape --prompt-len 128 --output-len 128
     step $bench throughput --device cuda --random-weights $shape --num-prompts 256 --input-len 128 --output-len 128 \

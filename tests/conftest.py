@@ -41,8 +41,8 @@ def make_engine(tiny_model, smollm2_tokenizer):
     from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
     from kvserve.engine.engine import Engine
 
-    def make(num_pages=256, page_size=16, prefix=True, max_tokens_per_step=512, max_seqs=64):
+    def make(num_pages=256, page_size=16, prefix=True, max_tokens_per_step=512, max_seqs=64, **engine):
         cfg = EngineConfig(cache=CacheConfig(page_size, num_pages, None, prefix),
-                           scheduler=SchedulerConfig(max_tokens_per_step, max_seqs))
+                           scheduler=SchedulerConfig(max_tokens_per_step, max_seqs), **engine)
         return Engine(cfg, model=tiny_model, tokenizer=smollm2_tokenizer)
     return make

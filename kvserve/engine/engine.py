@@ -12,6 +12,7 @@ from kvserve.attention.sparse.streaming import droppable_pages
 from kvserve.config import EngineConfig
 from kvserve.engine.executors import select_executor
 from kvserve.engine.offload import build_offload_pools, check_offload, stage_computed, sync_offloaded
+from kvserve.engine.overlap import OverlapScheduler, overlap_schedule
 from kvserve.engine.request import (CompletionOutput, FinishReason, Logprob, RequestOutput,
                                     SamplingParams, Sequence, SequenceStatus, now)
 from kvserve.engine.runner import ModelRunner
@@ -131,6 +132,7 @@ class Engine:
             or self.default_attention.policy == "streaming"
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
+        self.overlap = OverlapScheduler(self) if overlap_schedule(config, self.device, self.tp) else None
         if config.compile:
             from kvserve.engine.compiled_forward import warm_up
             warm_up(self)
@@ -254,27 +256,32 @@ class Engine:
                 seq.finish_reason = FinishReason.ABORT
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or (self.overlap is not None and self.overlap.pending is not None)
 
     # ---- one step ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, len(self.scheduler.waiting))
-        out = self.scheduler.schedule()
-        if not out.scheduled:
-            return []
+        scheduled = self.scheduler.schedule().scheduled
+        if self.overlap is not None:
+            return self._outputs(self.overlap.step(scheduled))
+        return self._outputs(self._run(scheduled, {})) if scheduled else []
+
+    def _run(self, scheduled: list[tuple[Sequence, int]], touched: dict) -> dict:
+        """Runs the scheduled tokens, samples and appends: touched (request id -> its state, or the
+        RequestOutput of its failure) gets every request this step changed."""
         failed: dict[str, Exception] = {}
         # grammar masks of the rows sampled this step: filled on a thread while the model runs
-        self._bitmasks.fill_ahead([s.grammar for s, n in out.scheduled
+        self._bitmasks.fill_ahead([s.grammar for s, n in scheduled
                                    if s.grammar is not None and s.num_computed_tokens + n == len(s.token_ids)])
-        stage_computed(self.kv, out.scheduled)
-        logits, sampled = self._execute(out.scheduled, failed)
+        stage_computed(self.kv, scheduled)
+        logits, sampled = self._execute(scheduled, failed)
         drafted = []
         if self.speculator is not None and any(s.draft_token_ids for s in sampled):
             logits, sampled, drafted = self._split_drafted(logits, sampled)
         page_size = self.pool.page_size
-        for seq, n in out.scheduled:
+        for seq, n in scheduled:
             if seq.draft_token_ids:
                 continue  # computed up to what verification keeps (_verify_drafts)
             if not failed or seq.request_id not in failed:
@@ -292,16 +299,16 @@ class Engine:
             if len(rows) > len(sampled):
                 logits = logits[rows]
         ids, tokens = self._sample(logits, seqs, failed)
-        touched = {rid: self._fail(rid, e) for rid, e in failed.items()}
+        touched.update({rid: self._fail(rid, e) for rid, e in failed.items()})
         self._append_all(seqs, ids, tokens, failed, touched)
         if drafted:
             self._verify_drafts(*drafted, failed, touched)
         if self.speculator is not None:
             self.speculator.prompts_done(sampled)
         if self._releases:
-            self._release_streamed_pages(out.scheduled)
-        sync_offloaded(self.kv, out.scheduled)
-        return self._outputs(touched)
+            self._release_streamed_pages(scheduled)
+        sync_offloaded(self.kv, scheduled)
+        return touched
 
     def _append_all(self, seqs: list[Sequence], ids: list, tokens: list | None, failed: dict, touched: dict) -> None:
         """Appends each sequence's sampled token; touched maps each request to its state (or to the
@@ -319,11 +326,11 @@ class Engine:
                 continue
             touched[rid] = state
 
-    def _execute(self, scheduled, failed: dict) -> tuple[torch.Tensor, list[Sequence]]:
+    def _execute(self, scheduled, failed: dict, pending_ids=None) -> tuple[torch.Tensor, list[Sequence]]:
         """Runs the step; if it raises, runs each sequence alone (rewriting the same K/V slots is
-        harmless) so that only the requests that fail by themselves fail."""
+        harmless) so that only the requests that fail by themselves fail. pending_ids: ModelRunner.execute's."""
         try:
-            return self.runner.execute(scheduled)
+            return self.runner.execute(scheduled, pending_ids)
         except Exception as e:
             if len(scheduled) == 1:
                 failed[scheduled[0][0].request_id] = e
@@ -331,7 +338,7 @@ class Engine:
         logits, sampled = [], []
         for item in scheduled:
             try:
-                part, seqs = self.runner.execute([item])
+                part, seqs = self.runner.execute([item], pending_ids)
             except Exception as e:
                 failed[item[0].request_id] = e
                 continue

@@ -44,6 +44,35 @@ class StepBatch:
     sparse: list[int]  # indices into scheduled of decodes under a non-full attention policy
     prompt_spans: list[PromptSpan] = field(default_factory=list)
     sample_index: list[int] | None = None  # where each sampled row is in last_rows; None: last_rows are all
+    carried: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, their ids' rows, ids): carry()
+
+    def carry(self, pending_ids: torch.Tensor) -> None:
+        """Each sequence with a pending token takes it from pending_ids (the previous step's sampled
+        ids) at its pending_row: into self.ids at once where they are on the CPU (no wait there), else
+        by an indexed copy on their device when the executor makes its input (carry_into)."""
+        rows, src, at = [], [], 0
+        for seq, n in self.scheduled:
+            if seq.num_pending:  # a decode: one row
+                rows.append(at)
+                src.append(seq.pending_row)
+            at += n + len(seq.draft_token_ids)
+        if not rows:
+            return
+        if pending_ids.device.type == "cpu":
+            values = pending_ids.tolist()
+            for row, j in zip(rows, src):
+                self.ids[row] = values[j]
+            return
+        device = pending_ids.device
+        self.carried = (int_tensor(rows).to(device, non_blocking=True), int_tensor(src).to(device, non_blocking=True),
+                        pending_ids)
+
+    def carry_into(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (this step's input on the device) with the carried rows written in; no host sync."""
+        if self.carried is not None:
+            rows, src, pending_ids = self.carried
+            ids[rows] = pending_ids[src]
+        return ids
 
     def policy_decodes(self) -> tuple[list[int], list[tuple[int, Sequence, int]]]:
         """Each scheduled sequence's first row (and the end), and (row, sequence, kv_len) of each
@@ -72,7 +101,8 @@ class TorchExecutor:
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """The final hidden states of batch.last_rows."""
         attention, forward = self._plan(batch)
-        hidden = forward(int_tensor(batch.ids).to(self.device), int_tensor(batch.positions).to(self.device), attention)
+        ids = batch.carry_into(int_tensor(batch.ids).to(self.device))
+        hidden = forward(ids, int_tensor(batch.positions).to(self.device), attention)
         if len(batch.last_rows) == len(batch.ids):  # ascending and distinct: every row, in order
             return hidden
         return hidden[int_tensor(batch.last_rows).to(self.device)]

@@ -149,6 +149,10 @@ class Sequence:
         self.spec = None  # speculation state (kvserve.engine.spec.speculator.SpecState)
         self.grammar = None  # xgrammar matcher of a structured request: it has accepted every output token
         self.argmax_only = params.argmax_only  # read by every step's sampling: the params do not change
+        # overlapped steps (kvserve/engine/overlap.py): tokens sampled on the device, not appended yet,
+        # and the row of the newest in its step's tensor of ids (the next step's input)
+        self.num_pending = 0
+        self.pending_row = -1
 
     @property
     def pages(self) -> list[int]:
@@ -169,7 +173,7 @@ class Sequence:
 
     @property
     def num_uncomputed(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self.token_ids) + self.num_pending - self.num_computed_tokens
 
     @property
     def finished(self) -> bool:

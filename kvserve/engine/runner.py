@@ -27,8 +27,13 @@ class ModelRunner:
         return getattr(self.executor, "fallback", self.executor)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+    def execute(self, scheduled: list[tuple[Sequence, int]],
+                pending_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Sequence]]:
+        """pending_ids: the ids sampled by the previous step, still on the device, where a sequence's
+        input is its pending token (kvserve/engine/overlap.py)."""
         batch = self.batch(scheduled)
+        if pending_ids is not None:
+            batch.carry(pending_ids)
         hidden = self.executor.execute(batch)
         self.num_tokens_run += len(batch.ids)
         if batch.prompt_spans:
@@ -41,10 +46,12 @@ class ModelRunner:
         if all(n == 1 for _, n in scheduled):  # decodes only: comprehensions, no per-row appends
             seqs = [seq for seq, _ in scheduled]
             positions = [seq.num_computed_tokens for seq in seqs]
-            last = [i for i, seq in enumerate(seqs) if seq.num_computed_tokens + 1 == len(seq.token_ids)]
+            last = [i for i, seq in enumerate(seqs) if seq.num_computed_tokens + 1 == len(seq.token_ids) + seq.num_pending]
             if len(last) < len(seqs) and any(seq.scores_prompt for seq in seqs):
                 return ModelRunner._batch(scheduled)  # a one-token prompt chunk to score
-            return StepBatch(scheduled, [seq.token_ids[p] for seq, p in zip(seqs, positions)], positions,
+            # a pending token is not on the host yet: StepBatch.carry puts it in
+            return StepBatch(scheduled, [0 if seq.num_pending else seq.token_ids[p] for seq, p in zip(seqs, positions)],
+                             positions,
                              [1] * len(seqs), [p + 1 for p in positions], last, [seqs[i] for i in last],
                              [i for i, seq in enumerate(seqs) if _policy_decode(seq, seq.num_computed_tokens)])
         return ModelRunner._batch(scheduled)
@@ -56,7 +63,7 @@ class ModelRunner:
         for i, (seq, n) in enumerate(scheduled):
             start = seq.num_computed_tokens
             if n == 1:
-                ids.append(seq.token_ids[start])
+                ids.append(0 if seq.num_pending else seq.token_ids[start])
                 positions.append(start)
                 if _policy_decode(seq, start):
                     sparse.append(i)
@@ -73,7 +80,7 @@ class ModelRunner:
                 spans.append(PromptSpan(seq, len(last_rows), lo, hi - lo))
                 row = len(ids) - n - start  # the row of position 0
                 last_rows.extend(range(row + lo, row + hi))
-            if start + n == len(seq.token_ids) + len(draft):
+            if start + n == len(seq.token_ids) + seq.num_pending + len(draft):
                 sample_index.extend(range(len(last_rows), len(last_rows) + 1 + len(draft)))
                 last_rows.extend(range(len(ids) - 1 - len(draft), len(ids)))
                 sampled.append(seq)

@@ -65,7 +65,7 @@ class Scheduler:
         # decodes first, so that an unfinished long prefill never starves them of the budget
         room = self.kv.page_size
         running = list(self.running)  # preemption below removes from self.running
-        pending = [len(s.token_ids) - s.num_computed_tokens for s in running]
+        pending = [len(s.token_ids) + s.num_pending - s.num_computed_tokens for s in running]
         if pending.count(1) == len(running) <= budget and self._decode_pages(running):
             out.scheduled = [(s, 1) for s in running]  # every running sequence decodes one token
             self._admit(out, budget - len(running))
@@ -124,6 +124,8 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            if seq.num_pending:
+                continue  # preempted with a token still on the device: readmitted once it has landed
             key = self._first_page(seq)
             if key is not None and key in prefilling:
                 continue  # its prefix is being computed now: next step it is a cache hit

@@ -57,7 +57,7 @@ class StaticDecodeExecutor:
         n = len(batch.ids)
         bucket = next(b for b in self.buckets if b >= n)
         pad = [0] * (bucket - n)
-        self.ids[:bucket].copy_(int_tensor(batch.ids + pad), non_blocking=True)
+        batch.carry_into(self.ids[:bucket].copy_(int_tensor(batch.ids + pad), non_blocking=True))
         self.positions[:bucket].copy_(int_tensor(batch.positions + pad), non_blocking=True)
         self.attention.plan([seq.tables for seq, _ in batch.scheduled], batch.kv_lens, bucket)
         if bucket in self.graphs:

@@ -115,12 +115,13 @@ class KVCacheManager:
             self.offload.grow(seq.offload, offload_need)
         return True
 
-    def cache_computed_pages(self, seq) -> None:
-        """Publishes seq's newly completed pages to the prefix cache."""
+    def cache_computed_pages(self, seq, num_tokens: int | None = None) -> None:
+        """Publishes seq's newly completed pages (in its first num_tokens, default all computed ones)
+        to the prefix cache."""
         if self.prefix is None:
             return
         done = len(seq.page_hashes)  # pages before this are cached already
-        full = seq.num_computed_tokens // self.page_size
+        full = (seq.num_computed_tokens if num_tokens is None else num_tokens) // self.page_size
         if full <= done:
             return
         seq.page_hashes = self.keys(seq, full)

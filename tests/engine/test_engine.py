@@ -134,12 +134,14 @@ def test_bad_requests_are_refused_without_side_effects(make_engine):
 @given(st.data())
 def test_random_workloads_balance_pages_and_survive_preemption(make_engine, data):
     """Arrivals over time, aborts, n > 1 and a pool small enough to preempt: every request
-    ends, greedy outputs equal those of a roomy engine, and every page comes back."""
+    ends, greedy outputs equal those of a roomy engine, and every page comes back; with
+    overlapped steps or without."""
     seed = data.draw(st.integers(0, 10**6))
     rng = random.Random(seed)
     page_size = data.draw(st.sampled_from([1, 4, 16]))
     small = make_engine(num_pages=max(6, 120 // page_size), page_size=page_size,
-                        max_tokens_per_step=data.draw(st.sampled_from([16, 64, 512])), max_seqs=8)
+                        max_tokens_per_step=data.draw(st.sampled_from([16, 64, 512])), max_seqs=8,
+                        overlap_schedule=data.draw(st.booleans()))
     roomy = make_engine(num_pages=4096 // page_size, page_size=page_size)
     shared = prompts(1, seed=seed, low=20, high=20)[0]
     work = []
@@ -175,15 +177,16 @@ def test_random_workloads_balance_pages_and_survive_preemption(make_engine, data
     assert_pages_balanced(small)
 
 
-def test_a_request_that_breaks_the_model_fails_alone(make_engine, monkeypatch):
-    engine = make_engine()
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_request_that_breaks_the_model_fails_alone(make_engine, monkeypatch, overlap):
+    engine = make_engine(overlap_schedule=overlap)
     execute = engine.runner.execute
     poison = 31337
 
-    def fragile(scheduled):
+    def fragile(scheduled, pending_ids=None):
         if any(poison in seq.token_ids for seq, _ in scheduled):
             raise RuntimeError("kernel failure")
-        return execute(scheduled)
+        return execute(scheduled, pending_ids)
 
     monkeypatch.setattr(engine.runner, "execute", fragile)
     good = prompts(3)
