@@ -13,7 +13,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 step python3 -m pytest -q -p no:cacheprovider tests/attention/test_triton.py tests/attention/test_static_decode.py \
     tests/engine/test_static_executor.py tests/engine/test_static_groups.py tests/engine/test_overlap.py \
     -k "cuda or static_decode_matches"
-step python3 -m pytest -q -p no:cacheprovider tests/model/test_moe_triton.py  # all of it on CUDA there
+step python3 -m pytest -q -p no:cacheprovider tests/model/test_moe_triton.py tests/model/test_pointwise_triton.py  # on CUDA there
 # every family through the engine on CUDA (Triton attention, CUDA graphs over KV groups) against
 # transformers, and TP=1 over NCCL against one process (issues 25 and 26)
 step python3 -m pytest -q -p no:cacheprovider tests/model/test_families_engine.py \

@@ -192,6 +192,8 @@ def select_executor(model, pool, device, compile: bool = False, max_batch: int =
     kwargs = attention_kwargs(cfg)
     if cuda_kernels:
         from kvserve.attention.triton import TritonAttention as backend_cls
+        from kvserve.model.pointwise_triton import fuse_pointwise
+        fuse_pointwise(model)  # norms with their residual add, act * up: one kernel each
     else:
         backend_cls = TorchRefAttention
     # one backend per group, each with its group's window on every slot of the pool's pages

@@ -22,9 +22,12 @@ class GemmaDecoderLayer(DecoderLayer):
         self.pre_feedforward_layernorm = OffsetRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_feedforward_layernorm = OffsetRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rope_tables, attn):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope_tables, attn))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    def forward(self, x, residual, rope_tables, attn):
+        """DecoderLayer's, with Gemma's norms after attention and after the MLP as well."""
+        h, residual = self.input_layernorm.add_norm(x, residual)
+        h = self.post_attention_layernorm(self.self_attn(h, rope_tables, attn))
+        h, residual = self.pre_feedforward_layernorm.add_norm(h, residual)
+        return self.post_feedforward_layernorm(self.mlp(h)), residual
 
 
 class GemmaForCausalLM(LlamaForCausalLM):

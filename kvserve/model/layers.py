@@ -17,6 +17,13 @@ class RMSNorm(nn.Module):
         # one fused kernel; it accumulates in fp32 as transformers does (identical in fp32)
         return nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm of x + residual, x + residual): a residual add and the norm after it, which a GPU
+        runs as one kernel (model/pointwise_triton.py); residual None: (norm of x, x)."""
+        if residual is not None:
+            x = x + residual
+        return self(x), x
+
 
 class OffsetRMSNorm(RMSNorm):
     """Gemma's RMSNorm: x * (1 + w), computed in fp32 and cast back (transformers' Gemma order:
@@ -129,6 +136,10 @@ class GatedMLP(nn.Module):
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act_mul(self.gate_up_proj(x)))
+
+    def act_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up; one kernel on a GPU (model/pointwise_triton.py)."""
+        gate, up = gate_up.chunk(2, dim=-1)
         # a contiguous gate: SiLU over a strided view is ~3x slower on CPU than copy + SiLU
-        return self.down_proj(self.act(gate.contiguous()) * up)
+        return self.act(gate.contiguous()) * up

@@ -75,9 +75,13 @@ class DecoderLayer(nn.Module):
             return SparseMoE(cfg)
         return GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
-    def forward(self, x, rope_tables, attn):
-        x = x + self.self_attn(self.input_layernorm(x), rope_tables, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope_tables, attn):
+        """The residual stream is x + residual (residual None: x), carried as two parts so that each
+        add fuses with the norm after it: -> (this layer's MLP output, the stream before it)."""
+        h, residual = self.input_layernorm.add_norm(x, residual)
+        h = self.self_attn(h, rope_tables, attn)
+        h, residual = self.post_attention_layernorm.add_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -135,9 +139,10 @@ class LlamaForCausalLM(nn.Module):
         if self.local_rope is not None:
             self.local_rope.ensure(len(self.rope.cos))  # callers grow self.rope only
             local_table = self.local_rope.table(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, (rope_table, local_table), attn)
-        return self.norm(x)
+            x, residual = layer(x, residual, (rope_table, local_table), attn)
+        return self.norm.add_norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()

@@ -1,5 +1,5 @@
 """Compiles the kernels for a CUDA GPU on a machine without one (triton ships ptxas), with the
-tiles and constexprs TritonAttention and the Triton MoE launch them with. It catches what only the
+tiles and constexprs TritonAttention, the Triton MoE and the fused pointwise kernels launch them with. It catches what only the
 compiler sees and the CPU interpreter does not: bfloat16 code paths, types carried through loops,
 constexpr branches, shared memory over the limit. Run with TRITON_INTERPRET unset:
 
@@ -64,6 +64,19 @@ def moe_variants(dtype: str, hidden: int = 2048, inter: int = 768, top_k: int = 
         yield down_kernel, ints | {"Act": f"*{dtype}", "W": f"*{dtype}", "Out": "*fp32"}, tiles, {}
 
 
+def pointwise_variants(dtype: str, hidden: int = 4096, inter: int = 14336):
+    """The fused norm (with and without the residual add, Llama's and Gemma's) and act * up (SiLU, GELU)."""
+    import triton
+    from kvserve.model.pointwise_triton import act_mul_kernel, add_rms_norm_kernel
+    data = {n: f"*{dtype}" for n in ("X", "R", "W", "Out", "ResOut", "GateUp")} | {"eps": "fp32"}
+    for has_res in (False, True):
+        for offset in (False, True):
+            yield (add_rms_norm_kernel, data, dict(HAS_RES=has_res, OFFSET=offset,
+                                                   BLOCK=triton.next_power_of_2(hidden)), dict(num_warps=8))
+    for gelu in (False, True):
+        yield act_mul_kernel, data, dict(GELU=gelu, BLOCK=1024), dict(num_warps=4)
+
+
 def compile_variant(kernel, types, constexprs, options, arch: int):
     """-> the compiled kernel's shared memory in bytes; raises on a compile error."""
     import triton
@@ -88,7 +101,8 @@ def main(argv=None) -> int:
     failed = 0
     for dtype in args.dtypes.split(","):
         runs = [(f"d{d}", v) for d in map(int, args.head_dims.split(",")) for v in variants(dtype, d)]
-        for label, (kernel, types, constexprs, options) in runs + [("moe", v) for v in moe_variants(dtype)]:
+        runs += [("moe", v) for v in moe_variants(dtype)] + [("pointwise", v) for v in pointwise_variants(dtype)]
+        for label, (kernel, types, constexprs, options) in runs:
             start = time.perf_counter()
             flags = {k: v for k, v in constexprs.items()
                      if isinstance(v, bool) or k == "SOFTCAP" and v or k == "BLOCK_M" and label == "moe"}
