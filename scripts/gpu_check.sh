@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
 bench="python3 -m kvserve.bench.standalone"
 big=$([ "${1:-}" = quick ] && echo llama-1b || echo llama-8b)
-step() { echo; echo "=== $*"; "$@" || echo "=== FAILED ($?): $*"; }
+# each step under its own time limit, so that one hang does not spend the device call
+step() { echo; echo "=== $*"; timeout "${STEP_TIMEOUT:-240}" "$@" || echo "=== FAILED ($?): $*"; }
+# on the device tool, the whole log comes back as a file (its reply keeps only the output's tail)
+[ -n "${OUT:-}" ] && exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 step python3 -m pytest -q -p no:cacheprovider tests/attention/test_triton.py tests/attention/test_static_decode.py \
