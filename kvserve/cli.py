@@ -8,6 +8,7 @@ import sys
 from kvserve import terminal
 from kvserve.args import add_engine_args
 from kvserve.bench import attention as bench_attention, kv_memory, latency, longctx, moe as bench_moe, overhead
+from kvserve.bench import nanobatch
 from kvserve.bench import rag as bench_rag
 from kvserve.bench import serve as bench_serve, step_profile, structured, throughput
 from kvserve.eval import longctx as eval_longctx
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("rag", bench_rag, "HyDE RAG latency with lookahead prefetching on vs off", False),
             ("longctx", longctx, "decode cost of each attention policy at 2k-32k contexts", True),
             ("kv-memory", kv_memory, "KV pages a long chat holds with sliding windows' pages given back vs kept", True),
-            ("profile", step_profile, "where a decode step's time goes (GPU busy share, kernels)", True)):
+            ("profile", step_profile, "where a decode step's time goes (GPU busy share, kernels)", True),
+            ("nanobatch", nanobatch, "a decode step whole against in two halves on two CUDA streams", True)):
         p = bench_sub.add_parser(name, help=help_text)
         add_engine_args(p, positional_model=positional_model)
         module.add_args(p)

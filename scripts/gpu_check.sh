@@ -30,6 +30,8 @@ for shape in llama-1b $big; do
         --max-num-seqs 256 --max-num-batched-tokens 8192 --peer-batch-size 64
 done
 step $bench profile --device cuda --random-weights llama-1b --batch 256 --steps 8
+# NanoFlow's nano-batching, measured before it is built: a batch-256 decode step whole vs in two halves on two streams
+step $bench nanobatch --device cuda --random-weights $big --batch 256 --input-len 512 --max-num-batched-tokens 8192
 # long context (~60 s): every attention policy on the GPU against the CPU, MagicPIG's CPU-GPU split,
 # and each policy's decode step at 8k on a 1B shape (the split's time by part)
 step python3 -m pytest -q -p no:cacheprovider tests/attention/test_policy_devices.py tests/engine/test_offload.py -k cuda

@@ -9,8 +9,8 @@ import sys
 from kvserve.args import add_engine_args
 
 MODULES = {"throughput": "throughput", "latency": "latency", "profile": "step_profile", "overhead": "overhead",
-           "attention": "attention", "longctx": "longctx", "moe": "moe"}
-WITH_ENGINE_ARGS = {"throughput", "latency", "profile", "longctx"}
+           "attention": "attention", "longctx": "longctx", "moe": "moe", "nanobatch": "nanobatch"}
+WITH_ENGINE_ARGS = {"throughput", "latency", "profile", "longctx", "nanobatch"}
 
 
 def main(argv=None) -> int:

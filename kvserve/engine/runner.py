@@ -46,7 +46,8 @@ class ModelRunner:
         if all(n == 1 for _, n in scheduled):  # decodes only: comprehensions, no per-row appends
             seqs = [seq for seq, _ in scheduled]
             positions = [seq.num_computed_tokens for seq in seqs]
-            last = [i for i, seq in enumerate(seqs) if seq.num_computed_tokens + 1 == len(seq.token_ids) + seq.num_pending]
+            last = [i for i, seq in enumerate(seqs)
+                    if seq.num_computed_tokens + 1 == len(seq.token_ids) + seq.num_pending]
             if len(last) < len(seqs) and any(seq.scores_prompt for seq in seqs):
                 return ModelRunner._batch(scheduled)  # a one-token prompt chunk to score
             # a pending token is not on the host yet: StepBatch.carry puts it in

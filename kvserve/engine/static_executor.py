@@ -27,11 +27,11 @@ def bucket_sizes(max_batch: int) -> list[int]:
 class StaticDecodeExecutor:
     def __init__(self, model, pool, fallback, max_batch: int, max_len: int, use_graphs: bool = False,
                  attention_cls=StaticDecodeAttention, attention_kwargs: dict | None = None,
-                 groups: KVGroups | None = None):
+                 groups: KVGroups | None = None, buckets: list[int] | None = None):
         """groups: the pool's KV groups (default: the engine's, from the model's windows), one block
-        table each in the static buffers."""
+        table each in the static buffers. buckets: the batch sizes padded to (default bucket_sizes)."""
         self.model, self.fallback = model, fallback
-        self.buckets = bucket_sizes(max_batch)
+        self.buckets = buckets or bucket_sizes(max_batch)
         cfg, device = model.config, pool.k.device
         self.scratch_page = pool.reserve()  # padding rows write here
         self.max_pages = -(-max_len // pool.page_size)

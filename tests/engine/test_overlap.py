@@ -184,7 +184,8 @@ def test_cuda_overlapped_steps_give_the_synchronous_tokens(eager):
                                    overlap_schedule=overlap, scheduler=SchedulerConfig(max_num_seqs=8)))
     requests = [([5 + i + j for j in range(4 + 9 * i)], greedy(i)) for i in range(10)]
     requests = with_stops(requests, run(engine(False), requests))
-    requests += [(p, SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=9)) for i, p in enumerate(prompts(4))]
+    requests += [(p, SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=9))
+                 for i, p in enumerate(prompts(4))]
     on = engine(True)
     launches = counting(on)
     assert run(on, requests) == run(engine(False), requests)
