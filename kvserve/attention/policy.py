@@ -32,6 +32,10 @@ class AttentionPolicy:
     dense_layers: tuple[int, ...] = field(default=(0,))  # magicpig/topk: layers kept full
     seed: int = 0  # magicpig: seed of the hash projections
     offload: bool = False  # magicpig: sampled layers' K/V in CPU memory, their attention by the CPU (offload.py)
+    # magicpig: a sampled layer whose keys would carry less than this share of its first decode's attention
+    # (expected, from their inclusion probabilities) attends densely for the request: LSH does not tell
+    # that layer's keys apart (Gemma 3's global layers at K=10: 0.02-0.07; SmolLM2's layers 0.13-0.89)
+    min_coverage: float = 0.1
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -40,6 +44,12 @@ class AttentionPolicy:
             object.__setattr__(self, "window", DEFAULT_WINDOW[self.policy])
         object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
         object.__setattr__(self, "offload", _flag(self.offload))
+        try:
+            object.__setattr__(self, "min_coverage", float(self.min_coverage))
+        except (TypeError, ValueError):
+            raise ValueError(f"attention min_coverage must be a number in [0, 1], got {self.min_coverage!r}") from None
+        if not 0 <= self.min_coverage <= 1:
+            raise ValueError(f"attention min_coverage must be a number in [0, 1], got {self.min_coverage!r}")
         if self.offload and self.policy != "magicpig":
             raise ValueError(f"attention offload is for magicpig, not {self.policy}")
         for name in ("sink", "window"):

@@ -23,7 +23,9 @@ def test_policy_parsing():
     p = parse_attention({"policy": "magicpig", "K": 10, "L": 150, "sink": 4, "window": 64})
     assert p == parse_attention('{"policy": "magicpig"}')
     assert parse_attention({"policy": "topk", "k": 7, "dense_layers": []}).dense_layers == ()
+    assert parse_attention("magicpig:min_coverage=0.25").min_coverage == 0.25
     for bad in ["nope", "magicpig:K=0", "magicpig:L", {"policy": "topk", "budget": 1}, {"K": 3}, 5,
+                "magicpig:min_coverage=2", "magicpig:min_coverage=x",
                 {"policy": "streaming", "window": -1}, {"policy": "magicpig", "dense_layers": "x"}, "{bad json"]:
         with pytest.raises(ValueError):
             parse_attention(bad)
@@ -125,6 +127,29 @@ def test_magicpig_estimate_is_unbiased():
     # eps in ln(w + eps) biases down a little the weight of keys seldom sampled
     assert ((z_mean - z) / z).abs().max() < 0.05, ((z_mean - z) / z)
     assert ((out_mean - full).norm(dim=-1) / full.norm(dim=-1)).max() < 0.1
+
+
+@pytest.mark.parametrize("aligned", [2.5, 0.0])  # attention on a few keys LSH finds; spread out
+def test_coverage_is_the_attention_mass_the_sampled_keys_carry_on_average(aligned):
+    """magicpig.coverage (what min_coverage is compared with) against hash draws: the softmax
+    weight of the keys each draw samples, averaged over draws."""
+    torch.manual_seed(2)
+    keys, values = torch.randn(HKV, 512, D), torch.randn(HKV, 512, D)
+    q = aligned * torch.nn.functional.normalize(keys[torch.arange(H) // (H // HKV), torch.arange(H) * 7], dim=-1) \
+        * D ** 0.5 + torch.randn(H, D)
+    K, L = 6, 40
+    weights = torch.softmax(torch.einsum("hd,htd->ht", q, keys[torch.arange(H) // (H // HKV)]) * D ** -0.5, -1)
+    mass = torch.zeros(H)
+    draws = 200
+    for seed in range(draws):
+        proj = magicpig.projections(D, K, L, seed, 0)
+        mean = keys.mean(1)
+        tables = magicpig.BucketTables.build(magicpig.simhash(keys - mean[:, None], proj, K, L), K)
+        heads, ids = magicpig.candidates(tables, magicpig.simhash(q, proj, K, L), H // HKV)
+        mass += torch.zeros(H).index_add_(0, heads, weights[heads, ids]) / draws
+    predicted = magicpig.coverage(q, keys, keys.mean(1), D ** -0.5, K, L)
+    assert (predicted - mass).abs().max() < 0.03, (predicted, mass)
+    assert (predicted > 0.5).all() if aligned else (predicted < 0.5).all()
 
 
 def test_topk_with_every_key_is_full():

@@ -68,6 +68,18 @@ def test_offload_decodes_what_magicpig_on_the_device_decodes(model, smollm2_toke
     assert split.offload.host.num_free == split.offload.host.num_pages
 
 
+def test_layers_below_min_coverage_attend_densely_with_offload_too(model, smollm2_tokenizer):
+    """min_coverage=1: every sampled layer falls back to dense attention, on the device and on the
+    host alike, which then decode full attention's tokens and read every key."""
+    prompts = _prompts(3)
+    full = _run(_engine(model, smollm2_tokenizer, "full"), prompts)
+    for policy, pages in ((POLICY, None), (POLICY + ",offload=true", 128)):
+        engine = _engine(model, smollm2_tokenizer, policy + ",min_coverage=1", offload_pages=pages)
+        assert _run(engine, prompts) == full, policy
+        pa = engine.runner.policy_attention
+        assert pa.sampled_pairs == 0 and pa.keys_read == pa.keys_total > 0
+
+
 @pytest.mark.parametrize("policy", [POLICY, POLICY + ",offload=true", "streaming:sink=4,window=8"])
 def test_a_cached_prompt_s_last_token_is_computed_as_uncached(model, smollm2_tokenizer, policy):
     """A prefix hit leaves the last prompt token alone in its step. It is still the prompt's: full

@@ -41,6 +41,7 @@ class MagicPIGState:
     start: int
     built_end: int
     layers: dict[int, _LayerTables] = field(default_factory=dict)
+    dense: set[int] = field(default_factory=set)  # layers attended densely: below policy.min_coverage
 
     def nbytes(self) -> int:
         return sum(t.tables.nbytes() + t.key_mean.numel() * 4 for t in self.layers.values())
@@ -188,6 +189,8 @@ class PolicyAttention:
         h, kv_len = self.num_heads, d.kv_len
         sparse_layer = d.sampled_slots is not None and layer not in d.policy.dense_layers
         magicpig_layer = sparse_layer and d.policy.policy == "magicpig"
+        if magicpig_layer and not self.samples_well(layer, d, q, k_cache, d.sampled_slots):
+            sparse_layer = magicpig_layer = False
         topk_in_place = (sparse_layer and not magicpig_layer and d.all_pages is not None
                          and paged_attention.available(k_cache))
         if magicpig_layer:  # one softmax over the dense keys and the sampled ones
@@ -283,6 +286,21 @@ class PolicyAttention:
                                                        k_cache, proj, panels, p)
         return magicpig.sampled_decode(q, k_cache, v_cache, d.sampled_slots, d.dense_slots.index, tables.key_mean,
                                        tables.tables, proj, panels, self.scale, p.K, p.L, softcap=self.softcap)
+
+    def samples_well(self, layer: int, d: _SparseDecode, q, k_cache, slots: torch.Tensor) -> bool:
+        """Whether this request samples the layer (slots: its positions [start, end) in k_cache):
+        decided at its first decode, by the coverage that its tables' keys would give this query
+        (magicpig.coverage), against policy.min_coverage."""
+        state, p = d.seq.attn_state, d.policy
+        if layer in state.layers or p.min_coverage == 0:
+            return True
+        if layer in state.dense:
+            return False
+        keys = k_cache.index_select(1, slots[:state.built_end - state.start])
+        if magicpig.coverage(q, keys, keys.float().mean(1), self.scale, p.K, p.L, self.softcap).mean() >= p.min_coverage:
+            return True
+        state.dense.add(layer)
+        return False
 
     @staticmethod
     def _build(slots: torch.Tensor, k_cache, proj, panels, p: AttentionPolicy) -> _LayerTables:

@@ -194,6 +194,21 @@ def inclusion_probability(cos: torch.Tensor, K: int, L: int) -> torch.Tensor:
     return 1 - torch.exp(L * miss) - L * p * torch.exp((L - 1) * miss)
 
 
+def coverage(q: torch.Tensor, keys: torch.Tensor, key_mean: torch.Tensor, scale: float, K: int, L: int,
+             softcap: float | None = None) -> torch.Tensor:
+    """q [H, D], keys [Hkv, T, D] -> [H]: the share of each head's attention over these keys that
+    the keys it samples carry, in expectation (sum of a_i * w_i over softmax weights a_i and inclusion
+    probabilities w_i). Low where the keys that matter hardly collide more often than the rest."""
+    hkv = keys.shape[0]
+    qf = q.float().view(hkv, -1, q.shape[-1])  # [Hkv, group, D]
+    kf = keys.float()
+    weights = capped(torch.einsum("gqd,gtd->gqt", qf, kf) * scale, softcap).softmax(-1)
+    centred = kf - key_mean.float()[:, None]
+    cos = torch.einsum("gqd,gtd->gqt", qf, centred) / (
+        qf.norm(dim=-1)[..., None] * centred.norm(dim=-1)[:, None]).clamp_min(1e-12)
+    return (weights.double() * inclusion_probability(cos, K, L)).sum(-1).flatten().float()
+
+
 def sampled_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mean: torch.Tensor,
                       heads: torch.Tensor, kv_heads: torch.Tensor, scale: float, K: int, L: int,
                       num_heads: int, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:

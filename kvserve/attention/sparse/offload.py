@@ -80,17 +80,21 @@ class OffloadedDecodes:
 
     def _sampled(self, layer: int, d, q_host: torch.Tensor, hk, hv) -> tuple[torch.Tensor, torch.Tensor]:
         b, p, state = self.backend, d.policy, d.seq.attn_state
+        h, slots = b.num_heads, d.offload.host_slots
+        start = time.perf_counter()
+        if not b.samples_well(layer, d, q_host, hk, slots):  # as PolicyAttention decides it on the device
+            out, lse = b._dense(q_host, hk.index_select(1, slots), hv.index_select(1, slots))
+            self.seconds["cpu_sampled"] += time.perf_counter() - start
+            b.keys_read += d.kv_len * h
+            b.keys_total += d.kv_len * h
+            return out, lse
         proj, panels = b.projections(p, layer, "cpu")
         tables = state.layers.get(layer)
-        start = time.perf_counter()
         if tables is None:
-            tables = state.layers[layer] = b._build(d.offload.host_slots[:state.built_end - state.start], hk,
-                                                    proj, panels, p)
-        out, lse, n = magicpig.sampled_decode(q_host, hk, hv, d.offload.host_slots, self._no_slots,
-                                              tables.key_mean, tables.tables, proj, panels, b.scale, p.K, p.L,
-                                              softcap=b.softcap)
+            tables = state.layers[layer] = b._build(slots[:state.built_end - state.start], hk, proj, panels, p)
+        out, lse, n = magicpig.sampled_decode(q_host, hk, hv, slots, self._no_slots, tables.key_mean, tables.tables,
+                                              proj, panels, b.scale, p.K, p.L, softcap=b.softcap)
         self.seconds["cpu_sampled"] += time.perf_counter() - start
-        h = b.num_heads
         b.sampled_pairs += n
         b.sampled_heads += h
         b.keys_read += len(d.dense_slots) * h + n
