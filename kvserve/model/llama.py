@@ -19,6 +19,7 @@ from kvserve.model.quant import (GROUP, QuantizedEmbedding, QuantizedLinear, Qua
 # bf16 logits are rounded to ~0.1 at typical magnitudes and an int8 lm_head errs by as much,
 # enough to swap near-tied tokens: logits within this margin of the best are recomputed in fp32
 RESCORE_MARGIN = 1.0
+RESCORE_TOP = 8  # off the CPU: the best this many of a row, a fixed shape (no device-to-host wait in a step)
 FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
@@ -147,10 +148,8 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()
         if self.lm_head_rows is not None or self.dtype != torch.float32:
-            best = logits.amax(-1, keepdim=True)
-            rows, tokens = torch.nonzero(logits >= best - RESCORE_MARGIN, as_tuple=True)
-            exact = (hidden[rows].float() * self._vocab_rows(tokens)).sum(-1)
-            logits[rows, tokens] = exact
+            rescore = rescore_near_best if logits.device.type == "cpu" else rescore_top
+            rescore(logits, hidden, self._vocab_rows)
         return logits
 
     def _vocab_rows(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -233,3 +232,19 @@ def make_rope(cfg: ModelConfig, theta: float, scaling: dict | None, freq_factors
                            long_inv_freq=rope_inv_freq(cfg.rotary_dim, theta, scaling, long=True),
                            long_from=scaling["original_max_position_embeddings"],
                            scaling=rope_attention_scaling(scaling, cfg.max_position_embeddings))
+
+
+def rescore_near_best(logits: torch.Tensor, hidden: torch.Tensor, vocab_rows) -> None:
+    """Every logit within RESCORE_MARGIN of its row's best, recomputed in fp32 from vocab_rows(tokens)."""
+    best = logits.amax(-1, keepdim=True)
+    rows, tokens = torch.nonzero(logits >= best - RESCORE_MARGIN, as_tuple=True)  # waits for the device
+    logits[rows, tokens] = (hidden[rows].float() * vocab_rows(tokens)).sum(-1)
+
+
+def rescore_top(logits: torch.Tensor, hidden: torch.Tensor, vocab_rows) -> None:
+    """rescore_near_best within each row's RESCORE_TOP best logits: fixed shapes, so a GPU step queues
+    it without waiting (and a CUDA graph could hold it); the same unless more are near the best."""
+    vals, tokens = logits.topk(min(RESCORE_TOP, logits.shape[-1]), dim=-1)
+    rows = vocab_rows(tokens.flatten()).view(*tokens.shape, -1).float()
+    exact = torch.bmm(rows, hidden.float().unsqueeze(-1)).squeeze(-1)
+    logits.scatter_(1, tokens, torch.where(vals >= vals[:, :1] - RESCORE_MARGIN, exact, vals))

@@ -190,3 +190,29 @@ def test_cuda_overlapped_steps_give_the_synchronous_tokens(eager):
     launches = counting(on)
     assert run(on, requests) == run(engine(False), requests)
     assert launches
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_launches_never_wait_for_the_device():
+    """A launched step queues its forward, sampling and ids copy without a device-to-host wait (torch's
+    sync debug mode reports any), or the host could not run ahead of the GPU. bf16: the logits'
+    fp32 rescoring runs too."""
+    import warnings
+
+    from kvserve.config import SchedulerConfig
+    engine = Engine(EngineConfig(random_weights="tiny", dtype="bfloat16", device="cuda", overlap_schedule=True,
+                                 scheduler=SchedulerConfig(max_num_seqs=8)))
+    launch, syncs = engine.overlap._launch, []
+
+    def watched(*args):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return launch(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+                syncs.extend(str(w.message) for w in caught if "synchroniz" in str(w.message))
+    engine.overlap._launch = watched
+    run(engine, [(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)) for p in prompts(5)])
+    assert not syncs, syncs[:3]
