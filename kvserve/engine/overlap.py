@@ -9,15 +9,16 @@ that stops at a landed token has already been run once more: that row's token is
 K/V write went to pages that later steps, queued after it on the device, may reuse.
 
 Only steps whose sequences need nothing on the host between sampling and their next input overlap
-(no grammar, penalties, bias, min_tokens, logprobs, prompt logprobs, n > 1, sparse policy); any
-other step lands the pending one first and runs as Engine._run. Greedy and seeded outputs are the
+(no grammar, penalties, bias, min_tokens, prompt logprobs, n > 1, sparse policy; logprobs are
+computed on the device and land with the ids); any other step lands the pending one first and runs
+as Engine._run. Greedy and seeded outputs are the
 same with overlap on and off."""
 from dataclasses import dataclass
 
 import torch
 
 from kvserve.engine.request import Sequence, SequenceStatus
-from kvserve.engine.sampler import SamplingRow, _sample, argmax_rows
+from kvserve.engine.sampler import SampledToken, SamplingRow, _sample, argmax_rows
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Launched:
     ids: torch.Tensor  # on the device: the next step's input
     host: torch.Tensor  # ids' host copy (pinned on a GPU), complete once `ready` has passed
     ready: object  # torch.cuda.Event, or None on the CPU
+    logprobs: tuple | None  # (rows, chosen [R], top values [R, n], top ids [R, n]) on the host, or None
 
 
 def overlap_schedule(config, device: str, tp) -> bool:
@@ -46,7 +48,7 @@ def overlap_schedule(config, device: str, tp) -> bool:
 def overlaps(seq: Sequence) -> bool:
     """Whether seq's next input can come from the device: nothing is done on the host to its tokens."""
     p = seq.params
-    return p.plain and seq.grammar is None and p.n == 1 and p.prompt_logprobs is None \
+    return p.unprocessed and seq.grammar is None and p.n == 1 and p.prompt_logprobs is None \
         and (p.attention is None or p.attention.is_full) and not seq.draft_token_ids
 
 
@@ -80,14 +82,32 @@ class OverlapScheduler:
                 seq.num_computed_tokens += n  # its pages are published when the step lands (the ids are needed)
         ids = self._sample(logits, sampled, failed)
         touched.update({rid: e._fail(rid, err) for rid, err in failed.items()})
+        keep = None  # the rows of logits still sampled
         if failed:  # a sequence whose run or sampling failed keeps no row
             keep = [i for i, seq in enumerate(sampled) if seq.request_id not in failed]
             sampled, ids = [sampled[i] for i in keep], ids[torch.tensor(keep, dtype=torch.long, device=ids.device)]
         for row, seq in enumerate(sampled):
             seq.num_pending += 1
             seq.pending_row = row
+        logprobs = self._logprobs(logits, sampled, ids, keep)
         host, ready = self._to_host(ids)
-        return Launched(scheduled, sampled, ids, host, ready)
+        if logprobs is not None:
+            logprobs = (logprobs[0], *(self._host_copy(t) for t in logprobs[1:]))
+        return Launched(scheduled, sampled, ids, host, ready, logprobs)
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, seqs: list[Sequence], ids: torch.Tensor, kept: list[int] | None):
+        """For the rows asking for logprobs: (rows, the chosen token's, the best n's values and ids),
+        on the device, from the logits as sampled (Sampler's order: before temperature and truncation)."""
+        want = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        if not want:
+            return None
+        index = torch.tensor([kept[i] for i in want] if kept is not None else want, device=logits.device)
+        lp = logits.index_select(0, index).float().log_softmax(-1)
+        chosen = lp.gather(1, ids[torch.tensor(want, device=ids.device)].unsqueeze(1)).squeeze(1)
+        n = min(max(seqs[i].params.logprobs for i in want), lp.shape[1])
+        top_vals, top_ids = lp.topk(n, dim=-1)
+        return want, chosen, top_vals, top_ids
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], failed: dict) -> torch.Tensor:
         """The sampled ids on the logits' device, with no wait for them on the host."""
@@ -102,6 +122,13 @@ class OverlapScheduler:
         except Exception:  # Engine._sample names the rows that fail (failed), waiting for the ids
             ids, _ = self.engine._sample(logits, seqs, failed)
             return torch.tensor([0 if t is None else t for t in ids], dtype=torch.long, device=logits.device)
+
+    @staticmethod
+    def _host_copy(t: torch.Tensor) -> torch.Tensor:
+        """t's copy on the host, queued (pinned memory) on a GPU: read it after the step's event."""
+        if t.device.type == "cpu":
+            return t
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
     def _to_host(self, ids: torch.Tensor):
         if ids.device.type == "cpu":
@@ -131,7 +158,14 @@ class OverlapScheduler:
                 e.kv.cache_computed_pages(seq, known)
         for seq in step.sampled:
             seq.num_pending -= 1
+        tokens = None
+        if step.logprobs is not None:
+            rows, chosen, top_vals, top_ids = step.logprobs
+            tokens = [None] * len(ids)
+            for i, lp, vals, top in zip(rows, chosen.tolist(), top_vals.tolist(), top_ids.tolist()):
+                k = step.sampled[i].params.logprobs
+                tokens[i] = SampledToken(ids[i], lp, list(zip(top[:k], vals[:k])))
         # a sequence stopped at the step before is skipped: its request is gone
-        e._append_all(step.sampled, ids, None, {}, touched)
+        e._append_all(step.sampled, ids, tokens, {}, touched)
         if e._releases:
             e._release_streamed_pages(step.scheduled)

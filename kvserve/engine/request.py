@@ -96,8 +96,13 @@ class SamplingParams:
     @property
     def plain(self) -> bool:
         """No logit processing before sampling: no bias, penalty, min_tokens or logprobs."""
+        return self.unprocessed and self.logprobs is None
+
+    @property
+    def unprocessed(self) -> bool:
+        """The logits are sampled as they are: no bias, penalty or min_tokens (logprobs may be read)."""
         return (not self.logit_bias and not self.min_tokens and self.repetition_penalty == 1
-                and not self.presence_penalty and not self.frequency_penalty and self.logprobs is None)
+                and not self.presence_penalty and not self.frequency_penalty)
 
 
 class SequenceStatus(str, enum.Enum):

@@ -76,9 +76,31 @@ def test_seeded_sampling_is_the_same_with_overlap(make_engine):
     assert run(make_engine(overlap_schedule=True), requests) == expected
 
 
+def test_logprobs_land_with_their_tokens(make_engine):
+    """Logprobs are computed on the device at sampling and land with the ids: the same values as
+    synchronous steps give, greedy and sampled, and the steps still overlap."""
+    params = [SamplingParams(temperature=0, max_tokens=7, logprobs=3),
+              SamplingParams(temperature=0.8, seed=4, max_tokens=9, logprobs=1),
+              SamplingParams(temperature=0, max_tokens=8)]
+    requests = list(zip(prompts(3), params))
+
+    def logprobs(engine):
+        ids = [engine.add_request(p, q) for p, q in requests]
+        done = {}
+        while engine.has_unfinished():
+            done |= {o.request_id: o.outputs[0] for o in engine.step() if o.finished}
+        return [(done[i].token_ids, [(lp.token_id, round(lp.logprob, 4), [(t, round(v, 4)) for t, v in lp.top_logprobs])
+                                     for lp in done[i].logprobs or []]) for i in ids]
+    on = make_engine(overlap_schedule=True)
+    launches = counting(on)
+    got = logprobs(on)
+    assert got == logprobs(make_engine(overlap_schedule=False))
+    assert len(got[0][1]) == 7 and len(got[0][1][0][2]) == 3 and len(launches) >= 7
+
+
 def test_requests_that_need_the_host_run_synchronously_beside_overlapped_ones(make_engine):
-    """Logprobs, penalties and min_tokens need each token on the host before the next step: a batch
-    holding one lands the pending step first. The others overlap before and after."""
+    """Penalties and min_tokens need each token on the host before the next step: a batch holding
+    one lands the pending step first. The others overlap before and after."""
     special = [SamplingParams(temperature=0, max_tokens=3, logprobs=2),
                SamplingParams(temperature=0, max_tokens=4, repetition_penalty=1.3),
                SamplingParams(temperature=0, max_tokens=3, min_tokens=3)]
