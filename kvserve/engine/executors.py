@@ -27,7 +27,7 @@ from kvserve.engine.request import Sequence
 from kvserve.kv.groups import KVGroups
 from kvserve.kv.windows import kv_windows
 from kvserve.native.decode import NativeDecoder
-from kvserve.native.lists import int_tensor
+from kvserve.native.lists import on_device
 
 
 @dataclass
@@ -64,8 +64,7 @@ class StepBatch:
                 self.ids[row] = values[j]
             return
         device = pending_ids.device
-        self.carried = (int_tensor(rows).to(device, non_blocking=True), int_tensor(src).to(device, non_blocking=True),
-                        pending_ids)
+        self.carried = (on_device(rows, device), on_device(src, device), pending_ids)
 
     def carry_into(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (this step's input on the device) with the carried rows written in; no host sync."""
@@ -101,11 +100,11 @@ class TorchExecutor:
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """The final hidden states of batch.last_rows."""
         attention, forward = self._plan(batch)
-        ids = batch.carry_into(int_tensor(batch.ids).to(self.device))
-        hidden = forward(ids, int_tensor(batch.positions).to(self.device), attention)
+        ids = batch.carry_into(on_device(batch.ids, self.device))
+        hidden = forward(ids, on_device(batch.positions, self.device), attention)
         if len(batch.last_rows) == len(batch.ids):  # ascending and distinct: every row, in order
             return hidden
-        return hidden[int_tensor(batch.last_rows).to(self.device)]
+        return hidden[on_device(batch.last_rows, self.device)]
 
     def _plan(self, batch: StepBatch):
         """The step's planned attention backend and the forward to run it with."""
@@ -129,8 +128,7 @@ class TorchExecutor:
             read = dense if window is None else range(len(scheduled))
             metas.append(AttentionMetadata.build([q_lens[i] for i in read], [scheduled[i][0].tables[g] for i in read],
                                                  [kv_lens[i] for i in read], self.page_size) if read else None)
-            rows.append(torch.tensor([r for i in read for r in range(row_starts[i], row_starts[i + 1])],
-                                     dtype=torch.long, device=self.device))
+            rows.append(on_device([r for i in read for r in range(row_starts[i], row_starts[i + 1])], self.device))
         self.policy_attention.plan(metas, rows, decodes)
         return self.policy_attention
 

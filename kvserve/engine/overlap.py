@@ -19,6 +19,7 @@ import torch
 
 from kvserve.engine.request import Sequence, SequenceStatus
 from kvserve.engine.sampler import SampledToken, SamplingRow, _sample, argmax_rows
+from kvserve.native.lists import on_device
 
 
 @dataclass
@@ -85,7 +86,7 @@ class OverlapScheduler:
         keep = None  # the rows of logits still sampled
         if failed:  # a sequence whose run or sampling failed keeps no row
             keep = [i for i, seq in enumerate(sampled) if seq.request_id not in failed]
-            sampled, ids = [sampled[i] for i in keep], ids[torch.tensor(keep, dtype=torch.long, device=ids.device)]
+            sampled, ids = [sampled[i] for i in keep], ids[on_device(keep, ids.device)]
         for row, seq in enumerate(sampled):
             seq.num_pending += 1
             seq.pending_row = row
@@ -102,9 +103,9 @@ class OverlapScheduler:
         want = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
         if not want:
             return None
-        index = torch.tensor([kept[i] for i in want] if kept is not None else want, device=logits.device)
+        index = on_device([kept[i] for i in want] if kept is not None else want, logits.device)
         lp = logits.index_select(0, index).float().log_softmax(-1)
-        chosen = lp.gather(1, ids[torch.tensor(want, device=ids.device)].unsqueeze(1)).squeeze(1)
+        chosen = lp.gather(1, ids[on_device(want, ids.device)].unsqueeze(1)).squeeze(1)
         n = min(max(seqs[i].params.logprobs for i in want), lp.shape[1])
         top_vals, top_ids = lp.topk(n, dim=-1)
         return want, chosen, top_vals, top_ids

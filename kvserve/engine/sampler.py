@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.engine.request import MIN_TEMPERATURE as _MIN_TEMPERATURE, SamplingParams
-from kvserve.native.lists import int_tensor
+from kvserve.native.lists import int_tensor, on_device
 from kvserve.native.sampling import sample_rows
 
 
@@ -89,9 +89,9 @@ def truncated(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
     if any(p.top_p < 1 for p in params):
         # top_p 1 -> inf, so float rounding in the cumsum never trims a row that asked for no top-p
         top_p = _column([p.top_p if p.top_p < 1 else math.inf for p in params], sub)
-        sub = _top_k_top_p(sub, torch.tensor(top_k, device=sub.device).unsqueeze(1), top_p)
+        sub = _top_k_top_p(sub, on_device(top_k, sub.device).unsqueeze(1), top_p)
     elif any(k < vocab for k in top_k):  # top-k alone needs no full sort
-        kth = sub.topk(max(top_k), dim=-1).values.gather(1, torch.tensor(top_k, device=sub.device).unsqueeze(1) - 1)
+        kth = sub.topk(max(top_k), dim=-1).values.gather(1, on_device(top_k, sub.device).unsqueeze(1) - 1)
         sub.masked_fill_(sub < kth, -math.inf)
     if any(p.min_p > 0 for p in params):  # p < min_p * p_max  <=>  l < l_max + log(min_p)
         floor = sub.amax(-1, keepdim=True) + _column([p.min_p for p in params], sub).log()
@@ -107,8 +107,8 @@ def _put(logits: torch.Tensor, entries: list[tuple[int, int, float]], accumulate
     if not all(0 <= tok < logits.shape[1] for tok in t):
         # advanced indexing would wrap negative ids, and out-of-range ones are a device assert on GPU
         raise ValueError(f"token ids {sorted(set(t))} are not all in the vocabulary of {logits.shape[1]}")
-    index = (torch.tensor(r, device=logits.device), torch.tensor(t, device=logits.device))
-    logits.index_put_(index, torch.tensor(v, dtype=logits.dtype, device=logits.device), accumulate=accumulate)
+    index = (on_device(list(r), logits.device), on_device(list(t), logits.device))
+    logits.index_put_(index, on_device(list(v), logits.device, logits.dtype), accumulate=accumulate)
 
 
 def _min_tokens_masked(row: SamplingRow) -> list[int]:
@@ -137,14 +137,14 @@ def _counts(token_lists: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
     """[len(token_lists), V] occurrence counts, from one scatter over lists padded with the id V."""
     vocab = logits.shape[1]
     width = max(map(len, token_lists))
-    ids = torch.tensor([t + [vocab] * (width - len(t)) for t in token_lists], dtype=torch.long,
-                       device=logits.device)
+    ids = torch.tensor([t + [vocab] * (width - len(t)) for t in token_lists], dtype=torch.long)
+    ids = ids.to(logits.device, non_blocking=True)  # no wait for the device's queued work
     counts = torch.zeros(len(token_lists), vocab + 1, device=logits.device)
     return counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))[:, :vocab]
 
 
 def _column(values: list[float], logits: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=logits.dtype, device=logits.device).unsqueeze(1)
+    return on_device(values, logits.device, logits.dtype).unsqueeze(1)
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -171,13 +171,14 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     params = [rows[i].params for i in rand]
     u = uniforms([rows[i].generator for i in rand])
     drawn = sample_rows(logits, _option_table(params), u, None if every else int_tensor(rand))
+    index = None if every else on_device(rand, logits.device)
     if drawn is None:  # GPU, or no C compiler: the same draw in PyTorch ops
-        drawn = inverse_cdf(truncated(logits if every else logits[rand], params),
+        drawn = inverse_cdf(truncated(logits if every else logits[index], params),
                             u.to(logits.device, non_blocking=True))
     if every:
         return drawn
     tokens = argmax_rows(logits)  # greedy rows keep theirs
-    tokens[rand] = drawn
+    tokens[index] = drawn
     return tokens
 
 

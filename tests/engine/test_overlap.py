@@ -216,9 +216,9 @@ def test_cuda_overlapped_steps_give_the_synchronous_tokens(eager):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_launches_never_wait_for_the_device():
-    """A launched step queues its forward, sampling and ids copy without a device-to-host wait (torch's
-    sync debug mode reports any), or the host could not run ahead of the GPU. bf16: the logits'
-    fp32 rescoring runs too."""
+    """A launched step queues its forward, sampling (greedy; drawn with top-p and logprobs) and copies
+    without a device-to-host wait (torch's sync debug mode reports any), or the host could not run
+    ahead of the GPU. bf16: the logits' fp32 rescoring runs too."""
     import warnings
 
     from kvserve.config import SchedulerConfig
@@ -236,5 +236,7 @@ def test_cuda_launches_never_wait_for_the_device():
                 torch.cuda.set_sync_debug_mode(0)
                 syncs.extend(str(w.message) for w in caught if "synchroniz" in str(w.message))
     engine.overlap._launch = watched
-    run(engine, [(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)) for p in prompts(5)])
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=1, logprobs=2, max_tokens=12, ignore_eos=True)]
+    run(engine, [(p, params[i % 2]) for i, p in enumerate(prompts(5))])
     assert not syncs, syncs[:3]
