@@ -91,9 +91,9 @@ class OverlapScheduler:
             seq.num_pending += 1
             seq.pending_row = row
         logprobs = self._logprobs(logits, sampled, ids, keep)
-        host, ready = self._to_host(ids)
-        if logprobs is not None:
+        if logprobs is not None:  # queued before the ids' copy, whose event then covers them
             logprobs = (logprobs[0], *(self._host_copy(t) for t in logprobs[1:]))
+        host, ready = self._to_host(ids)
         return Launched(scheduled, sampled, ids, host, ready, logprobs)
 
     @staticmethod

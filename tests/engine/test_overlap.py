@@ -10,7 +10,8 @@ from kvserve.engine.runner import ModelRunner
 
 
 def run(engine, requests, abort_after=None):
-    """(token ids, text, finish reason) per request; abort_after: (request index, step) aborted then."""
+    """(token ids, text, finish reason, logprobs) per request; abort_after: (request index, step)
+    aborted then."""
     ids = [engine.add_request(p, q) for p, q in requests]
     done, step = {}, 0
     while engine.has_unfinished():
@@ -18,8 +19,9 @@ def run(engine, requests, abort_after=None):
             engine.abort(ids[abort_after[0]])
         for o in engine.step():
             if o.finished:
-                done[o.request_id] = (o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) \
-                    if o.outputs else None
+                c = o.outputs[0] if o.outputs else None
+                done[o.request_id] = c and (c.token_ids, c.text, c.finish_reason,
+                                            [(lp.token_id, round(lp.logprob, 3)) for lp in c.logprobs or []])
         step += 1
     engine.kv.check_integrity([])
     return [done.get(i) for i in ids]
@@ -42,7 +44,7 @@ def with_stops(requests, outputs):
     """The requests again, most now stopping inside what they generated: at a stop token, a stop
     string, or max_tokens, so that overlapped steps run past a stop."""
     out = []
-    for i, ((prompt, params), (tokens, text, _)) in enumerate(zip(requests, outputs)):
+    for i, ((prompt, params), (tokens, text, _, _)) in enumerate(zip(requests, outputs)):
         cut = 1 + i % 4
         stops = dict(stop_token_ids=[tokens[cut]]) if i % 3 == 0 else \
             dict(stop=[text[len(text) // 2:len(text) // 2 + 3]]) if i % 3 == 1 else dict(max_tokens=cut + 1)
@@ -60,7 +62,7 @@ def test_overlapped_steps_give_the_synchronous_outputs(make_engine, pages, budge
     requests = with_stops(requests, run(make_engine(overlap_schedule=False), requests))
     sync = make_engine(num_pages=pages, max_tokens_per_step=budget, overlap_schedule=False)
     expected = run(sync, requests)
-    assert {reason for _, _, reason in expected} == {"stop", "length"}
+    assert {reason for _, _, reason, _ in expected} == {"stop", "length"}
     engine = make_engine(num_pages=pages, max_tokens_per_step=budget, overlap_schedule=True)
     launches = counting(engine)
     assert run(engine, requests) == expected
@@ -206,7 +208,7 @@ def test_cuda_overlapped_steps_give_the_synchronous_tokens(eager):
                                    overlap_schedule=overlap, scheduler=SchedulerConfig(max_num_seqs=8)))
     requests = [([5 + i + j for j in range(4 + 9 * i)], greedy(i)) for i in range(10)]
     requests = with_stops(requests, run(engine(False), requests))
-    requests += [(p, SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=9))
+    requests += [(p, SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=9, logprobs=2))
                  for i, p in enumerate(prompts(4))]
     on = engine(True)
     launches = counting(on)
