@@ -51,9 +51,9 @@ class ModelRunner:
             if len(last) < len(seqs) and any(seq.scores_prompt for seq in seqs):
                 return ModelRunner._batch(scheduled)  # a one-token prompt chunk to score
             # a pending token is not on the host yet: StepBatch.carry puts it in
-            return StepBatch(scheduled, [0 if seq.num_pending else seq.token_ids[p] for seq, p in zip(seqs, positions)],
-                             positions,
-                             [1] * len(seqs), [p + 1 for p in positions], last, [seqs[i] for i in last],
+            ids = [0 if seq.num_pending else seq.token_ids[p] for seq, p in zip(seqs, positions)]
+            return StepBatch(scheduled, ids, positions, [1] * len(seqs), [p + 1 for p in positions], last,
+                             [seqs[i] for i in last],
                              [i for i, seq in enumerate(seqs) if _policy_decode(seq, seq.num_computed_tokens)])
         return ModelRunner._batch(scheduled)
 

@@ -297,7 +297,8 @@ class PolicyAttention:
         if layer in state.dense:
             return False
         keys = k_cache.index_select(1, slots[:state.built_end - state.start])
-        if magicpig.coverage(q, keys, keys.float().mean(1), self.scale, p.K, p.L, self.softcap).mean() >= p.min_coverage:
+        covered = magicpig.coverage(q, keys, keys.float().mean(1), self.scale, p.K, p.L, self.softcap).mean()
+        if covered >= p.min_coverage:
             return True
         state.dense.add(layer)
         return False

@@ -1,7 +1,8 @@
 """Compiles the kernels for a CUDA GPU on a machine without one (triton ships ptxas), with the
-tiles and constexprs TritonAttention, the Triton MoE and the fused pointwise kernels launch them with. It catches what only the
-compiler sees and the CPU interpreter does not: bfloat16 code paths, types carried through loops,
-constexpr branches, shared memory over the limit. Run with TRITON_INTERPRET unset:
+tiles and constexprs TritonAttention, the Triton MoE and the fused pointwise kernels launch them
+with. It catches what only the compiler sees and the CPU interpreter does not: bfloat16 code paths,
+types carried through loops, constexpr branches, shared memory over the limit. Run with
+TRITON_INTERPRET unset:
 
     python -m kvserve.attention.triton.compile_check [--arch 90] [--dtypes bf16,fp16,fp32]
 """
