@@ -415,7 +415,7 @@ class Engine:
                 return argmax_rows(logits).tolist(), None
             except Exception:
                 pass  # the rows one by one below name the one that fails
-        rows = [SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator, self.eos_token_ids) for s in seqs]
+        rows = self.sampling_rows(seqs)
         try:
             tokens = self.sampler(logits, rows)
         except Exception:
@@ -427,6 +427,9 @@ class Engine:
                     failed[seqs[i].request_id] = e
                     tokens.append(None)
         return [t if t is None else t.token_id for t in tokens], tokens
+
+    def sampling_rows(self, seqs: list[Sequence]) -> list[SamplingRow]:
+        return [SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator, self.eos_token_ids) for s in seqs]
 
     def _release_streamed_pages(self, scheduled) -> None:
         """Each KV group whose layers have a sliding window gives back the pages behind it, prompt

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.engine.request import Sequence, SequenceStatus
-from kvserve.engine.sampler import SampledToken, SamplingRow, _sample, argmax_rows
+from kvserve.engine.sampler import SampledToken, _sample, argmax_rows
 from kvserve.native.lists import on_device
 
 
@@ -57,7 +57,6 @@ class OverlapScheduler:
     def __init__(self, engine):
         self.engine = engine
         self.pending: Launched | None = None
-        self._pinned: list[torch.Tensor] = []  # two host buffers for the ids on a GPU: one per step in flight
 
     def step(self, scheduled: list[tuple[Sequence, int]]) -> dict:
         """Launches scheduled (or runs it after landing the pending step, where it cannot overlap) and
@@ -117,29 +116,24 @@ class OverlapScheduler:
         try:
             if all(seq.argmax_only for seq in seqs):
                 return argmax_rows(logits)
-            e = self.engine
-            return _sample(logits, [SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator,
-                                                e.eos_token_ids) for s in seqs])
+            return _sample(logits, self.engine.sampling_rows(seqs))
         except Exception:  # Engine._sample names the rows that fail (failed), waiting for the ids
             ids, _ = self.engine._sample(logits, seqs, failed)
             return torch.tensor([0 if t is None else t for t in ids], dtype=torch.long, device=logits.device)
 
     @staticmethod
     def _host_copy(t: torch.Tensor) -> torch.Tensor:
-        """t's copy on the host, queued (pinned memory) on a GPU: read it after the step's event."""
+        """t's copy on the host, queued on a GPU: pinned memory, which torch's caching host allocator
+        hands out again only once the copy is done. Read it after the step's event."""
         if t.device.type == "cpu":
             return t
         return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
     def _to_host(self, ids: torch.Tensor):
+        """ids' host copy, and the event after which it (and every copy queued before) is complete."""
         if ids.device.type == "cpu":
             return ids, None
-        if not self._pinned or self._pinned[0].numel() < len(ids):
-            size = max(len(ids), self.engine.config.scheduler.max_num_seqs)
-            self._pinned = [torch.empty(size, dtype=torch.long, pin_memory=True) for _ in range(2)]
-        self._pinned.reverse()  # the other buffer may still be read by the step landing next
-        host = self._pinned[0][:len(ids)]
-        host.copy_(ids, non_blocking=True)
+        host = self._host_copy(ids)
         ready = torch.cuda.Event()
         ready.record()
         return host, ready
