@@ -112,11 +112,15 @@ def test_longctx_bad_options_are_usage_errors(args, error):
     assert "Traceback" not in r.stderr
 
 
-def test_bench_overhead_runs_small():
-    r = kvserve("bench", "overhead", "--batch-sizes", "1,4", "--steps", "3", "--rounds", "1", "--input-len", "8")
+@pytest.mark.parametrize("mode", [[], ["--static", "--overlap-schedule"]])
+def test_bench_overhead_runs_small(mode):
+    r = kvserve("bench", "overhead", "--batch-sizes", "1,4", "--steps", "3", "--rounds", "1", "--input-len", "8", *mode)
     assert r.returncode == 0, r.stderr
     rows = [line.split() for line in r.stdout.splitlines() if line.split()[:1] in (["1"], ["4"])]
     assert [row[0] for row in rows] == ["1", "4"] and all(float(x) >= 0 for row in rows for x in row[1:5])
+
+
+def test_bench_overhead_bad_batch_sizes():
     r = kvserve("bench", "overhead", "--batch-sizes", "1,x")
     assert r.returncode != 0 and "--batch-sizes" in r.stderr and "Traceback" not in r.stderr
 

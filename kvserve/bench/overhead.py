@@ -32,6 +32,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "no per-step outputs")
     p.add_argument("--static", action="store_true",
                    help="decode steps through the static-buffer executor (what a GPU replays as CUDA graphs)")
+    p.add_argument("--overlap-schedule", action="store_true",
+                   help="overlapped steps (the GPU's default): each step launches the next before landing its own")
     p.add_argument("--tokenizer", default=None, help="model whose tokenizer detokenizes (default: the packaged one)")
 
 
@@ -68,7 +70,8 @@ def build_engine(batch: int, args, tokenizer):
     pages = batch * (-(-(args.input_len + steps + 1) // 16)) + 16
     config = EngineConfig(cache=CacheConfig(num_pages=pages),
                           scheduler=SchedulerConfig(max_num_batched_tokens=max(2048, batch * args.input_len),
-                                                    max_num_seqs=batch))
+                                                    max_num_seqs=batch),
+                          overlap_schedule=args.overlap_schedule)
     # sampled tokens are whole characters, as most of a real text's are (a byte token alone is not)
     text_like = [i for i in range(args.vocab_size) if tokenizer.piece(i) is not None] or None
     model = NullModel(args.vocab_size, max_len=args.input_len + steps + 8, allowed=text_like)
@@ -95,7 +98,7 @@ def measure(batch: int, args, tokenizer) -> dict[str, float]:
     timer.wrap(engine.runner, "execute", "inputs")
     timer.wrap(engine.model, "forward", "model")
     timer.wrap(engine.model, "compute_logits", "model")
-    timer.wrap(engine, "_sample", "sample")
+    timer.wrap(engine.overlap if engine.overlap is not None else engine, "_sample", "sample")
     timer.wrap(engine, "_append_all", "append")
     timer.wrap(engine, "_outputs", "outputs")
     total = 0.0
@@ -126,7 +129,8 @@ def main(args) -> int:
         tokenizer = token_tokenizer(args.vocab_size)
     print(f"host time per decode step (ms), null model, vocab {args.vocab_size}, prompts of {args.input_len} "
           f"tokens, temperature {args.temperature}, {args.steps} steps, fastest of {args.rounds} rounds"
-          + (", static-buffer executor" if args.static else "") + (", final outputs only" if args.final_only else ""))
+          + (", static-buffer executor" if args.static else "")
+          + (", overlapped steps" if args.overlap_schedule else "") + (", final outputs only" if args.final_only else ""))
     cols = (*STAGES, "other", "total")
     print(f"{'batch':>6}" + "".join(f"{c:>10}" for c in cols) + f"{'us/seq':>10}")
     torch.set_num_threads(args.threads)
