@@ -8,10 +8,10 @@ import os
 
 def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -> None:
     model_help = "GGUF file or Hugging Face directory (default: the packaged SmolLM2-135M-Instruct)"
-    if positional_model:
-        p.add_argument("model", nargs="?", default=None, help=model_help)
-    else:
-        p.add_argument("--model", default=None, help=model_help)
+    if positional_model:  # `serve MODEL` or `serve --model MODEL`, as vLLM takes either
+        p.add_argument("model", nargs="?", default=None, action=_ModelOnce, metavar="MODEL", help=model_help)
+        model_help = "the same as MODEL"
+    p.add_argument("--model", default=None, action=_ModelOnce, help=model_help)
     p.add_argument("--random-weights", default=None, choices=["llama-1b", "llama-8b", "qwen2-7b", "tiny"],
                    help="instead of a model file: random weights of this shape, made on the device")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -19,8 +19,9 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
     p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
                    help="weights held quantized in memory (CPU); auto = the GGUF's own (4-bit -> int4, "
                         "other quantized types -> int8), none for float checkpoints and other devices")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda where a GPU is visible, else cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--device", type=_device_arg, default="auto",
+                   help="cpu, cuda, cuda:N; auto = cuda where a GPU is visible, else cpu")
+    p.add_argument("--threads", type=at_least_one, default=None, help="torch intra-op threads")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder: faster steps after a compile of ~1 min at the first requests")
     p.add_argument("--enforce-eager", action="store_true",
@@ -28,11 +29,12 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
     p.add_argument("--overlap-schedule", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule and launch each step before the previous one's tokens reach the host, hiding "
                         "the host's work behind the device's (default: on for a GPU, off for the CPU)")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size (default: from free memory)")
-    p.add_argument("--num-pages", type=int, default=None, help="KV cache size in pages (overrides --kv-cache-gb)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
-    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--page-size", type=at_least_one, default=16)
+    p.add_argument("--kv-cache-gb", type=positive, default=None, help="KV cache size (default: from free memory)")
+    p.add_argument("--num-pages", type=at_least_one, default=None,
+                   help="KV cache size in pages (overrides --kv-cache-gb)")
+    p.add_argument("--max-num-batched-tokens", type=at_least_one, default=2048, help="token budget of one step")
+    p.add_argument("--max-num-seqs", type=at_least_one, default=64)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--tensor-parallel-size", "-tp", type=at_least_one, default=None,
                    help="ranks sharing each layer: spawned on this machine (gloo on CPUs, NCCL where every rank "
@@ -41,7 +43,7 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
                    help="default decode attention: full | streaming | magicpig | topk, optionally with "
                         "parameters, e.g. magicpig:K=10,L=150,sink=4,window=64 or a JSON object; "
                         "magicpig:offload=true keeps the sampled layers' K/V in CPU memory, attended by the CPU")
-    p.add_argument("--offload-kv-gb", type=float, default=None,
+    p.add_argument("--offload-kv-gb", type=positive, default=None,
                    help="CPU memory for offloaded MagicPIG K/V (default: half the available RAM, at most 64)")
     p.add_argument("--speculative", default=None, choices=["ngram", "self", "draft"],
                    help="speculative decoding: ngram = prompt lookup, self = the model over a streaming "
@@ -51,6 +53,17 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = True) -
                    help="--speculative draft: a smaller model with the same vocabulary (GGUF or HF directory)")
     p.add_argument("--speculative-window", type=at_least_one, default=1024,
                    help="--speculative self: tokens the draft passes attend to (4 sink tokens + the window)")
+
+
+class _ModelOnce(argparse.Action):
+    """MODEL or --model: an absent MODEL leaves --model's value alone; both given is an error."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None:
+            return
+        if getattr(namespace, self.dest, None) not in (None, values):
+            parser.error("give the model once: as MODEL or as --model")
+        setattr(namespace, self.dest, values)
 
 
 def _attention_arg(value: str):
@@ -76,9 +89,9 @@ def engine_config(args):
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=at_least_one, default=max_tokens)
+    p.add_argument("--temperature", type=_non_negative, default=0.0)
+    p.add_argument("--top-p", type=_probability, default=1.0, help="in (0, 1]")
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=None)
 
@@ -95,6 +108,47 @@ def at_least_one(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
     return n
+
+
+def positive(value: str) -> float:
+    """argparse type of sizes such as --kv-cache-gb"""
+    x = float(value)
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return x
+
+
+def _non_negative(value: str) -> float:
+    x = float(value)
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return x
+
+
+def _probability(value: str) -> float:
+    x = float(value)
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return x
+
+
+def _device_arg(value: str) -> str:
+    """auto, cpu, cuda or cuda:N, refused here when this machine has no such device."""
+    if value == "auto":
+        return value
+    import torch
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {value!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError("no CUDA device here (a CPU build of torch, or no GPU visible)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{value}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return value
 
 
 def token_lengths(value: str) -> list[int]:

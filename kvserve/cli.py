@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     tune_gc()
     try:
         return args.func(args)
-    except ModelLoadError as e:
+    except (ModelLoadError, ValueError) as e:  # a model or settings that cannot run, a prompt that does not fit
         print(f"kvserve: error: {e}", file=sys.stderr)
         return 2
     except RankFailure as e:  # a tensor-parallel start-up that could not complete

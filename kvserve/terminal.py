@@ -52,7 +52,12 @@ def cmd_chat(args) -> int:
             continue
         messages.append({"role": "user", "content": line})
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        rid = engine.add_request(prompt, sampling_params(args))
+        try:
+            rid = engine.add_request(prompt, sampling_params(args))
+        except ValueError as e:  # e.g. the conversation outgrew the context: say so, keep the chat
+            print(f"kvserve chat: {e}; /reset starts over", file=sys.stderr)
+            messages.pop()
+            continue
         shown = ""
         try:
             while engine.has_unfinished():

@@ -105,11 +105,30 @@ def test_eval_longctx_runs_small(smollm2_path):
     (["eval", "longctx", "--agg-trials", "0"], "must be >= 1"),
     (["eval", "longctx", "--agg-lengths", "1024,abc"], "comma-separated counts >= 1"),
     (["eval", "longctx", "--lengths", "512,0"], "comma-separated counts >= 1"),
-    (["bench", "longctx", "--long-lengths", "32k"], "comma-separated counts >= 1")])
-def test_longctx_bad_options_are_usage_errors(args, error):
+    (["bench", "longctx", "--long-lengths", "32k"], "comma-separated counts >= 1"),
+    (["generate", "hi", "--max-tokens", "-5"], "must be >= 1"),
+    (["generate", "hi", "--temperature", "-1"], "must be >= 0"),
+    (["generate", "hi", "--top-p", "5"], "must be in (0, 1]"),
+    (["generate", "hi", "--page-size", "0"], "must be >= 1"),
+    (["generate", "hi", "--device", "tpu"], "expected auto, cpu, cuda or cuda:N"),
+    (["serve", "--port", "99999"], "must be in 0-65535"),
+    (["serve", "a.gguf", "--model", "b.gguf"], "give the model once")])
+def test_bad_options_are_usage_errors(args, error):
     r = kvserve(*args)
     assert r.returncode == 2 and args[2] in r.stderr and error in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_request_the_engine_refuses_is_one_line(smollm2_path):
+    r = kvserve("generate", "hi", "--max-tokens", "100000")
+    assert r.returncode == 2 and "exceeds the context length" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_takes_the_model_as_argument_or_option():
+    from kvserve.cli import build_parser
+    for argv in (["serve", "m.gguf"], ["serve", "--model", "m.gguf", "--port", "0"], ["chat", "--model", "m.gguf"]):
+        assert build_parser().parse_args(argv).model == "m.gguf"
+    assert build_parser().parse_args(["serve"]).model is None
 
 
 @pytest.mark.parametrize("mode", [[], ["--static", "--overlap-schedule"]])

@@ -495,7 +495,7 @@ class Engine:
         reason = self._stop_reason(seq, token, len(delta))
         if reason is not None:
             if seq.stop_reason is None or isinstance(seq.stop_reason, int):
-                seq.text += seq.detokenizer.flush()  # a last incomplete character, as is
+                seq.text += seq.detokenizer.flush()  # held-back text, less a last incomplete character
             seq.finish_reason = reason
             self.scheduler.finish(seq)
 

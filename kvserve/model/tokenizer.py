@@ -293,9 +293,10 @@ class IncrementalDetokenizer:
         return delta
 
     def flush(self) -> str:
-        """Emit whatever is held back (e.g. the sequence ended mid-character)."""
+        """Emit whatever is held back, less a last character cut mid-way (the sequence ended inside
+        it): dropped, as vLLM and llama.cpp drop it, rather than sent as U+FFFD."""
         prefix_text = self._tok.decode(self._ids[self._prefix:self._read], self._skip)
-        delta = self._tok.decode(self._ids[self._prefix:], self._skip)[len(prefix_text):]
+        delta = self._tok.decode(self._ids[self._prefix:], self._skip)[len(prefix_text):].rstrip("\ufffd")
         self._prefix, self._read = self._read, len(self._ids)
         if delta:
             self._parts.append(delta)

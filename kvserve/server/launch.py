@@ -19,7 +19,7 @@ from kvserve.server import isolation_args
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--port", type=_port, default=8000, help="0 picks a free port")
     p.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1; several keys comma-separated "
                         "(default: $KVSERVE_API_KEY)")
@@ -39,6 +39,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "the replica holding the longest cached prefix, then the least loaded")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     isolation_args.add_args(p)
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0-65535, got {port}")
+    return port
 
 
 def main(args) -> int:

@@ -50,6 +50,8 @@ class ServerMiddleware:
                 return
             await self.app(scope, _replay(body, receive), send_and_watch)
         finally:
+            if state.get("client_left"):
+                status = 499  # as nginx logs a client that left before the response ended
             self._record(scope, state, status, time.perf_counter() - start)
 
     def _auth_error(self, scope) -> OpenAIError | None:

@@ -8,13 +8,45 @@ import time
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 SEED_MAX = 2**63 - 1  # torch generators take 64 bits; the engine adds an offset per choice
 MAX_TOP_LOGPROBS = 20
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict: JSON's types as they are (true is not max_tokens 1, "yes" not a boolean, "0.5" not a number)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_characters(cls, data):
+        """JSON may escape half a UTF-16 surrogate pair ("\\ud800"), which no text encoding can carry."""
+        where = lone_surrogate(data)
+        if where is not None:
+            raise PydanticCustomError("lone_surrogate", "{path} holds a lone UTF-16 surrogate, which is not a "
+                                      "character (surrogates come in pairs)", {"path": where})
+        return data
+
+
+def lone_surrogate(value, path: str = "") -> str | None:
+    """The path of the first string in value (JSON-like) that is not valid Unicode text, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return path or "a string"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            where = lone_surrogate(key, path) or lone_surrogate(item, f"{path}.{key}" if path else str(key))
+            if where is not None:
+                return where
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            where = lone_surrogate(item, f"{path}[{i}]")
+            if where is not None:
+                return where
+    return None
 
 
 class StreamOptions(_Request):

@@ -529,6 +529,9 @@ class Serving:
                 log.exception("stream failed")
                 err = OpenAIError(f"internal server error: {type(e).__name__}", 500)
                 yield f"data: {ErrorResponse(error=err.info()).model_dump_json()}\n\n"
+            except BaseException:  # closed or cancelled mid-stream: the client left (logged as 499)
+                request.state.client_left = True
+                raise
             finally:
                 job.close()
                 request.state.completion_tokens = job.completion_tokens

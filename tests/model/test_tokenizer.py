@@ -240,7 +240,8 @@ def test_stream_is_incremental_and_flushes(smollm, monkeypatch):
     ids = smollm.encode("ok 😀")[:-1]  # the sequence ends mid-character
     det, chunks = stream(smollm, ids)
     held, rest = det.text, det.flush()
-    assert chunks[-1] == "" and rest.endswith("\ufffd") and held + rest == det.text == decode(ids)
+    assert decode(ids).endswith("\ufffd")
+    assert chunks[-1] == "" and held + rest == det.text == decode(ids).rstrip("\ufffd") == "ok "
 
 
 def test_stream_pieces_match_full_decodes(smollm, monkeypatch):
@@ -265,7 +266,8 @@ def test_stream_pieces_match_full_decodes(smollm, monkeypatch):
             out.append([det.add([i]) for i in ids] + [det.flush()])
             assert [by_one.add_token(i) for i in ids] + [by_one.flush()] == out[-1]
             if smollm.decode(prompt, skip) == smollm.decode(prompt[:-1], skip) + smollm.decode(prompt[-1:], skip):
-                assert "".join(out[-1]) == smollm.decode(prompt + ids, skip)[len(smollm.decode(prompt, skip)):]
+                whole = smollm.decode(prompt + ids, skip)[len(smollm.decode(prompt, skip)):]
+                assert "".join(out[-1]) == whole.rstrip("\ufffd")  # less a cut last character
         return out
     for skip in (True, False):
         fast = streamed(skip)

@@ -34,6 +34,13 @@ CASES = {
             "temperature", None),
     "invalid utf-8": ("POST", CHAT, b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', {}, 400, None, None),
     "not json content type": ("POST", CHAT, b"hello", {"Content-Type": "text/plain"}, 400, None, None),
+    "lone surrogate": ("POST", CHAT, b'{"messages": [{"role": "user", "content": "a\\ud800"}]}', {}, 400, "messages",
+                       "invalid_value"),
+    "lone surrogate in a prompt": ("POST", COMPLETIONS, b'{"prompt": ["ok", "a\\udc00b"], "max_tokens": 4}', {}, 400,
+                                   "prompt", "invalid_value"),
+    "max_tokens boolean": ("POST", CHAT, chat(max_tokens=True), {}, 400, "max_tokens", None),
+    "stream not a boolean": ("POST", CHAT, chat(stream="yes"), {}, 400, "stream", None),
+    "temperature as a string": ("POST", CHAT, chat(temperature="0.5"), {}, 400, "temperature", None),
     "messages wrong type": ("POST", CHAT, chat(messages="Hi"), {}, 400, "messages", None),
     "max_tokens wrong type": ("POST", CHAT, chat(max_tokens="many"), {}, 400, "max_tokens", None),
     "temperature wrong type": ("POST", CHAT, chat(temperature="hot"), {}, 400, "temperature", None),
@@ -157,3 +164,50 @@ def test_bad_input(live_server, case):
     if code is not None:
         assert error["code"] == code, error
     assert usage["completion_tokens"] == GOOD_TOKENS
+
+
+@pytest.mark.parametrize("prompt,message", [
+    (5, "Invalid value for 'prompt': expected str or list[str] or list[int] or list[list[int]]"),
+    (["a", [1, 2]], "Invalid value for 'prompt[1]': Input should be a valid string"),
+    ([1, "a"], "Invalid value for 'prompt[1]': Input should be a valid integer")])
+def test_a_value_of_no_accepted_type_is_named_plainly(http, prompt, message):
+    """pydantic's per-type attempts (prompt.str, prompt.list[int] ...) come out as one message."""
+    r = http.post(COMPLETIONS, json=completion(prompt=prompt))
+    assert r.status_code == 400 and r.json()["error"]["message"] == message
+
+
+def test_an_internal_error_is_a_500_that_keeps_the_connection(live_server, monkeypatch):
+    """An unexpected exception gets an OpenAI error object, and the kept-alive connection serves the
+    client's next request (an app-wide handler would have the server drop it after the 500)."""
+    import socket
+    from urllib.parse import urlsplit
+    tokenizer = live_server.engine.tokenizer
+
+    def broken(text, add_special_tokens=True):
+        if text == "break":
+            raise RuntimeError("boom")
+        return type(tokenizer).encode(tokenizer, text, add_special_tokens)
+    monkeypatch.setattr(tokenizer, "encode", broken)
+    url = urlsplit(live_server.url)
+
+    def request(sock, prompt: str) -> bytes:
+        body = json.dumps({"prompt": prompt}).encode()
+        sock.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _length(data):
+            chunk = sock.recv(65536)
+            assert chunk, f"the server closed the connection after {data!r}"
+            data += chunk
+        return data
+
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        first = request(sock, "break")
+        assert first.startswith(b"HTTP/1.1 500") and b'"server_error"' in first and b"RuntimeError" in first
+        assert request(sock, "hello").startswith(b"HTTP/1.1 200")
+
+
+def _length(response: bytes) -> int:
+    head = response.partition(b"\r\n\r\n")[0].lower()
+    return int(head.partition(b"content-length:")[2].split(b"\r\n")[0])

@@ -69,8 +69,17 @@ def slow_engine(live_server, monkeypatch):
     wait_idle(engine)
 
 
-def test_stream_disconnect_aborts_within_a_step(live_server, slow_engine):
+def left(http) -> float:
+    """Chat requests whose client left before the end (status 499 in /metrics and the log line)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    return sum(s.value for fam in text_string_to_metric_families(http.get("/metrics").text) for s in fam.samples
+               if s.name == "kvserve_http_requests_total" and s.labels["status"] == "499"
+               and s.labels["endpoint"] == "/v1/chat/completions")
+
+
+def test_stream_disconnect_aborts_within_a_step(live_server, slow_engine, http):
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 200, "stream": True, "ignore_eos": True}
+    left_before = left(http)
     with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
         with c.stream("POST", "/v1/chat/completions", json=body) as r:
             chunks = 0
@@ -89,6 +98,10 @@ def test_stream_disconnect_aborts_within_a_step(live_server, slow_engine):
     assert waited < 1.0
     assert live_server.engine.pool.num_free + live_server.engine.kv.prefix.num_evictable() == \
         live_server.engine.pool.num_pages
+    deadline = time.monotonic() + 5  # counted once the response's task has ended
+    while left(http) == left_before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert left(http) == left_before + 1  # its 200 already sent, counted as the client's leaving
 
 
 def test_non_streaming_disconnect_aborts(live_server, slow_engine):
