@@ -29,23 +29,22 @@ class _Request(BaseModel):
         return data
 
 
-def lone_surrogate(value, path: str = "") -> str | None:
-    """The path of the first string in value (JSON-like) that is not valid Unicode text, or None."""
-    if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            return path or "a string"
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            where = lone_surrogate(key, path) or lone_surrogate(item, f"{path}.{key}" if path else str(key))
-            if where is not None:
-                return where
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            where = lone_surrogate(item, f"{path}[{i}]")
-            if where is not None:
-                return where
+def lone_surrogate(value) -> str | None:
+    """The path of the first string in value (JSON-like) that is not valid Unicode text, or None.
+    A loop, not recursion: JSON nests as deep as its parser allows."""
+    todo = [(value, "")]
+    while todo:
+        value, path = todo.pop()
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return path or "a string"
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                todo += [(item, f"{path}.{key}" if path else str(key)), (key, path or "a key")]
+        elif isinstance(value, list):
+            todo += [(item, f"{path}[{i}]") for i, item in reversed(list(enumerate(value)))]
     return None
 
 
