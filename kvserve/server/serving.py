@@ -361,12 +361,12 @@ class Serving:
                 chars[o.index], tokens[o.index] = len(o.text), len(o.logprobs or [])
                 done[o.index] = o.finish_reason is not None
                 calls, reason = None, o.finish_reason
-                if streams:  # tool calls: content until a call may begin, the calls at the end
-                    delta = streams[o.index].feed(delta)
+                if streams:  # tool calls: under "auto" content until a call may begin, the calls at the end
+                    delta, calls = streams[o.index].feed(delta)
                     if done[o.index]:
-                        rest, calls = streams[o.index].finish(o.finish_reason)
-                        delta, reason = delta + rest, "tool_calls" if calls else reason
-                    if not (delta or new or done[o.index]):
+                        rest, more, reason = streams[o.index].finish(o.finish_reason)
+                        delta, calls = delta + rest, calls + more
+                    if not (delta or calls or new or done[o.index]):
                         continue
                 choices.append(ChatChunkChoice(
                     index=o.index, delta=DeltaMessage(content=delta if delta or not done[o.index] else None,

@@ -324,47 +324,73 @@ _MARKERS = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]"}
 # ---- streaming ---------------------------------------------------------------------------------
 
 class ToolStream:
-    """One choice's text as streamed deltas: content passes through until a tool call may have
-    begun; from there the text is held, and parsed into tool-call deltas when the choice ends."""
+    """One choice's text as streamed deltas. Under tool_choice "auto", content passes through until
+    a call may have begun; from there the text is held, and parsed into tool-call deltas when the
+    choice ends. A forced call (required, named) is streamed as it is written: its header once its
+    name is known, then its arguments' JSON text a piece at a time, as OpenAI streams them."""
 
     def __init__(self, plan: ToolPlan):
         self.plan = plan
         self.text = ""
         self.sent = 0  # chars of text already sent as content
-        self.holding = plan.mode != "auto"  # forced calls: all of the output is the call
+        self.holding = False  # auto: a call may have begun
+        self.forced = plan.mode != "auto"
+        self.ids: list[str] = []  # forced: the calls whose header is sent
+        self.args_sent: list[int] = []  # and the chars of their arguments sent
 
-    def feed(self, delta: str) -> str:
-        """The content to send now for this new text."""
+    def feed(self, delta: str) -> tuple[str, list[dict]]:
+        """(content, tool-call deltas) to send now for this new text."""
         self.text += delta
+        if self.forced:
+            return "", self._forced_deltas()
         if self.holding:
-            return ""
+            return "", []
         marker = _MARKERS.get(self.plan.parser)
         if marker is None:  # llama3: a call is the whole output, a JSON object
             stripped = self.text.lstrip()
             if self.sent == 0 and stripped.startswith(("{", "<|python_tag|>")):
                 self.holding = True
-                return ""
+                return "", []
             if self.sent == 0 and "<|python_tag|>".startswith(stripped):  # undecided yet
-                return ""
-            return self._release(len(self.text))
+                return "", []
+            return self._release(len(self.text)), []
         at = self.text.find(marker, self.sent)
         if at >= 0:
             self.holding = True
-            return self._release(at)
+            return self._release(at), []
         # a marker may be starting at the end: hold those characters back
         keep = next((k for k in range(min(len(marker) - 1, len(self.text)), 0, -1)
                      if marker.startswith(self.text[-k:])), 0)
-        return self._release(len(self.text) - keep)
+        return self._release(len(self.text) - keep), []
 
     def _release(self, upto: int) -> str:
         out, self.sent = self.text[self.sent:upto], max(self.sent, upto)
         return out
 
-    def finish(self, finish_reason: str | None) -> tuple[str, list[dict]]:
-        """(content still to send, tool-call deltas) when the choice has ended."""
+    def _forced_deltas(self) -> list[dict]:
+        args = self.text.lstrip()
+        calls = ([(self.plan.name, args)] if args else []) if self.plan.mode == "named" else _calls_begun(self.text)
+        deltas = []
+        for i, (name, args) in enumerate(calls):
+            if name is None:  # its arguments wait for its name
+                break
+            if i == len(self.ids):
+                self.ids.append(new_call_id())
+                self.args_sent.append(0)
+                deltas.append({"index": i, "id": self.ids[i], "type": "function",
+                               "function": {"name": name, "arguments": ""}})
+            if len(args) > self.args_sent[i]:
+                deltas.append({"index": i, "function": {"arguments": args[self.args_sent[i]:]}})
+                self.args_sent[i] = len(args)
+        return deltas
+
+    def finish(self, finish_reason: str | None) -> tuple[str, list[dict], str | None]:
+        """(content still to send, tool-call deltas, finish reason) when the choice has ended."""
+        if self.forced:  # the grammar made every token part of the call; a cut one ends as "length"
+            return "", [], "tool_calls" if self.ids and finish_reason == "stop" else finish_reason
         parsed = parse_output(self.text, self.plan) if finish_reason == "stop" else Parsed(self.text, [])
         if not parsed.calls:
-            return self._release(len(self.text)), []
+            return self._release(len(self.text)), [], finish_reason
         content = (parsed.content or "")[self.sent:] if parsed.content else ""
         deltas = []
         for i, c in enumerate(parsed.calls):
@@ -372,7 +398,54 @@ class ToolStream:
                            "function": {"name": c["function"]["name"], "arguments": ""}})
             deltas.append({"index": i, "function": {"arguments": c["function"]["arguments"]}})
         self.sent = len(self.text)
-        return content, deltas
+        return content, deltas, "tool_calls"
+
+
+def _calls_begun(text: str) -> list[tuple[str | None, str]]:
+    """The calls begun so far in a forced "required" output, a JSON array of {"name", "parameters"}
+    being written: each one's name (None until its string is whole) and its parameters' text so far."""
+    calls: list[list] = []  # [name, parameters' start, end]
+    depth, expect_key, key, i = 0, False, None, 0
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            end = _string_end(text, i)
+            if end is None:  # a string still being written
+                break
+            if depth == 2 and expect_key:
+                key, expect_key = json.loads(text[i:end]), False
+            elif depth == 2 and key == "name":
+                calls[-1][0] = json.loads(text[i:end])
+            i = end
+            continue
+        if c in "{[":
+            if depth == 2 and key == "parameters":
+                calls[-1][1] = i
+            depth += 1
+            if depth == 2:
+                calls.append([None, None, None])
+                expect_key, key = True, None
+        elif c in "}]":
+            depth -= 1
+            if depth == 2 and key == "parameters":
+                calls[-1][2] = i + 1
+        elif c == "," and depth == 2:
+            expect_key, key = True, None
+        i += 1
+    return [(name, "" if start is None else text[start:end or len(text)]) for name, start, end in calls]
+
+
+def _string_end(text: str, start: int) -> int | None:
+    """The index after the JSON string that opens at text[start], or None if it is not closed yet."""
+    i = start + 1
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+        elif text[i] == '"':
+            return i + 1
+        else:
+            i += 1
+    return None
 
 
 def finish_choice(text: str, finish_reason: str | None, plan: ToolPlan) -> tuple[str | None, list[dict] | None, str]:

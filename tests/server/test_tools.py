@@ -63,8 +63,9 @@ def test_each_format_parses_whole_and_streamed(template, text, content):
     assert len({c["id"] for c in calls}) == 2
     for size in (1, 3, 7):  # any split of the text into deltas
         stream = ToolStream(plan)
-        sent = "".join(stream.feed(text[i:i + size]) for i in range(0, len(text), size))
-        rest, deltas = stream.finish("stop")
+        sent = "".join(stream.feed(text[i:i + size])[0] for i in range(0, len(text), size))
+        rest, deltas, reason = stream.finish("stop")
+        assert reason == "tool_calls"
         assert (sent + rest).strip() == (content or "") and "<tool" not in sent and "[TOOL" not in sent
         args = {}
         for d in deltas:
@@ -78,11 +79,43 @@ def test_text_without_calls_stays_content():
         for text in ("Just an answer.", "<tool_call>{broken", '{"name": "unknown_fn", "arguments": {}}'):
             assert finish_choice(text, "stop", plan) == (text, None, "stop")
             stream = ToolStream(plan)
-            sent = stream.feed(text)
-            assert sent + stream.finish("stop")[0] == text
+            sent, calls = stream.feed(text)
+            assert not calls and sent + stream.finish("stop")[0] == text
     plan = plan_tools(req(tool_choice="required"), CHATML)
     assert finish_choice('[{"name": "get_time", "para', "length", plan) == ('[{"name": "get_time", "para', None,
                                                                            "length")
+
+
+@pytest.mark.parametrize("choice, text", [
+    ("required", '[{"name": "get_weather", "parameters": {"city": "O\\"slo", "n": [1, {"a": "]}"}]}}, '
+                 '{"name":"get_time","parameters":{}}]'),
+    ({"type": "function", "function": {"name": "get_weather"}}, ' {"city": "Oslo", "n": [1, 2]}')])
+def test_forced_calls_stream_as_they_are_written(choice, text):
+    """Each call's header once its name is whole, then its arguments a piece at a time: joined, what
+    the whole output parses to; nothing sent as content."""
+    plan = plan_tools(req(tool_choice=choice), CHATML)
+    whole = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+             for c in finish_choice(text, "stop", plan)[1]]
+    for size in (1, 2, 5, len(text)):
+        stream = ToolStream(plan)
+        deltas, steps = [], 0
+        for i in range(0, len(text), size):
+            content, new = stream.feed(text[i:i + size])
+            assert content == ""
+            deltas += new
+            steps += bool(new)
+        content, rest, reason = stream.finish("stop")
+        deltas += rest
+        assert content == "" and reason == "tool_calls"
+        headers = [d for d in deltas if "id" in d]
+        assert [d["index"] for d in headers] == list(range(len(whole)))
+        assert all(d["function"]["arguments"] == "" for d in headers)
+        args = ["".join(d["function"]["arguments"] for d in deltas if d["index"] == i) for i in range(len(whole))]
+        assert [(h["function"]["name"], json.loads(a)) for h, a in zip(headers, args)] == whole
+        assert size == len(text) or steps > len(whole)  # streamed in pieces, not at the end
+    stream = ToolStream(plan)
+    stream.feed(text[:len(text) // 2])
+    assert stream.finish("length")[2] == "length"  # a call cut short
 
 
 def test_messages_for_templates_with_and_without_tools():
