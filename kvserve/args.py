@@ -133,22 +133,11 @@ def _probability(value: str) -> float:
 
 
 def _device_arg(value: str) -> str:
-    """auto, cpu, cuda or cuda:N, refused here when this machine has no such device."""
-    if value == "auto":
-        return value
-    import torch
+    from kvserve.config import check_device
     try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {value!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError("no CUDA device here (a CPU build of torch, or no GPU visible)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{value}: this machine has {torch.cuda.device_count()} CUDA devices")
-    return value
+        return check_device(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("device: ")) from None
 
 
 def token_lengths(value: str) -> list[int]:

@@ -67,12 +67,50 @@ class CacheConfig:
     offload_pages: int | None = None  # None: derived from offload_kv_gb
     offload_kv_gb: float | None = None  # None: half the available RAM, at most 64 GiB
 
+    def __post_init__(self):
+        _at_least("page_size", self.page_size, 1)
+        for name in ("num_pages", "offload_pages"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
+        for name in ("kv_cache_gb", "offload_kv_gb"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+
 
 @dataclass
 class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # per step: all decodes plus prefill chunks up to this
     max_num_seqs: int = 64
     enable_chunked_prefill: bool = True
+
+    def __post_init__(self):
+        _at_least("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        _at_least("max_num_seqs", self.max_num_seqs, 1)
+
+
+def _at_least(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_device(device: str) -> str:
+    """auto, cpu, cuda or cuda:N, refused when this machine has no such device."""
+    if device == "auto":
+        return device
+    import torch
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device: no CUDA device here (a CPU build of torch, or no GPU visible)")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 @dataclass
@@ -95,3 +133,10 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     tensor_parallel_size: int = 1  # ranks sharing each layer (kvserve.distributed)
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        check_device(self.device)
+        _at_least("tensor_parallel_size", self.tensor_parallel_size, 1)
+        _at_least("num_speculative_tokens", self.num_speculative_tokens, 1)

@@ -39,21 +39,35 @@ class LLM:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
-                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Runs every prompt through the engine as one batch; outputs in input order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        """Runs every prompt through the engine as one batch; outputs in input order. A prompt is a
+        string, a list of token ids, or (as vLLM's TextPrompt, TokensPrompt) {"prompt": text} or
+        {"prompt_token_ids": ids}; prompts is one of these or a list of them. If one is refused, none runs."""
+        if hasattr(prompts, "tolist"):  # a numpy array or tensor: ids, or rows of ids
+            prompts = prompts.tolist()
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
+                                                and hasattr(prompts[0], "__index__")):
+            prompts = [prompts]  # one prompt
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts: a prompt or a list of them, got {type(prompts).__name__}")
+        prompts = [_prompt(p) for p in prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        if not all(p is None or isinstance(p, SamplingParams) for p in params):
+            raise TypeError("sampling_params must be a SamplingParams, a list of them, or None")
         # only finished outputs are read here: the engine need not build one per request per step
         params = [dataclasses.replace(p or SamplingParams(), output_kind="final_only") for p in params]
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        ids: list[str] = []
         done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm or None) as bar:
+        with tqdm(total=len(prompts), desc="generating", unit="req", disable=not use_tqdm or None) as bar:
             try:
+                for p, sp in zip(prompts, params):
+                    ids.append(self.engine.add_request(p, sp))
                 while len(done) < len(ids):
                     for out in self.engine.step():
                         if out.error:
@@ -93,3 +107,20 @@ class LLM:
 
     def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+
+def _prompt(p) -> str | list[int]:
+    """One prompt of LLM.generate as the engine takes it: text or token ids."""
+    if isinstance(p, dict):
+        if set(p) == {"prompt"}:
+            p = p["prompt"]
+        elif set(p) == {"prompt_token_ids"}:
+            p = p["prompt_token_ids"]
+        else:
+            raise ValueError(f"a prompt dict holds 'prompt' (text) or 'prompt_token_ids', got keys {sorted(p)}")
+    if isinstance(p, str):
+        return p
+    if not isinstance(p, (list, tuple)) and not hasattr(p, "tolist") \
+            or not all(hasattr(t, "__index__") for t in p):  # ints, numpy's too
+        raise TypeError(f"a prompt is a string, token ids or a dict of either, got {str(p)[:80]}")
+    return [t.__index__() for t in p]

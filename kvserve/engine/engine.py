@@ -1,6 +1,7 @@
 """Engine: one step = schedule -> run the model -> sample -> append, detokenize, stop, free."""
 import dataclasses
 import itertools
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from kvserve.model.loader import ModelLoadError, load_checkpoint, read_gguf, rel
 from kvserve.model.random_weights import RandomWeights, shape_config, token_tokenizer
 from kvserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
+log = logging.getLogger("kvserve.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -93,6 +95,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         mc = model.config
         self.max_model_len = mc.max_position_embeddings
+        self.context_capped = False  # max_model_len lowered to what the KV cache holds (_cap_context)
         self.eos_token_ids = list(tokenizer.eos_token_ids or mc.eos_token_ids)
         cache = config.cache
         kv_dtype = model.dtype
@@ -119,6 +122,7 @@ class Engine:
             from kvserve.distributed.executor import TensorParallelExecutor
             executor = TensorParallelExecutor(executor, model, self.pool, self.tp, len(self.kv_groups))
         self.runner = ModelRunner(model, executor)
+        self._cap_context(config.scheduler.max_num_batched_tokens)
         if self.runner.policy_attention is not None:
             self.runner.policy_attention.offload = self.offload
         self.sampler = Sampler()
@@ -222,6 +226,21 @@ class Engine:
         self.scheduler.add(seq)
         return request_id
 
+    def _cap_context(self, chunk: int) -> None:
+        """The context length: at most what the pool holds of one sequence (run in chunks of `chunk`),
+        as llama.cpp caps n_ctx, so that a request that fits alone always finishes. Otherwise it
+        would evict itself and start over for good once it outgrew the pool."""
+        free = self.pool.num_pages - len(self.pool.reserved)
+        low, high = 0, self.max_model_len
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if self.kv.pages_for(mid, chunk) <= free else (low, mid - 1)
+        if low < self.max_model_len:
+            log.warning("the KV cache (%d pages of %d tokens) holds %d tokens of one sequence: the context "
+                        "length is that, not the model's %d (more pages: --num-pages, --kv-cache-gb)",
+                        free, self.pool.page_size, low, self.max_model_len)
+            self.max_model_len, self.context_capped = low, True
+
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise ValueError("the prompt is empty")
@@ -234,10 +253,13 @@ class Engine:
             raise ValueError("attention policies other than full are not supported with tensor parallelism")
         room = 1 if params.attention is not None and params.attention.unbounded else (params.max_tokens or 1)
         if len(ids) + room > self.max_model_len:
+            held = " (what the KV cache holds)" if self.context_capped else ""
             raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                             f"the context length {self.max_model_len}")
-        if self.kv.pages_for(len(ids) + 1, self.config.scheduler.max_num_batched_tokens) > self.pool.num_pages:
-            raise ValueError(f"prompt ({len(ids)} tokens) does not fit in the KV cache")
+                             f"the context length {self.max_model_len}{held}")
+        scheduler = self.config.scheduler
+        if not scheduler.enable_chunked_prefill and len(ids) > scheduler.max_num_batched_tokens:
+            raise ValueError(f"prompt ({len(ids)} tokens) is longer than max_num_batched_tokens "
+                             f"({scheduler.max_num_batched_tokens}), and chunked prefill is off")
 
     def _init_seq(self, seq: Sequence) -> None:
         if seq.params.seed is not None:
@@ -494,7 +516,7 @@ class Engine:
             seq.text += delta
         reason = self._stop_reason(seq, token, len(delta))
         if reason is not None:
-            if seq.stop_reason is None or isinstance(seq.stop_reason, int):
+            if reason is FinishReason.LENGTH:
                 seq.text += seq.detokenizer.flush()  # held-back text, less a last incomplete character
             seq.finish_reason = reason
             self.scheduler.finish(seq)
@@ -503,10 +525,12 @@ class Engine:
         p = seq.params
         num_out = len(seq.token_ids) - seq.num_prompt_tokens
         if num_out >= p.min_tokens:
-            if token in self.eos_token_ids and not p.ignore_eos:
-                return FinishReason.STOP
-            if p.stop_token_ids and token in p.stop_token_ids:
-                seq.stop_reason = token
+            # a stop token's text is not the output's (as vLLM leaves it out), nor is what it completes
+            stop_token = token in self.eos_token_ids and not p.ignore_eos
+            if not stop_token and p.stop_token_ids and token in p.stop_token_ids:
+                seq.stop_reason, stop_token = token, True
+            if stop_token:
+                seq.text = seq.text[:len(seq.text) - new_chars]
                 return FinishReason.STOP
             for stop in p.stop:
                 # only a match ending in the new text is new

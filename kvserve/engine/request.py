@@ -65,24 +65,33 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.output_kind not in ("cumulative", "final_only"):
             raise ValueError(f"output_kind must be 'cumulative' or 'final_only', got {self.output_kind!r}")
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
-            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
-        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
-            raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
+        if self.logit_bias:  # keys may come as the OpenAI API's strings of digits
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"logit_bias maps token ids to numbers, got {self.logit_bias!r:.80}") from None
+            if any(not -100 <= v <= 100 for v in self.logit_bias.values()):
+                raise ValueError("logit_bias values must be in [-100, 100]")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r:.80}")
+        if any(not _is_int(t) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be integers, got {self.stop_token_ids!r:.80}")
+        _check("n", self.n, int, lambda v: v >= 1, ">= 1")
+        _check("temperature", self.temperature, float, lambda v: 0 <= v < float("inf"), ">= 0")
+        _check("top_p", self.top_p, float, lambda v: 0 < v <= 1, "in (0, 1]")
+        _check("top_k", self.top_k, int, lambda v: v >= -1, "-1 or 0 (off) or >= 1")
+        _check("min_p", self.min_p, float, lambda v: 0 <= v <= 1, "in [0, 1]")
+        _check("repetition_penalty", self.repetition_penalty, float, lambda v: 0 < v < float("inf"), "> 0")
+        _check("presence_penalty", self.presence_penalty, float, lambda v: -2 <= v <= 2, "in [-2, 2]")
+        _check("frequency_penalty", self.frequency_penalty, float, lambda v: -2 <= v <= 2, "in [-2, 2]")
+        if self.max_tokens is not None:
+            _check("max_tokens", self.max_tokens, int, lambda v: v >= 1, ">= 1")
+        _check("min_tokens", self.min_tokens, int, lambda v: 0 <= v <= (self.max_tokens or v), "in [0, max_tokens]")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _check(name, getattr(self, name), int, lambda v: v >= 0, ">= 0")
+        if self.seed is not None:
+            _check("seed", self.seed, int, lambda v: -2**63 <= v < 2**63, "in [-2**63, 2**63)")
 
     @property
     def greedy(self) -> bool:
@@ -103,6 +112,17 @@ class SamplingParams:
         """The logits are sampled as they are: no bias, penalty or min_tokens (logprobs may be read)."""
         return (not self.logit_bias and not self.min_tokens and self.repetition_penalty == 1
                 and not self.presence_penalty and not self.frequency_penalty)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(name: str, value, kind: type, ok, what: str) -> None:
+    """A SamplingParams field: of its kind (an int where a float may be), and ok(value)."""
+    fits = _is_int(value) or (kind is float and isinstance(value, float))
+    if not fits or not ok(value):
+        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'} {what}, got {value!r}")
 
 
 class SequenceStatus(str, enum.Enum):

@@ -4,6 +4,7 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from kvserve.engine.request import SamplingParams
 
 
@@ -91,6 +92,7 @@ def test_stop_conditions(make_engine, smollm2_tokenizer):
     first = base.token_ids.index(stop_id)
     assert out.outputs[0].token_ids == base.token_ids[:first + 1]
     assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop_id
+    assert out.outputs[0].text == smollm2_tokenizer.decode(base.token_ids[:first])  # not the stop token's
     # stop string: text ends right before it
     text = base.text
     stop = text[len(text) // 2:len(text) // 2 + 3]
@@ -201,12 +203,55 @@ def test_a_request_that_breaks_the_model_fails_alone(make_engine, monkeypatch, o
     assert_pages_balanced(engine)
 
 
-@pytest.mark.parametrize("bad", [dict(n=0), dict(temperature=-0.1), dict(top_p=0), dict(min_p=1.5),
-                                 dict(repetition_penalty=0), dict(max_tokens=0), dict(min_tokens=5, max_tokens=2),
-                                 dict(logprobs=-1)])
+@pytest.mark.parametrize("bad", [dict(n=0), dict(n=1.5), dict(temperature=-0.1), dict(temperature=float("nan")),
+                                 dict(temperature=float("inf")), dict(temperature="0.5"), dict(top_p=0),
+                                 dict(top_k=-5), dict(top_k=1.5), dict(min_p=1.5), dict(repetition_penalty=0),
+                                 dict(repetition_penalty=float("nan")), dict(presence_penalty=5),
+                                 dict(frequency_penalty=-10), dict(max_tokens=0), dict(max_tokens=2.5),
+                                 dict(min_tokens=5, max_tokens=2), dict(logprobs=-1), dict(seed=2**70),
+                                 dict(stop=[None]), dict(stop_token_ids=["a"]), dict(logit_bias={"x": 1}),
+                                 dict(logit_bias={5: 1000})])
 def test_bad_sampling_params_are_refused(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
         SamplingParams(**bad)
+
+
+def test_logit_bias_takes_the_api_s_string_keys():
+    assert SamplingParams(logit_bias={"29": 100}).logit_bias == {29: 100.0}
+
+
+def test_a_request_the_kv_cache_cannot_hold_is_refused_not_run_for_ever(make_engine):
+    """A pool smaller than the model's context caps the context: a request that fits finishes (it
+    used to evict itself and start over for good once it outgrew the pool), a longer one is refused."""
+    engine = make_engine(num_pages=4)  # 64 tokens, the model's context 2048
+    assert engine.max_model_len == 64
+    rid = engine.add_request([5] * 10, SamplingParams(temperature=0, max_tokens=54, ignore_eos=True))
+    with pytest.raises(ValueError, match="exceeds the context length 64 .what the KV cache holds"):
+        engine.add_request([5] * 10, SamplingParams(temperature=0, max_tokens=55, ignore_eos=True))
+    for _ in range(200):
+        outs = {o.request_id: o for o in engine.step()}
+        if rid in outs and outs[rid].finished:
+            break
+    assert len(outs[rid].outputs[0].token_ids) == 54 and not engine.has_unfinished()
+    assert_pages_balanced(engine)
+
+
+def test_a_prompt_longer_than_a_step_is_refused_without_chunked_prefill(make_engine):
+    engine = make_engine(max_tokens_per_step=16)
+    engine.config.scheduler = SchedulerConfig(16, 64, enable_chunked_prefill=False)
+    with pytest.raises(ValueError, match="chunked prefill is off"):
+        engine.add_request([5] * 17, GREEDY)
+    assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("cls, bad, error", [
+    (EngineConfig, dict(dtype="int3"), "dtype"), (EngineConfig, dict(device="tpu"), "device"),
+    (CacheConfig, dict(page_size=0), "page_size"), (CacheConfig, dict(kv_cache_gb=0), "kv_cache_gb"),
+    (SchedulerConfig, dict(max_num_seqs=0), "max_num_seqs"),
+    (SchedulerConfig, dict(max_num_batched_tokens=0), "max_num_batched_tokens")])
+def test_bad_engine_settings_are_refused_at_once(cls, bad, error):
+    with pytest.raises(ValueError, match=error):
+        cls(**bad)
 
 
 def test_llm_refuses_mismatched_sampling_params(make_engine):
@@ -215,6 +260,24 @@ def test_llm_refuses_mismatched_sampling_params(make_engine):
     with pytest.raises(ValueError, match="2 sampling params for 3 prompts"):
         llm.generate(prompts(3), [GREEDY, GREEDY], use_tqdm=False)
     assert not llm.engine.has_unfinished()
+
+
+def test_llm_runs_no_prompt_of_a_batch_with_a_refused_one(make_engine):
+    """The prompts before the refused one are not left queued (they used to run into later calls,
+    which then lost their own results)."""
+    from kvserve.llm import LLM
+    llm = LLM(engine=make_engine())
+    for bad in ([], [10**9], None, [1.5]):
+        with pytest.raises((ValueError, TypeError)):
+            llm.generate([prompts(1)[0], bad], GREEDY, use_tqdm=False)
+        assert not llm.engine.has_unfinished()
+    p = prompts(2, seed=3)
+    expected = [o.outputs[0].token_ids for o in llm.generate(p, GREEDY, use_tqdm=False)]
+    got = llm.generate([{"prompt_token_ids": p[0]}, {"prompt": llm.get_tokenizer().decode(p[1])}], GREEDY,
+                       use_tqdm=False)  # vLLM's TokensPrompt and TextPrompt
+    assert got[0].outputs[0].token_ids == expected[0] and len(got[1].outputs[0].token_ids) == 12
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        llm.generate({"text": "hi"}, GREEDY, use_tqdm=False)
 
 
 def test_final_only_outputs_come_once_and_match_cumulative(make_engine):

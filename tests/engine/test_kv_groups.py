@@ -122,7 +122,7 @@ def test_requests_a_grouped_model_cannot_run_are_refused(gemma3):
     engine = engine_for(model)
     with pytest.raises(ValueError, match="offload"):  # MagicPIG offload: see test_group_policies.py
         engine.add_request([5, 6, 7], SamplingParams(attention="magicpig:offload=true"))
-    with pytest.raises(ValueError, match="does not fit"):  # one 494-token chunk: 4 groups x 124 pages > 400
+    with pytest.raises(ValueError, match="what the KV cache holds"):  # one 494-token chunk: 4 groups x 124 pages > 400
         engine.add_request(list(range(3, 250)) * 2, SamplingParams(max_tokens=1))
 
 

@@ -102,7 +102,7 @@ def test_preemption_and_recompute_keep_matcher_state(make_engine):
     params = [SamplingParams(temperature=0, max_tokens=96, structured={"json": s}) for s in SCHEMAS[:4]]
     prompts = [f"Record number {i}: " + "x " * 20 for i in range(len(params))]
     roomy = _run(LLM(engine=make_engine()), prompts, params)
-    tight_engine = make_engine(num_pages=12, page_size=8)
+    tight_engine = make_engine(num_pages=16, page_size=8)  # one request alone fits (128 tokens), four do not
     preempted = []
     original = tight_engine.scheduler.preempt
     tight_engine.scheduler.preempt = lambda seq: (preempted.append(seq.seq_id), original(seq))

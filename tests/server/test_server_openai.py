@@ -189,10 +189,11 @@ def test_stop_token_ids_and_min_tokens(client, http):
     r = client.completions.create(model=MODEL, prompt="x", max_tokens=10, temperature=0,
                                   logit_bias={str(token): 100}, extra_body={"stop_token_ids": [token]})
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 1
+    assert r.choices[0].text == ""  # a stop token's text is left out, as vLLM leaves it
     r = client.completions.create(model=MODEL, prompt="x", max_tokens=10, temperature=0,
                                   logit_bias={str(token): 100},
                                   extra_body={"stop_token_ids": [token], "min_tokens": 3})
-    assert r.usage.completion_tokens == 4
+    assert r.usage.completion_tokens == 4 and r.choices[0].text and " blue" not in r.choices[0].text
 
 
 def test_tokenize_detokenize(http):
