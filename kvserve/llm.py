@@ -89,6 +89,9 @@ class LLM:
         system message; constrain the output with SamplingParams(structured=...) to force a call.
         `chat_template_kwargs`: extra template variables, e.g. {"enable_thinking": False} for Qwen3."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        for m in (m for c in conversations for m in c):
+            if not isinstance(m, dict) or "role" not in m or (m.get("content") is None and not m.get("tool_calls")):
+                raise ValueError(f"a chat message is a dict with 'role' and 'content' (or 'tool_calls'), got {m!r:.80}")
         prompts = [self._chat_prompt(c, add_generation_prompt, tools, chat_template_kwargs) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 

@@ -65,17 +65,26 @@ def build_collection(paths: list[str | Path], name: str, root: str | Path | None
     chunks = chunk_documents(read_documents(paths), chunk_words, overlap)
     if not chunks:
         raise ValueError("no text found in the given documents")
-    new_vecs = embed_in_batches(embedder, [c.text for c in chunks], batch_size, progress)
-    new_chunks = [(c.source, c.text) for c in chunks]
     old_vecs, old_chunks, centroids = _existing(root / name, embedder.name)
-    vectors = np.concatenate([old_vecs, new_vecs]) if len(old_vecs) else new_vecs
+    # a document indexed again adds nothing: its chunks would come back twice, taking answer slots
+    seen = set(old_chunks)
+    new_chunks = [k for k in ((c.source, c.text) for c in chunks) if k not in seen and not seen.add(k)]
+    skipped = len(chunks) - len(new_chunks)
+    if not new_chunks and not rebuild:
+        return {"num_chunks": len(old_vecs), "nlist": len(centroids), "added": 0, "skipped": skipped,
+                "embedder": embedder.name}
+    if new_chunks:
+        new_vecs = embed_in_batches(embedder, [text for _, text in new_chunks], batch_size, progress)
+        vectors = np.concatenate([old_vecs, new_vecs]) if len(old_vecs) else new_vecs
+    else:
+        vectors = old_vecs
     all_chunks = old_chunks + new_chunks
     if centroids is None or rebuild:
         centroids = train_centroids(vectors, nlist or default_nlist(len(vectors)), progress=progress)
     assign = assign_clusters(vectors, centroids, progress)
     meta = {"embedder": embedder.name, "chunk_words": chunk_words, "overlap": overlap}
     write_collection(root, name, vectors, assign, centroids, all_chunks, meta, progress)
-    return meta | {"num_chunks": len(vectors), "nlist": len(centroids), "added": len(new_chunks)}
+    return meta | {"num_chunks": len(vectors), "nlist": len(centroids), "added": len(new_chunks), "skipped": skipped}
 
 
 def _existing(path: Path, embedder_name: str):

@@ -3,6 +3,8 @@ import argparse
 import asyncio
 import sys
 
+from kvserve.args import at_least_one
+
 
 def add_index_args(sub) -> None:
     p = sub.add_parser("build", help="chunk, embed and cluster documents into a collection (adds to an existing one)")
@@ -10,10 +12,10 @@ def add_index_args(sub) -> None:
     p.add_argument("--collection", required=True)
     p.add_argument("--dir", default=None, help="index folder (default: ~/.kvserve/index)")
     p.add_argument("--rebuild", action="store_true", help="train the clusters anew instead of keeping the centroids")
-    p.add_argument("--nlist", type=int, default=None, help="clusters (default: about 4 sqrt(chunks))")
-    p.add_argument("--chunk-words", type=int, default=120)
+    p.add_argument("--nlist", type=at_least_one, default=None, help="clusters (default: about 4 sqrt(chunks))")
+    p.add_argument("--chunk-words", type=at_least_one, default=120)
     p.add_argument("--overlap", type=int, default=30, help="words shared by neighbouring chunks")
-    p.add_argument("--batch-size", type=int, default=64, help="chunks per embedding batch")
+    p.add_argument("--batch-size", type=at_least_one, default=64, help="chunks per embedding batch")
     p.add_argument("--embedder", default="minilm", help="minilm (all-MiniLM-L6-v2) or hash-DIM (no weights, tests)")
     p.set_defaults(func=cmd_build)
     p = sub.add_parser("list", help="collections in the index folder")
@@ -34,8 +36,9 @@ def cmd_build(args) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"kvserve: error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.collection}: {meta['added']} chunks added, {meta['num_chunks']} in {meta['nlist']} clusters "
-          f"({meta['embedder']})")
+    skipped = f" ({meta['skipped']} already in it skipped)" if meta["skipped"] else ""
+    print(f"{args.collection}: {meta['added']} chunks added{skipped}, {meta['num_chunks']} in {meta['nlist']} "
+          f"clusters ({meta['embedder']})")
     return 0
 
 
@@ -49,6 +52,9 @@ def _existing_embedder(root, name) -> str | None:
 
 def cmd_list(args) -> int:
     from kvserve.rag.index_store import IndexStore, index_dir, list_collections
+    if not index_dir(args.dir).is_dir():
+        print(f"kvserve: no index folder at {index_dir(args.dir)} (`kvserve index build` makes one)", file=sys.stderr)
+        return 0 if args.dir is None else 2
     for name in list_collections(args.dir):
         store = IndexStore(index_dir(args.dir) / name)
         print(f"{name}\t{store.num_chunks} chunks\t{store.nlist} clusters\t{store.meta['embedder']}")
@@ -56,17 +62,23 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _question(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the question is empty")
+    return text
+
+
 def add_ask_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("question")
+    p.add_argument("question", type=_question)
     p.add_argument("--collection", required=True)
     p.add_argument("--dir", default=None, help="index folder (default: ~/.kvserve/index)")
     p.add_argument("--pipeline", choices=["plain", "hyde"], default="hyde")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--nprobe", type=int, default=8)
-    p.add_argument("--prefetch-nprobe", type=int, default=16)
+    p.add_argument("--top-k", type=at_least_one, default=3)
+    p.add_argument("--nprobe", type=at_least_one, default=8)
+    p.add_argument("--prefetch-nprobe", type=at_least_one, default=16)
     p.add_argument("--no-lookahead", action="store_true")
     p.add_argument("--cache-mb", type=float, default=256.0)
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--max-tokens", type=at_least_one, default=256)
 
 
 def cmd_ask(args) -> int:

@@ -278,6 +278,8 @@ def test_llm_runs_no_prompt_of_a_batch_with_a_refused_one(make_engine):
     assert got[0].outputs[0].token_ids == expected[0] and len(got[1].outputs[0].token_ids) == 12
     with pytest.raises(ValueError, match="prompt_token_ids"):
         llm.generate({"text": "hi"}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="'role' and 'content'"):
+        llm.chat([{"role": "user"}], GREEDY, use_tqdm=False)
 
 
 def test_final_only_outputs_come_once_and_match_cumulative(make_engine):

@@ -49,6 +49,10 @@ def test_build_add_and_search(tmp_path):
                              overlap=4, progress=False)
     second = IndexStore(root / "kb")
     assert second.num_chunks == first.num_chunks + meta2["added"]
+    again = build_collection([docs / "music.txt", docs / "space.md"], "kb", root, emb, chunk_words=12, overlap=4,
+                             progress=False)  # documents already in it: nothing added, no new version
+    assert again["added"] == 0 and again["skipped"] > 0 and again["num_chunks"] == second.num_chunks
+    assert IndexStore(root / "kb").num_chunks == second.num_chunks
     assert np.array_equal(second.centroids, first.centroids)  # added to the existing clusters
     assert second.chunks.get(0) == first.chunks.get(0)
     assert first.read_cluster(0)[0].shape[1] == 64  # the old version stays readable while open
@@ -70,7 +74,8 @@ def test_a_replaced_version_lets_go_of_its_files(tmp_path):
     registry = CollectionRegistry(root)
 
     def build_and_search():
-        build_collection([docs / "fruit.txt"], "kb", root, emb, chunk_words=12, overlap=4, progress=False)
+        build_collection([docs / "fruit.txt"], "kb", root, emb, chunk_words=12, overlap=4, progress=False,
+                         rebuild=True)  # a new version each time, with the same chunks
         coll = registry.get("kb")
         coll.searcher.search(emb.encode(["apples"])[0], 1, nprobe=coll.store.nlist)
         return coll.version
@@ -112,8 +117,8 @@ def test_crash_mid_build_keeps_previous_version(tmp_path):
     dead.mkdir()
     live = root / f".kb.{os.getpid()}-ba9876543210"  # ... and one still running
     live.mkdir()
-    build_collection([tmp_path / "docs"], "kb", root, HashEmbedder(16), progress=False)
-    assert not dead.exists() and live.exists() and IndexStore(root / "kb").num_chunks == 2 * before.num_chunks
+    build_collection([tmp_path / "docs"], "kb", root, HashEmbedder(16), progress=False, rebuild=True)
+    assert not dead.exists() and live.exists() and IndexStore(root / "kb").num_chunks == before.num_chunks
 
 
 def test_bad_collection_names(tmp_path):

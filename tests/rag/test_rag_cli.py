@@ -34,9 +34,12 @@ def test_index_build_list_and_ask(tmp_path, smollm2_path):
     (["index", "build", "nope.txt", "--collection", "kb"], "no such file"),
     (["index", "build", "README.md", "--collection", "../kb"], "collection name"),
     (["rag", "ask", "q", "--collection", "missing"], "no collection"),
+    (["rag", "ask", " ", "--collection", "kb"], "the question is empty"),
+    (["rag", "ask", "q", "--collection", "kb", "--top-k", "0"], "must be >= 1"),
+    (["index", "list", "--dir", "/nonexistent/kvserve-index"], "no index folder"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
-    r = kvserve(*args, "--dir", str(tmp_path))
+    r = kvserve(*args, *([] if "--dir" in args else ["--dir", str(tmp_path)]))
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
 
