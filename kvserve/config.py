@@ -125,6 +125,7 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: no graphs, every step runs op by op
     overlap_schedule: bool | None = None  # launch step N+1 before step N's ids land (engine/overlap.py); None: on a GPU
     seed: int = 0
+    max_model_len: int | None = None  # a context length below the model's own; None: the model's
     attention: object = "full"  # default decode attention policy (kvserve.attention.policy)
     speculative: str | None = None  # ngram | self | draft (kvserve.engine.spec); None: off
     num_speculative_tokens: int = 4  # draft tokens per step and sequence
@@ -140,3 +141,5 @@ class EngineConfig:
         check_device(self.device)
         _at_least("tensor_parallel_size", self.tensor_parallel_size, 1)
         _at_least("num_speculative_tokens", self.num_speculative_tokens, 1)
+        if self.max_model_len is not None:
+            _at_least("max_model_len", self.max_model_len, 2)

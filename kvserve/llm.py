@@ -19,10 +19,11 @@ class LLM:
                  enable_chunked_prefill: bool = True, attention="full", enforce_eager: bool = False,
                  tensor_parallel_size: int = 1, speculative: str | None = None, num_speculative_tokens: int = 4,
                  speculative_model: str | None = None, overlap_schedule: bool | None = None,
-                 engine: Engine | None = None):
+                 max_model_len: int | None = None, engine: Engine | None = None):
         self.engine = engine or Engine(EngineConfig(
             model=model, dtype=dtype, quantization=quantization, device=device, threads=threads,
             attention=attention, enforce_eager=enforce_eager, overlap_schedule=overlap_schedule,
+            max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
             speculative=speculative, num_speculative_tokens=num_speculative_tokens, speculative_model=speculative_model,
             cache=CacheConfig(page_size, num_pages, kv_cache_gb, enable_prefix_caching),

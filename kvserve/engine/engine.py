@@ -94,7 +94,7 @@ class Engine:
         release_free_memory()
         self.model, self.tokenizer = model, tokenizer
         mc = model.config
-        self.max_model_len = mc.max_position_embeddings
+        self.max_model_len = min(mc.max_position_embeddings, config.max_model_len or mc.max_position_embeddings)
         self.context_capped = False  # max_model_len lowered to what the KV cache holds (_cap_context)
         self.eos_token_ids = list(tokenizer.eos_token_ids or mc.eos_token_ids)
         cache = config.cache

@@ -236,6 +236,14 @@ def test_a_request_the_kv_cache_cannot_hold_is_refused_not_run_for_ever(make_eng
     assert_pages_balanced(engine)
 
 
+def test_max_model_len_lowers_the_context(make_engine):
+    engine = make_engine(max_model_len=40)  # as vLLM's LLM(max_model_len=...)
+    assert engine.max_model_len == 40
+    with pytest.raises(ValueError, match="exceeds the context length 40"):
+        engine.add_request([5] * 30, GREEDY)
+    assert run(engine, [[5] * 28], GREEDY)[0].outputs[0].finish_reason == "length"
+
+
 def test_a_prompt_longer_than_a_step_is_refused_without_chunked_prefill(make_engine):
     engine = make_engine(max_tokens_per_step=16)
     engine.config.scheduler = SchedulerConfig(16, 64, enable_chunked_prefill=False)
