@@ -78,6 +78,13 @@ class AsyncEngine:
         self._wake.set()
         return await done
 
+    def tokens_made(self, request_id: str) -> int | None:
+        """The tokens a request held by the engine has made so far; None when it holds none of
+        that id. Read from outside the engine thread, for logs and metrics only: a count one
+        step stale is harmless."""
+        state = self.engine.requests.get(request_id)
+        return None if state is None else sum(len(s.output_token_ids) for s in list(state.seqs))
+
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))
         self._wake.set()

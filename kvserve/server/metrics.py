@@ -79,10 +79,10 @@ class ServerMetrics:
             if max(generated, default=0) > 1:
                 self.tpot.observe((done - first) / (max(generated) - 1))
 
-    def observe_aborted(self, out: RequestOutput) -> None:
+    def observe_aborted(self, prompt_tokens: int, generated_tokens: int) -> None:
         """The tokens of a request stopped early (client gone, shutdown) were worked on too."""
-        self.prompt_tokens.inc(len(out.prompt_token_ids))
-        self.generation_tokens.inc(sum(len(o.token_ids) for o in out.outputs))
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(generated_tokens)
 
     def observe_retrieval(self, timings: dict, cache: dict) -> None:
         """One RAG retrieval, from its `timings` and `cache` reports."""

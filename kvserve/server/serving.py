@@ -67,14 +67,16 @@ class Job:
 
     def __init__(self, engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams, request_id: str,
                  metrics: ServerMetrics, scoring_only: bool = False):
-        self.metrics = metrics
+        self.engine, self.metrics = engine, metrics
         self.scoring_only = scoring_only
         self.prompts = prompts
         self.last: dict[int, RequestOutput] = {}
+        self._ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        self._made_unfinished = 0  # tokens made by the prompts closed before their end
         self._queue: asyncio.Queue = asyncio.Queue()
         self._left = len(prompts)
         self._closed = False
-        self._tasks = [asyncio.create_task(self._pump(engine, i, ids, params, f"{request_id}-{i}"))
+        self._tasks = [asyncio.create_task(self._pump(engine, i, ids, params, self._ids[i]))
                        for i, ids in enumerate(prompts)]
 
     async def _pump(self, engine, i, ids, params, request_id):
@@ -112,13 +114,22 @@ class Job:
         self._closed = True
         for t in self._tasks:
             t.cancel()
-        for out in self.last.values():
-            if not out.finished:
-                self.metrics.observe_aborted(out)
+        for i, ids in enumerate(self.prompts):
+            out = self.last.get(i)
+            if out is not None and out.finished:
+                continue
+            # asked of the engine: a request answered whole has had no output yet
+            made = self.engine.tokens_made(self._ids[i])
+            if out is None and made is None:
+                continue  # refused, or never reached the engine
+            made = max(made or 0, sum(len(o.token_ids) for o in out.outputs) if out else 0)
+            self._made_unfinished += made
+            self.metrics.observe_aborted(len(ids), made)
 
     @property
     def completion_tokens(self) -> int:
-        return sum(len(o.token_ids) for out in self.last.values() for o in out.outputs)
+        return self._made_unfinished + sum(len(o.token_ids) for out in self.last.values() if out.finished
+                                           for o in out.outputs)
 
 
 def _prompt_only(out: RequestOutput) -> RequestOutput:
@@ -494,18 +505,16 @@ class Serving:
         except ClientDisconnected:
             return Response(status_code=499)
         finally:
+            job.close()  # before counting: the cancelled collector may not have closed it yet
             request.state.completion_tokens = job.completion_tokens
         return _json(whole(outs))
 
     async def _collect(self, job: Job) -> list[RequestOutput]:
-        try:
-            finals = {}
-            while (item := await job.next()) is not None:
-                if item[1].finished:
-                    finals[item[0]] = item[1]
-            return [finals[i] for i in range(len(job.prompts))]
-        finally:
-            job.close()
+        finals = {}
+        while (item := await job.next()) is not None:
+            if item[1].finished:
+                finals[item[0]] = item[1]
+        return [finals[i] for i in range(len(job.prompts))]
 
     async def _stream(self, request: Request, job: Job, chunks) -> Response:
         """Waits for the first output, so that a request the engine refuses still gets its 4xx

@@ -104,14 +104,24 @@ def test_stream_disconnect_aborts_within_a_step(live_server, slow_engine, http):
     assert left(http) == left_before + 1  # its 200 already sent, counted as the client's leaving
 
 
-def test_non_streaming_disconnect_aborts(live_server, slow_engine):
+def test_non_streaming_disconnect_aborts(live_server, slow_engine, http, caplog):
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 200, "ignore_eos": True}
-    with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {API_KEY}"},
-                      timeout=httpx.Timeout(10, read=0.5)) as c:
+    before = metrics(http)["kvserve_generation_tokens_total"]
+    with caplog.at_level("INFO", logger="kvserve.server"), \
+            httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {API_KEY}"},
+                         timeout=httpx.Timeout(10, read=0.5)) as c:
         with pytest.raises(httpx.ReadTimeout):
             c.post("/v1/chat/completions", json=body)
-    assert wait_idle(live_server.engine) < 1.0
+        assert wait_idle(live_server.engine) < 1.0
+        deadline = time.monotonic() + 5  # logged once the response's task has ended
+        while not (lines := [r.getMessage() for r in caplog.records if " 499 " in r.getMessage()]) \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
     assert slow_engine["aborted"] and slow_engine["steps"] < 100  # long before its 200 tokens
+    # the tokens it made before its client left are logged and counted, though none were sent
+    made = int(lines[0].split("completion_tokens=")[1].split()[0])
+    assert 0 < made < 200
+    assert metrics(http)["kvserve_generation_tokens_total"] - before == made
 
 
 def test_engine_failure_fails_that_request(live_server, client, monkeypatch):
