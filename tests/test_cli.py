@@ -1,15 +1,10 @@
 """The command line: bad input is one line naming the problem and exit code 2, no traceback."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-
-def kvserve(*args):
-    return subprocess.run([sys.executable, "-m", "kvserve.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+from cli_util import kvserve, kvserve_here
 
 
 def write_gguf(path, arch="llama", qtype=None):
@@ -49,7 +44,7 @@ def bad_inputs(tmp_path):
                                   "truncated"])
 def test_bad_model_is_one_line_and_exit_2(tmp_path, case):
     path, message = bad_inputs(tmp_path)[case]
-    r = kvserve("generate", "hi", "--model", str(path))
+    r = kvserve_here("generate", "hi", "--model", str(path))
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -62,14 +57,14 @@ def test_generate_answers(smollm2_path):
 
 
 def test_bad_attention_is_a_usage_error():
-    r = kvserve("generate", "hi", "--attention", "magicpig:K=99")
+    r = kvserve_here("generate", "hi", "--attention", "magicpig:K=99")
     assert r.returncode == 2 and "--attention" in r.stderr and "K must be" in r.stderr
     assert "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("bench", [["latency", "--peer", "none"], ["longctx"]])
 def test_bench_rounds_must_be_positive(bench):
-    r = kvserve("bench", *bench, "--rounds", "0")
+    r = kvserve_here("bench", *bench, "--rounds", "0")
     assert r.returncode == 2 and "--rounds" in r.stderr and "must be >= 1" in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -114,7 +109,7 @@ def test_eval_longctx_runs_small(smollm2_path):
     (["serve", "--port", "99999"], "must be in 0-65535"),
     (["serve", "a.gguf", "--model", "b.gguf"], "give the model once")])
 def test_bad_options_are_usage_errors(args, error):
-    r = kvserve(*args)
+    r = kvserve_here(*args)
     assert r.returncode == 2 and args[2] in r.stderr and error in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -140,7 +135,7 @@ def test_bench_overhead_runs_small(mode):
 
 
 def test_bench_overhead_bad_batch_sizes():
-    r = kvserve("bench", "overhead", "--batch-sizes", "1,x")
+    r = kvserve_here("bench", "overhead", "--batch-sizes", "1,x")
     assert r.returncode != 0 and "--batch-sizes" in r.stderr and "Traceback" not in r.stderr
 
 

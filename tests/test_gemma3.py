@@ -28,8 +28,15 @@ def ids(gguf_path):
 
 @pytest.fixture(scope="module")
 def reference(gguf_path, ids):
+    from unittest import mock
+
+    import gguf
     from transformers import AutoModelForCausalLM
-    ref = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    # transformers parses the file twice (config, then weights), ~20 s each over its 262k-token vocabulary
+    reader = gguf.GGUFReader(str(gguf_path))
+    with mock.patch.object(gguf, "GGUFReader", lambda *args, **kwargs: reader):
+        ref = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                   dtype=torch.float32)
     with torch.no_grad():
         return ref(torch.tensor([ids])).logits[0].argmax(-1)
 

@@ -129,12 +129,12 @@ class TPGroup:
         threading.Thread(target=loop, name="kvserve-tp-watch", daemon=True).start()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Ends the spawned ranks (they stop on the stop message, else are killed) and leaves the
-        process group; safe to call twice."""
+        """Ends the spawned ranks (they stop on the stop message, else are killed; at once after a
+        failure: a hung rank never reads it) and leaves the process group; safe to call twice."""
         if self.closed:
             return
         self.closed = True
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (0 if self.failure else timeout)
         for p in self.procs:
             p.join(max(0.1, deadline - time.monotonic()))
         for p in self.procs:

@@ -1,16 +1,10 @@
 """kvserve index build|list and rag ask from the terminal; bad input is one line and exit 2."""
-import subprocess
-import sys
-
 import pytest
 
+from cli_util import kvserve, kvserve_here
 from rag_util import write_docs
 
 pytest.importorskip("faiss")
-
-
-def kvserve(*args):
-    return subprocess.run([sys.executable, "-m", "kvserve.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_index_build_list_and_ask(tmp_path, smollm2_path):
@@ -39,7 +33,7 @@ def test_index_build_list_and_ask(tmp_path, smollm2_path):
     (["index", "list", "--dir", "/nonexistent/kvserve-index"], "no index folder"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
-    r = kvserve(*args, *([] if "--dir" in args else ["--dir", str(tmp_path)]))
+    r = kvserve_here(*args, *([] if "--dir" in args else ["--dir", str(tmp_path)]))
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
 

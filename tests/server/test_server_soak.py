@@ -1,4 +1,4 @@
-"""A short soak (KVSERVE_SOAK_SECONDS, default 30) at low concurrency against a tiny-model server
+"""A short soak (KVSERVE_SOAK_SECONDS, default 15) at low concurrency against a tiny-model server
 with queue limits: every request answered, only intended 4xx/429/503, zero leaked KV pages."""
 import argparse
 import asyncio
@@ -23,7 +23,7 @@ def test_short_soak_against_a_tiny_server(tiny_model, smollm2_tokenizer):
     try:
         p = argparse.ArgumentParser()
         add_args(p)
-        seconds = float(os.environ.get("KVSERVE_SOAK_SECONDS", 30))
+        seconds = float(os.environ.get("KVSERVE_SOAK_SECONDS", 15))
         args = p.parse_args(["--minutes", str(seconds / 60), "--clients", "6", "--max-tokens", "24",
                              "--long-words", "600", "--burst-every", str(seconds / 3), "--burst-size", "24"])
         report = asyncio.run(Soak(url, {"Authorization": f"Bearer {API_KEY}"}, MODEL, args).run(os.getpid()))
