@@ -16,6 +16,7 @@ import torch
 from kvserve.distributed.group import TPGroup
 from kvserve.distributed.step_channel import StepChannel
 from kvserve.engine.executors import StepBatch
+from kvserve.engine.prompt_logprobs import compute_prompt_logits
 
 
 class TensorParallelExecutor:
@@ -50,7 +51,11 @@ class TensorParallelExecutor:
                 self.pool.ensure_zeroed([src, dst])
                 self.pool.copy_page(src, dst)
             self.pool.ensure_zeroed(p for seq, _ in batch.scheduled for table in seq.tables for p in table)
-            self.model.compute_logits(self.inner.execute(batch))
+            hidden = self.inner.execute(batch)
+            if batch.prompt_spans:  # as ModelRunner.execute: the prompt rows' logits, then the sampled rows'
+                compute_prompt_logits(self.model, hidden, batch.prompt_spans)
+                hidden = hidden[batch.sample_index]
+            self.model.compute_logits(hidden)
 
     def close(self) -> None:
         """Rank 0: tells the other ranks to stop, then waits for the ones it spawned."""

@@ -30,13 +30,25 @@ def prompt_span(seq: Sequence, start: int, n: int) -> tuple[int, int] | None:
     return (lo, hi) if lo < hi else None
 
 
+def blocks(span: PromptSpan) -> list[tuple[int, int]]:
+    """(offset, rows) of each block of the span's logits computed at once."""
+    return [(s, min(_BLOCK, span.count - s)) for s in range(0, span.count, _BLOCK)]
+
+
+def compute_prompt_logits(model, hidden: torch.Tensor, spans: list[PromptSpan]) -> None:
+    """The logits calls record_prompt_logprobs makes, results unused: a tensor-parallel rank > 0
+    joins each one's vocabulary all-gather (kvserve/distributed/executor.py)."""
+    for span in spans:
+        for s, n in blocks(span):
+            model.compute_logits(hidden[span.first + s:span.first + s + n])
+
+
 def record_prompt_logprobs(model, hidden: torch.Tensor, spans: list[PromptSpan]) -> None:
     """Appends each span's Logprobs to its sequence's prompt_logprobs (log-softmax of the raw logits)."""
     for span in spans:
         seq, k = span.seq, span.seq.params.prompt_logprobs
         assert span.position == len(seq.prompt_logprobs), "prompt rows are scored in order"
-        for s in range(0, span.count, _BLOCK):
-            n = min(_BLOCK, span.count - s)
+        for s, n in blocks(span):
             logprobs = model.compute_logits(hidden[span.first + s:span.first + s + n]).log_softmax(-1)
             pos = span.position + s
             targets = seq.token_ids[pos + 1:pos + 1 + n]

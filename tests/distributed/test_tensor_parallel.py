@@ -77,6 +77,24 @@ def test_seeded_sampling_and_forks_equal_one_process(model_dir):
         assert tokens(two.generate(PROMPTS[:2], params, use_tqdm=False)) == want
 
 
+def test_prompt_logprobs_equal_one_process(model_dir):
+    """Rank 0 scores prompt rows a block of 256 at a time: rank 1 joins each block's vocabulary
+    all-gather (a 300-token prompt: two blocks), beside a decoding sequence's sampled row."""
+    prompts = [[3 + (i * 37) % 240 for i in range(300)], [30, 31, 32]]
+    params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=2, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)]
+    got = []
+    for tp in (1, 2):
+        with llm(model_dir("llama"), tp) as one_or_two:
+            outs = one_or_two.generate(prompts, params, use_tqdm=False)
+            got.append((tokens(outs), [(lp.token_id, lp.logprob, lp.top_logprobs) for lp in outs[0].prompt_logprobs[1:]]))
+    (want_tokens, want_lps), (tp_tokens, tp_lps) = got
+    assert tp_tokens == want_tokens and len(tp_lps) == len(want_lps) == 299
+    for (t, lp, top), (want_t, want_lp, want_top) in zip(tp_lps, want_lps):
+        assert t == want_t and lp == pytest.approx(want_lp, abs=1e-4)
+        assert [i for i, _ in top] == [i for i, _ in want_top]
+
+
 def _weight_bytes(model) -> tuple[int, int]:
     """(all weight bytes, bytes of weights every rank keeps whole: the norms)."""
     total = replicated = 0
