@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvserve.engine.json_schema import for_xgrammar
 from kvserve.native.token_bitmask import apply_token_bitmask
 
 DEFAULT_COMPILE_TIMEOUT_S = 5.0
@@ -293,38 +294,10 @@ def _compiler_for(tokenizer, vocab_size: int, eos: tuple[int, ...]):
         return per[vocab_size, eos]
 
 
-# Formats xgrammar admits too much of, as exact patterns: its "ipv4" takes leading zeros
-# ("01.2.3.4") and its "date" any day up to 31 in any month, which the standards (and jsonschema's
-# checker) refuse. February stops at the 28th: a pattern cannot tell leap years cheaply.
-_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_YEAR = r"([0-9]{3}[1-9]|[0-9]{2}[1-9][0-9]|[0-9][1-9][0-9]{2}|[1-9][0-9]{3})"
-_MONTH_DAY = (r"((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
-              r"|02-(0[1-9]|1[0-9]|2[0-8]))")
-# Its "time" takes any number of fraction digits, which a greedy model can repeat until max_tokens
-# ("20:20:20.1111..."): at most 9 here (nanoseconds), and no leap second 60. No "(...)?": xgrammar
-# 0.2.9 reads an optional group followed by more pattern wrongly (it let "20:20:2023-01:00" through).
-_OFFSET = r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
-_TIME = rf"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]([.][0-9]{{1,9}}{_OFFSET}|{_OFFSET})"
-_STRICT_FORMATS = {"ipv4": rf"^{_OCTET}(\.{_OCTET}){{3}}$", "date": rf"^{_YEAR}-{_MONTH_DAY}$",
-                   "time": rf"^{_TIME}$", "date-time": rf"^{_YEAR}-{_MONTH_DAY}T{_TIME}$"}
-
-
-def _strict_formats(schema):
-    """The schema with the formats xgrammar enforces too loosely replaced by exact patterns."""
-    if isinstance(schema, list):
-        return [_strict_formats(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _strict_formats(v) for k, v in schema.items()}
-    if out.get("format") in _STRICT_FORMATS and "pattern" not in out:
-        out["pattern"] = _STRICT_FORMATS[out.pop("format")]
-    return out
-
-
 def _compile(compiler, spec: StructuredOutputs):
     separators = None if spec.any_whitespace else (", ", ": ")
     if spec.json is not None:
-        return compiler.compile_json_schema(json.dumps(_strict_formats(spec.json)),
+        return compiler.compile_json_schema(json.dumps(for_xgrammar(spec.json)),
                                             any_whitespace=spec.any_whitespace, separators=separators)
     if spec.json_object:
         return compiler.compile_json_schema('{"type": "object"}', any_whitespace=spec.any_whitespace,

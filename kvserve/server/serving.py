@@ -280,7 +280,8 @@ class Serving:
             try:
                 await asyncio.to_thread(self.engine.engine.grammars.compile, spec)
             except ValueError as e:
-                raise OpenAIError(str(e), param=param, code="invalid_value") from None
+                where = " (the grammar comes from the tools' parameters, forced by tool_choice)" if param == "tools" else ""
+                raise OpenAIError(f"{e}{where}", param=param, code="invalid_value") from None
             changes["structured"] = spec
         try:
             return dataclasses.replace(params, **changes) if changes else params

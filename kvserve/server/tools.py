@@ -150,12 +150,25 @@ def _forced_schema(plan: ToolPlan) -> dict:
     fns = {t["function"]["name"]: t["function"]["parameters"] for t in plan.tools}
     if plan.mode == "named":
         return fns[plan.name]
-    calls = [{"type": "object", "properties": {"name": {"enum": [n]}, "parameters": p},
-              "required": ["name", "parameters"], "additionalProperties": False} for n, p in fns.items()]
-    schema = {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+    # each tool's parameters under the array's $defs, their own "#/..." references rebased there
+    defs = {f"tool{i}": _rebased(p, f"#/$defs/tool{i}") for i, p in enumerate(fns.values())}
+    calls = [{"type": "object", "properties": {"name": {"enum": [n]}, "parameters": {"$ref": f"#/$defs/tool{i}"}},
+              "required": ["name", "parameters"], "additionalProperties": False} for i, n in enumerate(fns)]
+    schema = {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
+              "$defs": defs}
     if not plan.parallel:
         schema["maxItems"] = 1
     return schema
+
+
+def _rebased(schema, base: str):
+    """schema with every local reference "#/x" turned into base + "/x"."""
+    if isinstance(schema, list):
+        return [_rebased(s, base) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {k: base + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else _rebased(v, base)
+            for k, v in schema.items()}
 
 
 # ---- messages for the template -------------------------------------------------------------------
@@ -387,7 +400,9 @@ class ToolStream:
     def finish(self, finish_reason: str | None) -> tuple[str, list[dict], str | None]:
         """(content still to send, tool-call deltas, finish reason) when the choice has ended."""
         if self.forced:  # the grammar made every token part of the call; a cut one ends as "length"
-            return "", [], "tool_calls" if self.ids and finish_reason == "stop" else finish_reason
+            if not self.ids:  # cut before a call's name was whole: the text as generated
+                return self._release(len(self.text)), [], finish_reason
+            return "", [], "tool_calls" if finish_reason == "stop" else finish_reason
         parsed = parse_output(self.text, self.plan) if finish_reason == "stop" else Parsed(self.text, [])
         if not parsed.calls:
             return self._release(len(self.text)), [], finish_reason
@@ -449,11 +464,26 @@ def _string_end(text: str, start: int) -> int | None:
 
 
 def finish_choice(text: str, finish_reason: str | None, plan: ToolPlan) -> tuple[str | None, list[dict] | None, str]:
-    """A whole choice -> (content, tool_calls, finish_reason). An output cut short (length) is
-    returned as it is: its call would not parse."""
+    """A whole choice -> (content, tool_calls, finish_reason), as its stream would have sent them.
+    An output cut short (length) comes back as generated: a forced one as the calls begun, their
+    arguments as far as they were written; else as text."""
+    if finish_reason != "stop" and plan.mode != "auto":
+        stream = ToolStream(plan)
+        content, deltas = stream.feed(text)
+        rest, _, reason = stream.finish(finish_reason)
+        calls = [_call_from_deltas(deltas, i) for i in range(len(stream.ids))]
+        return (content + rest) or None, calls or None, reason
     if finish_reason != "stop":
         return text, None, finish_reason
     parsed = parse_output(text, plan)
     if not parsed.calls:
         return text, None, finish_reason
     return parsed.content, parsed.calls, "tool_calls"
+
+
+def _call_from_deltas(deltas: list[dict], index: int) -> dict:
+    """Call `index` of a stream's deltas, put together as a whole message's tool call."""
+    mine = [d for d in deltas if d["index"] == index]
+    return {"id": mine[0]["id"], "type": "function",
+            "function": {"name": mine[0]["function"]["name"],
+                         "arguments": "".join(d["function"]["arguments"] for d in mine)}}

@@ -292,7 +292,7 @@ def test_native_bitmask_kernel_reads_other_mask_rows_and_ands_a_row_where_asked(
 def test_formats_xgrammar_admits_too_much_of_are_exact_patterns():
     """xgrammar's own ipv4 takes leading zeros and its date any day up to 31 (both seen sampled
     from the tiny model); the patterns that replace them agree with jsonschema's checker."""
-    from kvserve.engine.structured import _STRICT_FORMATS, _strict_formats
+    from kvserve.engine.json_schema import STRICT_FORMATS as _STRICT_FORMATS, for_xgrammar as _strict_formats
     schema = {"type": "object", "properties": {"ip": {"type": "string", "format": "ipv4"},
                                                 "days": {"type": "array", "items": {"format": "date"}}}}
     strict = _strict_formats(schema)
@@ -310,7 +310,7 @@ def test_time_formats_bound_the_fraction_and_keep_rfc3339_s_ranges():
     SmolLM2); the pattern that replaces it takes at most 9, and agrees with Python's ISO parser on
     the fields' ranges for RFC 3339 shaped values (the parser also takes forms RFC 3339 does not)."""
     import datetime
-    from kvserve.engine.structured import _STRICT_FORMATS
+    from kvserve.engine.json_schema import STRICT_FORMATS as _STRICT_FORMATS
 
     def iso(value, parse):
         try:
@@ -333,7 +333,7 @@ def test_time_formats_bound_the_fraction_and_keep_rfc3339_s_ranges():
 def test_xgrammar_enforces_each_strict_format_as_python_s_re_reads_it(make_engine):
     """The patterns go through xgrammar's regex reader, which misread an optional group before a
     suffix (0.2.9): what the compiled grammar accepts must be what re.fullmatch accepts."""
-    from kvserve.engine.structured import _STRICT_FORMATS
+    from kvserve.engine.json_schema import STRICT_FORMATS as _STRICT_FORMATS
     grammars = make_engine().grammars
     values = {"ipv4": ["1.2.3.4", "01.2.3.4", "1x2.3.4", "255.255.255.255", "256.1.1.1"],
               "date": ["2024-01-31", "2024-02-30", "2024-1-01", "2024x01-01"],

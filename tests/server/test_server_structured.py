@@ -101,6 +101,39 @@ def test_required_and_named_tool_choices_always_parse(client):
     _check_call(call)
 
 
+class Place(BaseModel):
+    city: Literal["Paris", "Rome"]
+    country: Literal["FR", "IT"]
+
+
+class Trip(BaseModel):
+    origin: Place
+    destination: Place
+
+
+def test_required_tool_with_nested_models_and_refs(client):
+    """A pydantic tool puts its nested models under $defs, referred to from the root: under "required"
+    the calls' array wraps the parameters, and their references must still resolve."""
+    tools = [openai.pydantic_function_tool(Trip), WEATHER]
+    for stream in (False, True):
+        kwargs = dict(model=MODEL, messages=USER, max_tokens=200, temperature=0, tools=tools, tool_choice="required")
+        if stream:
+            calls = {}
+            for chunk in client.chat.completions.create(stream=True, **kwargs):
+                for d in chunk.choices[0].delta.tool_calls or []:
+                    calls.setdefault(d.index, ["", ""])
+                    calls[d.index][0] += d.function.name or ""
+                    calls[d.index][1] += d.function.arguments or ""
+            calls = list(calls.values())
+        else:
+            message = client.chat.completions.create(**kwargs).choices[0].message
+            calls = [(c.function.name, c.function.arguments) for c in message.tool_calls]
+        assert calls
+        for name, arguments in calls:
+            schema = next(t["function"]["parameters"] for t in tools if t["function"]["name"] == name)
+            jsonschema.validate(json.loads(arguments), schema)
+
+
 def test_tool_call_round_trip(client):
     messages = [{"role": "user", "content": "Weather in Oslo?"}]
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=64, temperature=0, tools=[WEATHER],

@@ -81,9 +81,6 @@ def test_text_without_calls_stays_content():
             stream = ToolStream(plan)
             sent, calls = stream.feed(text)
             assert not calls and sent + stream.finish("stop")[0] == text
-    plan = plan_tools(req(tool_choice="required"), CHATML)
-    assert finish_choice('[{"name": "get_time", "para', "length", plan) == ('[{"name": "get_time", "para', None,
-                                                                           "length")
 
 
 @pytest.mark.parametrize("choice, text", [
@@ -116,6 +113,28 @@ def test_forced_calls_stream_as_they_are_written(choice, text):
     stream = ToolStream(plan)
     stream.feed(text[:len(text) // 2])
     assert stream.finish("length")[2] == "length"  # a call cut short
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_call_cut_short_is_what_its_stream_sent(choice):
+    """Cut by max_tokens at any point: the whole message holds the calls begun, their arguments as
+    far as written, as its stream's deltas put together; cut before a name is whole, the text."""
+    plan = plan_tools(req(tool_choice=choice), CHATML)
+    text = ('[{"name": "get_weather", "parameters": {"city": "Oslo"}}, {"name": "get_time", "parameters": {}}]'
+            if choice == "required" else '{"city": "Oslo"}')
+    for cut in range(len(text)):
+        stream = ToolStream(plan)
+        content, deltas = stream.feed(text[:cut])
+        rest, more, reason = stream.finish("length")
+        content, deltas = content + rest, deltas + more
+        streamed = {}
+        for d in deltas:
+            name, args = streamed.get(d["index"], ("", ""))
+            streamed[d["index"]] = (name + d["function"].get("name", ""), args + d["function"]["arguments"])
+        got_content, calls, got_reason = finish_choice(text[:cut], "length", plan)
+        assert got_reason == reason == "length"
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls or []] == list(streamed.values())
+        assert (got_content or "") == content == ("" if streamed else text[:cut])
 
 
 def test_messages_for_templates_with_and_without_tools():
