@@ -36,16 +36,30 @@ class AdmissionQueue:
 
     def reserve(self, tokens: int) -> None:
         """Counts one more queued request, or raises Overloaded and counts nothing."""
-        lim = self.limits
         with self._lock:
-            if lim.max_requests is not None and self.requests >= lim.max_requests:
-                raise Overloaded("queued_requests", f"the server is busy: {self.requests} requests are "
-                                 f"queued (limit {lim.max_requests}); retry later")
-            if lim.max_tokens is not None and self.requests and self.tokens + tokens > lim.max_tokens:
-                raise Overloaded("queued_tokens", f"the server is busy: {self.tokens} prompt tokens are "
-                                 f"queued (limit {lim.max_tokens}); retry later")
+            self._check(1, tokens)
             self.requests += 1
             self.tokens += tokens
+
+    def check_room(self, requests: int, tokens: int) -> None:
+        """Whether `requests` engine requests (the prompts of one API request) with `tokens`
+        prompt tokens fit now, before any is reserved, so that a batch is not half queued:
+        ValueError if they never can, Overloaded if not now."""
+        lim = self.limits
+        if lim.max_requests is not None and requests > lim.max_requests:
+            raise ValueError(f"{requests} prompts in one request are more than the server queues at once "
+                             f"(--max-queued-requests {lim.max_requests}); send them in smaller batches")
+        with self._lock:
+            self._check(requests, tokens)
+
+    def _check(self, requests: int, tokens: int) -> None:
+        lim = self.limits
+        if lim.max_requests is not None and self.requests + requests > lim.max_requests:
+            raise Overloaded("queued_requests", f"the server is busy: {self.requests} requests are "
+                             f"queued (limit {lim.max_requests}); retry later")
+        if lim.max_tokens is not None and self.requests and self.tokens + tokens > lim.max_tokens:
+            raise Overloaded("queued_tokens", f"the server is busy: {self.tokens} prompt tokens are "
+                             f"queued (limit {lim.max_tokens}); retry later")
 
     def release(self, tokens: int) -> None:
         with self._lock:

@@ -9,7 +9,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-cache-isolation", choices=["none", "per-key"], default="none",
                    help="per-key: requests share prefix-cache pages only with requests of the same API key")
     g.add_argument("--max-queued-requests", type=_positive(int), default=None,
-                   help="requests waiting to be scheduled before new ones get 429 (default: unlimited)")
+                   help="prompts waiting to be scheduled before new requests get 429; a batch of prompts is queued "
+                        "whole or not at all (default: unlimited)")
     g.add_argument("--max-queued-tokens", type=_positive(int), default=None,
                    help="prompt tokens waiting to be scheduled before new requests get 429 (default: unlimited)")
     g.add_argument("--queue-timeout", type=_positive(float), default=None,

@@ -76,6 +76,13 @@ class Job:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._left = len(prompts)
         self._closed = False
+        self._tasks = []
+        if len(prompts) > 1:
+            try:
+                engine.queue.check_room(len(prompts), sum(map(len, prompts)))
+            except (ValueError, Overloaded) as e:  # raised by next(), where the response is made
+                self._queue.put_nowait((0, e))
+                return
         self._tasks = [asyncio.create_task(self._pump(engine, i, ids, params, self._ids[i]))
                        for i, ids in enumerate(prompts)]
 

@@ -96,6 +96,39 @@ def test_past_the_queue_limit_429_with_retry_after_and_admitted_requests_finish(
                                                              "running": 0, "waiting": 0}
 
 
+def test_a_batch_is_queued_whole_or_not_at_all(tiny_model, smollm2_tokenizer):
+    """The prompts of one completions request are engine requests: all of them fit, or the request
+    is a 429 with none queued; a batch larger than the queue itself is a 400, as retrying never helps."""
+    from kvserve.engine.admission import QueueLimits
+
+    def complete(http, prompts):
+        return http.post("/v1/completions", json={"model": MODEL, "prompt": prompts, "max_tokens": 3})
+
+    with serve(tiny_model, smollm2_tokenizer, QueueLimits(max_requests=3), api_key=None) as (url, engine):
+        with httpx.Client(base_url=url, timeout=60) as http:
+            assert len(complete(http, ["a", "b", "c"]).json()["choices"]) == 3  # the queue's size, from idle
+            too_many = complete(http, ["a", "b", "c", "d"])
+            assert too_many.status_code == 400 and "--max-queued-requests 3" in too_many.json()["error"]["message"]
+
+            async def scenario():
+                async with httpx.AsyncClient(base_url=url, timeout=60) as ahttp:
+                    engine.resume.clear()
+                    first = asyncio.create_task(ahttp.post("/v1/completions", json={
+                        "model": MODEL, "prompt": ["x", "y"], "max_tokens": 3}))
+                    await until(ahttp, lambda load: load["queued_requests"] == 2)
+                    busy = await ahttp.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"],
+                                                                      "max_tokens": 3})
+                    load = (await ahttp.get("/health")).json()["load"]
+                    engine.resume.set()
+                    return busy, load, await first
+
+            busy, load, first = asyncio.run(scenario())
+            assert busy.status_code == 429 and load["queued_requests"] == 2  # none of its two was queued
+            assert first.status_code == 200
+        wait_idle(engine)
+        assert httpx.get(f"{url}/health").json()["load"]["queued_requests"] == 0
+
+
 def test_queued_tokens_limit_admits_into_an_empty_queue(tiny_model, smollm2_tokenizer):
     from kvserve.engine.admission import QueueLimits
     with serve(tiny_model, smollm2_tokenizer, QueueLimits(max_tokens=5), step_delay=0.01) as (url, engine):
