@@ -90,7 +90,7 @@ def engine_config(args):
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--max-tokens", type=at_least_one, default=max_tokens)
-    p.add_argument("--temperature", type=_non_negative, default=0.0)
+    p.add_argument("--temperature", type=non_negative, default=0.0)
     p.add_argument("--top-p", type=_probability, default=1.0, help="in (0, 1]")
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=None)
@@ -118,7 +118,8 @@ def positive(value: str) -> float:
     return x
 
 
-def _non_negative(value: str) -> float:
+def non_negative(value: str) -> float:
+    """argparse type of amounts where 0 means none, such as --burst-every"""
     x = float(value)
     if not x >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")

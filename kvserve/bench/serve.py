@@ -17,6 +17,8 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
+from kvserve.args import at_least_one, positive
+
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", required=True, help="the server's OpenAI base, e.g. http://127.0.0.1:8000/v1")
@@ -24,11 +26,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     load = p.add_mutually_exclusive_group()
-    load.add_argument("--concurrency", type=int, default=None, help="clients sending back to back (default 8)")
-    load.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--input-len", type=int, default=128, help="prompt tokens (by --tokenizer's count)")
-    p.add_argument("--output-len", type=int, default=128)
+    load.add_argument("--concurrency", type=at_least_one, default=None, help="clients sending back to back (default 8)")
+    load.add_argument("--request-rate", type=positive, default=None, help="Poisson arrivals per second")
+    p.add_argument("--num-prompts", type=at_least_one, default=64)
+    p.add_argument("--input-len", type=at_least_one, default=128, help="prompt tokens (by --tokenizer's count)")
+    p.add_argument("--output-len", type=at_least_one, default=128)
     p.add_argument("--tokenizer", default=None, help="model file whose tokenizer writes the prompts "
                    "(default: the packaged SmolLM2)")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
@@ -36,7 +38,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ban-eos", action="store_true",
                    help="send logit_bias -100 on the EOS ids: exact lengths where ignore_eos is unknown")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--timeout", type=positive, default=600.0, help="seconds per request")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
 
 
@@ -195,7 +197,7 @@ async def bench(args) -> int:
                 r.raise_for_status()
                 model = r.json()["data"][0]["id"]
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
-            print(f"kvserve bench serve: cannot list the models of {base}: {e}")
+            print(f"kvserve bench serve: cannot list the models of {base}: {type(e).__name__}: {e}")
             return 1
         url = f"{base}/{'chat/completions' if args.endpoint == 'chat' else 'completions'}"
         prompts, args.eos_ids = make_prompts(args.num_prompts, args.input_len, args.tokenizer, args.seed)

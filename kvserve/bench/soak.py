@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
+from kvserve.args import at_least_one, non_negative, positive
+
 SYSTEMS = ["You are a terse assistant. Answer in one sentence.",
            "You are a helpful assistant who explains things to children, with small examples.",
            "You are a pirate. Answer every question as a pirate would, with nautical words."]
@@ -38,15 +40,15 @@ MALFORMED = [  # (body, content type): each must get a 4xx with an OpenAI error
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (with or without /v1)")
     p.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
-    p.add_argument("--minutes", type=float, default=1.0)
-    p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=48, help="largest max_tokens of a request")
-    p.add_argument("--long-words", type=int, default=1200, help="words of a long-context prompt")
-    p.add_argument("--burst-every", type=float, default=30.0, help="seconds between bursts (0: none)")
-    p.add_argument("--burst-size", type=int, default=64)
-    p.add_argument("--window", type=float, default=None, help="seconds per report row (default: a tenth of the run)")
+    p.add_argument("--minutes", type=positive, default=1.0)
+    p.add_argument("--clients", type=at_least_one, default=32)
+    p.add_argument("--max-tokens", type=at_least_one, default=48, help="largest max_tokens of a request")
+    p.add_argument("--long-words", type=at_least_one, default=1200, help="words of a long-context prompt")
+    p.add_argument("--burst-every", type=non_negative, default=30.0, help="seconds between bursts (0: none)")
+    p.add_argument("--burst-size", type=at_least_one, default=64)
+    p.add_argument("--window", type=positive, default=None, help="seconds per report row (default: a tenth of the run)")
     p.add_argument("--server-pid", type=int, default=None, help="for RSS (default: whoever listens on the port)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take before it counts "
+    p.add_argument("--timeout", type=positive, default=300.0, help="seconds a request may take before it counts "
                                                                  "as unanswered")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the report here")
@@ -258,8 +260,17 @@ def _pid_listening(base: str) -> int | None:
 async def soak(args) -> dict:
     base = args.base_url.rstrip("/").removesuffix("/v1")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as http:
-        model = (await http.get("/v1/models")).json()["data"][0]["id"]
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=args.timeout) as http:
+        try:
+            model = (await http.get("/v1/models")).json()["data"][0]["id"]
+        except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+            raise ValueError(f"cannot list the models of {base}/v1: {type(e).__name__}: {e}") from None
+        # most of the traffic is chat: a server that cannot chat (a base model) would fail all of it
+        warm = await http.post("/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        if warm.status_code != 200:
+            raise ValueError(f"the warm-up chat request failed ({warm.status_code}: {warm.text[:300]}); "
+                             "the soak needs a server that answers chat requests")
     pid = args.server_pid or _pid_listening(base)
     return await Soak(base, headers, model, args).run(pid)
 
