@@ -10,10 +10,16 @@ log = logging.getLogger("kvserve.distributed")
 
 
 def run_worker(config) -> int:
-    """0 when rank 0 stopped the group, 1 when the group failed (rank 0 gone, a timeout)."""
+    """0 when rank 0 stopped the group, 1 when the group failed (rank 0 gone, a timeout), 2 when
+    the model cannot be built (rank 0, building the same, says why)."""
     from kvserve.distributed.group import RankFailure
     from kvserve.engine.engine import Engine
-    engine = Engine(config)
+    from kvserve.model.loader import ModelLoadError
+    try:
+        engine = Engine(config)
+    except (ModelLoadError, ValueError) as e:
+        log.error("%s", e)  # one line, no traceback: the user's error, not a crash
+        return 2
     executor = engine.runner.executor
     try:
         executor.serve_forever()
