@@ -130,19 +130,13 @@ def build_router_app(replicas: Replicas, tokenizer, page_size: int) -> FastAPI:
                   "sent them before", "# TYPE kvserve_router_prefix_hit_tokens_total counter"]
         lines += [f'kvserve_router_prefix_hit_tokens_total{{replica="{i}"}} {r.prefix_hit_tokens}'
                   for i, r in enumerate(router.replicas)]
-        seen_meta = set()
+        texts = []
         for i, u in enumerate(replicas.urls):
             try:
-                text = (await client.get(f"{u}/metrics")).text
+                texts.append((i, (await client.get(f"{u}/metrics")).text))
             except httpx.HTTPError:
                 continue
-            for line in text.splitlines():
-                if line.startswith("#"):
-                    if line not in seen_meta:
-                        seen_meta.add(line)
-                        lines.append(line)
-                elif line:
-                    lines.append(_with_label(line, f'replica="{i}"'))
+        lines += merged_families(texts)
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     @app.api_route("/{path:path}", methods=["GET", "POST"])
@@ -186,6 +180,23 @@ def build_router_app(replicas: Replicas, tokenizer, page_size: int) -> FastAPI:
 
     app.state.router = router
     return app
+
+
+def merged_families(texts: list[tuple[int, str]]) -> list[str]:
+    """Replicas' Prometheus texts as one: each family's HELP and TYPE once, then every replica's
+    samples of it, labelled replica="i" (the text format wants a family's samples together)."""
+    families: dict[str, tuple[list[str], list[str]]] = {}
+    for i, text in texts:
+        current = None
+        for line in text.splitlines():
+            if line.startswith(("# HELP ", "# TYPE ")):
+                current = line.split()[2]
+                meta, _ = families.setdefault(current, ([], []))
+                if line not in meta:
+                    meta.append(line)
+            elif line and not line.startswith("#") and current is not None:
+                families[current][1].append(_with_label(line, f'replica="{i}"'))
+    return [line for meta, samples in families.values() for line in meta + samples]
 
 
 def _with_label(sample: str, label: str) -> str:

@@ -96,3 +96,24 @@ def test_streams_finish_and_repeats_go_where_they_were_cached():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_metrics_of_replicas_merge_into_valid_families():
+    """Each family's samples of every replica follow its one HELP/TYPE, as the text format wants
+    (appended replica by replica, a parser saw each family once per replica)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kvserve.server.data_parallel import merged_families
+    texts = []
+    for i in range(2):
+        registry = CollectorRegistry()
+        Counter("kvserve_tokens", "Tokens", registry=registry).inc(3 + i)
+        Histogram("kvserve_ttft_seconds", "TTFT", ["model"], registry=registry).labels("m").observe(0.1)
+        texts.append((i, generate_latest(registry).decode()))
+    families = list(text_string_to_metric_families("\n".join(merged_families(texts)) + "\n"))
+    names = [f.name for f in families]
+    assert len(names) == len(set(names)) and {"kvserve_tokens", "kvserve_ttft_seconds"} <= set(names)
+    tokens = next(f for f in families if f.name == "kvserve_tokens")
+    assert {s.labels["replica"]: s.value for s in tokens.samples if s.name == "kvserve_tokens_total"} == \
+        {"0": 3.0, "1": 4.0}
