@@ -251,6 +251,10 @@ class Engine:
             raise ValueError(f"logit_bias and stop_token_ids keys must be token ids in [0, {vocab})")
         if self.tp is not None and params.attention is not None and not params.attention.is_full:
             raise ValueError("attention policies other than full are not supported with tensor parallelism")
+        layers = self.model.config.num_layers
+        if params.attention is not None and any(i >= layers for i in params.attention.dense_layers):
+            raise ValueError(f"attention dense_layers {list(params.attention.dense_layers)} name layers past the "
+                             f"model's {layers} (0-{layers - 1})")
         room = 1 if params.attention is not None and params.attention.unbounded else (params.max_tokens or 1)
         if len(ids) + room > self.max_model_len:
             held = " (what the KV cache holds)" if self.context_capped else ""

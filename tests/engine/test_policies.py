@@ -76,6 +76,14 @@ def test_policies_that_cover_every_key_give_full_attention_tokens(short_model, s
     engine.kv.check_integrity([])
 
 
+def test_dense_layers_past_the_model_are_refused(short_model, smollm2_tokenizer):
+    engine = _engine(short_model, smollm2_tokenizer, page_size=16, num_pages=32)
+    layers = short_model.config.num_layers
+    with pytest.raises(ValueError, match=f"past the model's {layers}"):
+        engine.add_request([1, 2, 3], SamplingParams(attention=f"magicpig:dense_layers=0;{layers}"))
+    assert not engine.requests
+
+
 def test_mixed_batch_gives_each_request_its_tokens_alone(short_model, smollm2_tokenizer):
     engine = _engine(short_model, smollm2_tokenizer, page_size=4, num_pages=128)
     prompts = [list(range(500 + 7 * i, 530 + 9 * i)) for i in range(4)]
