@@ -534,13 +534,14 @@ class Engine:
             if not stop_token and p.stop_token_ids and token in p.stop_token_ids:
                 seq.stop_reason, stop_token = token, True
             if stop_token:
-                seq.text = seq.text[:len(seq.text) - new_chars]
+                if seq.stop_reason is None or not p.include_stop_str_in_output:  # EOS's text never
+                    seq.text = seq.text[:len(seq.text) - new_chars]
                 return FinishReason.STOP
             for stop in p.stop:
                 # only a match ending in the new text is new
                 at = seq.text.find(stop, max(0, len(seq.text) - len(stop) - new_chars + 1))
                 if at >= 0:
-                    seq.text = seq.text[:at]
+                    seq.text = seq.text[:at + (len(stop) if p.include_stop_str_in_output else 0)]
                     seq.stop_reason = stop
                     return FinishReason.STOP
         if p.max_tokens is not None and num_out >= p.max_tokens:

@@ -33,6 +33,7 @@ class SamplingParams:
     min_tokens: int = 0
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False  # keep the matched stop string (or stop_token_ids token's text)
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives; 0 = only the sampled token's
     # logprobs of the prompt's tokens (the first has none), with this many top alternatives each;

@@ -50,6 +50,7 @@ def lone_surrogate(value) -> str | None:
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage so far in every chunk
 
 
 class _SamplingRequest(_Request):
@@ -72,6 +73,7 @@ class _SamplingRequest(_Request):
     repetition_penalty: float | None = Field(None, gt=0)
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     # kvserve's extension: decode attention policy, a name or {"policy": "magicpig", "K": 10, ...}

@@ -269,6 +269,7 @@ class Serving:
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                 logit_bias=bias or None, seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
                 stop=stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
+                include_stop_str_in_output=req.include_stop_str_in_output,
                 skip_special_tokens=req.skip_special_tokens, attention=attention, cache_salt=cache_salt,
                 speculative=req.speculative,
                 # a response that is not streamed reads the final output only
@@ -294,6 +295,12 @@ class Serving:
             return dataclasses.replace(params, **changes) if changes else params
         except ValueError as e:
             raise OpenAIError(str(e), param=param, code="invalid_value") from None
+
+    def _running_usage(self, req, job: Job) -> Usage | None:
+        """vLLM's stream_options.continuous_usage_stats: the usage so far, in every chunk."""
+        if req.stream_options and req.stream_options.continuous_usage_stats:
+            return self._usage(list(job.last.values()))
+        return None
 
     def _usage(self, outs: list[RequestOutput]) -> Usage:
         prompt = sum(len(o.prompt_token_ids) for o in outs)
@@ -364,7 +371,7 @@ class Serving:
 
         def chunk(choices, usage=None) -> str:
             return ChatCompletionChunk(id=rid, created=created, model=self.config.model_name, choices=choices,
-                                       usage=usage).model_dump_json()
+                                       usage=usage or self._running_usage(req, job)).model_dump_json()
 
         yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(n)])
         chars, tokens, done = [0] * n, [0] * n, [False] * n
@@ -476,7 +483,7 @@ class Serving:
 
         def chunk(choices, usage=None) -> str:
             return CompletionResponse(id=rid, created=created, model=self.config.model_name, choices=choices,
-                                      usage=usage).model_dump_json()
+                                      usage=usage or self._running_usage(req, job)).model_dump_json()
 
         item = first
         while item is not None:

@@ -72,6 +72,9 @@ def test_stop_string_truncates(client):
     r = greedy_chat(client, max_tokens=16, stop=[stop, "never-seen-here"], extra_body={"ignore_eos": True})
     assert r.choices[0].message.content == cut
     assert r.choices[0].finish_reason == "stop"
+    r = greedy_chat(client, max_tokens=16, stop=[stop], extra_body={"ignore_eos": True,
+                                                                     "include_stop_str_in_output": True})
+    assert r.choices[0].message.content == cut + stop  # vLLM's option
 
 
 def test_sampling_knobs(client):
@@ -182,6 +185,12 @@ def test_completions_stream(client):
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == "The sky is" + whole.choices[0].text
     assert chunks[-1].usage.completion_tokens == 8
+    # vLLM's continuous_usage_stats: the usage so far in every chunk
+    chunks = list(client.completions.create(model=MODEL, prompt="The sky is", max_tokens=8, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True},
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 8 and len(set(counts)) > 2
 
 
 def test_stop_token_ids_and_min_tokens(client, http):
@@ -194,6 +203,9 @@ def test_stop_token_ids_and_min_tokens(client, http):
                                   logit_bias={str(token): 100},
                                   extra_body={"stop_token_ids": [token], "min_tokens": 3})
     assert r.usage.completion_tokens == 4 and r.choices[0].text and " blue" not in r.choices[0].text
+    r = client.completions.create(model=MODEL, prompt="x", max_tokens=10, temperature=0, logit_bias={str(token): 100},
+                                  extra_body={"stop_token_ids": [token], "include_stop_str_in_output": True})
+    assert r.choices[0].text == " blue"
 
 
 def test_tokenize_detokenize(http):
