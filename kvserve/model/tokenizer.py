@@ -228,7 +228,11 @@ class Tokenizer:
         return self._tk.id_to_token(token_id)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False,
-                            **kwargs) -> str | list[int]:
+                            continue_final_message: bool = False, **kwargs) -> str | list[int]:
+        """continue_final_message (as transformers): the text ends with the last message's content,
+        its turn left open, so that the model goes on writing it (no generation prompt then)."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         if not self.chat_template:
             raise ValueError("this model has no chat template; send a plain prompt instead of chat messages")
         msgs = []
@@ -242,8 +246,21 @@ class Tokenizer:
                    **kwargs}
         text = _compile_template(self.chat_template).render(
             messages=msgs, add_generation_prompt=add_generation_prompt, **context)
+        if continue_final_message:
+            text = _open_final_message(text, msgs[-1]["content"] if msgs else None)
         # The template writes its own special tokens, so none are added on top.
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _open_final_message(text: str, final: str | None) -> str:
+    """text cut right after the final message's content, dropping the end of its turn."""
+    core = (final or "").strip()
+    at = text.rfind(core) if core else -1
+    if at < 0:
+        raise ValueError("continue_final_message: the final message's content is not in the rendered chat")
+    # the template may have trimmed the message's own leading or trailing blanks
+    kept = final.lstrip()
+    return text[:at + (len(kept) if text[at:at + len(kept)] == kept else len(core))]
 
 
 class IncrementalDetokenizer:

@@ -136,6 +136,10 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict | None = None  # extra variables for the template, e.g. {"enable_thinking": false}
+    # vLLM's: continue_final_message (with add_generation_prompt false) has the model go on writing
+    # the last message, e.g. an assistant reply begun by the caller
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     # declared so that they are accepted where they change nothing
     store: bool | None = None
     metadata: dict[str, str] | None = None

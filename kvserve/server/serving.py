@@ -311,12 +311,13 @@ class Serving:
     # ---- chat ------------------------------------------------------------------------------
 
     def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                     tools: ToolPlan | None = None, template_kwargs: dict | None = None) -> list[int]:
+                     tools: ToolPlan | None = None, template_kwargs: dict | None = None,
+                     continue_final_message: bool = False) -> list[int]:
         plain = [{**m.model_dump(exclude_none=True), "role": "system" if m.role == "developer" else m.role}
                  for m in messages]  # the tokenizer joins text parts
         in_template = template_renders_tools(self.tokenizer.chat_template)
         plain = template_messages(plain, tools, in_template)
-        reserved = {"messages", "add_generation_prompt", "tokenize"} & set(template_kwargs or {})
+        reserved = {"messages", "add_generation_prompt", "tokenize", "continue_final_message"} & set(template_kwargs or {})
         if reserved:
             raise OpenAIError(f"chat_template_kwargs cannot set {sorted(reserved)[0]!r}", param="chat_template_kwargs")
         extra = {**(template_kwargs or {})}
@@ -324,7 +325,7 @@ class Serving:
             extra["tools"] = tools.tools
         try:
             return self.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                                      **extra)
+                                                      continue_final_message=continue_final_message, **extra)
         except (ValueError, jinja2.TemplateError) as e:
             raise OpenAIError(f"cannot apply the chat template: {e}", param="messages") from None
 
@@ -339,7 +340,8 @@ class Serving:
             spec = (tools.structured, "tools")
         if req.top_logprobs is not None and not req.logprobs:
             raise OpenAIError("top_logprobs requires logprobs to be true", param="top_logprobs")
-        prompt = await asyncio.to_thread(self._chat_prompt, req.messages, True, tools, req.chat_template_kwargs)
+        prompt = await asyncio.to_thread(self._chat_prompt, req.messages, req.add_generation_prompt, tools,
+                                         req.chat_template_kwargs, req.continue_final_message)
         request.state.prompt_tokens = len(prompt)
         attention = self._attention(req)
         max_tokens = self._max_tokens(req.max_completion_tokens or req.max_tokens, len(prompt), "messages",

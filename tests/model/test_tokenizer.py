@@ -67,6 +67,17 @@ def test_smollm_chat_template_matches_transformers(smollm, smollm_ref, messages,
     assert ids == smollm_ref.encode(text, add_special_tokens=False)
 
 
+@pytest.mark.parametrize("reply", ["The answer is", "  Padded reply  ", "Line one\n"])
+def test_continue_final_message_matches_transformers(smollm, smollm_ref, reply):
+    messages = SYSTEM + MESSAGES + [{"role": "assistant", "content": reply}]
+    text = smollm.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    assert text == smollm_ref.apply_chat_template(messages, add_generation_prompt=False, tokenize=False,
+                                                  continue_final_message=True)
+    assert not text.endswith("<|im_end|>\n")
+    with pytest.raises(ValueError, match="cannot both"):
+        smollm.apply_chat_template(messages, continue_final_message=True)
+
+
 def test_chat_content_parts_and_missing_template(smollm):
     parts = [{"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "image_url"},
                                           {"type": "text", "text": "2+2?"}]}]

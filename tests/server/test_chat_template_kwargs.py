@@ -15,7 +15,7 @@ def think_template(live_server, monkeypatch):
 
 
 def prompt_tokens(http, **extra) -> int:
-    r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "max_tokens": 1, **extra})
+    r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "max_tokens": 1} | extra)
     assert r.status_code == 200, r.text
     return r.json()["usage"]["prompt_tokens"]
 
@@ -42,3 +42,14 @@ def test_llm_chat_passes_chat_template_kwargs(make_engine, smollm2_tokenizer, mo
                for kw in (None, {"enable_thinking": False}))
     assert off.prompt_token_ids[:len(on.prompt_token_ids)] == on.prompt_token_ids
     assert smollm2_tokenizer.decode(off.prompt_token_ids[len(on.prompt_token_ids):]) == "<think>\n\n</think>\n\n"
+
+
+def test_continue_final_message_leaves_the_last_turn_open(http, smollm2_tokenizer):
+    """vLLM's continue_final_message: the model goes on writing the caller's begun assistant reply."""
+    messages = MESSAGES + [{"role": "assistant", "content": "The answer is"}]
+    closed = prompt_tokens(http, messages=messages, add_generation_prompt=False)
+    assert prompt_tokens(http, messages=messages, add_generation_prompt=False, continue_final_message=True) == \
+        closed - len(smollm2_tokenizer.encode("<|im_end|>\n", add_special_tokens=False))
+    r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 1,
+                                                 "continue_final_message": True})
+    assert r.status_code == 400 and "add_generation_prompt" in r.json()["error"]["message"]
