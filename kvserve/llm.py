@@ -85,10 +85,15 @@ class LLM:
     def chat(self, messages: Messages | list[Messages],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
-             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
+             continue_final_message: bool = False) -> list[RequestOutput]:
         """`tools` (OpenAI function tools) go to the chat template, or, where it renders none, into a
         system message; constrain the output with SamplingParams(structured=...) to force a call.
-        `chat_template_kwargs`: extra template variables, e.g. {"enable_thinking": False} for Qwen3."""
+        `chat_template_kwargs`: extra template variables, e.g. {"enable_thinking": False} for Qwen3.
+        `continue_final_message` (with add_generation_prompt=False): the last message's turn is left
+        open, for the model to go on writing it."""
+        if continue_final_message:
+            chat_template_kwargs = {**(chat_template_kwargs or {}), "continue_final_message": True}
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         for m in (m for c in conversations for m in c):
             if not isinstance(m, dict) or "role" not in m or (m.get("content") is None and not m.get("tool_calls")):
