@@ -154,6 +154,7 @@ class CompletionRequest(_SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
+    response_format: dict | None = None  # vLLM takes it on completions too
 
 
 class EmbeddingRequest(_Request):

@@ -446,7 +446,7 @@ class Serving:
         params = self._params(req, max_tokens, req.logprobs, attention, self._cache_salt(req, request))
         if req.echo and req.logprobs is not None:
             params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
-        params = await self._constrain(params, request_spec(req))
+        params = await self._constrain(params, request_spec(req, req.response_format))
         echoes = [(t if t is not None else self.tokenizer.decode(p, req.skip_special_tokens)) if req.echo else ""
                   for p, t in zip(prompts, texts)]
         rid = f"cmpl-{uuid.uuid4().hex}"

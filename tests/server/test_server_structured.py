@@ -75,6 +75,10 @@ def test_vllm_fields_on_chat_and_completions(client):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=MODEL, prompt="Say:", max_tokens=64, stream=True, extra_body=cases[0][0]) if c.choices)
     assert cases[0][1](streamed)
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMAS[0]}}  # on completions, as vLLM
+    text = client.completions.create(model=MODEL, prompt="Say:", max_tokens=200, temperature=0,
+                                     extra_body={"response_format": fmt}).choices[0].text
+    jsonschema.validate(json.loads(text), SCHEMAS[0])
 
 
 def _check_call(call, tools=(WEATHER, CLOCK)):
