@@ -8,6 +8,7 @@ import itertools
 import logging
 import queue
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import torch
@@ -28,6 +29,11 @@ class AsyncEngine:
         self.engine = engine
         self.queue = AdmissionQueue(limits)
         self._queued: dict[str, int] = {}  # engine thread only: request id -> prompt tokens, never scheduled
+        # engine thread only: the prompts of one API request (a batch) wait for their siblings, not
+        # the queue, once one of them is scheduled: the queue timeout stops applying to them
+        self._batch_of: dict[str, str] = {}  # queued request id -> its batch
+        self._batch_queued: Counter = Counter()  # batch -> its requests still queued
+        self._batch_started: set[str] = set()  # batches with a request scheduled
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
@@ -38,11 +44,12 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
         self._thread.start()
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                       priority: int = 0, batch: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields cumulative outputs until finished. Bad input raises ValueError before the first
-        yield, a full queue raises Overloaded, a wait past the queue timeout QueueTimeout; leaving
-        the loop early (client gone, task cancelled) aborts the request."""
+        yield, a full queue raises Overloaded, a wait past the queue timeout QueueTimeout (unless a
+        request of the same `batch` is scheduled); leaving the loop early (client gone, task
+        cancelled) aborts the request."""
         if self.failure:
             raise EngineUnavailable(self._failure_message())
         loop = asyncio.get_running_loop()
@@ -51,7 +58,7 @@ class AsyncEngine:
         accepted = loop.create_future()
         tokens = len(self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
         self.queue.reserve(tokens)  # released by the engine thread; nothing awaits in between
-        self._commands.put(("add", (prompt, params, request_id, priority, tokens), (loop, stream, accepted)))
+        self._commands.put(("add", (prompt, params, request_id, priority, tokens, batch), (loop, stream, accepted)))
         self._wake.set()
         await accepted
         finished = False
@@ -181,6 +188,9 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_settle, accepted, e)
                 continue
             self._queued[arg[2]] = arg[4]
+            if arg[5] is not None:
+                self._batch_of[arg[2]] = arg[5]
+                self._batch_queued[arg[5]] += 1
             self._streams[arg[2]] = (loop, stream)
             loop.call_soon_threadsafe(_settle, accepted, None)
 
@@ -189,14 +199,23 @@ class AsyncEngine:
         timeout = self.queue.limits.timeout
         for rid, tokens in list(self._queued.items()):
             state = self.engine.requests.get(rid)
+            batch = self._batch_of.get(rid)
             if state is not None and all(s.first_scheduled is None for s in state.seqs):
-                if timeout is None or now() - state.arrival <= timeout:
+                if timeout is None or now() - state.arrival <= timeout or batch in self._batch_started:
                     continue
                 self.engine.abort(rid)
                 self._deliver(rid, QueueTimeout(f"the request waited {timeout:g} s in the queue without "
                                                 f"being scheduled; retry later"))
+            elif batch is not None:  # scheduled (or gone)
+                self._batch_started.add(batch)
             del self._queued[rid]
             self.queue.release(tokens)
+            if batch is not None:
+                del self._batch_of[rid]
+                self._batch_queued[batch] -= 1
+                if not self._batch_queued[batch]:
+                    del self._batch_queued[batch]
+                    self._batch_started.discard(batch)
 
     def _deliver(self, request_id: str, item) -> None:
         entry = self._streams.get(request_id)

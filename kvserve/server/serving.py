@@ -83,12 +83,13 @@ class Job:
             except (ValueError, Overloaded) as e:  # raised by next(), where the response is made
                 self._queue.put_nowait((0, e))
                 return
-        self._tasks = [asyncio.create_task(self._pump(engine, i, ids, params, self._ids[i]))
+        batch = request_id if len(prompts) > 1 else None
+        self._tasks = [asyncio.create_task(self._pump(engine, i, ids, params, self._ids[i], batch))
                        for i, ids in enumerate(prompts)]
 
-    async def _pump(self, engine, i, ids, params, request_id):
+    async def _pump(self, engine, i, ids, params, request_id, batch):
         try:
-            async for out in engine.generate(ids, params, request_id):
+            async for out in engine.generate(ids, params, request_id, batch=batch):
                 self._queue.put_nowait((i, out))
         except Exception as e:  # noqa: BLE001 - handed to the reader, which owns the response
             self._queue.put_nowait((i, e))

@@ -129,6 +129,19 @@ def test_a_batch_is_queued_whole_or_not_at_all(tiny_model, smollm2_tokenizer):
         assert httpx.get(f"{url}/health").json()["load"]["queued_requests"] == 0
 
 
+def test_a_batch_s_prompts_waiting_for_their_siblings_do_not_time_out(tiny_model, smollm2_tokenizer):
+    """One sequence at a time, 1 s queue timeout: the third prompt of a batch waits ~1.5 s behind its
+    own siblings, not behind other requests, and the batch completes (it was a 503)."""
+    from kvserve.engine.admission import QueueLimits
+    with serve(tiny_model, smollm2_tokenizer, QueueLimits(timeout=1.0), step_delay=0.02, api_key=None) as (url, engine):
+        r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": ["a", "b", "c"], "max_tokens": 40, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert [c["finish_reason"] for c in r.json()["choices"]] == ["length"] * 3
+        wait_idle(engine)
+        assert httpx.get(f"{url}/health").json()["load"]["queued_requests"] == 0
+
+
 def test_queued_tokens_limit_admits_into_an_empty_queue(tiny_model, smollm2_tokenizer):
     from kvserve.engine.admission import QueueLimits
     with serve(tiny_model, smollm2_tokenizer, QueueLimits(max_tokens=5), step_delay=0.01) as (url, engine):
