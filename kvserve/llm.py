@@ -1,5 +1,6 @@
 """LLM: the offline API, shaped like vLLM's (`LLM(model).generate(prompts, SamplingParams(...))`)."""
 import dataclasses
+import threading
 
 from tqdm import tqdm
 
@@ -29,6 +30,7 @@ class LLM:
             cache=CacheConfig(page_size, num_pages, kv_cache_gb, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, enable_chunked_prefill)))
         self.tokenizer = self.engine.tokenizer
+        self._lock = threading.Lock()  # one generate at a time: each steps the engine for all requests
 
     def close(self) -> None:
         """Stops the engine's other tensor-parallel ranks (a no-op with one process)."""
@@ -65,7 +67,7 @@ class LLM:
         params = [dataclasses.replace(p or SamplingParams(), output_kind="final_only") for p in params]
         ids: list[str] = []
         done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(prompts), desc="generating", unit="req", disable=not use_tqdm or None) as bar:
+        with self._lock, tqdm(total=len(prompts), desc="generating", unit="req", disable=not use_tqdm or None) as bar:
             try:
                 for p, sp in zip(prompts, params):
                     ids.append(self.engine.add_request(p, sp))

@@ -9,7 +9,7 @@ The inner executor is the one a single process would pick for the rank's shard, 
 graphs (which cannot join collectives): the C whole-step decoder for int4 weights on the CPU
 (decode.c calls the all-reduce back between layers), else the eager TorchExecutor.
 """
-import atexit
+import weakref
 
 import torch
 
@@ -29,7 +29,8 @@ class TensorParallelExecutor:
         self._copies: list[tuple[int, int]] = []
         if group.rank == 0:
             pool.on_copy = lambda src, dst: self._copies.append((src, dst))
-            atexit.register(self.close)  # an engine nobody closed still stops its ranks
+            # an engine nobody closed still stops its ranks: when it is collected, or at exit
+            self._stop = weakref.finalize(self, _stop_ranks, self.channel, group)
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         if batch.sparse:  # checked before anything is sent: the ranks stay in step
@@ -59,11 +60,18 @@ class TensorParallelExecutor:
 
     def close(self) -> None:
         """Rank 0: tells the other ranks to stop, then waits for the ones it spawned."""
-        if self.group.closed:
-            return
-        if self.group.rank == 0 and not self.group.failure:
-            try:
-                self.channel.send_stop()
-            except Exception:  # noqa: BLE001 - a rank already gone; close() kills what is left
-                pass
-        self.group.close()
+        if self.group.rank == 0:
+            self._stop()
+        else:
+            self.group.close()
+
+
+def _stop_ranks(channel: StepChannel, group: TPGroup) -> None:
+    if group.closed:
+        return
+    if not group.failure:
+        try:
+            channel.send_stop()
+        except Exception:  # noqa: BLE001 - a rank already gone; close() kills what is left
+            pass
+    group.close()

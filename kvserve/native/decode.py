@@ -3,6 +3,7 @@ in one C call, for models whose linear layers all run on the int4 or int8-group 
 every step with full attention only: PyTorch's per-op dispatch costs a fifth to two thirds of a
 step (a batch of decodes, one stream), and its prompt attention (SDPA) is slower than ours."""
 import ctypes
+import weakref
 from functools import cache
 
 import torch
@@ -128,13 +129,17 @@ class NativeDecoder:
 
     def _guarded(self, fn):
         """fn as a C callback: what it raises cannot cross the C frames, so it is kept, the call
-        returns -1, and __call__ raises it after the C step returns."""
+        returns -1, and __call__ raises it after the C step returns. The decoder is reached through
+        a weak reference: ctypes' callback objects are invisible to the garbage collector, so a
+        strong one would keep the decoder, and with it the model and KV pool, alive for good."""
+        decoder = weakref.ref(self)
+
         def call(*args) -> int:
             try:
                 fn(*args)
                 return 0
             except BaseException as e:  # noqa: BLE001
-                self._error = e
+                decoder()._error = e
                 return -1
         return call
 

@@ -95,6 +95,19 @@ def test_prompt_logprobs_equal_one_process(model_dir):
         assert [i for i, _ in top] == [i for i, _ in want_top]
 
 
+def test_a_dropped_engine_stops_its_ranks_and_a_new_one_starts(model_dir):
+    """An LLM dropped without close() stops its ranks when collected: the next one's group forms
+    (it hung in new_group, the old ranks never having left)."""
+    import gc
+    for _ in range(2):
+        two = llm(model_dir("llama"), 2)
+        procs = list(two.engine.tp.procs)
+        assert len(two.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 8
+        del two
+        gc.collect()
+        assert all(not p.is_alive() for p in procs)
+
+
 def _weight_bytes(model) -> tuple[int, int]:
     """(all weight bytes, bytes of weights every rank keeps whole: the norms)."""
     total = replicated = 0
