@@ -35,6 +35,9 @@ def cmd_chat(args) -> int:
     from kvserve.engine.engine import Engine
     engine = Engine(engine_config(args))
     tok = engine.tokenizer
+    if not tok.chat_template:
+        raise ValueError(f"{args.model or 'the model'} has no chat template (a base model): chat needs one; "
+                         "use `kvserve generate --raw` or the completions API")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("kvserve chat: type a message, Ctrl-D or /exit to quit, /reset to start over.", file=sys.stderr)
     while True:

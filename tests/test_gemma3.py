@@ -65,3 +65,11 @@ def test_top1_agrees_with_transformers(gguf_path, ids, reference, quantization, 
     ours = paged_logits(model, ids, chunk=[320, 300], native_decode=native).argmax(-1)  # then one token a step
     agreement = (ours == reference).float().mean().item()
     assert agreement >= min_agreement, agreement
+
+
+def test_chat_refuses_a_base_model_at_start(gguf_path):
+    """Gemma 3 270M is a base model: chat says so before it asks for a message, in one line."""
+    from cli_util import kvserve_here
+    r = kvserve_here("chat", "--model", str(gguf_path))
+    assert r.returncode == 2 and "no chat template" in r.stderr and "generate --raw" in r.stderr
+    assert "kvserve chat: type a message" not in r.stderr

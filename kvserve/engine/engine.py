@@ -94,7 +94,10 @@ class Engine:
         release_free_memory()
         self.model, self.tokenizer = model, tokenizer
         mc = model.config
-        self.max_model_len = min(mc.max_position_embeddings, config.max_model_len or mc.max_position_embeddings)
+        if (config.max_model_len or 0) > mc.max_position_embeddings:  # as vLLM refuses it: positions it was not trained on
+            raise ValueError(f"max_model_len {config.max_model_len} is above the model's context length "
+                             f"{mc.max_position_embeddings}")
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.context_capped = False  # max_model_len lowered to what the KV cache holds (_cap_context)
         self.eos_token_ids = list(tokenizer.eos_token_ids or mc.eos_token_ids)
         cache = config.cache

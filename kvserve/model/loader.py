@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -91,7 +92,8 @@ def load_checkpoint(model: str | None, quantization: str = "none"
         num_params = sum(w.shape.numel() for w in weights.values())
         kinds = {w.kind for w in weights.values() if isinstance(w, QuantizedTensor)}
     tqdm.write(f"read {path.name}: {cfg.architecture}, {cfg.num_layers} layers, {num_params / 1e6:.0f}M params "
-               f"({'+'.join(sorted(kinds)) or 'float'} weights) in {time.perf_counter() - start:.1f}s")
+               f"({'+'.join(sorted(kinds)) or 'float'} weights) in {time.perf_counter() - start:.1f}s",
+               file=sys.stderr)  # stdout is the answer's: `kvserve generate ... > out.txt`
     return cfg, weights
 
 

@@ -14,6 +14,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+from kvserve.args import at_least_one
 from kvserve.server import isolation_args
 
 
@@ -24,7 +25,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1; several keys comma-separated "
                         "(default: $KVSERVE_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the file name)")
-    p.add_argument("--max-model-len", type=int, default=None, help="context limit below the model's own")
+    p.add_argument("--max-model-len", type=at_least_one, default=None, help="context limit below the model's own")
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")
     p.add_argument("--max-n", type=int, default=16, help="largest n (choices per request)")
     p.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="larger bodies get 413")

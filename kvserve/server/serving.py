@@ -194,6 +194,9 @@ class Serving:
         self.engine, self.config, self.metrics = engine, config, metrics
         self.tokenizer = engine.engine.tokenizer
         self.vocab_size = engine.engine.model.config.vocab_size
+        model_len = engine.engine.model.config.max_position_embeddings
+        if (config.max_model_len or 0) > model_len:
+            raise ValueError(f"--max-model-len {config.max_model_len} is above the model's context length {model_len}")
         self.max_model_len = min(config.max_model_len or engine.engine.max_model_len, engine.engine.max_model_len)
         self.strings = TokenStrings(self.tokenizer)
         # xgrammar's import and the vocabulary take seconds: not on the first structured request

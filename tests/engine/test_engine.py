@@ -242,6 +242,9 @@ def test_max_model_len_lowers_the_context(make_engine):
     with pytest.raises(ValueError, match="exceeds the context length 40"):
         engine.add_request([5] * 30, GREEDY)
     assert run(engine, [[5] * 28], GREEDY)[0].outputs[0].finish_reason == "length"
+    model_len = engine.model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"above the model's context length {model_len}"):  # vLLM refuses it too
+        make_engine(max_model_len=model_len + 1)
 
 
 def test_a_prompt_longer_than_a_step_is_refused_without_chunked_prefill(make_engine):
