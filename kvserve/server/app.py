@@ -61,18 +61,17 @@ def build_app(engine: AsyncEngine, config: ServerConfig, shutdown_engine: bool =
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    def card() -> ModelCard:
-        return ModelCard(id=config.model_name, max_model_len=serving.max_model_len)
+    def card(name: str) -> ModelCard:
+        return ModelCard(id=name, max_model_len=serving.max_model_len)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def list_models() -> ModelList:
-        return ModelList(data=[card()])
+        return ModelList(data=[card(name) for name in (config.model_name, *config.model_aliases)])
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
     async def get_model(model_id: str) -> ModelCard:
-        if model_id != config.model_name:
-            raise OpenAIError(f"The model `{model_id}` does not exist.", 404, param="model", code="model_not_found")
-        return card()
+        serving.check_model(model_id)
+        return card(model_id)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
     async def chat_completions(body: RagChatCompletionRequest, request: Request):

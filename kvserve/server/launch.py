@@ -24,7 +24,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1; several keys comma-separated "
                         "(default: $KVSERVE_API_KEY)")
-    p.add_argument("--served-model-name", default=None, help="model id clients send (default: the file name)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model ids clients may send; responses carry the first (default: the file name)")
     p.add_argument("--max-model-len", type=at_least_one, default=None, help="context limit below the model's own")
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")
     p.add_argument("--max-n", type=int, default=16, help="largest n (choices per request)")
@@ -78,8 +79,8 @@ def _serve(args, engine) -> int:
     from kvserve.server.serving import ServerConfig
 
     path = resolve_model_path(args.model)
-    name = args.served_model_name or (path.name if path.is_dir() else path.stem)
-    config = ServerConfig(model_name=name, api_key=args.api_key, max_model_len=args.max_model_len,
+    name, *aliases = args.served_model_name or [path.name if path.is_dir() else path.stem]
+    config = ServerConfig(model_name=name, model_aliases=tuple(aliases), api_key=args.api_key, max_model_len=args.max_model_len,
                           max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
                           max_body_bytes=args.max_request_bytes, index_dir=args.index_dir,
                           rag_cache_mb=args.rag_cache_mb, rag_nprobe=args.rag_nprobe,

@@ -38,7 +38,8 @@ log = logging.getLogger("kvserve.server")
 
 @dataclass
 class ServerConfig:
-    model_name: str
+    model_name: str  # the id responses carry
+    model_aliases: tuple[str, ...] = ()  # more ids requests may name (vLLM's --served-model-name A B)
     api_key: str | None = None
     max_model_len: int | None = None  # a context limit below the model's own
     max_tokens_limit: int | None = None  # per request; None: whatever the context leaves
@@ -205,7 +206,7 @@ class Serving:
     # ---- checks -----------------------------------------------------------------------------
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.config.model_name:
+        if name is not None and name != self.config.model_name and name not in self.config.model_aliases:
             raise OpenAIError(f"The model `{name}` does not exist.", 404, param="model", code="model_not_found")
 
     def _check_ids(self, ids: list[int], param: str) -> None:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from server_util import API_KEY, MAX_BODY_BYTES, MAX_N, MAX_TOKENS_LIMIT, MODEL, start_uvicorn
+from server_util import ALIAS, API_KEY, MAX_BODY_BYTES, MAX_N, MAX_TOKENS_LIMIT, MODEL, start_uvicorn
 
 
 @dataclass
@@ -40,8 +40,8 @@ def live_server(server_engine):
     from kvserve.server.app import build_app
     from kvserve.server.serving import ServerConfig
     engine, async_engine = server_engine
-    config = ServerConfig(model_name=MODEL, api_key=API_KEY, max_tokens_limit=MAX_TOKENS_LIMIT, max_n=MAX_N,
-                          max_body_bytes=MAX_BODY_BYTES)
+    config = ServerConfig(model_name=MODEL, model_aliases=(ALIAS,), api_key=API_KEY, max_tokens_limit=MAX_TOKENS_LIMIT,
+                          max_n=MAX_N, max_body_bytes=MAX_BODY_BYTES)
     app = build_app(async_engine, config, shutdown_engine=False)
     server, thread, url = start_uvicorn(app)
     yield LiveServer(url, engine, async_engine, app)

@@ -4,6 +4,7 @@ import time
 
 API_KEY = "test-key"
 MODEL = "tiny"
+ALIAS = "tiny-alias"  # a second --served-model-name
 MAX_TOKENS_LIMIT = 256
 MAX_N = 8
 MAX_BODY_BYTES = 64 * 1024

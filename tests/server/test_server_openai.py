@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from server_util import MODEL
+from server_util import ALIAS, MODEL
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colors."}]
 
@@ -19,8 +19,10 @@ def greedy_chat(client, max_tokens=12, **kw):
 
 
 def test_models_health_metrics(client, http):
-    assert [m.id for m in client.models.list().data] == [MODEL]
-    assert client.models.retrieve(MODEL).id == MODEL
+    assert [m.id for m in client.models.list().data] == [MODEL, ALIAS]  # --served-model-name MODEL ALIAS
+    assert client.models.retrieve(MODEL).id == MODEL and client.models.retrieve(ALIAS).id == ALIAS
+    r = client.completions.create(model=ALIAS, prompt="x", max_tokens=2)
+    assert r.model == MODEL  # responses carry the first name, as vLLM's
     assert http.get("/health").status_code == 200
     text = http.get("/metrics").text
     for name in ("kvserve_http_requests_total", "kvserve_time_to_first_token_seconds_bucket",
