@@ -84,6 +84,7 @@ class _SamplingRequest(_Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # older vLLM clients name one; xgrammar is the only one here
     # vLLM's: requests share prefix-cache pages only when their salts are equal
     cache_salt: str | None = Field(None, min_length=1, max_length=1024)
     # kvserve's extension: false keeps this request off the server's --speculative decoding

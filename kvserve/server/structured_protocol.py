@@ -51,6 +51,11 @@ def from_response_format(value) -> StructuredOutputs | None:
 
 def from_vllm(req) -> tuple[StructuredOutputs, str] | None:
     """`structured_outputs` or one of the `guided_*` fields -> (spec, the field's name)."""
+    backend = getattr(req, "guided_decoding_backend", None)
+    if backend is not None and backend.split(":")[0] not in ("xgrammar", "auto"):
+        raise OpenAIError(f"guided_decoding_backend {backend!r} is not available here: this server enforces "
+                          "structured outputs with xgrammar (give 'xgrammar' or 'auto', or leave it out)",
+                          param="guided_decoding_backend", code="invalid_value")
     given = [name for name in ("structured_outputs", *GUIDED) if getattr(req, name, None) is not None]
     if not given:
         return None
