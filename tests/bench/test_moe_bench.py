@@ -13,5 +13,8 @@ def test_bench_moe_runs_small(capsys):
     assert moe.main(args) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("none", "int4"))]
     assert [(r[0], r[1]) for r in rows] == [("none", "1"), ("none", "3"), ("int4", "1"), ("int4", "3")]
-    assert all(float(r[2]) > 0 and float(r[3]) > 0 and abs(float(r[4]) - float(r[2]) / float(r[3])) < 0.02
-               for r in rows)
+    for r in rows:
+        moe_ms, dense_ms, ratio = map(float, r[2:5])
+        # printed to 0.001 ms and 0.01: at these sizes (~0.05 ms) the rounding alone moves moe/dense by ~0.04
+        slack = 0.005 + 0.0005 * (1 + moe_ms / dense_ms) / dense_ms + 1e-9
+        assert moe_ms > 0 and dense_ms > 0 and abs(ratio - moe_ms / dense_ms) <= slack, r
