@@ -94,7 +94,7 @@ class Engine:
         release_free_memory()
         self.model, self.tokenizer = model, tokenizer
         mc = model.config
-        if (config.max_model_len or 0) > mc.max_position_embeddings:  # as vLLM refuses it: positions it was not trained on
+        if (config.max_model_len or 0) > mc.max_position_embeddings:  # as vLLM refuses it: untrained positions
             raise ValueError(f"max_model_len {config.max_model_len} is above the model's context length "
                              f"{mc.max_position_embeddings}")
         self.max_model_len = config.max_model_len or mc.max_position_embeddings

@@ -80,8 +80,8 @@ def _serve(args, engine) -> int:
 
     path = resolve_model_path(args.model)
     name, *aliases = args.served_model_name or [path.name if path.is_dir() else path.stem]
-    config = ServerConfig(model_name=name, model_aliases=tuple(aliases), api_key=args.api_key, max_model_len=args.max_model_len,
-                          max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
+    config = ServerConfig(model_name=name, model_aliases=tuple(aliases), api_key=args.api_key,
+                          max_model_len=args.max_model_len, max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
                           max_body_bytes=args.max_request_bytes, index_dir=args.index_dir,
                           rag_cache_mb=args.rag_cache_mb, rag_nprobe=args.rag_nprobe,
                           rag_prefetch_nprobe=args.rag_prefetch_nprobe,

@@ -293,7 +293,8 @@ class Serving:
             try:
                 await asyncio.to_thread(self.engine.engine.grammars.compile, spec)
             except ValueError as e:
-                where = " (the grammar comes from the tools' parameters, forced by tool_choice)" if param == "tools" else ""
+                where = " (the grammar comes from the tools' parameters, forced by tool_choice)" \
+                    if param == "tools" else ""
                 raise OpenAIError(f"{e}{where}", param=param, code="invalid_value") from None
             changes["structured"] = spec
         try:
@@ -322,7 +323,8 @@ class Serving:
                  for m in messages]  # the tokenizer joins text parts
         in_template = template_renders_tools(self.tokenizer.chat_template)
         plain = template_messages(plain, tools, in_template)
-        reserved = {"messages", "add_generation_prompt", "tokenize", "continue_final_message"} & set(template_kwargs or {})
+        reserved = {"messages", "add_generation_prompt", "tokenize", "continue_final_message"} \
+            & set(template_kwargs or {})
         if reserved:
             raise OpenAIError(f"chat_template_kwargs cannot set {sorted(reserved)[0]!r}", param="chat_template_kwargs")
         extra = {**(template_kwargs or {})}

@@ -87,7 +87,8 @@ def test_prompt_logprobs_equal_one_process(model_dir):
     for tp in (1, 2):
         with llm(model_dir("llama"), tp) as one_or_two:
             outs = one_or_two.generate(prompts, params, use_tqdm=False)
-            got.append((tokens(outs), [(lp.token_id, lp.logprob, lp.top_logprobs) for lp in outs[0].prompt_logprobs[1:]]))
+            scored = outs[0].prompt_logprobs[1:]
+            got.append((tokens(outs), [(lp.token_id, lp.logprob, lp.top_logprobs) for lp in scored]))
     (want_tokens, want_lps), (tp_tokens, tp_lps) = got
     assert tp_tokens == want_tokens and len(tp_lps) == len(want_lps) == 299
     for (t, lp, top), (want_t, want_lp, want_top) in zip(tp_lps, want_lps):

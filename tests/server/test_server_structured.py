@@ -65,7 +65,8 @@ def test_vllm_fields_on_chat_and_completions(client):
              ({"structured_outputs": {"json": SCHEMAS[0]}}, lambda t: jsonschema.validate(json.loads(t), SCHEMAS[0])
               or True),
              ({"guided_choice": ["up", "down"]}, lambda t: t in ("up", "down")),
-             ({"guided_regex": "[A-Z]{4}", "guided_decoding_backend": "xgrammar"}, lambda t: re.fullmatch("[A-Z]{4}", t))]
+             ({"guided_regex": "[A-Z]{4}", "guided_decoding_backend": "xgrammar"},
+              lambda t: re.fullmatch("[A-Z]{4}", t))]
     for extra, check in cases:
         chat = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=64, temperature=1,
                                               extra_body=extra)
