@@ -4,6 +4,7 @@ A plain ASGI middleware rather than FastAPI dependencies: the API key is checked
 is even read (a bad key with a bad body is a 401, not a 400), the size limit holds for chunked
 bodies too, and the log line and request counter see streamed responses to their end.
 """
+import asyncio
 import hmac
 import logging
 import time
@@ -29,13 +30,13 @@ class ServerMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
-        status = 500
+        status, started = 500, False
         state = scope.setdefault("state", {})
 
         async def send_and_watch(message):
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         try:
@@ -49,6 +50,12 @@ class ServerMiddleware:
                 await error.response()(scope, receive, send_and_watch)
                 return
             await self.app(scope, _replay(body, receive), send_and_watch)
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still running when --shutdown-timeout ends, and logs
+            # what the task raises as a crash: this one ends as planned, a stream cut, else a 503
+            log.info("%s %s cancelled at shutdown", scope["method"], scope["path"])
+            if not started:
+                await OpenAIError("the server is shutting down", 503).response()(scope, receive, send_and_watch)
         finally:
             if state.get("client_left"):
                 status = 499  # as nginx logs a client that left before the response ended

@@ -80,9 +80,18 @@ def test_sigint_aborts_after_the_shutdown_timeout(smollm2_path):
     try:
         started, result = stream_in_background(url, 4000)
         assert started.wait(60)
+        whole = {}
+        waiting = threading.Thread(target=lambda: whole.update(r=httpx.post(
+            f"{url}/completions", json={"prompt": "Hi", "max_tokens": 4000, "ignore_eos": True}, timeout=60)))
+        waiting.start()
+        time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
         result["thread"].join(30)
+        waiting.join(30)
         assert not result["done"] and result["tokens"] < 4000
+        # cut at shutdown as expected, not a crash: no traceback, and the answer not begun is a 503
+        assert "Traceback" not in proc.stderr.read()
+        assert whole["r"].status_code == 503 and "shutting down" in whole["r"].json()["error"]["message"]
     finally:
         proc.kill()
