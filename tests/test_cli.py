@@ -108,6 +108,7 @@ def test_eval_longctx_runs_small(smollm2_path):
     (["generate", "hi", "--device", "tpu"], "expected auto, cpu, cuda or cuda:N"),
     (["serve", "--port", "99999"], "must be in 0-65535"),
     (["serve", "a.gguf", "--model", "b.gguf"], "give the model once"),
+    (["serve", "--max-model-len", "0"], "must be >= 1"),
     (["bench", "serve", "--num-prompts", "0", "--base-url", "http://x/v1"], "must be >= 1"),
     (["bench", "serve", "--request-rate", "0", "--base-url", "http://x/v1"], "must be > 0"),
     (["bench", "soak", "--clients", "-1"], "must be >= 1")])

@@ -239,3 +239,13 @@ async def _async_client(aclient):
         aclient.completions.create(model=MODEL, prompt="The sky is", max_tokens=3))
     assert whole.choices[0].message.content == streamed
     assert completion.usage.completion_tokens <= 3
+
+
+def test_max_model_len_above_the_model_s_is_refused(server_engine):
+    """serve --max-model-len past the model's context length fails at start, as vLLM's does."""
+    from kvserve.server.app import build_app
+    from kvserve.server.serving import ServerConfig
+    engine, async_engine = server_engine
+    too_long = engine.model.config.max_position_embeddings + 1
+    with pytest.raises(ValueError, match=f"--max-model-len {too_long} is above the model's context length"):
+        build_app(async_engine, ServerConfig(model_name=MODEL, max_model_len=too_long), shutdown_engine=False)
